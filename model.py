@@ -1,0 +1,704 @@
+"""DeepSeek-V4: the transformer, self-contained, with tensor parallelism over torch.distributed.
+
+Classes follow the sections of the V4 paper:
+  ModelArgs                        hyper-parameters (our configs/*.json or a release's config.json)
+  Parallel, *ParallelLinear        tensor parallelism (vocab-, column- and row-parallel weights)
+  Compressor, Indexer, Attention   hybrid attention: sliding window, compressed sparse attention
+                                   (CSA, ratio 4, Lightning Indexer) and heavily compressed attention
+                                   (HCA), Q-LoRA with one shared KV head, attention sinks and a grouped
+                                   low-rank output projection
+  Gate, Expert, MoE                hash-routed and score-routed experts plus one shared expert
+  Block                            manifold-constrained hyper-connections (mHC) around both sublayers
+  ParallelHead, MTPBlock, Transformer
+
+Shapes: b batch, s new tokens, hc hyper-connection streams, D model dim.
+"""
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from kernel import apply_rotary, hadamard_transform, hc_split_sinkhorn, rms_norm, sparse_attn, swiglu
+
+
+@dataclass
+class ModelArgs:
+    """Hyper-parameters. Field names are the keys of our configs/*.json."""
+    max_batch_size: int = 4
+    max_seq_len: int = 4096
+    dtype: str = "bf16"
+    ogroups_comm: bool = False          # o-groups layout (USE_OGROUPS_COMM=1): needed when world size > o_groups
+    vocab_size: int = 129280
+    dim: int = 4096
+    moe_inter_dim: int = 2048
+    n_layers: int = 43
+    n_hash_layers: int = 3
+    n_mtp_layers: int = 1
+    n_heads: int = 64
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    n_activated_experts: int = 6
+    score_func: str = "sqrtsoftplus"
+    route_scale: float = 1.5
+    swiglu_limit: float = 10.0
+    q_lora_rank: int = 1024
+    head_dim: int = 512
+    rope_head_dim: int = 64
+    norm_eps: float = 1e-6
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    window_size: int = 128
+    compress_ratios: List[int] = field(default_factory=list)
+    compress_rope_theta: float = 160000.0
+    rope_theta: float = 10000.0
+    rope_factor: float = 16.0
+    original_seq_len: int = 65536
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+
+    # Keys a config file must give; the rest are runtime choices with defaults.
+    RUNTIME_KEYS = ("max_batch_size", "max_seq_len", "dtype", "ogroups_comm")
+
+    @classmethod
+    def from_file(cls, path: str, **overrides) -> "ModelArgs":
+        """Read our configs/*.json or a release's Hugging Face config.json (model_type deepseek_v4)."""
+        with open(path) as f:
+            try:
+                raw = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if "hidden_size" in raw or raw.get("model_type") == "deepseek_v4":
+            values = _from_hf_config(raw, path)
+        else:
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(raw) - known)
+            if unknown:
+                raise ValueError(f"{path}: unknown config key(s) {unknown}")
+            missing = sorted(known - set(raw) - set(cls.RUNTIME_KEYS))
+            if missing:
+                raise ValueError(f"{path}: missing config key(s) {missing}")
+            values = raw
+        values.update(overrides)
+        return cls(**values)
+
+    def ratio(self, layer_id: int) -> int:
+        """Compression ratio of a layer (MTP layers follow the main ones; 0 when not listed)."""
+        return self.compress_ratios[layer_id] if layer_id < len(self.compress_ratios) else 0
+
+    def validate(self, world_size: int = 1) -> None:
+        """Raise ValueError naming the field for a configuration that cannot run on world_size ranks."""
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(msg)
+        need(self.dtype in ("bf16", "fp32"), f"dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
+        need(self.score_func in ("softmax", "sigmoid", "sqrtsoftplus"), f"score_func {self.score_func!r} is unknown")
+        need(len(self.compress_ratios) >= self.n_layers,
+             f"compress_ratios has {len(self.compress_ratios)} entries for n_layers={self.n_layers}")
+        for i, r in enumerate(self.compress_ratios):
+            need(isinstance(r, int) and (r in (0, 4) or r > 4),
+                 f"compress_ratios[{i}] = {r!r} is unknown: 0 (window only), 4 (CSA) or > 4 (HCA)")
+        need(self.rope_head_dim % 2 == 0 and 0 < self.rope_head_dim < self.head_dim,
+             f"rope_head_dim={self.rope_head_dim} must be even and below head_dim={self.head_dim}")
+        need(self.index_head_dim & (self.index_head_dim - 1) == 0 and self.index_head_dim > self.rope_head_dim,
+             f"index_head_dim={self.index_head_dim} must be a power of two above rope_head_dim")
+        need(0 < self.n_activated_experts <= self.n_routed_experts,
+             f"n_activated_experts={self.n_activated_experts} must be in 1..n_routed_experts")
+        need(self.n_shared_experts == 1, f"n_shared_experts={self.n_shared_experts}: V4 has exactly one")
+        need(self.n_heads % self.o_groups == 0, f"n_heads={self.n_heads} not divisible by o_groups={self.o_groups}")
+        need(self.max_seq_len > 0 and self.max_batch_size > 0, "max_seq_len and max_batch_size must be positive")
+        for name in ("n_heads", "index_n_heads", "n_routed_experts", "vocab_size", "moe_inter_dim"):
+            need(getattr(self, name) % world_size == 0,
+                 f"{name}={getattr(self, name)} is not divisible by the world size {world_size}")
+        if self.ogroups_comm:
+            need(world_size > self.o_groups and world_size % self.o_groups == 0,
+                 f"USE_OGROUPS_COMM needs a world size above o_groups={self.o_groups} and a multiple of it, "
+                 f"got {world_size}")
+        else:
+            need(self.o_groups % world_size == 0,
+                 f"o_groups={self.o_groups} is not divisible by the world size {world_size}"
+                 + ("; set USE_OGROUPS_COMM=1 (and convert with it)" if world_size > self.o_groups else ""))
+
+
+def _from_hf_config(raw: dict, path: str) -> dict:
+    """Map a Hugging Face DeepSeek-V4 config.json onto ModelArgs fields."""
+    def get(key, default=None):
+        if key in raw:
+            return raw[key]
+        if default is None:
+            raise ValueError(f"{path}: missing config key '{key}'")
+        return default
+    out = dict(
+        vocab_size=get("vocab_size"), dim=get("hidden_size"), moe_inter_dim=get("moe_intermediate_size"),
+        n_layers=get("num_hidden_layers"), n_heads=get("num_attention_heads"),
+        n_mtp_layers=get("num_nextn_predict_layers", 0),
+        n_routed_experts=get("n_routed_experts"), n_shared_experts=get("n_shared_experts", 1),
+        n_activated_experts=get("num_experts_per_tok"), score_func=get("scoring_func", "sqrtsoftplus"),
+        route_scale=get("routed_scaling_factor", 1.0), swiglu_limit=get("swiglu_limit", 0.0),
+        q_lora_rank=get("q_lora_rank"), head_dim=get("head_dim"), rope_head_dim=get("qk_rope_head_dim"),
+        norm_eps=get("rms_norm_eps", 1e-6), o_groups=get("o_groups"), o_lora_rank=get("o_lora_rank"),
+        window_size=get("sliding_window"), compress_rope_theta=get("compress_rope_theta"),
+        rope_theta=get("rope_theta", 10000.0), index_n_heads=get("index_n_heads"),
+        index_head_dim=get("index_head_dim"), index_topk=get("index_topk"), hc_mult=get("hc_mult"),
+        hc_sinkhorn_iters=get("hc_sinkhorn_iters"), hc_eps=get("hc_eps"),
+    )
+    if "compress_ratios" in raw:
+        out["compress_ratios"] = list(raw["compress_ratios"])
+    elif "layer_types" in raw and "compress_rates" in raw:
+        out["compress_ratios"] = [raw["compress_rates"].get(t, 0) for t in raw["layer_types"]]
+    else:
+        raise ValueError(f"{path}: missing config key 'compress_ratios'")
+    if "num_hash_layers" in raw:
+        out["n_hash_layers"] = raw["num_hash_layers"]
+    elif "mlp_layer_types" in raw:
+        out["n_hash_layers"] = raw["mlp_layer_types"].count("hash_moe")
+    else:
+        raise ValueError(f"{path}: missing config key 'num_hash_layers'")
+    rope = raw.get("rope_scaling") or {}
+    if rope:
+        out.update(rope_factor=rope.get("factor", 1.0),
+                   original_seq_len=rope.get("original_max_position_embeddings", 0),
+                   beta_fast=rope.get("beta_fast", 32), beta_slow=rope.get("beta_slow", 1))
+    else:
+        out.update(rope_factor=1.0, original_seq_len=0)
+    return out
+
+
+# ---------------------------------------------------------------- tensor parallelism
+
+@dataclass
+class Parallel:
+    """Where this process sits in the tensor-parallel world.
+
+    In the o-groups layout (world size N > o_groups G), the N // G consecutive ranks of a pair group
+    share one output group: they gather their heads before wo_a, and wo_b is reduced over the
+    projection group, one rank of each pair group.
+    """
+    world_size: int = 1
+    rank: int = 0
+    pair_group: Optional[dist.ProcessGroup] = None
+    proj_group: Optional[dist.ProcessGroup] = None
+
+    @classmethod
+    def current(cls, args: ModelArgs) -> "Parallel":
+        if not dist.is_initialized():
+            return cls()
+        ws, rank = dist.get_world_size(), dist.get_rank()
+        p = cls(ws, rank)
+        if args.ogroups_comm and ws > 1:
+            per_group = ws // args.o_groups
+            for g in range(args.o_groups):          # every rank takes part in every new_group call
+                grp = dist.new_group(list(range(g * per_group, (g + 1) * per_group)))
+                if rank // per_group == g:
+                    p.pair_group = grp
+            for j in range(per_group):
+                grp = dist.new_group(list(range(j, ws, per_group)))
+                if rank % per_group == j:
+                    p.proj_group = grp
+        return p
+
+    @property
+    def out_group_split(self) -> int:
+        """How many ways the output groups (wo_a rows, wo_b columns) are split."""
+        return dist.get_world_size(self.proj_group) if self.proj_group is not None else self.world_size
+
+    def all_reduce(self, x: torch.Tensor, group=None) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(x, group=group)
+        return x
+
+
+def dtype_of(args: ModelArgs) -> torch.dtype:
+    return torch.float32 if args.dtype == "fp32" else torch.bfloat16
+
+
+class Linear(nn.Module):
+    """y = x W^T without bias; W [out, in]."""
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight)
+
+
+class ColumnParallelLinear(Linear):
+    """Output features split over `parts` ranks; no communication."""
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, parts: int):
+        super().__init__(in_features, out_features // parts, dtype)
+
+
+class RowParallelLinear(Linear):
+    """Input features split over `parts` ranks; returns this rank's partial sum (the caller reduces)."""
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, parts: int):
+        super().__init__(in_features // parts, out_features, dtype)
+
+
+class ParallelEmbedding(nn.Module):
+    """Embedding split along the vocabulary; each rank looks up its rows, then one all-reduce."""
+    def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype, tp: Parallel):
+        super().__init__()
+        self.tp = tp
+        self.part = vocab_size // tp.world_size
+        self.start = tp.rank * self.part
+        self.weight = nn.Parameter(torch.empty(self.part, dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.world_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.part)
+        y = F.embedding(local.masked_fill(outside, 0), self.weight)
+        y = y.masked_fill(outside.unsqueeze(-1), 0)
+        return self.tp.all_reduce(y)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a float32 weight (the release stores it in bf16)."""
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def precompute_freqs_cis(dim: int, seqlen: int, original_seq_len: int, base: float, factor: float,
+                         beta_fast: float, beta_slow: float) -> torch.Tensor:
+    """Rotary frequencies [seqlen, dim/2] as complex64, with YaRN interpolation when original_seq_len > 0."""
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if original_seq_len > 0:
+        def correction_dim(rotations):
+            return dim * math.log(original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+        low = max(math.floor(correction_dim(beta_fast)), 0)
+        high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        freqs = freqs / factor * ramp + freqs * (1 - ramp)
+    angles = torch.outer(torch.arange(seqlen, dtype=torch.float32), freqs)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def rope_tail(x: torch.Tensor, freqs_cis: torch.Tensor, rd: int, inverse: bool = False) -> torch.Tensor:
+    """Apply RoPE to the last rd channels of x, leaving the others as they are."""
+    return torch.cat([x[..., :-rd], apply_rotary(x[..., -rd:], freqs_cis, inverse)], dim=-1)
+
+
+# ---------------------------------------------------------------- hybrid attention
+
+class Compressor(nn.Module):
+    """Gated pooling of every `ratio` consecutive tokens into one compressed KV entry.
+
+    Ratio 4 (CSA) uses overlapping windows: each token projects to two series, and entry w pools
+    the first series of window w-1 with the second series of window w (2 * ratio slots). Other
+    ratios (HCA) pool one window each. Entry w gets the RoPE of position w * ratio.
+    Tokens of a window that is not complete yet wait in kv_state/score_state between calls.
+    """
+    def __init__(self, args: ModelArgs, ratio: int, head_dim: int, rotate: bool):
+        super().__init__()
+        self.ratio, self.head_dim, self.rotate = ratio, head_dim, rotate
+        self.rope_head_dim = args.rope_head_dim
+        self.overlap = ratio == 4
+        width = (1 + self.overlap) * head_dim
+        self.dtype = dtype_of(args)
+        self.wkv = Linear(args.dim, width, torch.float32)
+        self.wgate = Linear(args.dim, width, torch.float32)
+        self.ape = nn.Parameter(torch.empty(ratio, width, dtype=torch.float32), requires_grad=False)
+        self.norm = RMSNorm(head_dim, args.norm_eps)
+        b = args.max_batch_size
+        self.register_buffer("kv_state", torch.zeros(b, ratio, width), persistent=False)
+        self.register_buffer("score_state", torch.zeros(b, ratio, width), persistent=False)
+        if self.overlap:
+            self.register_buffer("prev_kv", torch.zeros(b, ratio, head_dim), persistent=False)
+            self.register_buffer("prev_score", torch.zeros(b, ratio, head_dim), persistent=False)
+        self.register_buffer("cache", torch.zeros(b, args.max_seq_len // ratio, head_dim, dtype=self.dtype),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor) -> None:
+        """Add the entries completed by tokens [start_pos, start_pos + s) of x [b, s, D] to the cache;
+        freqs_cis is the layer's whole RoPE table."""
+        bsz, seqlen, _ = x.shape
+        ratio, hd = self.ratio, self.head_dim
+        pos = torch.arange(start_pos, start_pos + seqlen, device=x.device)
+        kv = self.wkv(x.float())                                   # [b, s, width]
+        score = self.wgate(x.float()) + self.ape[pos % ratio]
+        if start_pos == 0 and self.overlap:
+            self.prev_kv[:bsz] = 0
+            self.prev_score[:bsz] = float("-inf")
+        pending = start_pos % ratio
+        kv = torch.cat([self.kv_state[:bsz, :pending], kv], dim=1)
+        score = torch.cat([self.score_state[:bsz, :pending], score], dim=1)
+        n = kv.size(1) // ratio
+        cut = n * ratio
+        self.kv_state[:bsz, :kv.size(1) - cut] = kv[:, cut:]
+        self.score_state[:bsz, :kv.size(1) - cut] = score[:, cut:]
+        if n == 0:
+            return
+        kv = kv[:, :cut].unflatten(1, (n, ratio))                  # [b, n, ratio, width]
+        score = score[:, :cut].unflatten(1, (n, ratio))
+        if self.overlap:
+            prev_kv = torch.cat([self.prev_kv[:bsz, None], kv[:, :-1, :, :hd]], dim=1)
+            prev_score = torch.cat([self.prev_score[:bsz, None], score[:, :-1, :, :hd]], dim=1)
+            self.prev_kv[:bsz] = kv[:, -1, :, :hd]
+            self.prev_score[:bsz] = score[:, -1, :, :hd]
+            kv = torch.cat([prev_kv, kv[..., hd:]], dim=2)         # [b, n, 2 * ratio, hd]
+            score = torch.cat([prev_score, score[..., hd:]], dim=2)
+        entries = (kv * score.softmax(dim=2)).sum(dim=2)           # [b, n, hd]
+        entries = self.norm(entries.to(self.dtype))
+        first = start_pos // ratio
+        entries = rope_tail(entries, freqs_cis[(first + torch.arange(n, device=x.device)) * ratio],
+                            self.rope_head_dim)
+        if self.rotate:
+            entries = hadamard_transform(entries, hd ** -0.5)
+        self.cache[:bsz, first:first + n] = entries
+
+
+def visible_entries(start_pos: int, seqlen: int, ratio: int, device) -> torch.Tensor:
+    """[s] number of compressed entries each query may see: those of windows it has completed."""
+    return (torch.arange(start_pos, start_pos + seqlen, device=device) + 1) // ratio
+
+
+class Indexer(nn.Module):
+    """Lightning Indexer: scores every visible compressed entry for each query and keeps the top k.
+
+    score(t, j) = sum_h w[t, h] * relu(q[t, h] . k[j]), with its own compressor for k. The heads
+    are split over ranks and the scores summed with one all-reduce.
+    """
+    def __init__(self, args: ModelArgs, tp: Parallel):
+        super().__init__()
+        self.tp = tp
+        self.n_heads, self.head_dim, self.topk = args.index_n_heads, args.index_head_dim, args.index_topk
+        self.n_local_heads = args.index_n_heads // tp.world_size
+        self.rope_head_dim = args.rope_head_dim
+        self.ratio = 4
+        dtype = dtype_of(args)
+        self.wq_b = ColumnParallelLinear(args.q_lora_rank, self.n_heads * self.head_dim, dtype, tp.world_size)
+        self.weights_proj = ColumnParallelLinear(args.dim, self.n_heads, dtype, tp.world_size)
+        self.compressor = Compressor(args, self.ratio, self.head_dim, rotate=True)
+
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor) -> torch.Tensor:
+        """x [b, s, D], qr [b, s, q_lora_rank] -> indices [b, s, k] of compressed entries, -1 for none."""
+        bsz, seqlen, _ = x.shape
+        end = start_pos + seqlen
+        q = self.wq_b(qr).unflatten(-1, (self.n_local_heads, self.head_dim))
+        q = rope_tail(q, freqs_cis[start_pos:end], self.rope_head_dim)
+        q = hadamard_transform(q, self.head_dim ** -0.5)
+        self.compressor(x, start_pos, freqs_cis)
+        keys = self.compressor.cache[:bsz, :end // self.ratio]                         # [b, n, d]
+        weights = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
+        scores = torch.einsum("bshd,bnd->bshn", q.float(), keys.float()).relu_()
+        scores = self.tp.all_reduce((scores * weights.unsqueeze(-1)).sum(dim=2))       # [b, s, n]
+        limit = visible_entries(start_pos, seqlen, self.ratio, x.device).view(1, -1, 1)
+        entry = torch.arange(scores.size(-1), device=x.device)
+        scores = scores.masked_fill(entry >= limit, float("-inf"))
+        idx = scores.topk(min(self.topk, scores.size(-1)), dim=-1).indices
+        return torch.where(idx < limit, idx, -1)
+
+
+class Attention(nn.Module):
+    """Q-LoRA attention with one shared KV head over a sliding window plus compressed entries.
+
+    Keys of a query at position t: the window positions t-window+1 .. t, and, on compressed layers,
+    either the Lightning Indexer's top-k compressed entries (ratio 4) or all visible ones (HCA).
+    Each head has a learned sink logit. The output's RoPE channels are rotated back to the query
+    position, then projected by groups (wo_a per group, wo_b over all groups).
+    """
+    def __init__(self, layer_id: int, args: ModelArgs, tp: Parallel):
+        super().__init__()
+        self.tp = tp
+        dtype = dtype_of(args)
+        self.n_heads, self.head_dim, self.rope_head_dim = args.n_heads, args.head_dim, args.rope_head_dim
+        self.n_local_heads = args.n_heads // tp.world_size
+        self.o_lora_rank = args.o_lora_rank
+        self.n_local_groups = args.o_groups // tp.out_group_split
+        self.window = args.window_size
+        self.ratio = args.ratio(layer_id)
+        self.eps = args.norm_eps
+        self.softmax_scale = self.head_dim ** -0.5
+
+        self.wq_a = Linear(args.dim, args.q_lora_rank, dtype)
+        self.q_norm = RMSNorm(args.q_lora_rank, self.eps)
+        self.wq_b = ColumnParallelLinear(args.q_lora_rank, self.n_heads * self.head_dim, dtype, tp.world_size)
+        self.wkv = Linear(args.dim, self.head_dim, dtype)
+        self.kv_norm = RMSNorm(self.head_dim, self.eps)
+        self.wo_a = ColumnParallelLinear(self.n_heads * self.head_dim // args.o_groups,
+                                         args.o_groups * args.o_lora_rank, dtype, tp.out_group_split)
+        self.wo_b = RowParallelLinear(args.o_groups * args.o_lora_rank, args.dim, dtype, tp.out_group_split)
+        self.attn_sink = nn.Parameter(torch.empty(self.n_local_heads, dtype=torch.float32), requires_grad=False)
+
+        if self.ratio:   # compressed layers use YaRN with their own base
+            freqs = precompute_freqs_cis(self.rope_head_dim, args.max_seq_len, args.original_seq_len,
+                                         args.compress_rope_theta, args.rope_factor, args.beta_fast, args.beta_slow)
+        else:
+            freqs = precompute_freqs_cis(self.rope_head_dim, args.max_seq_len, 0, args.rope_theta, 1.0, 0, 0)
+        self.register_buffer("freqs_cis", freqs, persistent=False)
+        self.compressor = Compressor(args, self.ratio, self.head_dim, rotate=False) if self.ratio else None
+        self.indexer = Indexer(args, tp) if self.ratio == 4 else None
+        self.register_buffer("window_kv", torch.zeros(args.max_batch_size, self.window, self.head_dim, dtype=dtype),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        end, win, rd = start_pos + seqlen, self.window, self.rope_head_dim
+        freqs = self.freqs_cis[start_pos:end]
+        qr = self.q_norm(self.wq_a(x))                                          # [b, s, q_lora_rank]
+        q = self.wq_b(qr).unflatten(-1, (self.n_local_heads, self.head_dim))    # [b, s, h, d]
+        q = rope_tail(rms_norm(q, None, self.eps), freqs, rd)
+        kv = rope_tail(self.kv_norm(self.wkv(x)), freqs, rd)                    # [b, s, d]
+
+        # Window keys: the cached positions first .. start_pos-1, then the new tokens.
+        first = max(0, start_pos - win + 1)
+        cached = torch.arange(first, start_pos, device=x.device) % win
+        keys = torch.cat([self.window_kv[:bsz, cached], kv], dim=1)
+        keep = min(seqlen, win)
+        self.window_kv[:bsz, torch.arange(end - keep, end, device=x.device) % win] = kv[:, seqlen - keep:]
+        pos = torch.arange(start_pos, end, device=x.device).unsqueeze(1) - win + 1 \
+            + torch.arange(win, device=x.device)                               # [s, win] key positions
+        idx = torch.where(pos >= 0, pos - first, -1).expand(bsz, -1, -1)
+
+        if self.ratio:
+            self.compressor(x, start_pos, self.freqs_cis)
+            n = end // self.ratio
+            if self.indexer is not None:
+                cidx = self.indexer(x, qr, start_pos, self.freqs_cis)                         # [b, s, k]
+            else:
+                limit = visible_entries(start_pos, seqlen, self.ratio, x.device).unsqueeze(1)
+                entry = torch.arange(n, device=x.device)
+                cidx = torch.where(entry < limit, entry, -1).expand(bsz, -1, -1)
+            idx = torch.cat([idx, torch.where(cidx >= 0, cidx + keys.size(1), -1)], dim=-1)
+            keys = torch.cat([keys, self.compressor.cache[:bsz, :n]], dim=1)
+        o = sparse_attn(q, keys, self.attn_sink, idx, self.softmax_scale)       # [b, s, h, d]
+        o = rope_tail(o, freqs, rd, inverse=True)
+
+        if self.tp.pair_group is not None:   # gather the heads of this rank's output group
+            parts = [torch.empty_like(o) for _ in range(dist.get_world_size(self.tp.pair_group))]
+            dist.all_gather(parts, o.contiguous(), group=self.tp.pair_group)
+            o = torch.cat(parts, dim=2)
+        o = o.reshape(bsz, seqlen, self.n_local_groups, -1)
+        wo_a = self.wo_a.weight.view(self.n_local_groups, self.o_lora_rank, -1)
+        o = torch.einsum("bsgd,grd->bsgr", o, wo_a)                              # [b, s, g, o_lora_rank]
+        y = self.wo_b(o.flatten(2))
+        return self.tp.all_reduce(y, group=self.tp.proj_group)
+
+
+# ---------------------------------------------------------------- mixture of experts
+
+class Gate(nn.Module):
+    """Router: hash layers take experts from the fixed tid2eid[token]; the others take the top k of
+    score + bias. Weights are the scores of the chosen experts, normalised, times route_scale."""
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.topk, self.score_func, self.route_scale = args.n_activated_experts, args.score_func, args.route_scale
+        self.hash = layer_id < args.n_hash_layers
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim, dtype=dtype_of(args)),
+                                   requires_grad=False)
+        if self.hash:
+            self.tid2eid = nn.Parameter(torch.empty(args.vocab_size, self.topk, dtype=torch.int32),
+                                        requires_grad=False)
+        else:
+            self.bias = nn.Parameter(torch.empty(args.n_routed_experts, dtype=torch.float32), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor):
+        """x [T, D], ids [T] -> weights [T, k] float32, experts [T, k]."""
+        scores = F.linear(x.float(), self.weight.float())
+        if self.score_func == "softmax":
+            scores = scores.softmax(dim=-1)
+        elif self.score_func == "sigmoid":
+            scores = scores.sigmoid()
+        else:
+            scores = F.softplus(scores).sqrt()
+        if self.hash:
+            experts = self.tid2eid[ids].long()
+        else:
+            experts = (scores + self.bias).topk(self.topk, dim=-1).indices
+        weights = scores.gather(1, experts)
+        if self.score_func != "softmax":
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.route_scale, experts
+
+
+class Expert(nn.Module):
+    """SwiGLU feed-forward w2(silu(w1 x) * w3 x); the routed experts clamp with swiglu_limit.
+    With `parts` > 1 it is split over ranks (w1, w3 by rows, w2 by columns) and returns a partial sum."""
+    def __init__(self, dim: int, inter_dim: int, dtype: torch.dtype, swiglu_limit: float = 0.0, parts: int = 1):
+        super().__init__()
+        self.w1 = ColumnParallelLinear(dim, inter_dim, dtype, parts)
+        self.w2 = RowParallelLinear(inter_dim, dim, dtype, parts)
+        self.w3 = ColumnParallelLinear(dim, inter_dim, dtype, parts)
+        self.swiglu_limit = swiglu_limit
+
+    def forward(self, x: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = swiglu(self.w1(x), self.w3(x), self.swiglu_limit)
+        if weights is not None:
+            h = h * weights
+        return self.w2(h.to(x.dtype)).float()
+
+
+class MoE(nn.Module):
+    """Routed experts split by index over ranks plus one shared expert split by width; the two
+    partial sums are reduced with a single all-reduce."""
+    def __init__(self, layer_id: int, args: ModelArgs, tp: Parallel):
+        super().__init__()
+        self.tp = tp
+        dtype = dtype_of(args)
+        n_local = args.n_routed_experts // tp.world_size
+        self.local = range(tp.rank * n_local, (tp.rank + 1) * n_local)
+        self.gate = Gate(layer_id, args)
+        self.experts = nn.ModuleList([
+            Expert(args.dim, args.moe_inter_dim, dtype, args.swiglu_limit) if i in self.local else None
+            for i in range(args.n_routed_experts)])
+        self.shared_experts = Expert(args.dim, args.moe_inter_dim, dtype, parts=tp.world_size)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, experts = self.gate(x, ids.reshape(-1))
+        y = self.shared_experts(x)                                  # float32 [T, D]
+        counts = torch.bincount(experts.flatten(), minlength=len(self.experts)).tolist()
+        for i in self.local:
+            if counts[i]:
+                token, slot = torch.where(experts == i)
+                y.index_add_(0, token, self.experts[i](x[token], weights[token, slot, None]))
+        return self.tp.all_reduce(y).to(x.dtype).view(shape)
+
+
+# ---------------------------------------------------------------- blocks with hyper-connections
+
+def hc_weights(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """Mixes of the hc streams: RMS-normalised flattened streams [b, s, hc*D] times fn^T."""
+    flat = x.flatten(2).float()
+    return F.linear(flat, fn) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
+
+
+class Block(nn.Module):
+    """One layer: attention and MoE, each entered through hc_pre and left through hc_post.
+
+    The residual is hc streams [b, s, hc, D]. hc_pre collapses them with the `pre` weights into the
+    sublayer's input; hc_post writes the output back with `post` and mixes the streams with the
+    doubly stochastic `comb`.
+    """
+    def __init__(self, layer_id: int, args: ModelArgs, tp: Parallel):
+        super().__init__()
+        self.norm_eps, self.hc_mult = args.norm_eps, args.hc_mult
+        self.hc_sinkhorn_iters, self.hc_eps = args.hc_sinkhorn_iters, args.hc_eps
+        self.attn = Attention(layer_id, args, tp)
+        self.ffn = MoE(layer_id, args, tp)
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        mix, width = (2 + args.hc_mult) * args.hc_mult, args.hc_mult * args.dim
+        for site in ("attn", "ffn"):
+            self.register_parameter(f"hc_{site}_fn", nn.Parameter(torch.empty(mix, width), requires_grad=False))
+            self.register_parameter(f"hc_{site}_base", nn.Parameter(torch.empty(mix), requires_grad=False))
+            self.register_parameter(f"hc_{site}_scale", nn.Parameter(torch.empty(3), requires_grad=False))
+
+    def hc_pre(self, x: torch.Tensor, fn, scale, base):
+        mixes = hc_weights(x, fn, self.norm_eps)
+        pre, post, comb = hc_split_sinkhorn(mixes, scale, base, self.hc_mult, self.hc_sinkhorn_iters, self.hc_eps)
+        y = (pre.unsqueeze(-1) * x.float()).sum(dim=2)
+        return y.to(x.dtype), post, comb
+
+    @staticmethod
+    def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+        # stream k of the output = post[k] * f + sum_j comb[j, k] * residual[j]
+        y = post.unsqueeze(-1) * f.float().unsqueeze(-2) + torch.einsum("bsjk,bsjd->bskd", comb, residual.float())
+        return y.to(f.dtype)
+
+    def forward(self, x: torch.Tensor, start_pos: int, ids: torch.Tensor) -> torch.Tensor:
+        h, post, comb = self.hc_pre(x, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base)
+        x = self.hc_post(self.attn(self.attn_norm(h), start_pos), x, post, comb)
+        h, post, comb = self.hc_pre(x, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base)
+        return self.hc_post(self.ffn(self.ffn_norm(h), ids), x, post, comb)
+
+
+def hc_head_params(module: nn.Module, args: ModelArgs) -> None:
+    """Register the HC head's hc_head_fn [hc, hc*D], hc_head_base [hc] and hc_head_scale [1]."""
+    module.hc_head_fn = nn.Parameter(torch.empty(args.hc_mult, args.hc_mult * args.dim), requires_grad=False)
+    module.hc_head_base = nn.Parameter(torch.empty(args.hc_mult), requires_grad=False)
+    module.hc_head_scale = nn.Parameter(torch.empty(1), requires_grad=False)
+
+
+def hc_collapse(module: nn.Module, x: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """HC head: collapse the streams [b, s, hc, D] with sigmoid weights (no Sinkhorn) -> [b, s, D]."""
+    mixes = hc_weights(x, module.hc_head_fn, args.norm_eps)
+    pre = torch.sigmoid(mixes * module.hc_head_scale + module.hc_head_base) + args.hc_eps
+    return (pre.unsqueeze(-1) * x.float()).sum(dim=2).to(x.dtype)
+
+
+class ParallelHead(nn.Module):
+    """Output projection split along the vocabulary; logits gathered from all ranks."""
+    def __init__(self, args: ModelArgs, tp: Parallel):
+        super().__init__()
+        self.tp = tp
+        self.weight = nn.Parameter(torch.empty(args.vocab_size // tp.world_size, args.dim, dtype=torch.float32),
+                                   requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [b, D] -> float32 logits [b, vocab]."""
+        logits = F.linear(x.float(), self.weight)
+        if self.tp.world_size == 1:
+            return logits
+        parts = [torch.empty_like(logits) for _ in range(self.tp.world_size)]
+        dist.all_gather(parts, logits)
+        return torch.cat(parts, dim=-1)
+
+
+class MTPBlock(Block):
+    """Multi-token prediction block: mixes the embedding of the next token with the main model's
+    last streams, runs one more layer and predicts with the shared head. Loaded, not used to generate."""
+    def __init__(self, layer_id: int, args: ModelArgs, tp: Parallel):
+        super().__init__(layer_id, args, tp)
+        self.args = args
+        dtype = dtype_of(args)
+        self.e_proj = Linear(args.dim, args.dim, dtype)
+        self.h_proj = Linear(args.dim, args.dim, dtype)
+        self.enorm = RMSNorm(args.dim, args.norm_eps)
+        self.hnorm = RMSNorm(args.dim, args.norm_eps)
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        hc_head_params(self, args)
+
+    def predict(self, h: torch.Tensor, start_pos: int, ids: torch.Tensor, embed: nn.Module, head: ParallelHead):
+        """h [b, s, hc, D] streams of the main model, ids [b, s] the next tokens -> logits [b, vocab]."""
+        e = self.e_proj(self.enorm(embed(ids))).unsqueeze(2)
+        x = self.forward(e + self.h_proj(self.hnorm(h)), start_pos, ids)
+        return head(self.norm(hc_collapse(self, x[:, -1:], self.args))[:, -1])
+
+
+class Transformer(nn.Module):
+    """embed -> hc streams -> blocks -> HC head -> norm -> logits of the last position."""
+    def __init__(self, args: ModelArgs):
+        tp = Parallel.current(args)
+        args.validate(tp.world_size)
+        super().__init__()
+        self.args, self.tp = args, tp
+        dtype = dtype_of(args)
+        self.embed = ParallelEmbedding(args.vocab_size, args.dim, dtype, tp)
+        self.layers = nn.ModuleList([Block(i, args, tp) for i in range(args.n_layers)])
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.head = ParallelHead(args, tp)
+        self.mtp = nn.ModuleList([MTPBlock(args.n_layers + k, args, tp) for k in range(args.n_mtp_layers)])
+        hc_head_params(self, args)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """input_ids [b, s] at positions start_pos .. start_pos+s-1 (caches hold the earlier ones)
+        -> float32 logits of the last position [b, vocab]."""
+        bsz, seqlen = input_ids.shape
+        if bsz > self.args.max_batch_size or start_pos + seqlen > self.args.max_seq_len:
+            raise ValueError(f"batch {bsz} x positions up to {start_pos + seqlen} exceed max_batch_size="
+                             f"{self.args.max_batch_size} / max_seq_len={self.args.max_seq_len}")
+        h = self.embed(input_ids).unsqueeze(2).repeat(1, 1, self.args.hc_mult, 1)   # [b, s, hc, D]
+        for layer in self.layers:
+            h = layer(h, start_pos, input_ids)
+        return self.head(self.norm(hc_collapse(self, h[:, -1:], self.args))[:, -1])
