@@ -304,7 +304,8 @@ class Compressor(nn.Module):
     Ratio 4 (CSA) uses overlapping windows: each token projects to two series, and entry w pools
     the first series of window w-1 with the second series of window w (2 * ratio slots). Other
     ratios (HCA) pool one window each. Entry w gets the RoPE of position w * ratio.
-    Tokens of a window that is not complete yet wait in kv_state/score_state between calls.
+    The tokens of the window in progress wait in kv_state/score_state (slot = position % ratio);
+    prev_kv/prev_score hold the first series of the last completed window.
     """
     def __init__(self, args: ModelArgs, ratio: int, head_dim: int, rotate: bool):
         super().__init__()
@@ -323,12 +324,16 @@ class Compressor(nn.Module):
         if self.overlap:
             self.register_buffer("prev_kv", torch.zeros(b, ratio, head_dim), persistent=False)
             self.register_buffer("prev_score", torch.zeros(b, ratio, head_dim), persistent=False)
-        self.register_buffer("cache", torch.zeros(b, args.max_seq_len // ratio, head_dim, dtype=self.dtype),
-                             persistent=False)
 
-    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor) -> None:
-        """Add the entries completed by tokens [start_pos, start_pos + s) of x [b, s, D] to the cache;
-        freqs_cis is the layer's whole RoPE table."""
+    def _entries(self, kv, score, window_start, freqs_cis):
+        """Pool kv [..., slots, hd] with softmax(score) over the slots, then norm, RoPE at window_start."""
+        entries = self.norm((kv * score.softmax(dim=-2)).sum(dim=-2).to(self.dtype))
+        entries = rope_tail(entries, freqs_cis[window_start], self.rope_head_dim)
+        return hadamard_transform(entries, self.head_dim ** -0.5) if self.rotate else entries
+
+    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, cache: torch.Tensor) -> None:
+        """Write to cache [B, n_max, hd] the entries completed by tokens start_pos .. start_pos+s-1
+        of x [b, s, D]; freqs_cis is the layer's whole RoPE table."""
         bsz, seqlen, _ = x.shape
         ratio, hd = self.ratio, self.head_dim
         pos = torch.arange(start_pos, start_pos + seqlen, device=x.device)
@@ -355,19 +360,35 @@ class Compressor(nn.Module):
             self.prev_score[:bsz] = score[:, -1, :, :hd]
             kv = torch.cat([prev_kv, kv[..., hd:]], dim=2)         # [b, n, 2 * ratio, hd]
             score = torch.cat([prev_score, score[..., hd:]], dim=2)
-        entries = (kv * score.softmax(dim=2)).sum(dim=2)           # [b, n, hd]
-        entries = self.norm(entries.to(self.dtype))
         first = start_pos // ratio
-        entries = rope_tail(entries, freqs_cis[(first + torch.arange(n, device=x.device)) * ratio],
-                            self.rope_head_dim)
-        if self.rotate:
-            entries = hadamard_transform(entries, hd ** -0.5)
-        self.cache[:bsz, first:first + n] = entries
+        window_start = (first + torch.arange(n, device=x.device)) * ratio
+        cache[:bsz, first:first + n] = self._entries(kv, score, window_start, freqs_cis)
+
+    def decode(self, x: torch.Tensor, pos: torch.Tensor, freqs_cis: torch.Tensor, cache: torch.Tensor) -> None:
+        """One token per row, x [b, 1, D] at positions pos [b], with static shapes and no host sync.
+
+        The entry of the window in progress is rewritten at every step; it is invisible to the
+        attention until its window completes, and correct from then on."""
+        bsz = x.size(0)
+        ratio, hd = self.ratio, self.head_dim
+        rows, slot = torch.arange(bsz, device=x.device), pos % ratio
+        self.kv_state[rows, slot] = self.wkv(x[:, 0].float())
+        self.score_state[rows, slot] = self.wgate(x[:, 0].float()) + self.ape[slot]
+        kv, score = self.kv_state[:bsz], self.score_state[:bsz]                     # [b, ratio, width]
+        if self.overlap:
+            done = (slot == ratio - 1).view(-1, 1, 1)
+            pooled_kv = torch.cat([self.prev_kv[:bsz], kv[..., hd:]], dim=1)        # [b, 2 * ratio, hd]
+            pooled_score = torch.cat([self.prev_score[:bsz], score[..., hd:]], dim=1)
+            self.prev_kv[:bsz] = torch.where(done, kv[..., :hd], self.prev_kv[:bsz])
+            self.prev_score[:bsz] = torch.where(done, score[..., :hd], self.prev_score[:bsz])
+            kv, score = pooled_kv, pooled_score
+        entries = self._entries(kv.unsqueeze(1), score.unsqueeze(1), (pos - slot).unsqueeze(1), freqs_cis)
+        cache[rows, pos // ratio] = entries[:, 0]
 
 
-def visible_entries(start_pos: int, seqlen: int, ratio: int, device) -> torch.Tensor:
-    """[s] number of compressed entries each query may see: those of windows it has completed."""
-    return (torch.arange(start_pos, start_pos + seqlen, device=device) + 1) // ratio
+def visible_entries(pos: torch.Tensor, ratio: int) -> torch.Tensor:
+    """Number of compressed entries a query at position pos may see: those of windows it has completed."""
+    return (pos + 1) // ratio
 
 
 class Indexer(nn.Module):
@@ -387,20 +408,27 @@ class Indexer(nn.Module):
         self.wq_b = ColumnParallelLinear(args.q_lora_rank, self.n_heads * self.head_dim, dtype, tp.world_size)
         self.weights_proj = ColumnParallelLinear(args.dim, self.n_heads, dtype, tp.world_size)
         self.compressor = Compressor(args, self.ratio, self.head_dim, rotate=True)
+        self.register_buffer("kv_cache", torch.zeros(args.max_batch_size, args.max_seq_len // self.ratio,
+                                                     self.head_dim, dtype=dtype), persistent=False)
 
-    def forward(self, x: torch.Tensor, qr: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor) -> torch.Tensor:
-        """x [b, s, D], qr [b, s, q_lora_rank] -> indices [b, s, k] of compressed entries, -1 for none."""
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, pos: torch.Tensor, freqs_cis: torch.Tensor,
+                start_pos: Optional[int] = None) -> torch.Tensor:
+        """x [b, s, D], qr [b, s, q_lora_rank] at positions pos ([s] from start_pos, or [b, 1] when
+        decoding with start_pos None) -> indices [b, s, k] of compressed entries, -1 for none."""
         bsz, seqlen, _ = x.shape
-        end = start_pos + seqlen
         q = self.wq_b(qr).unflatten(-1, (self.n_local_heads, self.head_dim))
-        q = rope_tail(q, freqs_cis[start_pos:end], self.rope_head_dim)
+        q = rope_tail(q, freqs_cis[pos], self.rope_head_dim)
         q = hadamard_transform(q, self.head_dim ** -0.5)
-        self.compressor(x, start_pos, freqs_cis)
-        keys = self.compressor.cache[:bsz, :end // self.ratio]                         # [b, n, d]
+        if start_pos is None:
+            self.compressor.decode(x, pos[:, 0], freqs_cis, self.kv_cache)
+            keys = self.kv_cache[:bsz]                                                 # [b, n_max, d]
+        else:
+            self.compressor(x, start_pos, freqs_cis, self.kv_cache)
+            keys = self.kv_cache[:bsz, :(start_pos + seqlen) // self.ratio]            # [b, n, d]
         weights = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
         scores = torch.einsum("bshd,bnd->bshn", q.float(), keys.float()).relu_()
         scores = self.tp.all_reduce((scores * weights.unsqueeze(-1)).sum(dim=2))       # [b, s, n]
-        limit = visible_entries(start_pos, seqlen, self.ratio, x.device).view(1, -1, 1)
+        limit = visible_entries(pos, self.ratio).unsqueeze(-1)
         entry = torch.arange(scores.size(-1), device=x.device)
         scores = scores.masked_fill(entry >= limit, float("-inf"))
         idx = scores.topk(min(self.topk, scores.size(-1)), dim=-1).indices
@@ -414,6 +442,7 @@ class Attention(nn.Module):
     either the Lightning Indexer's top-k compressed entries (ratio 4) or all visible ones (HCA).
     Each head has a learned sink logit. The output's RoPE channels are rotated back to the query
     position, then projected by groups (wo_a per group, wo_b over all groups).
+    kv_cache holds the window as a ring (slot = position % window) followed by the compressed entries.
     """
     def __init__(self, layer_id: int, args: ModelArgs, tp: Parallel):
         super().__init__()
@@ -446,51 +475,85 @@ class Attention(nn.Module):
         self.register_buffer("freqs_cis", freqs, persistent=False)
         self.compressor = Compressor(args, self.ratio, self.head_dim, rotate=False) if self.ratio else None
         self.indexer = Indexer(args, tp) if self.ratio == 4 else None
-        self.register_buffer("window_kv", torch.zeros(args.max_batch_size, self.window, self.head_dim, dtype=dtype),
-                             persistent=False)
+        n_max = args.max_seq_len // self.ratio if self.ratio else 0
+        self.register_buffer("kv_cache", torch.zeros(args.max_batch_size, self.window + n_max, self.head_dim,
+                                                     dtype=dtype), persistent=False)
 
-    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos) -> torch.Tensor:
+        """x [b, s, D] at positions start_pos .. start_pos+s-1 (start_pos an int), or one token per
+        row at positions start_pos [b] (a tensor: the static-shape decode step)."""
+        if isinstance(start_pos, torch.Tensor):
+            return self.decode(x, start_pos)
         bsz, seqlen, _ = x.shape
-        end, win, rd = start_pos + seqlen, self.window, self.rope_head_dim
-        freqs = self.freqs_cis[start_pos:end]
-        qr = self.q_norm(self.wq_a(x))                                          # [b, s, q_lora_rank]
-        q = self.wq_b(qr).unflatten(-1, (self.n_local_heads, self.head_dim))    # [b, s, h, d]
-        q = rope_tail(rms_norm(q, None, self.eps), freqs, rd)
-        kv = rope_tail(self.kv_norm(self.wkv(x)), freqs, rd)                    # [b, s, d]
+        end, win = start_pos + seqlen, self.window
+        pos = torch.arange(start_pos, end, device=x.device)
+        qr, q, kv = self.project(x, self.freqs_cis[pos])
 
         # Window keys: the cached positions first .. start_pos-1, then the new tokens.
         first = max(0, start_pos - win + 1)
-        cached = torch.arange(first, start_pos, device=x.device) % win
-        keys = torch.cat([self.window_kv[:bsz, cached], kv], dim=1)
+        keys = torch.cat([self.kv_cache[:bsz, torch.arange(first, start_pos, device=x.device) % win], kv], dim=1)
         keep = min(seqlen, win)
-        self.window_kv[:bsz, torch.arange(end - keep, end, device=x.device) % win] = kv[:, seqlen - keep:]
-        pos = torch.arange(start_pos, end, device=x.device).unsqueeze(1) - win + 1 \
-            + torch.arange(win, device=x.device)                               # [s, win] key positions
-        idx = torch.where(pos >= 0, pos - first, -1).expand(bsz, -1, -1)
+        self.kv_cache[:bsz, torch.arange(end - keep, end, device=x.device) % win] = kv[:, seqlen - keep:]
+        key_pos = pos.unsqueeze(1) - win + 1 + torch.arange(win, device=x.device)   # [s, win]
+        idx = torch.where(key_pos >= 0, key_pos - first, -1).expand(bsz, -1, -1)
 
         if self.ratio:
-            self.compressor(x, start_pos, self.freqs_cis)
+            compressed = self.kv_cache[:, win:]
+            self.compressor(x, start_pos, self.freqs_cis, compressed)
             n = end // self.ratio
             if self.indexer is not None:
-                cidx = self.indexer(x, qr, start_pos, self.freqs_cis)                         # [b, s, k]
+                cidx = self.indexer(x, qr, pos, self.freqs_cis, start_pos)          # [b, s, k]
             else:
-                limit = visible_entries(start_pos, seqlen, self.ratio, x.device).unsqueeze(1)
                 entry = torch.arange(n, device=x.device)
-                cidx = torch.where(entry < limit, entry, -1).expand(bsz, -1, -1)
+                cidx = torch.where(entry < visible_entries(pos, self.ratio).unsqueeze(1), entry, -1)
+                cidx = cidx.expand(bsz, -1, -1)
             idx = torch.cat([idx, torch.where(cidx >= 0, cidx + keys.size(1), -1)], dim=-1)
-            keys = torch.cat([keys, self.compressor.cache[:bsz, :n]], dim=1)
-        o = sparse_attn(q, keys, self.attn_sink, idx, self.softmax_scale)       # [b, s, h, d]
-        o = rope_tail(o, freqs, rd, inverse=True)
+            keys = torch.cat([keys, compressed[:bsz, :n]], dim=1)
+        o = sparse_attn(q, keys, self.attn_sink, idx, self.softmax_scale)          # [b, s, h, d]
+        return self.output(o, self.freqs_cis[pos])
 
+    def decode(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """x [b, 1, D], pos [b]: attends over the whole cache with masks, so shapes never change."""
+        bsz, win = x.size(0), self.window
+        rows = torch.arange(bsz, device=x.device)
+        freqs = self.freqs_cis[pos].unsqueeze(1)                                    # [b, 1, rd/2]
+        qr, q, kv = self.project(x, freqs)
+        self.kv_cache[rows, pos % win] = kv[:, 0]
+        slot = torch.arange(win, device=x.device)
+        slot_pos = pos.unsqueeze(1) - (pos.unsqueeze(1) - slot) % win               # [b, win] position in each slot
+        idx = torch.where(slot_pos >= 0, slot, -1)
+        if self.ratio:
+            compressed = self.kv_cache[:, win:]
+            self.compressor.decode(x, pos, self.freqs_cis, compressed)
+            if self.indexer is not None:
+                cidx = self.indexer(x, qr, pos.unsqueeze(1), self.freqs_cis)[:, 0]  # [b, k]
+            else:
+                entry = torch.arange(compressed.size(1), device=x.device)
+                cidx = torch.where(entry < visible_entries(pos, self.ratio).unsqueeze(1), entry, -1)
+            idx = torch.cat([idx, torch.where(cidx >= 0, cidx + win, -1)], dim=-1)
+        o = sparse_attn(q, self.kv_cache[:bsz], self.attn_sink, idx.unsqueeze(1), self.softmax_scale)
+        return self.output(o, freqs)
+
+    def project(self, x: torch.Tensor, freqs: torch.Tensor):
+        """Low-rank query qr [b, s, q_lora_rank], queries q [b, s, h, d] and the shared key/value kv [b, s, d]."""
+        qr = self.q_norm(self.wq_a(x))
+        q = self.wq_b(qr).unflatten(-1, (self.n_local_heads, self.head_dim))
+        q = rope_tail(rms_norm(q, None, self.eps), freqs, self.rope_head_dim)
+        kv = rope_tail(self.kv_norm(self.wkv(x)), freqs, self.rope_head_dim)
+        return qr, q, kv
+
+    def output(self, o: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        """Rotate the RoPE channels of o [b, s, h, d] back, then the grouped projection -> [b, s, D]."""
+        bsz, seqlen = o.shape[:2]
+        o = rope_tail(o, freqs, self.rope_head_dim, inverse=True)
         if self.tp.pair_group is not None:   # gather the heads of this rank's output group
             parts = [torch.empty_like(o) for _ in range(dist.get_world_size(self.tp.pair_group))]
             dist.all_gather(parts, o.contiguous(), group=self.tp.pair_group)
             o = torch.cat(parts, dim=2)
         o = o.reshape(bsz, seqlen, self.n_local_groups, -1)
         wo_a = self.wo_a.weight.view(self.n_local_groups, self.o_lora_rank, -1)
-        o = torch.einsum("bsgd,grd->bsgr", o, wo_a)                              # [b, s, g, o_lora_rank]
-        y = self.wo_b(o.flatten(2))
-        return self.tp.all_reduce(y, group=self.tp.proj_group)
+        o = torch.einsum("bsgd,grd->bsgr", o, wo_a)                                 # [b, s, g, o_lora_rank]
+        return self.tp.all_reduce(self.wo_b(o.flatten(2)), group=self.tp.proj_group)
 
 
 # ---------------------------------------------------------------- mixture of experts
@@ -691,11 +754,15 @@ class Transformer(nn.Module):
         hc_head_params(self, args)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, start_pos=0) -> torch.Tensor:
         """input_ids [b, s] at positions start_pos .. start_pos+s-1 (caches hold the earlier ones)
-        -> float32 logits of the last position [b, vocab]."""
+        -> float32 logits of the last position [b, vocab]. start_pos may also be a tensor [b] of
+        per-row positions for one token per row: the decode step, with static shapes (CUDA graphs)."""
         bsz, seqlen = input_ids.shape
-        if bsz > self.args.max_batch_size or start_pos + seqlen > self.args.max_seq_len:
+        if isinstance(start_pos, torch.Tensor):
+            if seqlen != 1 or start_pos.shape != (bsz,):
+                raise ValueError("positions as a tensor [b] are for one token per row")
+        elif bsz > self.args.max_batch_size or start_pos + seqlen > self.args.max_seq_len:
             raise ValueError(f"batch {bsz} x positions up to {start_pos + seqlen} exceed max_batch_size="
                              f"{self.args.max_batch_size} / max_seq_len={self.args.max_seq_len}")
         h = self.embed(input_ids).unsqueeze(2).repeat(1, 1, self.args.hc_mult, 1)   # [b, s, hc, D]
