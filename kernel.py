@@ -81,8 +81,8 @@ def hc_split_sinkhorn(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torc
     return pre, post, comb
 
 
-def sparse_attn(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor,
-                topk_idxs: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+def sparse_attn_torch(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor,
+                      topk_idxs: torch.Tensor, softmax_scale: float) -> torch.Tensor:
     """Attention of each query over its own selected keys, with a per-head sink.
 
     q [b, s, h, d]; kv [b, n, d] (one shared head, keys equal values); attn_sink [h];
@@ -131,3 +131,194 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
         gate = gate.clamp(max=limit)
         up = up.clamp(min=-limit, max=limit)
     return F.silu(gate) * up
+
+
+# ---------------------------------------------------------------- Triton versions (CUDA)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:      # CPU-only installs: the torch versions above serve
+    triton = None
+
+
+def use_triton(x: torch.Tensor, backend: str) -> bool:
+    """backend 'torch' | 'triton' | 'auto' (Triton on CUDA when it is installed)."""
+    if backend == "triton":
+        if triton is None or not x.is_cuda:
+            raise RuntimeError("backend 'triton' needs a CUDA device and the triton package")
+        return True
+    return backend == "auto" and triton is not None and x.is_cuda
+
+
+if triton is not None:
+    @triton.jit
+    def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, S, H, K, scale,
+                            sq_b, sq_s, sq_h, skv_b, skv_n, si_b, si_s, so_b, so_s, so_h,
+                            D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                            PRECISION: tl.constexpr):
+        # One program: one query token, BLOCK_H heads (they share the keys), online softmax over the
+        # selected keys in blocks of BLOCK_K; the sink starts the running max and denominator.
+        pid, hb = tl.program_id(0), tl.program_id(1)
+        b, s = pid // S, pid % S
+        heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        hmask = heads < H
+        dims = tl.arange(0, D)
+        q = tl.load(q_ptr + b * sq_b + s * sq_s + heads[:, None] * sq_h + dims[None, :], mask=hmask[:, None], other=0.0)
+        m = tl.load(sink_ptr + heads, mask=hmask, other=0.0).to(tl.float32)
+        denom = tl.full([BLOCK_H], 1.0, tl.float32)
+        acc = tl.zeros([BLOCK_H, D], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            slots = k0 + tl.arange(0, BLOCK_K)
+            idx = tl.load(idx_ptr + b * si_b + s * si_s + slots, mask=slots < K, other=-1)
+            valid = idx >= 0
+            kv = tl.load(kv_ptr + b * skv_b + idx[:, None].to(tl.int64) * skv_n + dims[None, :],
+                         mask=valid[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(kv), input_precision=PRECISION) * scale
+            scores = tl.where(valid[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, 1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            denom = denom * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv, input_precision=PRECISION)
+            m = m_new
+        out = acc / denom[:, None]
+        tl.store(o_ptr + b * so_b + s * so_s + heads[:, None] * so_h + dims[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=hmask[:, None])
+
+    @triton.jit
+    def _moe_up_kernel(x_ptr, w_ptr, h_ptr, token_ptr, weight_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
+                       D, I, limit, sx, sw_e, sw_n, sh,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CLAMP: tl.constexpr):
+        # h[r] = weight[r] * silu(x[token[r]] W1[e]^T) * (x[token[r]] W3[e]^T) for the rows r of one tile,
+        # all routed to expert e; W13[e] = [W1; W3] is [2I, D].
+        tile, nb = tl.program_id(0), tl.program_id(1)
+        e = tl.load(tile_expert_ptr + tile)
+        if e >= 0:
+            start, end = tl.load(tile_start_ptr + tile), tl.load(tile_end_ptr + tile)
+            rows = start + tl.arange(0, BM)
+            rmask = rows < end
+            tok = tl.load(token_ptr + rows, mask=rmask, other=0).to(tl.int64)
+            cols = nb * BN + tl.arange(0, BN)
+            cmask = cols < I
+            w_base = w_ptr + e.to(tl.int64) * sw_e
+            gate = tl.zeros([BM, BN], tl.float32)
+            up = tl.zeros([BM, BN], tl.float32)
+            for k0 in range(0, D, BK):
+                ks = k0 + tl.arange(0, BK)
+                kmask = ks < D
+                a = tl.load(x_ptr + tok[:, None] * sx + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+                wg = tl.load(w_base + cols[None, :] * sw_n + ks[:, None], mask=cmask[None, :] & kmask[:, None], other=0.0)
+                wu = tl.load(w_base + (I + cols[None, :]) * sw_n + ks[:, None], mask=cmask[None, :] & kmask[:, None],
+                             other=0.0)
+                gate = tl.dot(a, wg, gate)
+                up = tl.dot(a, wu, up)
+            if CLAMP:
+                gate = tl.minimum(gate, limit)
+                up = tl.minimum(tl.maximum(up, -limit), limit)
+            w = tl.load(weight_ptr + rows, mask=rmask, other=0.0)
+            h = gate / (1.0 + tl.exp(-gate)) * up * w[:, None]
+            tl.store(h_ptr + rows[:, None] * sh + cols[None, :], h.to(h_ptr.dtype.element_ty),
+                     mask=rmask[:, None] & cmask[None, :])
+
+    @triton.jit
+    def _moe_down_kernel(h_ptr, w_ptr, out_ptr, assign_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
+                         D, I, sh, sw_e, sw_n, so,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # out[assign[r]] = h[r] W2[e]^T for the rows r of one tile; W2[e] is [D, I].
+        tile, nb = tl.program_id(0), tl.program_id(1)
+        e = tl.load(tile_expert_ptr + tile)
+        if e >= 0:
+            start, end = tl.load(tile_start_ptr + tile), tl.load(tile_end_ptr + tile)
+            rows = start + tl.arange(0, BM)
+            rmask = rows < end
+            cols = nb * BN + tl.arange(0, BN)
+            cmask = cols < D
+            w_base = w_ptr + e.to(tl.int64) * sw_e
+            acc = tl.zeros([BM, BN], tl.float32)
+            for k0 in range(0, I, BK):
+                ks = k0 + tl.arange(0, BK)
+                kmask = ks < I
+                a = tl.load(h_ptr + rows[:, None] * sh + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+                w = tl.load(w_base + cols[None, :] * sw_n + ks[:, None], mask=cmask[None, :] & kmask[:, None], other=0.0)
+                acc = tl.dot(a, w, acc)
+            dest = tl.load(assign_ptr + rows, mask=rmask, other=0).to(tl.int64)
+            tl.store(out_ptr + dest[:, None] * so + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+
+
+def sparse_attn_triton(q, kv, attn_sink, topk_idxs, softmax_scale):
+    """Triton version of sparse_attn (same arguments and result)."""
+    b, s, h, d = q.shape
+    q, kv, topk_idxs = q.contiguous(), kv.contiguous(), topk_idxs.contiguous()
+    o = torch.empty_like(q)
+    block_h = 16
+    grid = (b * s, triton.cdiv(h, block_h))
+    _sparse_attn_kernel[grid](
+        q, kv, attn_sink.float().contiguous(), topk_idxs, o, s, h, topk_idxs.size(-1), softmax_scale,
+        q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), topk_idxs.stride(0), topk_idxs.stride(1),
+        o.stride(0), o.stride(1), o.stride(2),
+        D=d, BLOCK_H=block_h, BLOCK_K=32 if d <= 128 else 16,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+    return o
+
+
+def moe_schedule(experts: torch.Tensor, n_experts: int, block_m: int):
+    """Sort routing assignments by expert on the device, with no host sync.
+
+    experts [A] local expert of each assignment (n_experts for one this rank does not hold).
+    Returns order [A] (assignments sorted by expert) and, for a fixed number of tiles
+    (ceil(A / block_m) + n_experts), each tile's expert (-1 when unused) and its row range in order.
+    """
+    order = torch.argsort(experts, stable=True)
+    counts = torch.zeros(n_experts + 1, dtype=torch.long, device=experts.device)
+    counts.scatter_add_(0, experts, torch.ones_like(experts))
+    counts = counts[:n_experts]
+    seg_end = torch.cumsum(counts, 0)
+    tiles = (counts + block_m - 1) // block_m
+    tile_end_cum = torch.cumsum(tiles, 0)
+    n_tiles = -(-experts.numel() // block_m) + n_experts
+    tile = torch.arange(n_tiles, device=experts.device)
+    expert = torch.searchsorted(tile_end_cum, tile, right=True)
+    used = expert < n_experts
+    e = expert.clamp(max=n_experts - 1)
+    start = seg_end[e] - counts[e] + (tile - (tile_end_cum[e] - tiles[e])) * block_m
+    return order, torch.where(used, e, -1), start, seg_end[e]
+
+
+def moe_experts_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float):
+    """Routed experts as two grouped GEMMs over assignments sorted by expert.
+
+    x [T, D]; w13 [E, 2I, D] (w1 rows then w3 rows of each local expert); w2 [E, D, I];
+    weights, experts [T, k] (global expert ids; those outside first_expert .. +E are skipped).
+    Returns float32 [T, D]: sum over the local experts of weight * expert(x).
+    """
+    n_local, two_i, dim = w13.shape
+    inter = two_i // 2
+    t, k = experts.shape
+    local = experts.flatten() - first_expert
+    local = torch.where((local >= 0) & (local < n_local), local, n_local)
+    block_m = 16 if t * k <= 512 else 64
+    order, tile_expert, tile_start, tile_end = moe_schedule(local, n_local, block_m)
+    token = order // k
+    w_sorted = weights.flatten()[order].float()
+    h = torch.empty(t * k, inter, dtype=x.dtype, device=x.device)
+    n_tiles = tile_expert.numel()
+    x = x.contiguous()
+    _moe_up_kernel[(n_tiles, triton.cdiv(inter, 64))](
+        x, w13, h, token, w_sorted, tile_expert, tile_start, tile_end, dim, inter, swiglu_limit,
+        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
+        BM=block_m, BN=64, BK=64, CLAMP=swiglu_limit > 0, num_warps=4, num_stages=3)
+    out = torch.zeros(t * k, dim, dtype=torch.float32, device=x.device)
+    _moe_down_kernel[(n_tiles, triton.cdiv(dim, 64))](
+        h, w2, out, order, tile_expert, tile_start, tile_end, dim, inter,
+        h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        BM=block_m, BN=64, BK=64, num_warps=4, num_stages=3)
+    return out.view(t, k, dim).sum(1)
+
+
+def sparse_attn(q, kv, attn_sink, topk_idxs, softmax_scale, backend: str = "auto"):
+    """Attention of each query over its selected keys with a per-head sink: q [b, s, h, d],
+    kv [b, n, d], attn_sink [h], topk_idxs [b, s, k] (-1 = empty slot) -> [b, s, h, d]."""
+    if use_triton(q, backend):
+        return sparse_attn_triton(q, kv, attn_sink, topk_idxs, softmax_scale)
+    return sparse_attn_torch(q, kv, attn_sink, topk_idxs, softmax_scale)

@@ -23,7 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kernel import apply_rotary, hadamard_transform, hc_split_sinkhorn, rms_norm, sparse_attn, swiglu
+from kernel import (apply_rotary, hadamard_transform, hc_split_sinkhorn, moe_experts_triton, rms_norm, sparse_attn,
+                    swiglu, use_triton)
 
 
 @dataclass
@@ -33,6 +34,7 @@ class ModelArgs:
     max_seq_len: int = 4096
     dtype: str = "bf16"
     ogroups_comm: bool = False          # o-groups layout (USE_OGROUPS_COMM=1): needed when world size > o_groups
+    backend: str = "auto"               # kernels: "torch", "triton", or "auto" (Triton on CUDA)
     vocab_size: int = 129280
     dim: int = 4096
     moe_inter_dim: int = 2048
@@ -68,7 +70,7 @@ class ModelArgs:
     hc_eps: float = 1e-6
 
     # Keys a config file must give; the rest are runtime choices with defaults.
-    RUNTIME_KEYS = ("max_batch_size", "max_seq_len", "dtype", "ogroups_comm")
+    RUNTIME_KEYS = ("max_batch_size", "max_seq_len", "dtype", "ogroups_comm", "backend")
 
     @classmethod
     def from_file(cls, path: str, **overrides) -> "ModelArgs":
@@ -102,6 +104,7 @@ class ModelArgs:
             if not ok:
                 raise ValueError(msg)
         need(self.dtype in ("bf16", "fp32"), f"dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
+        need(self.backend in ("auto", "torch", "triton"), f"backend must be auto, torch or triton, got {self.backend!r}")
         need(self.score_func in ("softmax", "sigmoid", "sqrtsoftplus"), f"score_func {self.score_func!r} is unknown")
         need(len(self.compress_ratios) >= self.n_layers,
              f"compress_ratios has {len(self.compress_ratios)} entries for n_layers={self.n_layers}")
@@ -456,6 +459,7 @@ class Attention(nn.Module):
         self.ratio = args.ratio(layer_id)
         self.eps = args.norm_eps
         self.softmax_scale = self.head_dim ** -0.5
+        self.backend = args.backend
 
         self.wq_a = Linear(args.dim, args.q_lora_rank, dtype)
         self.q_norm = RMSNorm(args.q_lora_rank, self.eps)
@@ -509,7 +513,7 @@ class Attention(nn.Module):
                 cidx = cidx.expand(bsz, -1, -1)
             idx = torch.cat([idx, torch.where(cidx >= 0, cidx + keys.size(1), -1)], dim=-1)
             keys = torch.cat([keys, compressed[:bsz, :n]], dim=1)
-        o = sparse_attn(q, keys, self.attn_sink, idx, self.softmax_scale)          # [b, s, h, d]
+        o = sparse_attn(q, keys, self.attn_sink, idx, self.softmax_scale, self.backend)   # [b, s, h, d]
         return self.output(o, self.freqs_cis[pos])
 
     def decode(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -531,7 +535,7 @@ class Attention(nn.Module):
                 entry = torch.arange(compressed.size(1), device=x.device)
                 cidx = torch.where(entry < visible_entries(pos, self.ratio).unsqueeze(1), entry, -1)
             idx = torch.cat([idx, torch.where(cidx >= 0, cidx + win, -1)], dim=-1)
-        o = sparse_attn(q, self.kv_cache[:bsz], self.attn_sink, idx.unsqueeze(1), self.softmax_scale)
+        o = sparse_attn(q, self.kv_cache[:bsz], self.attn_sink, idx.unsqueeze(1), self.softmax_scale, self.backend)
         return self.output(o, freqs)
 
     def project(self, x: torch.Tensor, freqs: torch.Tensor):
@@ -611,10 +615,13 @@ class Expert(nn.Module):
 
 class MoE(nn.Module):
     """Routed experts split by index over ranks plus one shared expert split by width; the two
-    partial sums are reduced with a single all-reduce."""
+    partial sums are reduced with a single all-reduce.
+
+    On the Triton path the local experts' weights live in two stacked tensors, w13 [E, 2I, D]
+    and w2 [E, D, I], of which each expert's parameters are views (made once, after loading)."""
     def __init__(self, layer_id: int, args: ModelArgs, tp: Parallel):
         super().__init__()
-        self.tp = tp
+        self.tp, self.backend, self.swiglu_limit = tp, args.backend, args.swiglu_limit
         dtype = dtype_of(args)
         n_local = args.n_routed_experts // tp.world_size
         self.local = range(tp.rank * n_local, (tp.rank + 1) * n_local)
@@ -623,17 +630,34 @@ class MoE(nn.Module):
             Expert(args.dim, args.moe_inter_dim, dtype, args.swiglu_limit) if i in self.local else None
             for i in range(args.n_routed_experts)])
         self.shared_experts = Expert(args.dim, args.moe_inter_dim, dtype, parts=tp.world_size)
+        self.stacked = None
+
+    def stacked_weights(self):
+        """(w13, w2) of the local experts; restacked whenever the parameters moved (load, .to())."""
+        experts = [self.experts[i] for i in self.local]
+        if self.stacked is None or self.stacked[0].data_ptr() != experts[0].w1.weight.data_ptr():
+            inter = experts[0].w1.weight.size(0)
+            w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in experts])
+            w2 = torch.stack([e.w2.weight for e in experts])
+            for i, e in enumerate(experts):
+                e.w1.weight.data, e.w3.weight.data, e.w2.weight.data = w13[i, :inter], w13[i, inter:], w2[i]
+            self.stacked = (w13, w2)
+        return self.stacked
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, experts = self.gate(x, ids.reshape(-1))
         y = self.shared_experts(x)                                  # float32 [T, D]
-        counts = torch.bincount(experts.flatten(), minlength=len(self.experts)).tolist()
-        for i in self.local:
-            if counts[i]:
-                token, slot = torch.where(experts == i)
-                y.index_add_(0, token, self.experts[i](x[token], weights[token, slot, None]))
+        if use_triton(x, self.backend):
+            w13, w2 = self.stacked_weights()
+            y += moe_experts_triton(x, w13, w2, weights, experts, self.local.start, self.swiglu_limit)
+        else:
+            counts = torch.bincount(experts.flatten(), minlength=len(self.experts)).tolist()
+            for i in self.local:
+                if counts[i]:
+                    token, slot = torch.where(experts == i)
+                    y.index_add_(0, token, self.experts[i](x[token], weights[token, slot, None]))
         return self.tp.all_reduce(y).to(x.dtype).view(shape)
 
 
@@ -700,16 +724,22 @@ def hc_collapse(module: nn.Module, x: torch.Tensor, args: ModelArgs) -> torch.Te
 
 
 class ParallelHead(nn.Module):
-    """Output projection split along the vocabulary; logits gathered from all ranks."""
+    """Output projection split along the vocabulary; logits gathered from all ranks.
+
+    The weight stays in the model dtype; logits are float32 sums of products of its values, as in
+    the reference (which upcasts a bf16 weight), without a float32 copy of the 129280 x D matrix."""
     def __init__(self, args: ModelArgs, tp: Parallel):
         super().__init__()
         self.tp = tp
-        self.weight = nn.Parameter(torch.empty(args.vocab_size // tp.world_size, args.dim, dtype=torch.float32),
+        self.weight = nn.Parameter(torch.empty(args.vocab_size // tp.world_size, args.dim, dtype=dtype_of(args)),
                                    requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [b, D] -> float32 logits [b, vocab]."""
-        logits = F.linear(x.float(), self.weight)
+        if x.is_cuda:
+            logits = torch.mm(x.to(self.weight.dtype), self.weight.t(), out_dtype=torch.float32)
+        else:
+            logits = F.linear(x.float(), self.weight.float())
         if self.tp.world_size == 1:
             return logits
         parts = [torch.empty_like(logits) for _ in range(self.tp.world_size)]
@@ -769,3 +799,44 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h = layer(h, start_pos, input_ids)
         return self.head(self.norm(hc_collapse(self, h[:, -1:], self.args))[:, -1])
+
+
+class GraphedDecoder:
+    """Decode steps replayed from CUDA graphs, one per batch-size bucket (powers of two up to
+    max_batch_size), all captured up front: capturing writes to cache rows, so it must happen
+    before any sequence lives there.
+
+    A call with b rows replays the smallest bucket >= b; rows b .. bucket-1 are scratch rows whose
+    caches get overwritten, so live sequences must occupy rows 0 .. b-1."""
+    def __init__(self, model: Transformer):
+        self.model = model
+        top = model.args.max_batch_size
+        self.buckets = sorted({min(1 << i, top) for i in range(top.bit_length() + 1)})
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs = {bb: self._capture(bb) for bb in reversed(self.buckets)}
+
+    def _capture(self, bb: int):
+        device = self.model.embed.weight.device
+        ids = torch.zeros(bb, 1, dtype=torch.long, device=device)
+        pos = torch.zeros(bb, dtype=torch.long, device=device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):          # compiles the kernels and stacks the experts outside the graph
+                self.model(ids, pos)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.model(ids, pos)
+        return graph, ids, pos, logits
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """ids [b, 1], pos [b] -> float32 logits [b, vocab]."""
+        b = ids.size(0)
+        bb = next(x for x in self.buckets if x >= b)
+        graph, ids_buf, pos_buf, logits = self.graphs[bb]
+        ids_buf[:b].copy_(ids)
+        pos_buf[:b].copy_(pos)
+        pos_buf[b:].zero_()
+        graph.replay()
+        return logits[:b]
