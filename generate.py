@@ -1,0 +1,599 @@
+"""Generate text with DeepSeek-V4, the model split over the ranks of torch.distributed.
+
+    torchrun --nproc-per-node N generate.py --ckpt-path DST --input-file prompts.txt [--output-file out.jsonl]
+    torchrun --nproc-per-node N generate.py --ckpt-path DST --interactive
+
+DST is a folder written by convert.py with --model-parallel N: model{rank}-mp{N}.safetensors,
+config.json and the tokenizer. Plain `python generate.py ...` runs on one process.
+
+Input files hold prompts separated by blank lines, or one JSON object a line (a .jsonl file, or a
+file whose first line is such an object): {"prompt": "..."} or {"messages": [{"role": ..., "content": ...}]}.
+Prompts are grouped by length into batches of at most --max-batch-size; completions come back in
+input order, printed or written to --output-file as JSON lines.
+
+Rank 0 reads and checks the input, tokenizes, prints and writes; the other ranks get the token ids
+from it. Before any work, the ranks exchange what each of them found wrong (missing shard, bad
+config, bad input ...), and all exit with status 1 if any rank found a problem. A rank that dies
+later makes the others fail in their next collective, and torchrun stops the job.
+
+Environment: USE_OGROUPS_COMM=1 runs the o-groups layout (more ranks than o_groups; convert with it
+too); USE_FLAGGEMS=1 runs the model's operators through FlagGems (CUDA only).
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import List, Optional, Union
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_model
+from tqdm import tqdm
+
+from encoding import (ASSISTANT, BOS, EOS, THINK_END, THINK_START, USER, check_messages, encode_messages,
+                      parse_completion)
+from model import ModelArgs, Transformer
+
+Prompt = Union[str, List[dict]]   # a user prompt, or a conversation ending with a user message
+
+
+class GenerateError(Exception):
+    """A problem with the setup or the inputs: reported as a message, exit status 1."""
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+# ---------------------------------------------------------------- generation
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float,
+           generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Next token of each row of logits [b, vocab]: the argmax at temperature 0, else a draw from
+    softmax(logits / temperature) restricted to the smallest set of tokens holding top_p of the mass."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        beyond = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p   # the mass before them already exceeds top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(beyond, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class Stats:
+    """Token counts and forward-pass seconds, summed over batches."""
+    prompts: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    def summary(self) -> str:
+        def rate(n, s):
+            return f"{n / s:.1f}" if s > 0 else "n/a"
+        return (f"{self.prompts} prompts, {self.tokens_in} tokens in, {self.tokens_out} tokens out; "
+                f"prefill {self.prefill_tokens} tokens in {self.prefill_s:.2f} s "
+                f"({rate(self.prefill_tokens, self.prefill_s)} tokens/s), "
+                f"decode {self.tokens_out} tokens in {self.decode_s:.2f} s "
+                f"({rate(self.tokens_out, self.decode_s)} tokens/s)")
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompts: List[List[int]], max_new_tokens: int, eos_id: int,
+             temperature: float = 0.0, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
+             stats: Optional[Stats] = None) -> List[List[int]]:
+    """Complete a batch of tokenized prompts; returns the new tokens of each, ending with eos_id
+    where the model stopped by itself.
+
+    All sequences share positions: the first pass (prefill) reads every prompt up to the shortest
+    one's length, then each step feeds one position, where a sequence still inside its prompt gets
+    its own prompt token rather than the sampled one. A sequence is done at EOS or after
+    max_new_tokens new tokens; the batch stops when all are done or at max_seq_len.
+    Stats, if given, gets the prefill (first pass) and decode (later passes) times and the counts.
+    """
+    lens = [len(p) for p in prompts]
+    max_seq_len = model.args.max_seq_len
+    if min(lens) == 0 or max(lens) >= max_seq_len:
+        raise ValueError(f"prompt lengths must be in 1..{max_seq_len - 1} (max_seq_len={max_seq_len}), got {lens}")
+    device = next(model.parameters()).device
+    total = min(max_seq_len, max(lens) + max_new_tokens)
+    tokens = torch.full((len(prompts), total), -1, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+    in_prompt = tokens != -1
+    ends = [min(n + max_new_tokens, total) for n in lens]        # one past each sequence's last new position
+    last_step = torch.tensor(ends, device=device) - 1
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+
+    prev = 0
+    for cur in range(min(lens), total):
+        start = time.perf_counter()
+        logits = model(tokens[:, prev:cur], prev)
+        chosen = torch.where(in_prompt[:, cur], tokens[:, cur], sample(logits, temperature, top_p, generator))
+        tokens[:, cur] = chosen
+        done |= (~in_prompt[:, cur] & (chosen == eos_id)) | (last_step <= cur)
+        finished = bool(done.all())                               # waits for the device
+        if stats is not None:
+            if prev == 0:
+                stats.prefill_s += time.perf_counter() - start
+                stats.prefill_tokens += len(prompts) * cur
+            else:
+                stats.decode_s += time.perf_counter() - start
+        prev = cur
+        if finished:
+            break
+
+    completions = []
+    for i, row in enumerate(tokens.tolist()):
+        new = row[lens[i]:ends[i]]
+        completions.append(new[:new.index(eos_id) + 1] if eos_id in new else new)
+    if stats is not None:
+        stats.prompts += len(prompts)
+        stats.tokens_in += sum(lens)
+        stats.tokens_out += sum(len(c) - (c[-1:] == [eos_id]) for c in completions)
+    return completions
+
+
+def generate_all(model: Transformer, prompts: List[List[int]], batch_size: int, progress: bool,
+                 **kw) -> List[List[int]]:
+    """Generate for any number of prompts: batches of similar lengths, results in input order."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: List[Optional[List[int]]] = [None] * len(prompts)
+    with tqdm(total=len(prompts), unit="prompt", disable=not progress, file=sys.stderr) as bar:
+        for first in range(0, len(order), batch_size):
+            batch = order[first:first + batch_size]
+            for i, completion in zip(batch, generate(model, [prompts[i] for i in batch], **kw)):
+                results[i] = completion
+            bar.update(len(batch))
+    return results
+
+
+# ---------------------------------------------------------------- tokenizer
+
+class Tokenizer:
+    """The checkpoint's tokenizer: tokenizer.json through `tokenizers`, else tokenizer.model
+    through sentencepiece. Special tokens are never added implicitly (the chat text carries BOS)."""
+    SPECIAL = (BOS, EOS, USER, ASSISTANT, THINK_START, THINK_END)   # kept whole when sentencepiece encodes
+
+    def __init__(self, folder: str):
+        if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            from tokenizers import Tokenizer as HFTokenizer
+            self.hf = HFTokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+            self.sp = None
+        elif os.path.isfile(os.path.join(folder, "tokenizer.model")):
+            import sentencepiece
+            self.hf = None
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(folder, "tokenizer.model"))
+            self.special = {s: self.sp.piece_to_id(s) for s in self.SPECIAL
+                            if self.sp.piece_to_id(s) != self.sp.unk_id()}
+        else:
+            raise GenerateError(f"no tokenizer in {folder}: expected tokenizer.json or tokenizer.model")
+        self.eos_id = self._eos_id(folder)
+
+    def token_id(self, text: str) -> Optional[int]:
+        if self.hf is not None:
+            return self.hf.token_to_id(text)
+        i = self.sp.piece_to_id(text)
+        return None if i == self.sp.unk_id() else i
+
+    def encode(self, text: str) -> List[int]:
+        if self.hf is not None:
+            return self.hf.encode(text, add_special_tokens=False).ids
+        if not self.special:
+            return self.sp.encode(text)
+        ids = []
+        for piece in re.split("(" + "|".join(map(re.escape, self.special)) + ")", text):
+            ids += [self.special[piece]] if piece in self.special else self.sp.encode(piece) if piece else []
+        return ids
+
+    def decode(self, ids: List[int]) -> str:
+        if self.hf is not None:
+            return self.hf.decode(ids, skip_special_tokens=False)
+        return self.sp.decode(ids)
+
+    def _eos_id(self, folder: str) -> int:
+        """EOS from tokenizer_config.json's eos_token, else config.json's eos_token_id, else the
+        sentencepiece model's own."""
+        found = read_json(os.path.join(folder, "tokenizer_config.json")).get("eos_token")
+        if isinstance(found, dict):
+            found = found.get("content")
+        if isinstance(found, str) and self.token_id(found) is not None:
+            return self.token_id(found)
+        found = read_json(os.path.join(folder, "config.json")).get("eos_token_id")
+        if isinstance(found, list) and found:
+            found = found[0]
+        if isinstance(found, int):
+            return found
+        if self.sp is not None and self.sp.eos_id() >= 0:
+            return self.sp.eos_id()
+        raise GenerateError(f"no EOS token id in {folder}: give eos_token in tokenizer_config.json "
+                            f"or eos_token_id in config.json")
+
+
+def read_json(path: str) -> dict:
+    """A JSON object from path, {} if the file is absent."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise GenerateError(f"cannot read {path}: {e}") from None
+    return data if isinstance(data, dict) else {}
+
+
+# ---------------------------------------------------------------- inputs
+
+def read_prompts(path: str) -> List[Prompt]:
+    """Prompts of an input file: blank-line separated text, or JSON lines (by extension or content)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise GenerateError(f"input file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise GenerateError(f"cannot read input file {path}: {e}") from None
+    if not text.strip():
+        raise GenerateError(f"input file {path} is empty: no prompts")
+    if path.endswith(".jsonl") or looks_like_jsonl(text):
+        return read_jsonl(text, path)
+    return [p.strip() for p in re.split(r"\n[ \t]*\n", text) if p.strip()]
+
+
+def looks_like_jsonl(text: str) -> bool:
+    first = next(line for line in text.splitlines() if line.strip())
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and ("prompt" in record or "messages" in record)
+
+
+def read_jsonl(text: str, path: str) -> List[Prompt]:
+    prompts: List[Prompt] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise GenerateError(f"{path} line {number}: not valid JSON ({e})") from None
+        if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+            prompts.append(record["prompt"])
+        elif isinstance(record, dict) and "messages" in record:
+            try:
+                check_messages(record["messages"])
+            except ValueError as e:
+                raise GenerateError(f"{path} line {number}: {e}") from None
+            prompts.append(record["messages"])
+        else:
+            raise GenerateError(f'{path} line {number}: expected {{"prompt": "..."}} or {{"messages": [...]}}')
+    return prompts
+
+
+def prompt_text(prompt: Prompt, mode: str, raw: bool) -> str:
+    """The text the model reads: BOS and the prompt as it is with --raw, else the chat format."""
+    if raw:
+        if not isinstance(prompt, str):
+            raise GenerateError("--raw takes plain prompts, not messages")
+        return BOS + prompt
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return encode_messages(messages, mode)
+
+
+def tokenize(prompts: List[Prompt], tokenizer: Tokenizer, mode: str, raw: bool,
+             max_seq_len: int) -> List[List[int]]:
+    ids = [tokenizer.encode(prompt_text(p, mode, raw)) for p in prompts]
+    for number, t in enumerate(ids, 1):
+        if len(t) >= max_seq_len:
+            raise GenerateError(f"prompt {number} has {len(t)} tokens, which leaves no room for a reply "
+                                f"within max_seq_len={max_seq_len} (see --max-seq-len)")
+    return ids
+
+
+# ---------------------------------------------------------------- checkpoint and model
+
+def load_args(opts: argparse.Namespace, world: int) -> ModelArgs:
+    config = opts.config or os.path.join(opts.ckpt_path, "config.json")
+    overrides = {k: v for k, v in (("max_batch_size", opts.max_batch_size), ("max_seq_len", opts.max_seq_len),
+                                   ("dtype", opts.dtype)) if v is not None}
+    if opts.interactive:
+        overrides["max_batch_size"] = 1
+    if env_flag("USE_OGROUPS_COMM"):
+        overrides["ogroups_comm"] = True
+    try:
+        args = ModelArgs.from_file(config, **overrides)
+        args.validate(world)
+    except FileNotFoundError:
+        raise GenerateError(f"config {config} not found") from None
+    except (OSError, ValueError, TypeError) as e:
+        raise GenerateError(f"config {config}: {e}") from None
+    return args
+
+
+def shard_path(ckpt: str, rank: int, world: int, vocab_size: int) -> str:
+    """This rank's weights file, checked to exist and to be split for `world` ranks."""
+    if not os.path.isdir(ckpt):
+        raise GenerateError(f"checkpoint folder {ckpt} not found")
+    path = os.path.join(ckpt, f"model{rank}-mp{world}.safetensors")
+    if not os.path.isfile(path):
+        sizes = sorted({int(m.group(1)) for name in os.listdir(ckpt)
+                        if (m := re.fullmatch(r"model\d+-mp(\d+)\.safetensors", name))})
+        present = ", ".join(f"mp{n}" for n in sizes) or "none"
+        raise GenerateError(f"{path} not found: {world} ranks need model0-mp{world} .. model{world - 1}-mp{world}; "
+                            f"present in {ckpt}: {present} (convert.py --model-parallel {world} makes them)")
+    try:
+        with safe_open(path, "pt") as f:
+            rows = f.get_slice("embed.weight").get_shape()[0] if "embed.weight" in f.keys() else None
+    except Exception as e:   # safetensors reports a damaged file with its own error type
+        raise GenerateError(f"cannot read {path}: {e}") from None
+    if rows is None:
+        raise GenerateError(f"{path} has no embed.weight: not a shard written by convert.py")
+    if rows * world != vocab_size:
+        made_for = f"mp{vocab_size // rows}" if rows and vocab_size % rows == 0 else "another model"
+        raise GenerateError(f"{path} holds {rows} of the {vocab_size} vocabulary rows: it was made for {made_for}, "
+                            f"not for mp{world}")
+    return path
+
+
+def build_model(args: ModelArgs, path: str, device: torch.device, world: int) -> Transformer:
+    with torch.device(device):
+        model = Transformer(args)
+    try:
+        load_model(model, path, device=str(device))
+    except RuntimeError as e:
+        lines = str(e).splitlines()
+        detail = "; ".join(line.strip() for line in lines[1:4]) + (" ..." if len(lines) > 4 else "")
+        layout = ", o-groups layout" if args.ogroups_comm else ""
+        raise GenerateError(f"{path} does not fit this model ({world} ranks{layout}): {detail}") from None
+    return model.eval()
+
+
+def enable_flaggems() -> None:
+    """USE_FLAGGEMS=1: route torch operators through FlagGems (needs CUDA and the flag_gems package)."""
+    if not env_flag("USE_FLAGGEMS"):
+        return
+    if not torch.cuda.is_available():
+        raise GenerateError("USE_FLAGGEMS=1 needs a CUDA GPU and none is visible; "
+                            "set USE_FLAGGEMS=0 to run without FlagGems")
+    try:
+        import flag_gems
+    except ImportError:
+        raise GenerateError("USE_FLAGGEMS=1 but FlagGems is not installed: pip install flag-gems "
+                            "(see README), or set USE_FLAGGEMS=0") from None
+    flag_gems.enable()
+
+
+# ---------------------------------------------------------------- ranks
+
+class Ranks:
+    """This process's place in the job and the collectives the driver needs (objects over gloo)."""
+
+    def __init__(self, timeout_s: float):
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.group = None
+        if self.world > 1:
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+            if backend != "gloo":
+                self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+    def agree(self, error: Optional[str]) -> None:
+        """Raise GenerateError on every rank if any rank has an error (a message shared by all
+        ranks is said once, others with their rank)."""
+        errors = [error]
+        if self.world > 1:
+            errors = [None] * self.world
+            dist.all_gather_object(errors, error, group=self.group)
+        found = [(r, e) for r, e in enumerate(errors) if e]
+        if not found:
+            return
+        if len(found) == len(errors) and len({e for _, e in found}) == 1:
+            raise GenerateError(error)
+        raise GenerateError("\n".join(f"rank {r}: {e}" for r, e in found))
+
+    def share(self, obj, group=None):
+        """rank 0's obj, on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=group or self.group)
+        return box[0]
+
+    def checked(self, step):
+        """Run step() on every rank; all raise if any one fails with a GenerateError."""
+        result, error = None, None
+        try:
+            result = step()
+        except GenerateError as e:
+            error = str(e)
+        self.agree(error)
+        return result
+
+
+# ---------------------------------------------------------------- modes
+
+def record(index: int, prompt: Prompt, prompt_ids: List[int], new: List[int], tokenizer: Tokenizer,
+           eos_id: int, mode: str) -> dict:
+    """The output line of one prompt."""
+    stopped = new[-1:] == [eos_id]
+    reasoning, answer = parse_completion(tokenizer.decode(new[:-1] if stopped else new), mode)
+    out = {"index": index, "prompt": prompt, "completion": answer}
+    if mode == "thinking":
+        out["reasoning"] = reasoning
+    out.update(prompt_tokens=len(prompt_ids), completion_tokens=len(new) - stopped,
+               finish_reason="stop" if stopped else "length")
+    return out
+
+
+def report(opts: argparse.Namespace, records: List[dict]) -> None:
+    """Write the records to --output-file, or print them."""
+    if opts.output_file:
+        write_jsonl(opts.output_file, records)
+        return
+    for r in records:
+        prompt = r["prompt"] if isinstance(r["prompt"], str) else json.dumps(r["prompt"], ensure_ascii=False)
+        print("Prompt:", prompt)
+        if "reasoning" in r:
+            print("Reasoning:", r["reasoning"])
+        print("Completion:", r["completion"])
+        print(flush=True)
+
+
+def write_jsonl(path: str, records: List[dict]) -> None:
+    """Write under a temporary name, then rename: an interrupted run leaves no complete-looking file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def run_interactive(opts: argparse.Namespace, ranks: Ranks, model: Transformer, tokenizer: Optional[Tokenizer],
+                    eos_id: int, generator: torch.Generator) -> None:
+    """A conversation typed on rank 0's stdin; /clear forgets it, /exit (or end of input) quits.
+    The other ranks wait for each turn without a time limit: a person may take a while to type."""
+    waiting = dist.new_group(backend="gloo", timeout=timedelta(days=7)) if ranks.world > 1 else None
+    mode = "thinking" if opts.thinking else "chat"
+    messages: List[dict] = []
+    while True:
+        ids = next_turn(messages, tokenizer, mode, model.args.max_seq_len) if ranks.rank == 0 else None
+        ids = ranks.share(ids, waiting)
+        if ids is None:
+            return
+        new = generate(model, [ids], opts.max_new_tokens, eos_id, opts.temperature, opts.top_p, generator)[0]
+        if ranks.rank == 0:
+            reasoning, answer = parse_completion(tokenizer.decode(new[:-1] if new[-1:] == [eos_id] else new), mode)
+            if reasoning:
+                print(f"[thinking] {reasoning}")
+            print(answer, flush=True)
+            messages.append({"role": "assistant", "content": answer})
+
+
+def next_turn(messages: List[dict], tokenizer: Tokenizer, mode: str, max_seq_len: int) -> Optional[List[int]]:
+    """Read lines until one asks for a reply; its prompt ids, or None to quit."""
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            return None
+        if line.strip() == "/exit":
+            return None
+        if line.strip() == "/clear":
+            messages.clear()
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = tokenizer.encode(encode_messages(messages, mode))
+        if len(ids) < max_seq_len:
+            return ids
+        messages.pop()
+        print(f"The conversation would be {len(ids)} tokens, beyond max_seq_len={max_seq_len}: "
+              "/clear to start over.", flush=True)
+
+
+# ---------------------------------------------------------------- main
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Generate completions with a converted DeepSeek-V4 checkpoint.")
+    p.add_argument("--ckpt-path", required=True, help="folder written by convert.py")
+    p.add_argument("--config", help="model config (default: CKPT_PATH/config.json)")
+    p.add_argument("--input-file", help="prompts: blank-line separated text, or JSON lines")
+    p.add_argument("--output-file", help="write one JSON line per prompt here, in input order")
+    p.add_argument("--interactive", action="store_true", help="chat on stdin (/clear, /exit)")
+    p.add_argument("--max-new-tokens", type=int, default=300)
+    p.add_argument("--temperature", type=float, default=0.6, help="0 for greedy decoding")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler (the same on every rank)")
+    p.add_argument("--max-batch-size", type=int, help="override the config's max_batch_size")
+    p.add_argument("--max-seq-len", type=int, help="override the config's max_seq_len")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), help="override the config's dtype")
+    p.add_argument("--thinking", action="store_true", help="V4 thinking mode: the model reasons before it answers")
+    p.add_argument("--raw", action="store_true", help="feed prompts as they are after BOS, without the chat format")
+    p.add_argument("--timeout", type=float, default=600, help="seconds a rank waits for the others before failing")
+    opts = p.parse_args(argv)
+    if not opts.input_file and not opts.interactive:
+        p.error("give --input-file or --interactive")
+    if opts.interactive and opts.raw:
+        p.error("--raw works with --input-file only")
+    if opts.max_new_tokens < 1:
+        p.error("--max-new-tokens must be at least 1")
+    if opts.temperature < 0 or not 0 < opts.top_p <= 1:
+        p.error("--temperature must be >= 0 and --top-p in (0, 1]")
+    return opts
+
+
+def run(opts: argparse.Namespace, ranks: Ranks) -> None:
+    mode = "thinking" if opts.thinking else "chat"
+
+    def prepare():
+        """Everything checked before the model is built; rank 0 also reads and tokenizes the input."""
+        enable_flaggems()
+        args = load_args(opts, ranks.world)
+        path = shard_path(opts.ckpt_path, ranks.rank, ranks.world, args.vocab_size)
+        tokenizer, prompts, ids = None, None, None
+        if ranks.rank == 0:
+            tokenizer = Tokenizer(opts.ckpt_path)
+            if not opts.interactive:
+                if opts.output_file and not os.path.isdir(os.path.dirname(os.path.abspath(opts.output_file))):
+                    raise GenerateError(f"the folder of --output-file {opts.output_file} does not exist")
+                prompts = read_prompts(opts.input_file)
+                ids = tokenize(prompts, tokenizer, mode, opts.raw, args.max_seq_len)
+        return args, path, tokenizer, prompts, ids
+
+    args, path, tokenizer, prompts, ids = ranks.checked(prepare)
+    ids, eos_id = ranks.share((ids, tokenizer.eos_id if tokenizer else None))
+    start = time.perf_counter()
+    model = ranks.checked(lambda: build_model(args, path, ranks.device, ranks.world))
+    if ranks.rank == 0:
+        print(f"generate.py: loaded {opts.ckpt_path} on {ranks.world} rank(s) ({ranks.device.type}, {args.dtype}) "
+              f"in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    generator = torch.Generator(ranks.device).manual_seed(opts.seed)
+    if opts.interactive:
+        run_interactive(opts, ranks, model, tokenizer, eos_id, generator)
+        return
+    stats = Stats()
+    completions = generate_all(model, ids, args.max_batch_size, progress=ranks.rank == 0,
+                               max_new_tokens=opts.max_new_tokens, eos_id=eos_id, temperature=opts.temperature,
+                               top_p=opts.top_p, generator=generator, stats=stats)
+    if ranks.rank == 0:
+        report(opts, [record(i, p, t, c, tokenizer, eos_id, mode)
+                      for i, (p, t, c) in enumerate(zip(prompts, ids, completions))])
+        print(f"generate.py: {stats.summary()}", file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    opts = parse_args(argv)
+    ranks = Ranks(opts.timeout)
+    try:
+        run(opts, ranks)
+    except GenerateError as e:
+        if ranks.rank == 0:
+            print(f"generate.py: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

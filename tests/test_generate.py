@@ -1,0 +1,411 @@
+"""generate.py end to end on CPU.
+
+A random fixture release is converted once for 1, 2 and 4 ranks (4 in the o-groups layout). Greedy
+runs through torchrun (run_mp8.sh, and run_node_0.sh + run_node_1.sh as two nodes on localhost)
+must give the completions of a single-process run, which itself must equal a step-by-step argmax
+of Transformer.forward. Single-process cases run in this process through generate.main.
+"""
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_model
+
+import generate
+from encoding import encode_messages
+from fixtures import write_release
+from model import ModelArgs, Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GENERATE = os.path.join(ROOT, "generate.py")
+LAUNCH_TIMEOUT = 240          # seconds for one torchrun job of this file (they take 5-15 s)
+
+PROMPTS = ["Hello there", "What is two plus two?", "Tell me a story about a dragon who lives in a cave.",
+           "hi again", "Why is the sky blue? Answer in one sentence, please.", "ok", "List three prime numbers."]
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+GREEDY = ["--max-new-tokens", "6", "--temperature", "0", "--dtype", "fp32", "--max-batch-size", "3",
+          "--max-seq-len", "256"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The in-process runs use one thread, like each torchrun worker (2 cores are shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def env(**extra) -> dict:
+    out = {k: v for k, v in os.environ.items() if k not in ("USE_OGROUPS_COMM", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out.update(OMP_NUM_THREADS="1", USE_FLAGGEMS="0", **extra)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(n: int, *args: str) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), GENERATE, *args]
+
+
+def launch(cmd, extra_env=None, stdin=None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env(**(extra_env or {})), input=stdin, capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT, cwd=ROOT)
+
+
+def run_here(*argv: str) -> int:
+    return generate.main(list(argv))
+
+
+def completions(path) -> list:
+    with open(path) as f:
+        return [json.loads(line)["completion"] for line in f]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """{N: folder converted for N ranks} from one random release."""
+    root = tmp_path_factory.mktemp("generate")
+    release = str(root / "release")
+    write_release(release, seed=0, n_files=2)
+    out = {}
+    for n in (1, 2, 4):
+        out[n] = str(root / f"mp{n}")
+        subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), "--hf-ckpt-path", release,
+                        "--save-path", out[n], "--n-experts", "8", "--model-parallel", str(n)],
+                       env=env(**({"USE_OGROUPS_COMM": "1"} if n == 4 else {})), check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    jsonl, text = root / "prompts.jsonl", root / "prompts.txt"
+    records = [{"prompt": p} for p in PROMPTS] + [{"messages": MESSAGES}]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    text.write_text("\n\n".join(PROMPTS) + "\n")
+    return {"jsonl": str(jsonl), "text": str(text)}
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt, inputs, tmp_path_factory):
+    """Greedy records of a single-process run over the JSONL prompts (8 prompts, batches of 3)."""
+    out = tmp_path_factory.mktemp("reference") / "out.jsonl"
+    assert run_here("--ckpt-path", ckpt[1], "--input-file", inputs["jsonl"], "--output-file", str(out), *GREEDY) == 0
+    with open(out) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------- the generation loop
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    args = ModelArgs.from_file(os.path.join(ckpt[1], "config.json"), dtype="fp32", max_batch_size=3, max_seq_len=48)
+    m = Transformer(args)
+    load_model(m, os.path.join(ckpt[1], "model0-mp1.safetensors"))
+    return m
+
+
+def stepwise(model, prompt, max_new_tokens, eos_id):
+    """Greedy decoding of one prompt alone: prefill, then one argmax token at a time."""
+    logits, pos, out = model(torch.tensor([prompt]), 0), len(prompt), []
+    while True:
+        out.append(int(logits.argmax()))
+        if out[-1] == eos_id or len(out) == max_new_tokens or pos + 1 >= model.args.max_seq_len:
+            return out
+        logits = model(torch.tensor([out[-1:]]), pos)
+        pos += 1
+
+
+def test_batched_greedy_equals_stepwise_argmax_of_each_prompt_alone(model):
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, 128000, (n,), generator=gen).tolist() for n in (3, 11, 20)]
+    # 40 new tokens: the 20-token prompt runs into max_seq_len=48 after 28
+    expected = [stepwise(model, p, 40, eos_id=-1) for p in prompts]
+    assert [len(e) for e in expected] == [40, 37, 28]
+    stats = generate.Stats()
+    assert generate.generate(model, prompts, 40, eos_id=-1, temperature=0.0, stats=stats) == expected
+    assert (stats.prompts, stats.tokens_in, stats.tokens_out, stats.prefill_tokens) == (3, 34, 105, 9)
+
+    eos = expected[1][4]       # a token the model emits: every sequence stops at its first one
+    cut = [e[:e.index(eos) + 1] if eos in e else e[:10] for e in expected]
+    assert generate.generate(model, prompts, 10, eos_id=eos) == cut
+
+
+def test_sample():
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0], [5.0, 0.0, 0.0, 0.0]])
+    assert generate.sample(logits, 0.0, 1.0, None).tolist() == [1, 0]
+    assert generate.sample(logits, 1.0, 1e-6, torch.Generator().manual_seed(0)).tolist() == [1, 0]   # nucleus of one
+    draws = torch.stack([generate.sample(logits, 1.0, 0.9, torch.Generator().manual_seed(s)) for s in range(200)])
+    assert set(draws[:, 0].tolist()) == {1, 2}             # 1 and 2 hold 0.9 of the mass; 0 and 3 are cut
+    again = torch.stack([generate.sample(logits, 1.0, 0.9, torch.Generator().manual_seed(s)) for s in range(200)])
+    assert torch.equal(draws, again)
+
+
+# ---------------------------------------------------------------- runs across world sizes
+
+def test_reference_records(ckpt, reference):
+    assert [r["index"] for r in reference] == list(range(8))
+    assert [r["prompt"] for r in reference] == PROMPTS + [MESSAGES]
+    tok = generate.Tokenizer(ckpt[1])
+    for r in reference:
+        messages = [{"role": "user", "content": r["prompt"]}] if isinstance(r["prompt"], str) else r["prompt"]
+        assert r["prompt_tokens"] == len(tok.encode(encode_messages(messages)))
+        assert (r["finish_reason"], r["completion_tokens"]) == ("length", 6) or \
+            (r["finish_reason"] == "stop" and r["completion_tokens"] < 6)
+    assert len({r["completion"] for r in reference}) > 1
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_greedy_is_the_same_on_2_and_4_ranks(n, ckpt, inputs, reference, tmp_path):
+    out = tmp_path / "out.jsonl"
+    extra = {"NPROC_PER_NODE": str(n), "CKPT_PATH": ckpt[n], "INPUT_FILE": inputs["jsonl"],
+             "MASTER_PORT": str(free_port())}
+    if n == 4:
+        extra["USE_OGROUPS_COMM"] = "1"      # 4 ranks > o_groups=2
+    done = launch([os.path.join(ROOT, "run_mp8.sh"), *GREEDY, "--output-file", str(out)], extra)
+    assert done.returncode == 0, done.stderr
+    assert completions(out) == [r["completion"] for r in reference]
+    assert "8 prompts" in done.stderr and "tokens/s" in done.stderr
+    assert done.stdout == ""
+
+
+def test_two_nodes_match_one(ckpt, inputs, reference, tmp_path):
+    out = tmp_path / "out.jsonl"
+    extra = env(NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                CKPT_PATH=ckpt[2], INPUT_FILE=inputs["jsonl"], USE_OGROUPS_COMM="0")
+    nodes = [subprocess.Popen([os.path.join(ROOT, f"run_node_{i}.sh"), *GREEDY, "--output-file", str(out)],
+                              env=extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in (0, 1)]
+    results = [node.communicate(timeout=LAUNCH_TIMEOUT) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], results
+    assert completions(out) == [r["completion"] for r in reference]
+
+
+def test_plain_text_input_matches_jsonl(ckpt, inputs, reference, tmp_path):
+    out = tmp_path / "out.jsonl"
+    assert run_here("--ckpt-path", ckpt[1], "--input-file", inputs["text"], "--output-file", str(out), *GREEDY) == 0
+    assert completions(out) == [r["completion"] for r in reference[:len(PROMPTS)]]
+
+
+def test_sampling_is_the_same_on_one_and_two_ranks(ckpt, inputs, reference, tmp_path):
+    sampling = ["--max-new-tokens", "6", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3", "--dtype", "fp32",
+                "--max-batch-size", "3", "--max-seq-len", "256"]
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    assert run_here("--ckpt-path", ckpt[1], "--input-file", inputs["text"], "--output-file", str(one), *sampling) == 0
+    done = launch(torchrun(2, "--ckpt-path", ckpt[2], "--input-file", inputs["text"], "--output-file", str(two),
+                           *sampling))
+    assert done.returncode == 0, done.stderr
+    assert completions(one) == completions(two)
+    assert completions(one) != [r["completion"] for r in reference[:len(PROMPTS)]]
+
+
+def test_interactive_on_two_ranks(ckpt, reference, tmp_path):
+    """hello, /clear, then a two-turn chat: the turn after /clear is the single prompt's greedy
+    completion, and the next one is that of the whole conversation given as messages."""
+    done = launch(torchrun(2, "--ckpt-path", ckpt[2], "--interactive", *GREEDY),
+                  stdin="hello\n/clear\nhi again\nsecond\n/exit\nnever read\n")
+    assert done.returncode == 0, done.stderr
+    turns = done.stdout.split(">>> ")
+    assert len(turns) == 6 and turns[2] == "" and turns[5] == ""     # /clear and /exit print nothing
+    first = turns[3][:-1]
+    assert first == reference[PROMPTS.index("hi again")]["completion"]
+
+    conversation = tmp_path / "conversation.jsonl"
+    conversation.write_text(json.dumps({"messages": [{"role": "user", "content": "hi again"},
+                                                     {"role": "assistant", "content": first},
+                                                     {"role": "user", "content": "second"}]}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert run_here("--ckpt-path", ckpt[1], "--input-file", str(conversation), "--output-file", str(out), *GREEDY) == 0
+    assert turns[4][:-1] == completions(out)[0]
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.fixture(scope="module")
+def broken(ckpt, tmp_path_factory):
+    """Checkpoint folders with one thing wrong each (shards linked, not copied)."""
+    root = tmp_path_factory.mktemp("broken")
+
+    def folder(name, files):
+        path = root / name
+        path.mkdir()
+        for target, source in files.items():
+            os.symlink(source, path / target)
+        return str(path)
+
+    def side(src, names=("config.json", "tokenizer.json", "tokenizer_config.json")):
+        return {n: os.path.join(src, n) for n in names}
+
+    mp1, mp2 = ckpt[1], ckpt[2]
+    return {
+        "no_tokenizer": folder("no_tokenizer", {"model0-mp1.safetensors": os.path.join(mp1, "model0-mp1.safetensors"),
+                                                **side(mp1, ("config.json",))}),
+        "no_config": folder("no_config", {"model0-mp1.safetensors": os.path.join(mp1, "model0-mp1.safetensors"),
+                                          **side(mp1, ("tokenizer.json", "tokenizer_config.json"))}),
+        "other_n": folder("other_n", {"model0-mp1.safetensors": os.path.join(mp2, "model0-mp2.safetensors"),
+                                      **side(mp1)}),
+        "rank1_missing": folder("rank1_missing", {"model0-mp2.safetensors": os.path.join(mp2, "model0-mp2.safetensors"),
+                                                  **side(mp2)}),
+    }
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing_file", r"input file .*absent\.txt not found"),
+    ("empty_file", r"is empty: no prompts"),
+    ("bad_jsonl", r"bad\.jsonl line 3: not valid JSON"),
+    ("bad_record", r"bad_record\.jsonl line 1: expected"),
+    ("bad_messages", r"line 1: the last message must be from the user"),
+    ("too_long", r"prompt 2 has \d+ tokens, which leaves no room for a reply within max_seq_len=16"),
+    ("raw_messages", r"--raw takes plain prompts"),
+    ("missing_shards", r"model0-mp1\.safetensors not found: .*present in .*: mp2"),
+    ("other_n", r"holds 64640 of the 129280 vocabulary rows: it was made for mp2, not for mp1"),
+    ("no_tokenizer", r"no tokenizer in .*: expected tokenizer\.json or tokenizer\.model"),
+    ("no_config", r"config .*config\.json not found"),
+    ("no_output_folder", r"the folder of --output-file .* does not exist"),
+    ("flaggems_on_cpu", r"USE_FLAGGEMS=1 needs a CUDA GPU"),
+])
+def test_bad_input_is_refused_with_a_clear_message(case, match, ckpt, broken, inputs, tmp_path, capsys, monkeypatch):
+    argv = {"--ckpt-path": ckpt[1], "--input-file": inputs["text"]}
+    files = {"empty_file": ("empty.txt", " \n\n"), "bad_jsonl": ("bad.jsonl", '{"prompt": "a"}\n\n{"prompt": }\n'),
+             "bad_record": ("bad_record.jsonl", '{"text": "a"}\n'),
+             "bad_messages": ("m.jsonl", json.dumps({"messages": [{"role": "assistant", "content": "a"}]}) + "\n"),
+             "raw_messages": ("m.jsonl", json.dumps({"messages": MESSAGES}) + "\n"),
+             "too_long": ("long.txt", "short\n\n" + "word " * 40)}
+    if case in files:
+        name, text = files[case]
+        (tmp_path / name).write_text(text)
+        argv["--input-file"] = str(tmp_path / name)
+    elif case == "missing_file":
+        argv["--input-file"] = str(tmp_path / "absent.txt")
+    elif case == "missing_shards":
+        argv["--ckpt-path"] = ckpt[2]
+    elif case in broken:
+        argv["--ckpt-path"] = broken[case]
+    elif case == "no_output_folder":
+        argv["--output-file"] = str(tmp_path / "nowhere" / "out.jsonl")
+    elif case == "flaggems_on_cpu":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        monkeypatch.setenv("USE_FLAGGEMS", "1")
+    extra = {"too_long": ["--max-seq-len", "16"], "raw_messages": ["--raw"]}.get(case, [])
+    assert run_here(*[a for kv in argv.items() for a in kv], *extra) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("generate.py: error: ") and err.count("\n") == 1, err
+    assert re.search(match, err), err
+
+
+@pytest.mark.parametrize("case", ["rank1_missing", "too_long"])
+def test_a_problem_on_one_rank_stops_every_rank(case, ckpt, broken, inputs, tmp_path):
+    """A shard missing on rank 1 only, or a prompt rank 0 refuses: both ranks exit 1, one message."""
+    if case == "too_long":
+        args = ["--ckpt-path", ckpt[2], "--input-file", inputs["text"], "--max-seq-len", "8"]
+    else:
+        args = ["--ckpt-path", broken["rank1_missing"], "--input-file", inputs["text"]]
+    start = time.monotonic()
+    done = launch(torchrun(2, *args, "--timeout", "30"))
+    assert done.returncode != 0
+    assert time.monotonic() - start < 60
+    errors = [line for line in done.stderr.splitlines() if line.startswith("generate.py: error: ")]
+    assert len(errors) == 1, done.stderr
+    if case == "too_long":
+        assert errors[0].startswith("generate.py: error: rank 0: prompt 2 has 10 tokens")
+    else:
+        assert errors[0].startswith("generate.py: error: rank 1: ") and "model1-mp2.safetensors not found" in errors[0]
+        assert not any(line.startswith("rank 0:") for line in done.stderr.splitlines())
+
+
+# ---------------------------------------------------------------- a rank that dies
+
+def children(pid: int) -> dict:
+    """{RANK: pid} of the torchrun workers started by process pid."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        except (OSError, ValueError, IndexError):
+            continue                                      # gone meanwhile, or not ours to read
+        if parent == pid and b"RANK" in environ:
+            found[int(environ[b"RANK"])] = int(entry)
+    return found
+
+
+def test_a_killed_rank_ends_the_job(ckpt, inputs, tmp_path):
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        job = subprocess.Popen(torchrun(2, "--ckpt-path", ckpt[2], "--input-file", inputs["jsonl"], "--max-new-tokens",
+                                        "500", "--max-batch-size", "1", "--temperature", "0", "--max-seq-len", "600"),
+                               env=env(), stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while "generate.py: loaded" not in log.read_text():       # every rank holds its weights
+            assert job.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        workers = children(job.pid)
+        assert sorted(workers) == [0, 1]
+        os.kill(workers[1], signal.SIGKILL)
+        killed = time.monotonic()
+        assert job.wait(timeout=60) != 0
+        assert time.monotonic() - killed < 60
+        assert not os.path.exists(f"/proc/{workers[0]}")          # rank 0 did not outlive the job
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+
+
+# ---------------------------------------------------------------- pieces
+
+def test_read_prompts(tmp_path):
+    text = tmp_path / "p.txt"
+    text.write_text("first\nstill first\n\n \n\n  second  \n\n\n")
+    assert generate.read_prompts(str(text)) == ["first\nstill first", "second"]
+    looks_json = tmp_path / "q.txt"
+    looks_json.write_text('{"prompt": "a"}\n{"messages": [{"role": "user", "content": "b"}]}\n')
+    assert generate.read_prompts(str(looks_json)) == ["a", [{"role": "user", "content": "b"}]]
+    not_json = tmp_path / "r.txt"
+    not_json.write_text("{curly} text\n\nmore")
+    assert generate.read_prompts(str(not_json)) == ["{curly} text", "more"]
+
+
+def test_output_is_written_atomically(tmp_path):
+    path = tmp_path / "out.jsonl"
+    generate.write_jsonl(str(path), [{"a": 1}, {"b": "é"}])
+    assert path.read_text(encoding="utf-8") == '{"a": 1}\n{"b": "é"}\n'
+    with pytest.raises(TypeError):
+        generate.write_jsonl(str(tmp_path / "bad.jsonl"), [{"a": 1}, {"b": object()}])
+    assert sorted(os.listdir(tmp_path)) == ["out.jsonl"]     # neither the target nor the temporary file
+
+
+def test_sentencepiece_tokenizer(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    model = io.BytesIO()
+    corpus = ["the quick brown fox jumps over the lazy dog", "hello world, how are you today"] * 20
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, vocab_size=40,
+                                   user_defined_symbols=list(generate.Tokenizer.SPECIAL), minloglevel=2)
+    (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<｜end▁of▁sentence｜>"}))
+    tok = generate.Tokenizer(str(tmp_path))
+    special = {s: tok.token_id(s) for s in generate.Tokenizer.SPECIAL}
+    assert tok.eos_id == special["<｜end▁of▁sentence｜>"]
+    ids = tok.encode(encode_messages([{"role": "user", "content": "hello fox"}]))
+    assert ids[:2] == [special["<｜begin▁of▁sentence｜>"], special["<｜User｜>"]]
+    assert ids[-2:] == [special["<｜Assistant｜>"], special["</think>"]]
+    assert tok.decode(tok.encode("the lazy dog")) == "the lazy dog"
