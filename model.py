@@ -429,8 +429,11 @@ class Indexer(nn.Module):
             self.compressor(x, start_pos, freqs_cis, self.kv_cache)
             keys = self.kv_cache[:bsz, :(start_pos + seqlen) // self.ratio]            # [b, n, d]
         weights = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
-        scores = torch.einsum("bshd,bnd->bshn", q.float(), keys.float()).relu_()
-        scores = self.tp.all_reduce((scores * weights.unsqueeze(-1)).sum(dim=2))       # [b, s, n]
+        scores = torch.zeros(bsz, seqlen, keys.size(1), device=x.device)                # [b, s, n]
+        for h in range(0, self.n_local_heads, 8):     # 8 heads at a time bound the [b, s, h, n] temporary
+            part = torch.einsum("bshd,bnd->bshn", q[:, :, h:h + 8].float(), keys.float()).relu_()
+            scores += (part * weights[:, :, h:h + 8].unsqueeze(-1)).sum(dim=2)
+        scores = self.tp.all_reduce(scores)
         limit = visible_entries(pos, self.ratio).unsqueeze(-1)
         entry = torch.arange(scores.size(-1), device=x.device)
         scores = scores.masked_fill(entry >= limit, float("-inf"))

@@ -1,0 +1,519 @@
+"""Convert the official DeepSeek-V4 release to BF16 model-parallel shards in one streaming pass.
+
+    python convert.py --hf-ckpt-path SRC --save-path DST --n-experts 256 --model-parallel 8
+
+SRC is the release as published (FP8 e4m3 weights with one ue8m0 scale per 128x128 block, MXFP4
+routed experts with one ue8m0 scale per 32 inputs, each scale stored as `<prefix>.scale` beside
+`<prefix>.weight`) or a BF16 copy of it. DST receives model{rank}-mp{N}.safetensors for every rank,
+config.json and the tokenizer files. Quantised weights become BF16 (exactly: a small float times a
+power of two); every other tensor keeps its dtype.
+
+Nothing is held whole. Every output header is computed from the input headers alone; then a pool
+of workers takes one input tensor at a time, dequantises it and writes each rank's piece at its
+place in that rank's file. Shards are written under temporary names and renamed only once all of
+them are complete and checked, so a failed or interrupted run leaves no file that looks finished.
+With USE_OGROUPS_COMM=1 the output projections follow the o-groups layout of model.py.
+"""
+import argparse
+import ctypes
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from tqdm import tqdm
+
+from kernel import dequant_fp4, dequant_fp8
+
+INDEX_FILE = "model.safetensors.index.json"
+SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+# safetensors dtype codes this converter reads, with their torch dtype and item size.
+DTYPES = {
+    "BF16": (torch.bfloat16, 2), "F32": (torch.float32, 4),
+    "I32": (torch.int32, 4), "I64": (torch.int64, 8),
+    "F8_E4M3": (torch.float8_e4m3fn, 1), "I8": (torch.int8, 1), "F8_E8M0": (torch.float8_e8m0fnu, 1),
+}
+KEPT = ("BF16", "F32", "I32", "I64")        # copied as they are
+QUANTISED = {"F8_E4M3": "FP8", "I8": "FP4"}  # need a .scale; become BF16
+SCALE_DTYPE = "F8_E8M0"
+
+# Tensor-parallel layout of model.py. A name matches a rule when it ends with the rule's text.
+SPLIT_ROWS = ("attn.wq_b.weight", "attn.attn_sink", "attn.indexer.wq_b.weight",
+              "attn.indexer.weights_proj.weight", "ffn.shared_experts.w1.weight",
+              "ffn.shared_experts.w3.weight")
+SPLIT_COLS = ("ffn.shared_experts.w2.weight",)
+VOCAB = ("embed.weight", "head.weight")                         # whole names, split by rows
+OUTPUT_PROJ = {"attn.wo_a.weight": 0, "attn.wo_b.weight": 1}    # o-groups aware
+EXPERT = re.compile(r"\.ffn\.experts\.(\d+)\.w[123]\.weight$")
+
+
+class ConvertError(Exception):
+    """Bad input or a failed write; the message names the file and tensor."""
+
+
+# ----------------------------------------------------------------------------- safetensors files
+
+@dataclass(frozen=True)
+class Stored:
+    """One tensor inside an input file; offset is from the start of the file."""
+    path: str
+    name: str
+    dtype: str
+    shape: Tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def read_header(path: str) -> Dict[str, Stored]:
+    """Parse and check a safetensors header: every tensor must lie inside the file."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ConvertError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
+            length = int.from_bytes(head, "little")
+            if length > size - 8:
+                raise ConvertError(f"{path}: header length {length} exceeds the file size {size} "
+                                   f"(truncated or corrupt)")
+            raw = f.read(length)
+    except OSError as e:
+        raise ConvertError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ConvertError(f"{path}: header is not a JSON object")
+    start = 8 + length
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            numel = 1
+            for d in shape:
+                numel *= int(d)
+        except (TypeError, KeyError, ValueError):
+            raise ConvertError(f"{path}: tensor {name}: malformed header entry {entry!r}") from None
+        if dtype not in DTYPES:
+            raise ConvertError(f"{path}: tensor {name}: unsupported dtype {dtype}")
+        if not 0 <= begin <= end or end - begin != numel * DTYPES[dtype][1]:
+            raise ConvertError(f"{path}: tensor {name}: data_offsets {[begin, end]} do not fit "
+                               f"dtype {dtype} and shape {list(shape)}")
+        if start + end > size:
+            raise ConvertError(f"{path}: tensor {name}: data ends at byte {start + end} but the file has "
+                               f"{size} bytes (truncated)")
+        tensors[name] = Stored(path, name, dtype, shape, start + begin, end - begin)
+    return tensors
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    name: str
+    dtype: str
+    shape: Tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPES[self.dtype][1]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def layout(tensors: List[OutTensor]) -> Tuple[bytes, Dict[str, int]]:
+    """Header bytes of an output file and each tensor's offset from the start of the file.
+
+    Wider dtypes come first so that every tensor starts at a multiple of its item size, and the
+    header is padded with spaces to a multiple of 8 bytes, as safetensors itself does.
+    """
+    ordered = sorted(tensors, key=lambda t: (-DTYPES[t.dtype][1], t.name))
+    header, begins, pos = {"__metadata__": {"format": "pt"}}, {}, 0
+    for t in ordered:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
+        begins[t.name] = pos
+        pos += t.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    start = 8 + len(text)
+    return len(text).to_bytes(8, "little") + text, {name: start + b for name, b in begins.items()}
+
+
+# ----------------------------------------------------------------------------- sharding rules
+
+@dataclass(frozen=True)
+class Sharding:
+    """Which rank gets which part of each tensor, for n ranks."""
+    n: int
+    n_experts: int
+    o_groups: int
+    ogroups_comm: bool
+
+    def targets(self, name: str) -> Optional[Tuple[Optional[int], int, List[Tuple[int, int]]]]:
+        """None to drop the tensor, else (dim, parts, [(rank, part)]): the tensor is cut into `parts`
+        equal chunks along dim and each listed rank takes chunk `part`; dim None means whole copies."""
+        everyone = range(self.n)
+        if name.startswith("mtp.") and ("emb" in name or name.endswith("head.weight")):
+            return None                                     # MTP copies of the shared embedding / head
+        expert = EXPERT.search(name)
+        if expert:
+            e = int(expert.group(1))
+            if e >= self.n_experts:
+                raise ConvertError(f"tensor {name}: expert {e} is out of range for {self.n_experts} experts")
+            return None, 1, [(e // (self.n_experts // self.n), 0)]
+        for suffix, dim in OUTPUT_PROJ.items():
+            if name.endswith("." + suffix):
+                if self.ogroups_comm:
+                    per_group = self.n // self.o_groups
+                    return dim, self.o_groups, [(r, r // per_group) for r in everyone]
+                return dim, self.n, [(r, r) for r in everyone]
+        if name in VOCAB or any(name.endswith("." + s) for s in SPLIT_ROWS):
+            return 0, self.n, [(r, r) for r in everyone]
+        if any(name.endswith("." + s) for s in SPLIT_COLS):
+            return 1, self.n, [(r, r) for r in everyone]
+        return None, 1, [(r, 0) for r in everyone]
+
+
+# ----------------------------------------------------------------------------- the plan
+
+@dataclass(frozen=True)
+class Piece:
+    rank: int
+    start: int        # along the job's dim (both 0 when the job has no dim: the whole tensor)
+    length: int
+    offset: int       # in the rank's output file
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input tensor (with its scale when quantised) and the pieces it becomes."""
+    name: str
+    weight: Stored
+    scale: Optional[Stored]
+    dim: Optional[int]
+    pieces: Tuple[Piece, ...]
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(out_tensor(self, p).nbytes for p in self.pieces)
+
+
+def dequantised_shape(w: Stored) -> Tuple[int, ...]:
+    """Shape of a weight once dequantised: FP4 packs two values a byte."""
+    return (w.shape[0], 2 * w.shape[1]) if QUANTISED.get(w.dtype) == "FP4" else w.shape
+
+
+def expected_scale_shape(w: Stored) -> Tuple[int, ...]:
+    """The scale shape kernel.dequant_fp8 / dequant_fp4 accept for weight w."""
+    rows, cols = dequantised_shape(w)
+    if QUANTISED[w.dtype] == "FP8":
+        return -(-rows // 128), -(-cols // 128)
+    return rows, cols // 32
+
+
+def out_tensor(job: Job, piece: Piece) -> OutTensor:
+    shape = list(dequantised_shape(job.weight))
+    if job.dim is not None:
+        shape[job.dim] = piece.length
+    return OutTensor(job.name, "BF16" if job.scale else job.weight.dtype, tuple(shape))
+
+
+def plan(src: str, weight_map: Dict[str, str], headers: Dict[str, Dict[str, Stored]],
+         sharding: Sharding) -> Tuple[List[Tuple[bytes, int]], List[Job]]:
+    """Check every tensor and place it: (header, size) of each rank's file, and the jobs in file order.
+
+    headers maps each file named in the index to its parsed header."""
+    def stored(name):
+        tensors = headers[weight_map[name]]
+        if name not in tensors:
+            raise ConvertError(f"{os.path.join(src, weight_map[name])}: tensor {name} is listed in "
+                               f"{INDEX_FILE} but absent from the file")
+        return tensors[name]
+
+    jobs, seen = [], set()
+    for name in sorted(weight_map):
+        w = stored(name)
+        if w.dtype == SCALE_DTYPE:
+            if not name.endswith(".scale") or name[:-len("scale")] + "weight" not in weight_map:
+                raise ConvertError(f"{w.path}: tensor {name}: a {SCALE_DTYPE} scale without a weight")
+            continue
+        out_name = name[len("model."):] if name.startswith("model.") else name
+        where = sharding.targets(out_name)
+        if where is None:
+            continue
+        scale = None
+        if w.dtype in QUANTISED:
+            scale_name = name[:-len("weight")] + "scale" if name.endswith(".weight") else None
+            if scale_name not in weight_map:
+                raise ConvertError(f"{w.path}: tensor {name}: {w.dtype} weight without its scale "
+                                   f"tensor {scale_name or '(no .weight suffix)'}")
+            scale = stored(scale_name)
+            if len(w.shape) != 2 or scale.dtype != SCALE_DTYPE or scale.shape != expected_scale_shape(w):
+                raise ConvertError(f"{scale.path}: tensor {scale_name}: {scale.dtype} scale of shape "
+                                   f"{list(scale.shape)} does not fit the {QUANTISED[w.dtype]} weight of shape "
+                                   f"{list(w.shape)} (expected {SCALE_DTYPE} {list(expected_scale_shape(w))})")
+        elif w.dtype not in KEPT:
+            raise ConvertError(f"{w.path}: tensor {name}: dtype {w.dtype} is not converted "
+                               f"(expected one of {', '.join(KEPT)}, or FP8 / FP4 with a scale)")
+        if out_name in seen:
+            raise ConvertError(f"{w.path}: tensor {name}: {out_name} appears twice in the checkpoint")
+        seen.add(out_name)
+        dim, parts, ranks = where
+        shape = dequantised_shape(w)
+        if dim is None:
+            pieces = tuple(Piece(rank, 0, 0, 0) for rank, _ in ranks)
+        elif dim < len(shape) and shape[dim] % parts == 0:
+            chunk = shape[dim] // parts
+            pieces = tuple(Piece(rank, part * chunk, chunk, 0) for rank, part in ranks)
+        else:
+            raise ConvertError(f"{w.path}: tensor {name}: shape {list(shape)} cannot be split into "
+                               f"{parts} equal parts along dim {dim}")
+        jobs.append(Job(out_name, w, scale, dim, pieces))
+
+    per_rank = [[] for _ in range(sharding.n)]
+    for job in jobs:
+        for piece in job.pieces:
+            per_rank[piece.rank].append(out_tensor(job, piece))
+    files = [layout(tensors) for tensors in per_rank]
+    placed = [Job(j.name, j.weight, j.scale, j.dim,
+                  tuple(Piece(p.rank, p.start, p.length, files[p.rank][1][j.name]) for p in j.pieces))
+              for j in jobs]
+    placed.sort(key=lambda j: (j.weight.path, j.weight.offset))
+    sizes = [(header, len(header) + sum(t.nbytes for t in tensors))
+             for (header, _), tensors in zip(files, per_rank)]
+    return sizes, placed
+
+
+# ----------------------------------------------------------------------------- workers
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview((ctypes.c_char * t.nbytes).from_address(t.data_ptr())).cast("B")
+
+
+class ShardWriter:
+    """The open files of one process: inputs read and outputs written at given positions."""
+
+    def __init__(self, outputs: List[str]):
+        self.outputs = outputs
+        self.fds: Dict[str, int] = {}
+
+    def _fd(self, path: str, flags: int) -> int:
+        if path not in self.fds:
+            self.fds[path] = os.open(path, flags)
+        return self.fds[path]
+
+    def read(self, t: Stored) -> torch.Tensor:
+        buf = torch.empty(t.nbytes, dtype=torch.uint8)
+        if t.nbytes:
+            view, fd, done = tensor_bytes(buf), self._fd(t.path, os.O_RDONLY), 0
+            while done < t.nbytes:
+                n = os.preadv(fd, [view[done:]], t.offset + done)
+                if n == 0:
+                    raise ConvertError("the file ended early (was it changed during the conversion?)")
+                done += n
+        return buf.view(DTYPES[t.dtype][0]).reshape(t.shape)
+
+    def write(self, rank: int, t: torch.Tensor, offset: int) -> None:
+        t = t.contiguous()
+        if t.nbytes:
+            view, fd, done = tensor_bytes(t), self._fd(self.outputs[rank], os.O_WRONLY), 0
+            while done < t.nbytes:
+                done += os.pwrite(fd, view[done:], offset + done)
+
+    def run(self, job: Job) -> int:
+        """Read, dequantise and write one tensor; the number of bytes written."""
+        try:
+            value = self.read(job.weight)
+            if job.scale is not None:
+                dequant = dequant_fp8 if QUANTISED[job.weight.dtype] == "FP8" else dequant_fp4
+                value = dequant(value, self.read(job.scale), torch.bfloat16)
+            for p in job.pieces:
+                self.write(p.rank, value if job.dim is None else value.narrow(job.dim, p.start, p.length), p.offset)
+        except (ConvertError, ValueError, OSError, RuntimeError, MemoryError) as e:
+            raise ConvertError(f"{job.weight.path}: tensor {job.weight.name}: {e}") from None
+        return job.out_bytes
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+_writer: Optional[ShardWriter] = None   # one per pool worker
+
+
+def _start_worker(outputs: List[str], threads: int) -> None:
+    global _writer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent handles Ctrl-C and cleans up
+    torch.set_num_threads(threads)
+    _writer = ShardWriter(outputs)
+
+
+def _run_job(job: Job) -> int:
+    return _writer.run(job)
+
+
+# ----------------------------------------------------------------------------- driver
+
+def _truthy(value: Optional[str]) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes")
+
+
+def _read_json(path: str, what: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ConvertError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConvertError(f"{path}: cannot read {what} ({e})") from None
+    if not isinstance(data, dict):
+        raise ConvertError(f"{path}: {what} is not a JSON object")
+    return data
+
+
+def check_parallel(config: dict, n: int, n_experts: Optional[int], o_groups: Optional[int],
+                   ogroups_comm: bool) -> Sharding:
+    """Settle the expert count and o_groups, and refuse layouts the model cannot run."""
+    if n < 1:
+        raise ConvertError(f"--model-parallel must be at least 1, got {n}")
+    if "n_routed_experts" in config:
+        if n_experts is not None and n_experts != config["n_routed_experts"]:
+            raise ConvertError(f"--n-experts {n_experts} differs from n_routed_experts="
+                               f"{config['n_routed_experts']} in config.json")
+        n_experts = config["n_routed_experts"]
+    if n_experts is None:
+        raise ConvertError("--n-experts is needed: the checkpoint has no config.json giving n_routed_experts")
+    for key, value in (("n_routed_experts", n_experts), ("num_attention_heads", config.get("num_attention_heads")),
+                       ("index_n_heads", config.get("index_n_heads")), ("vocab_size", config.get("vocab_size"))):
+        if value is not None and value % n:
+            raise ConvertError(f"{key}={value} is not divisible by --model-parallel {n}")
+    g = o_groups if o_groups is not None else config.get("o_groups", 8)
+    if ogroups_comm:
+        if n <= g or n % g:
+            raise ConvertError(f"USE_OGROUPS_COMM=1 needs --model-parallel above o_groups={g} and a multiple "
+                               f"of it, got {n}; unset it for {n} ranks")
+    elif n > g:
+        raise ConvertError(f"--model-parallel {n} is above o_groups={g}: set USE_OGROUPS_COMM=1 to convert "
+                           f"for the o-groups layout (and run the model with it)")
+    elif g % n:
+        raise ConvertError(f"o_groups={g} is not divisible by --model-parallel {n}")
+    return Sharding(n, n_experts, g, ogroups_comm)
+
+
+def convert(hf_ckpt_path: str, save_path: str, model_parallel: int, n_experts: Optional[int] = None,
+            o_groups: Optional[int] = None, num_workers: Optional[int] = None,
+            ogroups_comm: Optional[bool] = None) -> List[str]:
+    """Write the shards and side files; the shard paths. ogroups_comm None reads USE_OGROUPS_COMM."""
+    if not os.path.isdir(hf_ckpt_path):
+        raise ConvertError(f"{hf_ckpt_path}: checkpoint folder not found")
+    config_path = os.path.join(hf_ckpt_path, "config.json")
+    config = _read_json(config_path, "config") if os.path.exists(config_path) else {}
+    if ogroups_comm is None:
+        ogroups_comm = _truthy(os.environ.get("USE_OGROUPS_COMM"))
+    sharding = check_parallel(config, model_parallel, n_experts, o_groups, ogroups_comm)
+
+    index_path = os.path.join(hf_ckpt_path, INDEX_FILE)
+    weight_map = _read_json(index_path, "index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ConvertError(f"{index_path}: no weight_map")
+    headers = {}
+    for fname in sorted(set(weight_map.values())):
+        path = os.path.join(hf_ckpt_path, fname)
+        if not os.path.isfile(path):
+            raise ConvertError(f"{path}: file named in {INDEX_FILE} not found")
+        headers[fname] = read_header(path)
+    files, jobs = plan(hf_ckpt_path, weight_map, headers, sharding)
+
+    os.makedirs(save_path, exist_ok=True)
+    need, free = sum(size for _, size in files), shutil.disk_usage(save_path).free
+    if need > free:
+        raise ConvertError(f"{save_path}: the shards need {need / 2**30:.1f} GiB, only {free / 2**30:.1f} GiB free")
+    n = sharding.n
+    finals = [os.path.join(save_path, f"model{r}-mp{n}.safetensors") for r in range(n)]
+    temps = [os.path.join(save_path, f".model{r}-mp{n}.safetensors.partial") for r in range(n)]
+    workers = max(1, min(num_workers or min(n, os.cpu_count() or 1), len(jobs)))
+    try:
+        for temp, (header, size) in zip(temps, files):
+            with open(temp, "wb") as f:
+                f.write(header)
+                f.truncate(size)
+        _write_all(jobs, temps, workers, sum(job.out_bytes for job in jobs))
+        for temp, (header, size) in zip(temps, files):
+            _check_written(temp, header, size)
+        for temp, final in zip(temps, finals):
+            os.replace(temp, final)
+    finally:
+        for temp in temps:
+            if os.path.exists(temp):
+                os.remove(temp)
+    for fname in SIDE_FILES:
+        src = os.path.join(hf_ckpt_path, fname)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(save_path, fname))
+    return finals
+
+
+def _write_all(jobs: List[Job], temps: List[str], workers: int, total: int) -> None:
+    """Run every job, in this process or in a pool; progress in bytes written."""
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
+              file=sys.stderr, disable=None) as bar:
+        if workers == 1:
+            writer = ShardWriter(temps)
+            try:
+                for job in jobs:
+                    bar.update(writer.run(job))
+            finally:
+                writer.close()
+            return
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        context = multiprocessing.get_context("spawn")   # no fork of a process that already runs torch threads
+        with context.Pool(workers, initializer=_start_worker, initargs=(temps, threads)) as pool:
+            for written in pool.imap_unordered(_run_job, jobs):
+                bar.update(written)
+
+
+def _check_written(path: str, header: bytes, size: int) -> None:
+    """A finished temporary shard: the planned size and header, flushed to disk."""
+    with open(path, "rb+") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() != size:
+            raise ConvertError(f"{path}: {f.tell()} bytes written, expected {size}")
+        f.seek(0)
+        if f.read(len(header)) != header:
+            raise ConvertError(f"{path}: header was overwritten")
+        os.fsync(f.fileno())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hf-ckpt-path", required=True, help="the release folder (with " + INDEX_FILE + ")")
+    parser.add_argument("--save-path", required=True, help="output folder")
+    parser.add_argument("--n-experts", type=int, help="routed experts (default: n_routed_experts of config.json)")
+    parser.add_argument("--model-parallel", type=int, required=True, help="number of ranks N")
+    parser.add_argument("--o-groups", type=int, help="output projection groups (default: config.json, else 8)")
+    parser.add_argument("--num-workers", type=int, help="worker processes (default: min(N, CPU count))")
+    args = parser.parse_args()
+    try:
+        convert(args.hf_ckpt_path, args.save_path, args.model_parallel, args.n_experts, args.o_groups,
+                args.num_workers)
+    except (ConvertError, OSError) as e:
+        print(f"convert.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("convert.py: interrupted; partial shards removed", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
