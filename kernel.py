@@ -27,8 +27,11 @@ def dequant_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16)
     if tuple(scale.shape) != (rows, cols):
         raise ValueError(f"FP8 scale has shape {tuple(scale.shape)}, expected {(rows, cols)} "
                          f"for a weight of shape {(out_f, in_f)}")
-    s = scale.float().repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)[:out_f, :in_f]
-    return (weight.float() * s).to(dtype)
+    w = weight.to(dtype)                                   # exact: e4m3 fits in bf16 and float32
+    s = scale.to(dtype).repeat_interleave(FP8_BLOCK, 0)[:out_f]                    # [out, cols]
+    if in_f % FP8_BLOCK:
+        return w * s.repeat_interleave(FP8_BLOCK, 1)[:, :in_f]
+    return (w.view(out_f, cols, FP8_BLOCK) * s.unsqueeze(-1)).view(out_f, in_f)
 
 
 def dequant_fp4(weight: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
@@ -39,10 +42,11 @@ def dequant_fp4(weight: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16)
     if in_f % FP4_BLOCK or tuple(scale.shape) != (out_f, in_f // FP4_BLOCK):
         raise ValueError(f"FP4 scale has shape {tuple(scale.shape)}, expected {(out_f, in_f // FP4_BLOCK)} "
                          f"for a packed weight of shape {(out_f, half)}")
-    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=weight.device)
-    byte = weight.view(torch.uint8).long()
-    codes = torch.stack([byte & 0xF, byte >> 4], dim=-1).flatten(1)  # [out, in]
-    return (table[codes] * scale.float().repeat_interleave(FP4_BLOCK, 1)).to(dtype)
+    values = torch.tensor(E2M1_VALUES, dtype=dtype, device=weight.device)
+    byte = torch.arange(256, device=weight.device)
+    pairs = torch.stack([values[byte & 0xF], values[byte >> 4]], dim=-1)          # [256, 2]: a byte's two values
+    w = pairs[weight.view(torch.uint8).int()]                                      # [out, in/2, 2]
+    return (w.view(out_f, -1, FP4_BLOCK) * scale.to(dtype).unsqueeze(-1)).view(out_f, in_f)
 
 
 def hadamard_transform(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -103,11 +107,8 @@ def sparse_attn_torch(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor
 
 def rms_norm(x: torch.Tensor, weight, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32, returned in x's dtype; weight None means unweighted."""
-    y = x.float()
-    y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        y = weight.float() * y
-    return y.to(x.dtype)
+    w = None if weight is None else weight.float()
+    return F.rms_norm(x.float(), (x.size(-1),), w, eps).to(x.dtype)   # one fused kernel on CUDA
 
 
 def apply_rotary(x: torch.Tensor, freqs_cis: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -142,11 +143,15 @@ except ImportError:      # CPU-only installs: the torch versions above serve
     triton = None
 
 
+BACKENDS = ("auto", "torch", "triton", "flaggems")
+
+
 def use_triton(x: torch.Tensor, backend: str) -> bool:
-    """backend 'torch' | 'triton' | 'auto' (Triton on CUDA when it is installed)."""
-    if backend == "triton":
+    """backend 'torch' | 'triton' | 'auto' (Triton on CUDA when it is installed) | 'flaggems'
+    (FlagGems' fused kernels where they fit, our Triton kernels for the rest)."""
+    if backend in ("triton", "flaggems"):
         if triton is None or not x.is_cuda:
-            raise RuntimeError("backend 'triton' needs a CUDA device and the triton package")
+            raise RuntimeError(f"backend {backend!r} needs a CUDA device and the triton package")
         return True
     return backend == "auto" and triton is not None and x.is_cuda
 
@@ -189,7 +194,8 @@ if triton is not None:
     @triton.jit
     def _moe_up_kernel(x_ptr, w_ptr, h_ptr, token_ptr, weight_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
                        D, I, limit, sx, sw_e, sw_n, sh,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CLAMP: tl.constexpr):
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CLAMP: tl.constexpr,
+                       PRECISION: tl.constexpr):
         # h[r] = weight[r] * silu(x[token[r]] W1[e]^T) * (x[token[r]] W3[e]^T) for the rows r of one tile,
         # all routed to expert e; W13[e] = [W1; W3] is [2I, D].
         tile, nb = tl.program_id(0), tl.program_id(1)
@@ -211,8 +217,8 @@ if triton is not None:
                 wg = tl.load(w_base + cols[None, :] * sw_n + ks[:, None], mask=cmask[None, :] & kmask[:, None], other=0.0)
                 wu = tl.load(w_base + (I + cols[None, :]) * sw_n + ks[:, None], mask=cmask[None, :] & kmask[:, None],
                              other=0.0)
-                gate = tl.dot(a, wg, gate)
-                up = tl.dot(a, wu, up)
+                gate = tl.dot(a, wg, gate, input_precision=PRECISION)
+                up = tl.dot(a, wu, up, input_precision=PRECISION)
             if CLAMP:
                 gate = tl.minimum(gate, limit)
                 up = tl.minimum(tl.maximum(up, -limit), limit)
@@ -224,7 +230,7 @@ if triton is not None:
     @triton.jit
     def _moe_down_kernel(h_ptr, w_ptr, out_ptr, assign_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
                          D, I, sh, sw_e, sw_n, so,
-                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
         # out[assign[r]] = h[r] W2[e]^T for the rows r of one tile; W2[e] is [D, I].
         tile, nb = tl.program_id(0), tl.program_id(1)
         e = tl.load(tile_expert_ptr + tile)
@@ -241,9 +247,52 @@ if triton is not None:
                 kmask = ks < I
                 a = tl.load(h_ptr + rows[:, None] * sh + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
                 w = tl.load(w_base + cols[None, :] * sw_n + ks[:, None], mask=cmask[None, :] & kmask[:, None], other=0.0)
-                acc = tl.dot(a, w, acc)
+                acc = tl.dot(a, w, acc, input_precision=PRECISION)
             dest = tl.load(assign_ptr + rows, mask=rmask, other=0).to(tl.int64)
             tl.store(out_ptr + dest[:, None] * so + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+
+
+    @triton.jit
+    def _hc_split_kernel(m_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, N, iters, eps,
+                         HC: tl.constexpr, BLOCK: tl.constexpr):
+        # BLOCK tokens a program; a row of mixes is [pre: HC | post: HC | comb: HC x HC]. The HC x HC
+        # Sinkhorn iterations stay in registers: one launch instead of ~4 small ones per iteration.
+        W: tl.constexpr = (2 + HC) * HC
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        rmask = rows < N
+        j = tl.arange(0, HC)
+        s_pre, s_post, s_comb = tl.load(scale_ptr), tl.load(scale_ptr + 1), tl.load(scale_ptr + 2)
+        m = tl.load(m_ptr + rows[:, None] * W + j[None, :], mask=rmask[:, None], other=0.0)
+        pre = tl.sigmoid(m * s_pre + tl.load(base_ptr + j)[None, :]) + eps
+        tl.store(pre_ptr + rows[:, None] * HC + j[None, :], pre, mask=rmask[:, None])
+        m = tl.load(m_ptr + rows[:, None] * W + HC + j[None, :], mask=rmask[:, None], other=0.0)
+        post = 2.0 * tl.sigmoid(m * s_post + tl.load(base_ptr + HC + j)[None, :])
+        tl.store(post_ptr + rows[:, None] * HC + j[None, :], post, mask=rmask[:, None])
+        cell = j[:, None] * HC + j[None, :]                                      # [HC, HC]
+        logits = tl.load(m_ptr + rows[:, None, None] * W + 2 * HC + cell[None, :, :], mask=rmask[:, None, None],
+                         other=0.0) * s_comb + tl.load(base_ptr + 2 * HC + cell)[None, :, :]
+        e = tl.exp(logits - tl.max(logits, 2)[:, :, None])
+        comb = e / tl.sum(e, 2)[:, :, None] + eps
+        comb = comb / (tl.sum(comb, 1)[:, None, :] + eps)
+        for _ in range(iters - 1):
+            comb = comb / (tl.sum(comb, 2)[:, :, None] + eps)
+            comb = comb / (tl.sum(comb, 1)[:, None, :] + eps)
+        tl.store(comb_ptr + rows[:, None, None] * (HC * HC) + cell[None, :, :], comb, mask=rmask[:, None, None])
+
+
+def hc_split_sinkhorn_triton(mixes, hc_scale, hc_base, hc_mult: int, iters: int, eps: float):
+    """Triton version of hc_split_sinkhorn (same arguments and results, float32)."""
+    lead = mixes.shape[:-1]
+    m = mixes.reshape(-1, mixes.size(-1)).float().contiguous()
+    n = m.size(0)
+    pre = torch.empty(n, hc_mult, dtype=torch.float32, device=m.device)
+    post = torch.empty_like(pre)
+    comb = torch.empty(n, hc_mult, hc_mult, dtype=torch.float32, device=m.device)
+    block = 32
+    _hc_split_kernel[(triton.cdiv(n, block),)](
+        m, hc_scale.float().contiguous(), hc_base.float().contiguous(), pre, post, comb, n, iters, eps,
+        HC=hc_mult, BLOCK=block, num_warps=4)
+    return pre.view(*lead, hc_mult), post.view(*lead, hc_mult), comb.view(*lead, hc_mult, hc_mult)
 
 
 def sparse_attn_triton(q, kv, attn_sink, topk_idxs, softmax_scale):
@@ -298,6 +347,7 @@ def moe_experts_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_l
     local = experts.flatten() - first_expert
     local = torch.where((local >= 0) & (local < n_local), local, n_local)
     block_m = 16 if t * k <= 512 else 64
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
     order, tile_expert, tile_start, tile_end = moe_schedule(local, n_local, block_m)
     token = order // k
     w_sorted = weights.flatten()[order].float()
@@ -307,18 +357,94 @@ def moe_experts_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_l
     _moe_up_kernel[(n_tiles, triton.cdiv(inter, 64))](
         x, w13, h, token, w_sorted, tile_expert, tile_start, tile_end, dim, inter, swiglu_limit,
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
-        BM=block_m, BN=64, BK=64, CLAMP=swiglu_limit > 0, num_warps=4, num_stages=3)
+        BM=block_m, BN=64, BK=64, CLAMP=swiglu_limit > 0, PRECISION=precision, num_warps=4, num_stages=3)
     out = torch.zeros(t * k, dim, dtype=torch.float32, device=x.device)
     _moe_down_kernel[(n_tiles, triton.cdiv(dim, 64))](
         h, w2, out, order, tile_expert, tile_start, tile_end, dim, inter,
         h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-        BM=block_m, BN=64, BK=64, num_warps=4, num_stages=3)
+        BM=block_m, BN=64, BK=64, PRECISION=precision, num_warps=4, num_stages=3)
     return out.view(t, k, dim).sum(1)
+
+
+# ---------------------------------------------------------------- FlagGems versions (CUDA)
+#
+# FlagGems (the flag-gems package, FlagOS' Triton operator library) has fused kernels for three of
+# our operators. Importing flag_gems raises without a visible GPU, so it is imported on first use.
+# What differs from ours, and how the adapters below handle it:
+#   flag_gems.sparse_attn_triton(q, kv, attn_sink, topk_idxs, softmax_scale): same arguments and
+#     layout as sparse_attn, but it is written for bf16 (P is cast to bf16 for the P.V product and
+#     the output is rounded to bf16), the head count is a tl.arange bound (a power of two, and at
+#     least 16 for tl.dot), and the sink is added after the keys (the same softmax as ours, but a
+#     query with no valid key at all would give NaN where ours gives 0; our model always has the
+#     query's own window slot). Adapter: bf16 only (fp32 goes to our Triton kernel), heads padded
+#     with zero queries to a power of two >= 16 and cut off again, indices passed as int32 (its
+#     documented type; ours are int64).
+#   flag_gems.hadamard_transform(x, scale): F.linear(x, H) * scale with H the Sylvester matrix,
+#     result in x's dtype: the same as hadamard_transform here.
+#   flag_gems.fused.mhc.hc_split_sinkhorn(mixes, hc_scale, hc_base, hc_mult, sinkhorn_iters, eps):
+#     the same arguments and maths (sigmoid gates, row softmax + eps, column normalisation, then
+#     iters - 1 row/column rounds); its Triton kernel hard-codes eps = 1e-6 and runs only then
+#     (other eps: its torch reference). It reads hc_scale [3] and hc_base [mix] as float32 pointers
+#     and returns float32, so the adapter passes float32 contiguous tensors.
+
+_flag_gems = None
+
+
+def flag_gems_module():
+    """The flag_gems package (imported once; RuntimeError with the install command if it is missing)."""
+    global _flag_gems
+    if _flag_gems is None:
+        try:
+            import flag_gems
+        except ImportError:
+            raise RuntimeError("backend 'flaggems' needs the flag_gems package: "
+                               "pip install --no-deps flag-gems==5.0.2 && pip install PyYAML sqlalchemy packaging "
+                               "typing_extensions (see README)") from None
+        _flag_gems = flag_gems
+    return _flag_gems
+
+
+def sparse_attn_flaggems(q, kv, attn_sink, topk_idxs, softmax_scale):
+    """sparse_attn through flag_gems.sparse_attn_triton where it fits (bf16), else our Triton kernel."""
+    if q.dtype != torch.bfloat16 or kv.dtype != torch.bfloat16:
+        return sparse_attn_triton(q, kv, attn_sink, topk_idxs, softmax_scale)
+    b, s, h, d = q.shape
+    if d & (d - 1) or d < 16:
+        return sparse_attn_triton(q, kv, attn_sink, topk_idxs, softmax_scale)
+    heads = max(16, 1 << (h - 1).bit_length())
+    sink = attn_sink.float()
+    if heads != h:       # padded heads: zero queries with a zero sink, dropped from the result
+        q = torch.cat([q, q.new_zeros(b, s, heads - h, d)], dim=2)
+        sink = torch.cat([sink, sink.new_zeros(heads - h)])
+    o = flag_gems_module().sparse_attn_triton(q.contiguous(), kv, sink.contiguous(),
+                                              topk_idxs.to(torch.int32).contiguous(), softmax_scale)
+    return o[:, :, :h] if heads != h else o
 
 
 def sparse_attn(q, kv, attn_sink, topk_idxs, softmax_scale, backend: str = "auto"):
     """Attention of each query over its selected keys with a per-head sink: q [b, s, h, d],
     kv [b, n, d], attn_sink [h], topk_idxs [b, s, k] (-1 = empty slot) -> [b, s, h, d]."""
     if use_triton(q, backend):
+        if backend == "flaggems":
+            return sparse_attn_flaggems(q, kv, attn_sink, topk_idxs, softmax_scale)
         return sparse_attn_triton(q, kv, attn_sink, topk_idxs, softmax_scale)
     return sparse_attn_torch(q, kv, attn_sink, topk_idxs, softmax_scale)
+
+
+def hadamard(x: torch.Tensor, scale: float, backend: str = "auto") -> torch.Tensor:
+    """hadamard_transform, through FlagGems' kernel with backend 'flaggems' (on CUDA)."""
+    if backend == "flaggems" and use_triton(x, backend):
+        return flag_gems_module().hadamard_transform(x, scale)
+    return hadamard_transform(x, scale)
+
+
+def hc_split(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor, hc_mult: int, iters: int,
+             eps: float, backend: str = "auto"):
+    """hc_split_sinkhorn: our Triton kernel on CUDA, FlagGems' fused kernel with backend 'flaggems'."""
+    if use_triton(mixes, backend):
+        if backend == "flaggems":
+            fused = flag_gems_module().fused.mhc.hc_split_sinkhorn
+            return fused(mixes.float(), hc_scale.float().contiguous(), hc_base.float().contiguous(), hc_mult,
+                         iters, eps)
+        return hc_split_sinkhorn_triton(mixes, hc_scale, hc_base, hc_mult, iters, eps)
+    return hc_split_sinkhorn(mixes, hc_scale, hc_base, hc_mult, iters, eps)

@@ -107,6 +107,12 @@ def test_dequant_fp8_blocks_with_ragged_edges():
     assert torch.equal(kernel.dequant_fp8(w, scale, torch.bfloat16).float(), got)   # exact in bf16 too
     with pytest.raises(ValueError, match="scale has shape"):
         kernel.dequant_fp8(w, scale[:1], torch.float32)
+    # whole blocks (the fast path): every element against the formula
+    w = (torch.randn(256, 384) * 50).to(torch.float8_e4m3fn)
+    exps = torch.randint(-12, 3, (2, 3))
+    got = kernel.dequant_fp8(w, torch.pow(2.0, exps.float()).to(torch.float8_e8m0fnu), torch.bfloat16)
+    want = w.float() * torch.pow(2.0, exps.float()).repeat_interleave(128, 0).repeat_interleave(128, 1)
+    assert torch.equal(got.float(), want)
 
 
 def test_dequant_fp4_nibble_order_and_scale():

@@ -30,12 +30,12 @@ def sparse_attn_case(device, dtype, b, s, h, d, n, k, seed):
 
 
 def moe_case(device, dtype, t, k, dim, inter, n_local, first, n_total, limit, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(t, dim, generator=g).to(device, dtype)
-    w13 = (torch.randn(n_local, 2 * inter, dim, generator=g) / dim ** 0.5).to(device, dtype)
-    w2 = (torch.randn(n_local, dim, inter, generator=g) / inter ** 0.5).to(device, dtype)
-    experts = torch.stack([torch.randperm(n_total, generator=g)[:k] for _ in range(t)]).to(device)
-    weights = torch.rand(t, k, generator=g).to(device)
+    g = torch.Generator(device=device).manual_seed(seed)        # made where they are used: V4 shapes are GBs
+    x = torch.randn(t, dim, generator=g, device=device).to(dtype)
+    w13 = (torch.randn(n_local, 2 * inter, dim, generator=g, device=device) / dim ** 0.5).to(dtype)
+    w2 = (torch.randn(n_local, dim, inter, generator=g, device=device) / inter ** 0.5).to(dtype)
+    experts = torch.stack([torch.randperm(n_total, generator=g, device=device)[:k] for _ in range(t)])
+    weights = torch.rand(t, k, generator=g, device=device)
     out = kernel.moe_experts_triton(x, w13, w2, weights, experts, first, limit)
     ref = torch.zeros(t, dim, dtype=torch.float64, device=device)
     for e in range(n_local):
@@ -47,13 +47,23 @@ def moe_case(device, dtype, t, k, dim, inter, n_local, first, n_total, limit, se
     return rel_err(out, ref)
 
 
+def hc_split_case(device, dtype, n, hc, iters, seed):
+    g = torch.Generator().manual_seed(seed)
+    mixes = torch.randn(n, (2 + hc) * hc, generator=g).to(device)
+    scale, base = (torch.rand(3, generator=g) + 0.5).to(device), torch.randn((2 + hc) * hc, generator=g).to(device)
+    out = kernel.hc_split_sinkhorn_triton(mixes.view(1, n, -1), scale, base, hc, iters, 1e-6)
+    ref = kernel.hc_split_sinkhorn(mixes.view(1, n, -1).double(), scale.double(), base.double(), hc, iters, 1e-6)
+    return max(rel_err(a, b) for a, b in zip(out, ref))
+
+
 def run(device, dtypes, real_shapes):
     tol = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
     cases = [("attn decode", lambda dt: sparse_attn_case(device, dt, 3, 1, 20, 64, 50, 37, 1)),
              ("attn prefill", lambda dt: sparse_attn_case(device, dt, 2, 9, 4, 64, 40, 21, 2)),
              ("moe decode", lambda dt: moe_case(device, dt, 1, 6, 64, 32, 8, 4, 16, 0.5, 3)),
              ("moe prefill", lambda dt: moe_case(device, dt, 150, 4, 96, 64, 6, 0, 6, 10.0, 4)),
-             ("moe no local", lambda dt: moe_case(device, dt, 3, 2, 64, 32, 4, 8, 8, 0.0, 5))]
+             ("moe no local", lambda dt: moe_case(device, dt, 3, 2, 64, 32, 4, 8, 8, 0.0, 5)),
+             ("hc split sinkhorn", lambda dt: hc_split_case(device, dt, 37, 4, 20, 10))]
     if real_shapes:
         cases += [("attn V4 decode b32", lambda dt: sparse_attn_case(device, dt, 32, 1, 64, 512, 16512, 640, 6)),
                   ("attn V4 prefill 1K", lambda dt: sparse_attn_case(device, dt, 1, 1024, 64, 512, 1280, 640, 7)),
