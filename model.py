@@ -23,8 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kernel import (apply_rotary, hadamard_transform, hc_split_sinkhorn, moe_experts_triton, rms_norm, sparse_attn,
-                    swiglu, use_triton)
+from kernel import (BACKENDS, apply_rotary, hadamard, hc_split, moe_experts_triton, rms_norm, sparse_attn, swiglu,
+                    use_triton)
 
 
 @dataclass
@@ -34,7 +34,7 @@ class ModelArgs:
     max_seq_len: int = 4096
     dtype: str = "bf16"
     ogroups_comm: bool = False          # o-groups layout (USE_OGROUPS_COMM=1): needed when world size > o_groups
-    backend: str = "auto"               # kernels: "torch", "triton", or "auto" (Triton on CUDA)
+    backend: str = "auto"               # kernels: "torch", "triton", "flaggems", or "auto" (Triton on CUDA)
     vocab_size: int = 129280
     dim: int = 4096
     moe_inter_dim: int = 2048
@@ -104,7 +104,7 @@ class ModelArgs:
             if not ok:
                 raise ValueError(msg)
         need(self.dtype in ("bf16", "fp32"), f"dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
-        need(self.backend in ("auto", "torch", "triton"), f"backend must be auto, torch or triton, got {self.backend!r}")
+        need(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         need(self.score_func in ("softmax", "sigmoid", "sqrtsoftplus"), f"score_func {self.score_func!r} is unknown")
         need(len(self.compress_ratios) >= self.n_layers,
              f"compress_ratios has {len(self.compress_ratios)} entries for n_layers={self.n_layers}")
@@ -313,6 +313,7 @@ class Compressor(nn.Module):
     def __init__(self, args: ModelArgs, ratio: int, head_dim: int, rotate: bool):
         super().__init__()
         self.ratio, self.head_dim, self.rotate = ratio, head_dim, rotate
+        self.backend = args.backend
         self.rope_head_dim = args.rope_head_dim
         self.overlap = ratio == 4
         width = (1 + self.overlap) * head_dim
@@ -332,7 +333,7 @@ class Compressor(nn.Module):
         """Pool kv [..., slots, hd] with softmax(score) over the slots, then norm, RoPE at window_start."""
         entries = self.norm((kv * score.softmax(dim=-2)).sum(dim=-2).to(self.dtype))
         entries = rope_tail(entries, freqs_cis[window_start], self.rope_head_dim)
-        return hadamard_transform(entries, self.head_dim ** -0.5) if self.rotate else entries
+        return hadamard(entries, self.head_dim ** -0.5, self.backend) if self.rotate else entries
 
     def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, cache: torch.Tensor) -> None:
         """Write to cache [B, n_max, hd] the entries completed by tokens start_pos .. start_pos+s-1
@@ -407,6 +408,7 @@ class Indexer(nn.Module):
         self.n_local_heads = args.index_n_heads // tp.world_size
         self.rope_head_dim = args.rope_head_dim
         self.ratio = 4
+        self.backend = args.backend
         dtype = dtype_of(args)
         self.wq_b = ColumnParallelLinear(args.q_lora_rank, self.n_heads * self.head_dim, dtype, tp.world_size)
         self.weights_proj = ColumnParallelLinear(args.dim, self.n_heads, dtype, tp.world_size)
@@ -421,7 +423,7 @@ class Indexer(nn.Module):
         bsz, seqlen, _ = x.shape
         q = self.wq_b(qr).unflatten(-1, (self.n_local_heads, self.head_dim))
         q = rope_tail(q, freqs_cis[pos], self.rope_head_dim)
-        q = hadamard_transform(q, self.head_dim ** -0.5)
+        q = hadamard(q, self.head_dim ** -0.5, self.backend)
         if start_pos is None:
             self.compressor.decode(x, pos[:, 0], freqs_cis, self.kv_cache)
             keys = self.kv_cache[:bsz]                                                 # [b, n_max, d]
@@ -683,6 +685,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm_eps, self.hc_mult = args.norm_eps, args.hc_mult
         self.hc_sinkhorn_iters, self.hc_eps = args.hc_sinkhorn_iters, args.hc_eps
+        self.backend = args.backend
         self.attn = Attention(layer_id, args, tp)
         self.ffn = MoE(layer_id, args, tp)
         self.attn_norm = RMSNorm(args.dim, args.norm_eps)
@@ -695,7 +698,7 @@ class Block(nn.Module):
 
     def hc_pre(self, x: torch.Tensor, fn, scale, base):
         mixes = hc_weights(x, fn, self.norm_eps)
-        pre, post, comb = hc_split_sinkhorn(mixes, scale, base, self.hc_mult, self.hc_sinkhorn_iters, self.hc_eps)
+        pre, post, comb = hc_split(mixes, scale, base, self.hc_mult, self.hc_sinkhorn_iters, self.hc_eps, self.backend)
         y = (pre.unsqueeze(-1) * x.float()).sum(dim=2)
         return y.to(x.dtype), post, comb
 
@@ -834,7 +837,7 @@ class GraphedDecoder:
         return graph, ids, pos, logits
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """ids [b, 1], pos [b] -> float32 logits [b, vocab]."""
+        """ids [b, 1], pos [b] -> float32 logits [b, vocab] (a copy, safe to keep)."""
         b = ids.size(0)
         bb = next(x for x in self.buckets if x >= b)
         graph, ids_buf, pos_buf, logits = self.graphs[bb]
@@ -842,4 +845,4 @@ class GraphedDecoder:
         pos_buf[:b].copy_(pos)
         pos_buf[b:].zero_()
         graph.replay()
-        return logits[:b]
+        return logits[:b].clone()       # the graph's output buffer is overwritten by the next replay
