@@ -17,9 +17,11 @@ config, bad input ...), and all exit with status 1 if any rank found a problem. 
 later makes the others fail in their next collective, and torchrun stops the job.
 
 Environment: USE_OGROUPS_COMM=1 runs the o-groups layout (more ranks than o_groups; convert with it
-too); USE_FLAGGEMS=1 runs the model's operators through FlagGems (CUDA only).
+too); USE_FLAGGEMS=1 is --backend flaggems: FlagGems' fused kernels and aten operators (CUDA only;
+FLAGGEMS_EXCLUDE=op1,op2 leaves those aten ops to torch, FLAGGEMS_EXCLUDE='*' patches none).
 """
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -37,7 +39,7 @@ from tqdm import tqdm
 
 from encoding import (ASSISTANT, BOS, EOS, THINK_END, THINK_START, USER, check_messages, encode_messages,
                       parse_completion)
-from model import ModelArgs, Transformer
+from model import GraphedDecoder, ModelArgs, Transformer
 
 Prompt = Union[str, List[dict]]   # a user prompt, or a conversation ending with a user message
 
@@ -89,7 +91,7 @@ class Stats:
 @torch.inference_mode()
 def generate(model: Transformer, prompts: List[List[int]], max_new_tokens: int, eos_id: int,
              temperature: float = 0.0, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
-             stats: Optional[Stats] = None) -> List[List[int]]:
+             stats: Optional[Stats] = None, decoder: Optional[GraphedDecoder] = None) -> List[List[int]]:
     """Complete a batch of tokenized prompts; returns the new tokens of each, ending with eos_id
     where the model stopped by itself.
 
@@ -98,6 +100,7 @@ def generate(model: Transformer, prompts: List[List[int]], max_new_tokens: int, 
     its own prompt token rather than the sampled one. A sequence is done at EOS or after
     max_new_tokens new tokens; the batch stops when all are done or at max_seq_len.
     Stats, if given, gets the prefill (first pass) and decode (later passes) times and the counts.
+    A decoder (CUDA graphs of the model's one-token step) runs the later passes when given.
     """
     lens = [len(p) for p in prompts]
     max_seq_len = model.args.max_seq_len
@@ -112,11 +115,15 @@ def generate(model: Transformer, prompts: List[List[int]], max_new_tokens: int, 
     ends = [min(n + max_new_tokens, total) for n in lens]        # one past each sequence's last new position
     last_step = torch.tensor(ends, device=device) - 1
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    positions = torch.zeros(len(prompts), dtype=torch.long, device=device)
 
     prev = 0
     for cur in range(min(lens), total):
         start = time.perf_counter()
-        logits = model(tokens[:, prev:cur], prev)
+        if decoder is not None and prev > 0:
+            logits = decoder(tokens[:, prev:cur], positions.fill_(prev))
+        else:
+            logits = model(tokens[:, prev:cur], prev)
         chosen = torch.where(in_prompt[:, cur], tokens[:, cur], sample(logits, temperature, top_p, generator))
         tokens[:, cur] = chosen
         done |= (~in_prompt[:, cur] & (chosen == eos_id)) | (last_step <= cur)
@@ -304,7 +311,8 @@ def tokenize(prompts: List[Prompt], tokenizer: Tokenizer, mode: str, raw: bool,
 def load_args(opts: argparse.Namespace, world: int) -> ModelArgs:
     config = opts.config or os.path.join(opts.ckpt_path, "config.json")
     overrides = {k: v for k, v in (("max_batch_size", opts.max_batch_size), ("max_seq_len", opts.max_seq_len),
-                                   ("dtype", opts.dtype)) if v is not None}
+                                   ("dtype", opts.dtype), ("backend", getattr(opts, "backend", None)))
+                 if v is not None}
     if opts.interactive:
         overrides["max_batch_size"] = 1
     if env_flag("USE_OGROUPS_COMM"):
@@ -357,19 +365,48 @@ def build_model(args: ModelArgs, path: str, device: torch.device, world: int) ->
     return model.eval()
 
 
-def enable_flaggems() -> None:
-    """USE_FLAGGEMS=1: route torch operators through FlagGems (needs CUDA and the flag_gems package)."""
-    if not env_flag("USE_FLAGGEMS"):
-        return
+def flaggems_exclude() -> List[str]:
+    """FLAGGEMS_EXCLUDE: comma-separated FlagGems op names to leave to torch ("*": patch no aten op)."""
+    return [name.strip() for name in os.environ.get("FLAGGEMS_EXCLUDE", "").split(",") if name.strip()]
+
+
+def enable_flaggems(exclude: Optional[List[str]] = None, scoped: bool = False, what: str = "--backend flaggems"):
+    """Get FlagGems ready for backend 'flaggems': check for CUDA and the flag_gems package, then route
+    torch's aten operators through FlagGems except the op names in exclude (default: FLAGGEMS_EXCLUDE;
+    ["*"] patches none, leaving only the fused kernels that kernel.py calls).
+
+    The patching lasts for the whole process; with scoped=True it is undone when the returned context
+    (flag_gems.use_gems) exits, so one process can also run a configuration without FlagGems.
+    `what` names the request in messages. Raises GenerateError."""
+    if exclude is None:
+        exclude = flaggems_exclude()
     if not torch.cuda.is_available():
-        raise GenerateError("USE_FLAGGEMS=1 needs a CUDA GPU and none is visible; "
-                            "set USE_FLAGGEMS=0 to run without FlagGems")
+        raise GenerateError(f"{what} needs a CUDA GPU and none is visible"
+                            + ("; set USE_FLAGGEMS=0 to run without FlagGems" if what.startswith("USE_") else
+                               "; use --backend torch or triton"))
     try:
         import flag_gems
     except ImportError:
-        raise GenerateError("USE_FLAGGEMS=1 but FlagGems is not installed: pip install flag-gems "
-                            "(see README), or set USE_FLAGGEMS=0") from None
-    flag_gems.enable()
+        raise GenerateError(f"{what} but FlagGems is not installed: pip install --no-deps flag-gems==5.0.2 && "
+                            f"pip install PyYAML sqlalchemy packaging typing_extensions (see README)") from None
+    except Exception as e:   # flag_gems raises RuntimeError at import when it finds no device it supports
+        raise GenerateError(f"{what}: importing flag_gems failed: {e}") from None
+    if "*" in exclude:
+        return contextlib.nullcontext()
+    if scoped:
+        return flag_gems.use_gems(exclude=exclude)
+    flag_gems.enable(unused=exclude)
+    return contextlib.nullcontext()
+
+
+def resolve_backend(backend: Optional[str]) -> Optional[str]:
+    """--backend, with USE_FLAGGEMS=1 standing for --backend flaggems; None keeps the config's."""
+    if env_flag("USE_FLAGGEMS"):
+        if backend not in (None, "flaggems"):
+            raise GenerateError(f"USE_FLAGGEMS=1 asks for backend flaggems but --backend is {backend}: "
+                                f"drop one of them")
+        return "flaggems"
+    return backend
 
 
 # ---------------------------------------------------------------- ranks
@@ -468,7 +505,7 @@ def write_jsonl(path: str, records: List[dict]) -> None:
 
 
 def run_interactive(opts: argparse.Namespace, ranks: Ranks, model: Transformer, tokenizer: Optional[Tokenizer],
-                    eos_id: int, generator: torch.Generator) -> None:
+                    eos_id: int, generator: torch.Generator, decoder: Optional[GraphedDecoder]) -> None:
     """A conversation typed on rank 0's stdin; /clear forgets it, /exit (or end of input) quits.
     The other ranks wait for each turn without a time limit: a person may take a while to type."""
     waiting = dist.new_group(backend="gloo", timeout=timedelta(days=7)) if ranks.world > 1 else None
@@ -479,7 +516,8 @@ def run_interactive(opts: argparse.Namespace, ranks: Ranks, model: Transformer, 
         ids = ranks.share(ids, waiting)
         if ids is None:
             return
-        new = generate(model, [ids], opts.max_new_tokens, eos_id, opts.temperature, opts.top_p, generator)[0]
+        new = generate(model, [ids], opts.max_new_tokens, eos_id, opts.temperature, opts.top_p, generator,
+                       decoder=decoder)[0]
         if ranks.rank == 0:
             reasoning, answer = parse_completion(tokenizer.decode(new[:-1] if new[-1:] == [eos_id] else new), mode)
             if reasoning:
@@ -527,6 +565,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, help="override the config's max_batch_size")
     p.add_argument("--max-seq-len", type=int, help="override the config's max_seq_len")
     p.add_argument("--dtype", choices=("bf16", "fp32"), help="override the config's dtype")
+    p.add_argument("--backend", choices=("auto", "torch", "triton", "flaggems"),
+                   help="kernels (default: the config's, else auto = Triton on CUDA); flaggems = FlagGems' fused "
+                        "kernels and aten operators (CUDA; USE_FLAGGEMS=1 is the same, FLAGGEMS_EXCLUDE=op1,op2 "
+                        "keeps those ops in torch, FLAGGEMS_EXCLUDE='*' patches no aten op)")
     p.add_argument("--thinking", action="store_true", help="V4 thinking mode: the model reasons before it answers")
     p.add_argument("--raw", action="store_true", help="feed prompts as they are after BOS, without the chat format")
     p.add_argument("--timeout", type=float, default=600, help="seconds a rank waits for the others before failing")
@@ -547,8 +589,10 @@ def run(opts: argparse.Namespace, ranks: Ranks) -> None:
 
     def prepare():
         """Everything checked before the model is built; rank 0 also reads and tokenizes the input."""
-        enable_flaggems()
+        opts.backend = resolve_backend(opts.backend)
         args = load_args(opts, ranks.world)
+        if args.backend == "flaggems":
+            enable_flaggems(what="USE_FLAGGEMS=1" if env_flag("USE_FLAGGEMS") else "--backend flaggems")
         path = shard_path(opts.ckpt_path, ranks.rank, ranks.world, args.vocab_size)
         tokenizer, prompts, ids = None, None, None
         if ranks.rank == 0:
@@ -568,13 +612,15 @@ def run(opts: argparse.Namespace, ranks: Ranks) -> None:
         print(f"generate.py: loaded {opts.ckpt_path} on {ranks.world} rank(s) ({ranks.device.type}, {args.dtype}) "
               f"in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     generator = torch.Generator(ranks.device).manual_seed(opts.seed)
+    # decode steps replay CUDA graphs (one per batch-size bucket) where the Triton kernels run
+    decoder = GraphedDecoder(model) if ranks.device.type == "cuda" and args.backend != "torch" else None
     if opts.interactive:
-        run_interactive(opts, ranks, model, tokenizer, eos_id, generator)
+        run_interactive(opts, ranks, model, tokenizer, eos_id, generator, decoder)
         return
     stats = Stats()
     completions = generate_all(model, ids, args.max_batch_size, progress=ranks.rank == 0,
                                max_new_tokens=opts.max_new_tokens, eos_id=eos_id, temperature=opts.temperature,
-                               top_p=opts.top_p, generator=generator, stats=stats)
+                               top_p=opts.top_p, generator=generator, stats=stats, decoder=decoder)
     if ranks.rank == 0:
         report(opts, [record(i, p, t, c, tokenizer, eos_id, mode)
                       for i, (p, t, c) in enumerate(zip(prompts, ids, completions))])
