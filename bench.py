@@ -1,6 +1,17 @@
 """Benchmarks of the toolkit, one subcommand each; results go into BENCHMARKS.md by hand.
 
+    python bench.py speed [--layers 4] [--batch 1 8 32 128] [--context 1024 16384 65536] [--compare hf]
+    torchrun --nproc-per-node 2 bench.py speed --batch 1 32
     python bench.py convert --layers 2 --workdir /tmp/bench
+
+speed (CUDA): model.py with the real V4-Flash layer shapes (configs/config_flash.json cut to
+--layers layers, all experts), random weights made on the GPU, no disk. Caches are filled with
+random entries, so a context of C tokens is measured as decode steps (and a prefill chunk) at
+position C without computing the C tokens first. Each figure is set against its floor on this
+device, from ceilings measured at start: decode = bytes a step must read over the copy bandwidth,
+prefill = matmul FLOPs over the bf16 matmul rate. Under torchrun each rank holds its share, and the
+time spent in collectives per decode step is measured with the profiler. --compare hf runs
+transformers' DeepseekV4ForCausalLM on the same weights (experts shared, not copied) side by side.
 
 convert: writes a synthetic release with the real DeepSeek-V4-Flash tensor shapes (random valid
 FP8 / FP4 codes and scales, not quantised numbers), times a plain read of its files and convert.py
@@ -12,19 +23,318 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 
 import torch
+import torch.distributed as dist
 
 import convert
+from model import GraphedDecoder, ModelArgs, Transformer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from fixtures import hf_config, release_specs  # noqa: E402  (the one description of the release layout)
+from oracle import hf_state_dict  # noqa: E402
 
 GB = 1e9
+
+
+# ----------------------------------------------------------------------------- speed
+
+def median_ms(fn, reps: int = 20, warmup: int = 3) -> float:
+    """Median time of fn() in milliseconds, with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def ceilings() -> dict:
+    """Measured copy bandwidth (bytes read + written per second) and bf16 matmul rate."""
+    a = torch.randn(1 << 28, device="cuda", dtype=torch.bfloat16)       # 512 MiB
+    b = torch.empty_like(a)
+    copy_ms = median_ms(lambda: b.copy_(a))
+    n = 8192
+    x, y = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    mm_ms = median_ms(lambda: x @ y, reps=10)
+    return {"bandwidth": 2 * a.numel() * 2 / copy_ms * 1e3, "matmul": 2 * n ** 3 / mm_ms * 1e3}
+
+
+def random_weights(model: Transformer) -> None:
+    g = torch.Generator(device="cuda").manual_seed(model.tp.rank)
+    for name, p in model.named_parameters():
+        if p.dtype == torch.int32:                      # tid2eid: distinct experts per token
+            e = model.args.n_routed_experts
+            p.copy_(torch.rand(p.shape[0], e, device="cuda", generator=g).argsort(-1)[:, :p.shape[1]])
+        elif name.endswith("norm.weight") or "_scale" in name:
+            p.fill_(1.0)
+        elif p.dim() == 2 and "hc_" not in name:
+            p.normal_(0, p.shape[1] ** -0.5, generator=g)
+        else:
+            p.normal_(0, 0.02, generator=g)
+    model.embed.weight.normal_(0, 1, generator=g)
+
+
+def fill_caches(model: Transformer) -> None:
+    """Random cache entries and compressor states: stand-ins for an already processed context."""
+    for m in model.modules():
+        for name, buf in m.named_buffers(recurse=False):
+            if name in ("kv_cache", "kv_state", "prev_kv"):
+                buf.normal_()
+            elif name in ("score_state", "prev_score"):
+                buf.normal_(0, 0.1)
+
+
+def param_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def decode_bytes(model: Transformer, batch: int, ctx: int) -> float:
+    """Bytes one rank must read in a decode step: its weights of attention, shared expert and gate,
+    of the local experts routed to (expected distinct count for `batch` tokens under uniform
+    routing), its slice of the head, and the cache entries each row attends to or scores."""
+    args = model.args
+    total = param_bytes(model.head) + param_bytes(model.norm)
+    e, k = args.n_routed_experts, args.n_activated_experts
+    for layer in model.layers:
+        local = [x for x in layer.ffn.experts if x is not None]
+        total += param_bytes(layer) - sum(param_bytes(x) for x in local)
+        total += len(local) * (1 - (1 - k / e) ** batch) * param_bytes(local[0])
+        attn, row = layer.attn, args.head_dim * 2
+        kv = args.window_size * row
+        if attn.ratio == 4:
+            kv += min(args.index_topk, ctx // 4) * row + ctx // 4 * args.index_head_dim * 2
+        elif attn.ratio:
+            kv += ctx // attn.ratio * row
+        total += batch * kv
+    return total
+
+
+def prefill_flops(model: Transformer, tokens: int, ctx: int) -> float:
+    """Matmul FLOPs of one rank for `tokens` new tokens at context ctx: its share of the active
+    weights (attention, shared expert, gate, k routed experts on average) plus attention and indexer
+    scores of its heads; the head for the last token of each row is left out."""
+    args = model.args
+    heads = args.n_heads // model.tp.world_size
+    index_heads = args.index_n_heads // model.tp.world_size
+    flops = 0.0
+    for layer in model.layers:
+        local = [x for x in layer.ffn.experts if x is not None]
+        expert = sum(p.numel() for p in local[0].parameters())
+        dense = sum(p.numel() for n, p in layer.named_parameters() if ".experts." not in n and p.dim() == 2)
+        flops += 2 * tokens * (dense + args.n_activated_experts * expert * len(local) / args.n_routed_experts)
+        keys = args.window_size
+        if layer.attn.ratio == 4:
+            keys += min(args.index_topk, ctx // 4)
+            flops += 2 * tokens * index_heads * args.index_head_dim * ctx // 4
+        elif layer.attn.ratio:
+            keys += ctx // layer.attn.ratio
+        flops += 4 * tokens * heads * args.head_dim * keys
+    return flops
+
+
+def build(config: str, layers: int, max_batch: int, max_seq: int, backend: str) -> Transformer:
+    args = ModelArgs.from_file(config, n_layers=layers, n_mtp_layers=0, max_batch_size=max_batch,
+                               max_seq_len=max_seq, backend=backend, dtype="bf16")
+    args.compress_ratios = args.compress_ratios[:layers]
+    with torch.device("cuda"):
+        model = Transformer(args)
+    with torch.no_grad():
+        random_weights(model)
+    return model
+
+
+def hf_twin(model: Transformer):
+    """transformers' DeepseekV4ForCausalLM on the same GPU tensors (experts shared, not copied)."""
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf_mod
+
+    a = model.args
+    ratio_type = {0: "sliding_attention", 4: "compressed_sparse_attention"}
+    cfg = DeepseekV4Config(
+        vocab_size=a.vocab_size, hidden_size=a.dim, moe_intermediate_size=a.moe_inter_dim, num_hidden_layers=a.n_layers,
+        num_attention_heads=a.n_heads, head_dim=a.head_dim, qk_rope_head_dim=a.rope_head_dim, q_lora_rank=a.q_lora_rank,
+        o_groups=a.o_groups, o_lora_rank=a.o_lora_rank, sliding_window=a.window_size,
+        layer_types=[ratio_type.get(r, "heavily_compressed_attention") for r in a.compress_ratios[:a.n_layers]],
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
+        num_hash_layers=a.n_hash_layers, n_routed_experts=a.n_routed_experts, num_experts_per_tok=a.n_activated_experts,
+        routed_scaling_factor=a.route_scale, swiglu_limit=a.swiglu_limit, index_n_heads=a.index_n_heads,
+        index_head_dim=a.index_head_dim, index_topk=a.index_topk, hc_mult=a.hc_mult, rope_theta=a.rope_theta,
+        compress_rope_theta=a.compress_rope_theta, max_position_embeddings=a.max_seq_len,
+        rope_scaling={"type": "yarn", "factor": a.rope_factor, "original_max_position_embeddings": a.original_seq_len,
+                      "beta_fast": a.beta_fast, "beta_slow": a.beta_slow}, num_nextn_predict_layers=0)
+    with torch.device("meta"):
+        hf = DeepseekV4ForCausalLM(cfg).to(torch.bfloat16)
+    shapes = {k: v for k, v in hf.state_dict().items()}
+    ours = {k: v for k, v in model.state_dict().items() if ".experts." not in k}
+    state = {k: v.to(shapes[k].dtype) for k, v in hf_state_dict(ours).items()}
+    for i, layer in enumerate(model.layers):
+        w13, w2 = layer.ffn.stacked_weights()
+        state[f"model.layers.{i}.mlp.experts.gate_up_proj"] = w13
+        state[f"model.layers.{i}.mlp.experts.down_proj"] = w2
+    with torch.inference_mode():            # our stacked experts are inference tensors
+        hf.load_state_dict(state, strict=False, assign=True)
+    for name, module in hf.named_modules():
+        if isinstance(module, hf_mod.DeepseekV4RotaryEmbedding):
+            parent = hf.get_submodule(name.rsplit(".", 1)[0]) if "." in name else hf
+            setattr(parent, name.rsplit(".", 1)[-1], hf_mod.DeepseekV4RotaryEmbedding(cfg, device="cuda"))
+    leftovers = [n for n, t in list(hf.named_parameters()) + list(hf.named_buffers()) if t.is_meta]
+    if leftovers:
+        raise RuntimeError(f"transformers twin: tensors left on meta: {leftovers[:5]}")
+    return hf.eval()
+
+
+def hf_decode_ms(hf, batch: int, ctx: int, steps: int = 8) -> float:
+    ids = torch.randint(0, hf.config.vocab_size, (batch, ctx), device="cuda")
+    with torch.no_grad():
+        out = hf(ids, use_cache=True)
+        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        times = []
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = hf(nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def collective_ms(model: Transformer, batch: int, ctx: int, steps: int = 5) -> tuple:
+    """(ms in NCCL kernels, ms in all kernels) per eager decode step, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    ids = torch.randint(0, model.args.vocab_size, (batch, 1), device="cuda")
+    pos = torch.full((batch,), ctx, device="cuda")
+    model(ids, pos)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            model(ids, pos)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+    nccl = sum(e.device_time_total for e in kernels if "nccl" in e.key.lower())
+    every = sum(e.device_time_total for e in kernels)
+    return nccl / steps / 1e3, every / steps / 1e3
+
+
+def print_profile(label: str, fn, steps: int = 3) -> None:
+    """The kernels of fn() by GPU time, and how many launches a call makes."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in kernels) / steps
+    launches = sum(e.count for e in kernels) / steps
+    print(f"profile of {label}: {launches:.0f} kernel launches, {total / 1e3:.3f} ms of GPU time per call")
+    for e in sorted(kernels, key=lambda e: -e.device_time_total)[:25]:
+        print(f"  {e.device_time_total / steps / 1e3:8.3f} ms {e.count / steps:6.0f}x  {e.key[:110]}")
+
+
+def bench_speed(args) -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py speed: needs a CUDA GPU")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl")
+    lead = not dist.is_initialized() or dist.get_rank() == 0
+
+    def say(text):
+        if lead:
+            print(text, flush=True)
+
+    if args.backend == "flaggems":
+        from generate import enable_flaggems
+        enable_flaggems(what="bench.py speed --backend flaggems")
+    ceil = ceilings()
+    say(f"device {torch.cuda.get_device_name()} x{world}, {args.layers} layers of {args.config}, backend "
+        f"{args.backend}: copy {ceil['bandwidth'] / 1e12:.2f} TB/s, bf16 matmul {ceil['matmul'] / 1e12:.0f} TFLOP/s")
+    chunk = args.chunk
+    model = build(args.config, args.layers, max(args.batch), max(args.context) + chunk, args.backend)
+    rows = []
+    with torch.no_grad():
+        fill_caches(model)
+        decoder = GraphedDecoder(model) if args.backend != "torch" else model
+        for ctx in args.context:
+            for b in args.batch:
+                ids = torch.randint(0, model.args.vocab_size, (b, 1), device="cuda")
+                pos = torch.full((b,), ctx, device="cuda")
+                ms = median_ms(lambda: decoder(ids, pos))
+                floor_ms = decode_bytes(model, b, ctx) / ceil["bandwidth"] * 1e3
+                rows_pre = max(1, min(b, args.prefill_tokens // chunk))
+                pids = torch.randint(0, model.args.vocab_size, (rows_pre, chunk), device="cuda")
+                pre_ms = median_ms(lambda: model(pids, ctx - chunk), reps=3, warmup=1)
+                pre_floor = prefill_flops(model, rows_pre * chunk, ctx) / ceil["matmul"] * 1e3
+                comm = collective_ms(model, b, ctx) if world > 1 else (0.0, 0.0)
+                rows.append(dict(ctx=ctx, batch=b, decode_ms=ms, decode_floor=floor_ms / ms,
+                                 prefill_rows=rows_pre, prefill_tok_s=rows_pre * chunk / pre_ms * 1e3,
+                                 prefill_floor=pre_floor / pre_ms, comm_ms=comm[0], eager_ms=comm[1]))
+                say(f"ctx {ctx:6d} batch {b:4d}: decode {ms:7.3f} ms/step = {b / ms * 1e3:8.0f} tok/s "
+                    f"({floor_ms / ms:5.1%} of floor {floor_ms:.3f} ms) | prefill {rows_pre}x{chunk} at ctx: "
+                    f"{rows_pre * chunk / pre_ms * 1e3:7.0f} tok/s ({pre_floor / pre_ms:5.1%} of floor)"
+                    + (f" | collectives {comm[0]:.3f} of {comm[1]:.3f} ms GPU time per eager step" if world > 1 else ""))
+        ids = torch.randint(0, model.args.vocab_size, (1, args.prefill), device="cuda")
+        pre_ms = median_ms(lambda: model(ids, 0), reps=3, warmup=1)
+        pre_floor = prefill_flops(model, args.prefill, args.prefill // 2) / ceil["matmul"] * 1e3
+        say(f"prefill of {args.prefill} tokens from position 0: {pre_ms:.1f} ms = {args.prefill / pre_ms * 1e3:.0f} "
+            f"tok/s ({pre_floor / pre_ms:.1%} of the matmul floor {pre_floor:.2f} ms)")
+        if args.profile and lead:
+            ids = torch.randint(0, model.args.vocab_size, (1, 1), device="cuda")
+            print_profile(f"eager decode, batch 1 at {args.context[0]}",
+                          lambda: model(ids, torch.full((1,), args.context[0], device="cuda")))
+            ids = torch.randint(0, model.args.vocab_size, (1, args.prefill), device="cuda")
+            print_profile(f"prefill of {args.prefill} tokens", lambda: model(ids, 0), steps=1)
+        if args.compare == "hf":
+            if world > 1:
+                raise SystemExit("bench.py speed: --compare hf runs on one GPU only")
+            hf = hf_twin(model)
+            for b in (1, 8):
+                ctx = 1024
+                theirs = hf_decode_ms(hf, b, ctx)
+                ids = torch.randint(0, model.args.vocab_size, (b, 1), device="cuda")
+                ours = median_ms(lambda: decoder(ids, torch.full((b,), ctx, device="cuda")))
+                say(f"decode vs transformers, ctx {ctx} batch {b}: ours {ours:.3f} ms/step, transformers "
+                    f"{theirs:.3f} ms/step -> {theirs / ours:.1f}x")
+    say("\n| context | batch | decode ms/step | decode tok/s | of floor | prefill tok/s | of floor |"
+        + (" collectives ms/step |" if world > 1 else ""))
+    say("|---|---|---|---|---|---|---|" + ("---|" if world > 1 else ""))
+    for r in rows:
+        say(f"| {r['ctx']} | {r['batch']} | {r['decode_ms']:.3f} | {r['batch'] / r['decode_ms'] * 1e3:.0f} | "
+            f"{r['decode_floor']:.0%} | {r['prefill_tok_s']:.0f} | {r['prefill_floor']:.0%} |"
+            + (f" {r['comm_ms']:.3f} of {r['eager_ms']:.3f} |" if world > 1 else ""))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def add_speed(commands) -> None:
+    p = commands.add_parser("speed", help="model.py on one GPU (or torchrun ranks) with real V4-Flash layer shapes")
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "config_flash.json"))
+    p.add_argument("--layers", type=int, default=4, help="layers kept from the config")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 128])
+    p.add_argument("--context", type=int, nargs="+", default=[1024, 16384, 65536])
+    p.add_argument("--backend", default="triton", choices=["torch", "triton", "flaggems"],
+                   help="kernels; flaggems also routes aten ops through FlagGems (FLAGGEMS_EXCLUDE=op1,op2 keeps "
+                        "those in torch)")
+    p.add_argument("--compare", choices=["hf"], help="also time transformers' DeepseekV4 on the same weights")
+    p.add_argument("--chunk", type=int, default=1024, help="prefill chunk length measured at each context")
+    p.add_argument("--prefill-tokens", type=int, default=4096, help="tokens per prefill chunk measurement, at most")
+    p.add_argument("--prefill", type=int, default=4096, help="length of the prefill measured from position 0")
+    p.add_argument("--profile", action="store_true", help="print the top kernels of a decode step and a prefill")
+    p.set_defaults(run=bench_speed)
 
 
 # ----------------------------------------------------------------------------- convert
@@ -218,6 +528,7 @@ def add_convert(commands) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    add_speed(commands)
     add_convert(commands)
     args = parser.parse_args()
     args.run(args)
