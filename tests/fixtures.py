@@ -389,3 +389,14 @@ def dequantize_release(path) -> dict:
         else:
             raise ValueError(f"{name}: a scale beside a {t.dtype} weight")
     return out
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Write a tiny random DeepSeek-V4 checkpoint in the release layout "
+                                                 "(FP8/FP4 weights, config.json, index, the real V4 tokenizer).")
+    parser.add_argument("path", help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    opts = parser.parse_args()
+    write_release(opts.path, seed=opts.seed)
+    print(f"random release written to {opts.path}")
