@@ -365,9 +365,19 @@ def build_model(args: ModelArgs, path: str, device: torch.device, world: int) ->
     return model.eval()
 
 
+# FlagGems 5.0.2 ops left to torch unless FLAGGEMS_EXCLUDE says otherwise, as measured on an H100
+# (BENCHMARKS.md): its Hopper mm fails on the model's linear layers ("incompatible dimensions") and
+# reached 638 of cuBLAS' 786 TFLOP/s on an 8192^3 bf16 product; its copy_ moved 2.0 TB/s where
+# torch's moves 2.9.
+FLAGGEMS_DEFAULT_EXCLUDE = ("mm", "mm_out", "addmm", "addmm_out", "bmm", "bmm_out", "copy_")
+
+
 def flaggems_exclude() -> List[str]:
-    """FLAGGEMS_EXCLUDE: comma-separated FlagGems op names to leave to torch ("*": patch no aten op)."""
-    return [name.strip() for name in os.environ.get("FLAGGEMS_EXCLUDE", "").split(",") if name.strip()]
+    """FLAGGEMS_EXCLUDE: comma-separated FlagGems op names to leave to torch ("*": patch no aten op;
+    set but empty: patch every op). Unset: FLAGGEMS_DEFAULT_EXCLUDE."""
+    if "FLAGGEMS_EXCLUDE" not in os.environ:
+        return list(FLAGGEMS_DEFAULT_EXCLUDE)
+    return [name.strip() for name in os.environ["FLAGGEMS_EXCLUDE"].split(",") if name.strip()]
 
 
 def enable_flaggems(exclude: Optional[List[str]] = None, scoped: bool = False, what: str = "--backend flaggems"):

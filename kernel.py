@@ -111,18 +111,25 @@ def rms_norm(x: torch.Tensor, weight, eps: float) -> torch.Tensor:
     return F.rms_norm(x.float(), (x.size(-1),), w, eps).to(x.dtype)   # one fused kernel on CUDA
 
 
-def apply_rotary(x: torch.Tensor, freqs_cis: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Interleaved RoPE on the last dim of x (pairs 2i, 2i+1 as complex numbers).
+def apply_rotary(x: torch.Tensor, freqs: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Interleaved RoPE on the last dim of x: each pair (2i, 2i+1) turned by its angle.
 
-    x [b, s, (h,) r]; freqs_cis [s, r/2] complex (or [b, s, r/2]). Returns a new tensor.
+    x [b, s, (h,) r]; freqs [s, r/2] complex, or its view_as_real [s, r/2, 2] (cos, sin) (or with a
+    leading b). Real arithmetic only, so that operator libraries without complex kernels run it.
+    Returns a new tensor in x's dtype.
     """
-    z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    f = freqs_cis.conj() if inverse else freqs_cis
-    if f.dim() == 2:
-        f = f.unsqueeze(0)
-    if z.dim() == 4:
-        f = f.unsqueeze(2)
-    return torch.view_as_real(z * f).flatten(-2).to(x.dtype)
+    if freqs.is_complex():
+        freqs = torch.view_as_real(freqs)
+    if freqs.dim() == 3:
+        freqs = freqs.unsqueeze(0)
+    if x.dim() == 4:
+        freqs = freqs.unsqueeze(2)
+    cos, sin = freqs[..., 0], freqs[..., 1]
+    if inverse:
+        sin = -sin
+    pair = x.float().unflatten(-1, (-1, 2))
+    a, b = pair[..., 0], pair[..., 1]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:

@@ -481,7 +481,7 @@ class Attention(nn.Module):
                                          args.compress_rope_theta, args.rope_factor, args.beta_fast, args.beta_slow)
         else:
             freqs = precompute_freqs_cis(self.rope_head_dim, args.max_seq_len, 0, args.rope_theta, 1.0, 0, 0)
-        self.register_buffer("freqs_cis", freqs, persistent=False)
+        self.register_buffer("freqs_cis", torch.view_as_real(freqs), persistent=False)   # [seq, rd/2, 2] cos, sin
         self.compressor = Compressor(args, self.ratio, self.head_dim, rotate=False) if self.ratio else None
         self.indexer = Indexer(args, tp) if self.ratio == 4 else None
         n_max = args.max_seq_len // self.ratio if self.ratio else 0
@@ -525,7 +525,7 @@ class Attention(nn.Module):
         """x [b, 1, D], pos [b]: attends over the whole cache with masks, so shapes never change."""
         bsz, win = x.size(0), self.window
         rows = torch.arange(bsz, device=x.device)
-        freqs = self.freqs_cis[pos].unsqueeze(1)                                    # [b, 1, rd/2]
+        freqs = self.freqs_cis[pos].unsqueeze(1)                                    # [b, 1, rd/2, 2]
         qr, q, kv = self.project(x, freqs)
         self.kv_cache[rows, pos % win] = kv[:, 0]
         slot = torch.arange(win, device=x.device)

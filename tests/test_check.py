@@ -163,6 +163,10 @@ def test_backend_choice_and_use_flaggems(monkeypatch):
         generate.resolve_backend("torch")
     monkeypatch.setenv("FLAGGEMS_EXCLUDE", " mul, ,masked_fill ")
     assert generate.flaggems_exclude() == ["mul", "masked_fill"]
+    monkeypatch.setenv("FLAGGEMS_EXCLUDE", "")
+    assert generate.flaggems_exclude() == []
+    monkeypatch.delenv("FLAGGEMS_EXCLUDE")
+    assert generate.flaggems_exclude() == list(generate.FLAGGEMS_DEFAULT_EXCLUDE) and "mm" in generate.flaggems_exclude()
 
 
 def test_a_side_past_its_timeout_is_stopped(ckpt, tmp_path, capsys):
