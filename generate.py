@@ -365,11 +365,12 @@ def build_model(args: ModelArgs, path: str, device: torch.device, world: int) ->
     return model.eval()
 
 
-# FlagGems 5.0.2 ops left to torch unless FLAGGEMS_EXCLUDE says otherwise, as measured on an H100
-# (BENCHMARKS.md): its Hopper mm fails on the model's linear layers ("incompatible dimensions") and
-# reached 638 of cuBLAS' 786 TFLOP/s on an 8192^3 bf16 product; its copy_ moved 2.0 TB/s where
-# torch's moves 2.9.
-FLAGGEMS_DEFAULT_EXCLUDE = ("mm", "mm_out", "addmm", "addmm_out", "bmm", "bmm_out", "copy_")
+# Without FLAGGEMS_EXCLUDE, backend flaggems runs FlagGems' fused V4 kernels and leaves the aten ops
+# to torch: with FlagGems 5.0.2 routing every aten op, the model fails on an H100 (a linear layer
+# gets an input of the wrong shape; excluding mm, addmm, bmm and copy_ moves the failure but does
+# not end it), and its mm and copy_ measured slower than torch's (BENCHMARKS.md). FLAGGEMS_EXCLUDE
+# set (even empty) routes the aten ops through FlagGems except the ones it names.
+FLAGGEMS_DEFAULT_EXCLUDE = ("*",)
 
 
 def flaggems_exclude() -> List[str]:
