@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Tensor parallelism over NCCL on a machine with 2 GPUs (not run by pytest):
+#   bash tests/multi_gpu_check.sh OUT_DIR
+# 1. generate.py greedy on a fixture checkpoint: N = 1 vs N = 2 over NCCL, the two-node launch
+#    simulated by run_node_0.sh / run_node_1.sh (one GPU each, 127.0.0.1), and the o-groups layout
+#    (a fixture with o_groups 1, USE_OGROUPS_COMM=1): every completion identical to N = 1.
+# 2. bench.py speed at N = 1 and N = 2 (real V4-Flash layer shapes), collectives per decode step.
+# Exits non-zero when a run fails or outputs differ.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:?output folder}"
+WORK="$(mktemp -d)"
+export USE_FLAGGEMS=0 PYTHONUNBUFFERED=1 NCCL_SOCKET_IFNAME=lo
+status=0
+
+python tests/fixtures.py "$WORK/release" >/dev/null
+python -c "
+import sys; sys.path.insert(0, 'tests')
+from fixtures import hf_config, write_release
+write_release('$WORK/release_g1', config=hf_config(o_groups=1), seed=1)"
+python convert.py --hf-ckpt-path "$WORK/release" --save-path "$WORK/ckpt" --model-parallel 1
+python convert.py --hf-ckpt-path "$WORK/release" --save-path "$WORK/ckpt" --model-parallel 2
+python convert.py --hf-ckpt-path "$WORK/release_g1" --save-path "$WORK/ckpt_g1" --model-parallel 1
+USE_OGROUPS_COMM=1 python convert.py --hf-ckpt-path "$WORK/release_g1" --save-path "$WORK/ckpt_g1" --model-parallel 2
+printf 'Hello there\n\nWhy is the sky blue? Answer in one sentence.\n\nList three prime numbers.\n\nWrite a long story about a GPU.\n\nHi\n' > "$WORK/prompts.txt"
+GEN=(--input-file "$WORK/prompts.txt" --temperature 0 --max-new-tokens 32 --max-batch-size 4 --dtype fp32)
+
+same() {  # name, reference jsonl, candidate jsonl
+    if cmp -s "$2" "$3"; then echo "$1: identical to N = 1"; else echo "$1: DIFFERENT from N = 1"; status=1; fi
+}
+python generate.py --ckpt-path "$WORK/ckpt" "${GEN[@]}" --output-file "$OUT/gen_mp1.jsonl"
+torchrun --standalone --nproc-per-node 2 generate.py --ckpt-path "$WORK/ckpt" "${GEN[@]}" --output-file "$OUT/gen_mp2.jsonl"
+same "N = 2 over NCCL" "$OUT/gen_mp1.jsonl" "$OUT/gen_mp2.jsonl"
+export MASTER_ADDR=127.0.0.1 MASTER_PORT=29611 NNODES=2 NPROC_PER_NODE=1 CKPT_PATH="$WORK/ckpt" USE_OGROUPS_COMM=0
+CUDA_VISIBLE_DEVICES=0 ./run_node_0.sh "${GEN[@]}" --output-file "$OUT/gen_2nodes.jsonl" &
+CUDA_VISIBLE_DEVICES=1 ./run_node_1.sh "${GEN[@]}" --output-file "$WORK/unused.jsonl"
+wait $!
+same "two nodes (run_node_0.sh + run_node_1.sh)" "$OUT/gen_mp1.jsonl" "$OUT/gen_2nodes.jsonl"
+unset MASTER_ADDR MASTER_PORT NNODES NPROC_PER_NODE CKPT_PATH USE_OGROUPS_COMM
+python generate.py --ckpt-path "$WORK/ckpt_g1" "${GEN[@]}" --output-file "$OUT/gen_g1_mp1.jsonl"
+USE_OGROUPS_COMM=1 torchrun --standalone --nproc-per-node 2 generate.py --ckpt-path "$WORK/ckpt_g1" "${GEN[@]}" \
+    --output-file "$OUT/gen_g1_mp2.jsonl"
+same "o-groups layout (o_groups 1, N = 2)" "$OUT/gen_g1_mp1.jsonl" "$OUT/gen_g1_mp2.jsonl"
+
+python bench.py speed --batch 1 32 --context 1024 16384 --prefill 4096 2>&1 | tee "$OUT/bench_mp1.log"
+torchrun --standalone --nproc-per-node 2 bench.py speed --batch 1 32 --context 1024 16384 --prefill 4096 2>&1 \
+    | tee "$OUT/bench_mp2.log"
+rm -rf "$WORK"
+echo "MULTI-GPU CHECK $([ $status = 0 ] && echo PASSED || echo FAILED)"
+exit $status
