@@ -6,6 +6,8 @@ reference that faster (Triton) versions are tested against.
 Shapes use: b batch, s query tokens, h heads, d head dim, n key slots,
 k selected keys per query.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -394,21 +396,16 @@ def moe_experts_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_l
 #     (other eps: its torch reference). It reads hc_scale [3] and hc_base [mix] as float32 pointers
 #     and returns float32, so the adapter passes float32 contiguous tensors.
 
-_flag_gems = None
-
-
+@functools.lru_cache(maxsize=None)
 def flag_gems_module():
-    """The flag_gems package (imported once; RuntimeError with the install command if it is missing)."""
-    global _flag_gems
-    if _flag_gems is None:
-        try:
-            import flag_gems
-        except ImportError:
-            raise RuntimeError("backend 'flaggems' needs the flag_gems package: "
-                               "pip install --no-deps flag-gems==5.0.2 && pip install PyYAML sqlalchemy packaging "
-                               "typing_extensions (see README)") from None
-        _flag_gems = flag_gems
-    return _flag_gems
+    """The flag_gems package, imported on first use (RuntimeError with the install command if it is missing)."""
+    try:
+        import flag_gems
+    except ImportError:
+        raise RuntimeError("backend 'flaggems' needs the flag_gems package: "
+                           "pip install --no-deps flag-gems==5.0.2 && pip install PyYAML sqlalchemy packaging "
+                           "typing_extensions (see README)") from None
+    return flag_gems
 
 
 def sparse_attn_flaggems(q, kv, attn_sink, topk_idxs, softmax_scale):

@@ -226,7 +226,7 @@ def test_flaggems_attention_adapter_pads_heads(monkeypatch):
             seen.update(heads=q.size(2), idx=idx.dtype, sink=sink.dtype, pad_sink=sink[4:].abs().sum().item())
             return kernel.sparse_attn_torch(q, kv, sink, idx, scale)
 
-    monkeypatch.setattr(kernel, "_flag_gems", FakeFlagGems)
+    monkeypatch.setattr(kernel, "flag_gems_module", lambda: FakeFlagGems)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 3, 4, 32, generator=g).bfloat16()
     kv = torch.randn(2, 10, 32, generator=g).bfloat16()
