@@ -334,8 +334,8 @@ def add_speed(commands) -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--context", type=int, nargs="+", default=[1024, 16384, 65536])
     p.add_argument("--backend", default="triton", choices=["torch", "triton", "flaggems"],
-                   help="kernels; flaggems also routes aten ops through FlagGems (FLAGGEMS_EXCLUDE=op1,op2 keeps "
-                        "those in torch)")
+                   help="kernels; flaggems = FlagGems' fused kernels (FLAGGEMS_EXCLUDE set also routes the aten "
+                        "ops through FlagGems, minus those it names)")
     p.add_argument("--compare", choices=["hf"], help="also time transformers' DeepseekV4 on the same weights")
     p.add_argument("--chunk", type=int, default=1024, help="prefill chunk length measured at each context")
     p.add_argument("--prefill-tokens", type=int, default=4096, help="tokens per prefill chunk measurement, at most")

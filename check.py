@@ -36,8 +36,8 @@ Exit status: 0 consistent within the thresholds given; 1 a threshold is passed; 
 (bad option or spec, missing checkpoint or shards, a backend or device this machine cannot run),
 nothing compared; 3 a side failed or timed out while running.
 
-Environment: FLAGGEMS_EXCLUDE=op1,op2 keeps those aten ops in torch for backend=flaggems
-('*' patches no aten op: FlagGems' fused kernels only).
+Environment: with backend=flaggems, FLAGGEMS_EXCLUDE set (even empty) also routes the aten ops
+through FlagGems except the names it lists; unset or '*', FlagGems' fused kernels only.
 """
 import argparse
 import contextlib

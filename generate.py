@@ -17,8 +17,8 @@ config, bad input ...), and all exit with status 1 if any rank found a problem. 
 later makes the others fail in their next collective, and torchrun stops the job.
 
 Environment: USE_OGROUPS_COMM=1 runs the o-groups layout (more ranks than o_groups; convert with it
-too); USE_FLAGGEMS=1 is --backend flaggems: FlagGems' fused kernels and aten operators (CUDA only;
-FLAGGEMS_EXCLUDE=op1,op2 leaves those aten ops to torch, FLAGGEMS_EXCLUDE='*' patches none).
+too); USE_FLAGGEMS=1 is --backend flaggems: FlagGems' fused V4 kernels (CUDA only); with
+FLAGGEMS_EXCLUDE set, also every aten operator except the ones it names (see flaggems_exclude).
 """
 import argparse
 import contextlib
@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from encoding import (ASSISTANT, BOS, EOS, THINK_END, THINK_START, USER, check_messages, encode_messages,
                       parse_completion)
+from kernel import BACKENDS
 from model import GraphedDecoder, ModelArgs, Transformer
 
 Prompt = Union[str, List[dict]]   # a user prompt, or a conversation ending with a user message
@@ -576,10 +577,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, help="override the config's max_batch_size")
     p.add_argument("--max-seq-len", type=int, help="override the config's max_seq_len")
     p.add_argument("--dtype", choices=("bf16", "fp32"), help="override the config's dtype")
-    p.add_argument("--backend", choices=("auto", "torch", "triton", "flaggems"),
+    p.add_argument("--backend", choices=BACKENDS,
                    help="kernels (default: the config's, else auto = Triton on CUDA); flaggems = FlagGems' fused "
-                        "kernels and aten operators (CUDA; USE_FLAGGEMS=1 is the same, FLAGGEMS_EXCLUDE=op1,op2 "
-                        "keeps those ops in torch, FLAGGEMS_EXCLUDE='*' patches no aten op)")
+                        "kernels (CUDA; USE_FLAGGEMS=1 is the same; FLAGGEMS_EXCLUDE set also routes the aten "
+                        "operators through FlagGems except the names it lists)")
     p.add_argument("--thinking", action="store_true", help="V4 thinking mode: the model reasons before it answers")
     p.add_argument("--raw", action="store_true", help="feed prompts as they are after BOS, without the chat format")
     p.add_argument("--timeout", type=float, default=600, help="seconds a rank waits for the others before failing")

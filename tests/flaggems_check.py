@@ -23,28 +23,13 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
 
 import kernel  # noqa: E402
+from bench import median_ms  # noqa: E402  (one timing method for every GPU figure)
 
 
 def errors(out, ref):
     """max |out - ref| and max |out - ref| / max |ref|."""
     diff = (out.double() - ref.double()).abs().max().item()
     return diff, diff / max(ref.double().abs().max().item(), 1e-30)
-
-
-def timed(fn, reps=50):
-    """Median milliseconds of fn() over reps calls, after warm-up (compiles the Triton kernels)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def attn_inputs(b, s, h, d, n, k, seed, dtype=torch.bfloat16, empty_row=False):
@@ -67,8 +52,8 @@ def check_attn(name, b, s, h, d, n, k, seed, results, tol=2e-2):
     out = kernel.sparse_attn_flaggems(q, kv, sink, idx, scale)
     mine = kernel.sparse_attn_triton(q, kv, sink, idx, scale)
     report(f"sparse_attn {name}", errors(out, ref), tol, results,
-           timed(lambda: kernel.sparse_attn_flaggems(q, kv, sink, idx, scale)),
-           timed(lambda: kernel.sparse_attn_triton(q, kv, sink, idx, scale)), "our Triton",
+           median_ms(lambda: kernel.sparse_attn_flaggems(q, kv, sink, idx, scale)),
+           median_ms(lambda: kernel.sparse_attn_triton(q, kv, sink, idx, scale)), "our Triton",
            extra=f"(our Triton: max abs {errors(mine, ref)[0]:.2e})")
 
 
@@ -80,8 +65,8 @@ def check_hadamard(name, shape, dtype, seed, results, tol):
     out = kernel.hadamard(x, scale, "flaggems")
     ok_dtype = out.dtype == x.dtype and out.shape == x.shape
     report(f"hadamard {name} {str(dtype)[6:]}", errors(out, ref), tol, results,
-           timed(lambda: kernel.hadamard(x, scale, "flaggems")),
-           timed(lambda: kernel.hadamard_transform(x, scale)), "our torch", ok_extra=ok_dtype)
+           median_ms(lambda: kernel.hadamard(x, scale, "flaggems")),
+           median_ms(lambda: kernel.hadamard_transform(x, scale)), "our torch", ok_extra=ok_dtype)
 
 
 def check_hc_split(name, lead, seed, results, hc=4, iters=20, eps=1e-6, tol=1e-5):
@@ -98,7 +83,7 @@ def check_hc_split(name, lead, seed, results, hc=4, iters=20, eps=1e-6, tol=1e-5
     else:
         baseline, label = (lambda: kernel.hc_split_sinkhorn(mixes, scale, base, hc, iters, eps)), "our torch"
     report(f"hc_split_sinkhorn {name}", err, tol, results,
-           timed(lambda: kernel.hc_split(mixes, scale, base, hc, iters, eps, "flaggems")), timed(baseline), label,
+           median_ms(lambda: kernel.hc_split(mixes, scale, base, hc, iters, eps, "flaggems")), median_ms(baseline), label,
            ok_extra=shapes_ok)
 
 
