@@ -7,6 +7,7 @@ Shapes use: b batch, s query tokens, h heads, d head dim, n key slots,
 k selected keys per query.
 """
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +144,86 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def norm_rope_torch(x: torch.Tensor, freqs: torch.Tensor, rope_dim: int, eps=None, weight=None,
+                    inverse: bool = False) -> torch.Tensor:
+    """RMSNorm over x's last dim when eps is given (weight None: unweighted), then RoPE on its last
+    rope_dim channels, the others kept. x [b, s, (h,) d]; freqs as for apply_rotary."""
+    if eps is not None:
+        x = rms_norm(x, weight, eps)
+    return torch.cat([x[..., :-rope_dim], apply_rotary(x[..., -rope_dim:], freqs, inverse)], dim=-1)
+
+
+def hc_mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hyper-connection mixes: the flattened streams x [.., hc, D], RMS-normalised, times fn^T [mix, hc*D]."""
+    flat = x.flatten(-2).float()
+    return F.linear(flat, fn) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
+
+
+def hc_pre_torch(x, fn, hc_scale, hc_base, hc_mult: int, iters: int, norm_eps: float, hc_eps: float):
+    """Enter a sublayer: x [.., hc, D] streams -> (input [.., D] in x's dtype, post [.., hc], comb [.., hc, hc]),
+    the input being the streams weighted by `pre`."""
+    pre, post, comb = hc_split_sinkhorn(hc_mixes(x, fn, norm_eps), hc_scale, hc_base, hc_mult, iters, hc_eps)
+    return (pre.unsqueeze(-1) * x.to(pre.dtype)).sum(dim=-2).to(x.dtype), post, comb
+
+
+def hc_post_torch(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """Leave a sublayer: stream k of the result = post[k] * f + sum_j comb[j, k] * residual[j].
+    f [.., D], residual [.., hc, D] -> [.., hc, D] in f's dtype."""
+    y = post.unsqueeze(-1) * f.to(comb.dtype).unsqueeze(-2) + torch.einsum("...jk,...jd->...kd", comb,
+                                                                            residual.to(comb.dtype))
+    return y.to(f.dtype)
+
+
+def index_scores_torch(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Lightning Indexer scores sum_h weights[h] * relu(q[h] . key) in float32.
+
+    q [b, s, h, d], keys [b, n, d], weights [b, s, h] -> [b, s, n]. Eight heads at a time bound
+    the [b, s, 8, n] temporary."""
+    b, s, h, _ = q.shape
+    scores = torch.zeros(b, s, keys.size(1), device=q.device)
+    for h0 in range(0, h, 8):
+        part = torch.einsum("bshd,bnd->bshn", q[:, :, h0:h0 + 8].float(), keys.float()).relu_()
+        scores += (part * weights[:, :, h0:h0 + 8].float().unsqueeze(-1)).sum(dim=2)
+    return scores
+
+
+def compressed_entries(kv: torch.Tensor, score: torch.Tensor, freqs: torch.Tensor, rope_dim: int, norm_weight,
+                       eps: float, rotate_scale, dtype: torch.dtype, backend: str = "auto") -> torch.Tensor:
+    """Compressed KV entries: kv [.., slots, hd] pooled with softmax(score) over the slots, rounded to
+    dtype, RMSNorm-ed, RoPE at the window's start (freqs), then, when rotate_scale is given, the
+    Hadamard rotation of the indexer's keys."""
+    entries = (kv * score.softmax(dim=-2)).sum(dim=-2).to(dtype)
+    entries = norm_rope(entries, freqs, rope_dim, eps, norm_weight, backend=backend)
+    return entries if rotate_scale is None else hadamard(entries, rotate_scale, backend)
+
+
+def compressor_decode_torch(kv_new, score_new, ape, pos, kv_state, score_state, prev_kv, prev_score,
+                            norm_weight, eps: float, freqs_cis, rope_dim: int, rotate_scale, cache) -> None:
+    """One token per row of a compressor (model.Compressor) with static shapes.
+
+    kv_new, score_new [b, width] are this token's projections (score before the ape bias). They go
+    to slot pos % ratio of kv_state / score_state [B, ratio, width]; the entry of the window in
+    progress, pos // ratio, is (re)written to cache [B, n_max, hd]. With prev_kv / prev_score
+    [B, ratio, hd] (ratio 4, overlapping windows) the entry pools the previous window's first
+    series with this window's second one, and a completed window becomes the previous one."""
+    bsz, ratio, width = kv_new.size(0), kv_state.size(1), kv_state.size(2)
+    hd = cache.size(-1)
+    rows, slot = torch.arange(bsz, device=kv_new.device), pos % ratio
+    kv_state[rows, slot] = kv_new
+    score_state[rows, slot] = score_new + ape[slot]
+    kv, score = kv_state[:bsz], score_state[:bsz]                                  # [b, ratio, width]
+    if prev_kv is not None:
+        done = (slot == ratio - 1).view(-1, 1, 1)
+        pooled_kv = torch.cat([prev_kv[:bsz], kv[..., hd:]], dim=1)                # [b, 2 * ratio, hd]
+        pooled_score = torch.cat([prev_score[:bsz], score[..., hd:]], dim=1)
+        prev_kv[:bsz] = torch.where(done, kv[..., :hd], prev_kv[:bsz])
+        prev_score[:bsz] = torch.where(done, score[..., :hd], prev_score[:bsz])
+        kv, score = pooled_kv, pooled_score
+    entries = compressed_entries(kv.unsqueeze(1), score.unsqueeze(1), freqs_cis[(pos - slot).unsqueeze(1)],
+                                 rope_dim, norm_weight, eps, rotate_scale, cache.dtype, "torch")     # [b, 1, hd]
+    cache[rows, pos // ratio] = entries[:, 0]
+
+
 # ---------------------------------------------------------------- Triton versions (CUDA)
 
 try:
@@ -155,11 +236,15 @@ except ImportError:      # CPU-only installs: the torch versions above serve
 BACKENDS = ("auto", "torch", "triton", "flaggems")
 
 
+# TRITON_INTERPRET=1 runs Triton kernels on CPU tensors (slowly): the tests use it for backend 'triton'.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def use_triton(x: torch.Tensor, backend: str) -> bool:
     """backend 'torch' | 'triton' | 'auto' (Triton on CUDA when it is installed) | 'flaggems'
     (FlagGems' fused kernels where they fit, our Triton kernels for the rest)."""
     if backend in ("triton", "flaggems"):
-        if triton is None or not x.is_cuda:
+        if triton is None or not (x.is_cuda or (INTERPRETED and backend == "triton")):
             raise RuntimeError(f"backend {backend!r} needs a CUDA device and the triton package")
         return True
     return backend == "auto" and triton is not None and x.is_cuda
@@ -262,31 +347,230 @@ if triton is not None:
 
 
     @triton.jit
-    def _hc_split_kernel(m_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, N, iters, eps,
-                         HC: tl.constexpr, BLOCK: tl.constexpr):
-        # BLOCK tokens a program; a row of mixes is [pre: HC | post: HC | comb: HC x HC]. The HC x HC
-        # Sinkhorn iterations stay in registers: one launch instead of ~4 small ones per iteration.
-        W: tl.constexpr = (2 + HC) * HC
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        rmask = rows < N
-        j = tl.arange(0, HC)
-        s_pre, s_post, s_comb = tl.load(scale_ptr), tl.load(scale_ptr + 1), tl.load(scale_ptr + 2)
-        m = tl.load(m_ptr + rows[:, None] * W + j[None, :], mask=rmask[:, None], other=0.0)
-        pre = tl.sigmoid(m * s_pre + tl.load(base_ptr + j)[None, :]) + eps
-        tl.store(pre_ptr + rows[:, None] * HC + j[None, :], pre, mask=rmask[:, None])
-        m = tl.load(m_ptr + rows[:, None] * W + HC + j[None, :], mask=rmask[:, None], other=0.0)
-        post = 2.0 * tl.sigmoid(m * s_post + tl.load(base_ptr + HC + j)[None, :])
-        tl.store(post_ptr + rows[:, None] * HC + j[None, :], post, mask=rmask[:, None])
-        cell = j[:, None] * HC + j[None, :]                                      # [HC, HC]
-        logits = tl.load(m_ptr + rows[:, None, None] * W + 2 * HC + cell[None, :, :], mask=rmask[:, None, None],
-                         other=0.0) * s_comb + tl.load(base_ptr + 2 * HC + cell)[None, :, :]
-        e = tl.exp(logits - tl.max(logits, 2)[:, :, None])
-        comb = e / tl.sum(e, 2)[:, :, None] + eps
-        comb = comb / (tl.sum(comb, 1)[:, None, :] + eps)
+    def _sinkhorn(logits, iters, eps):
+        # Row softmax + eps, a column normalisation, then iters - 1 row/column rounds on [HC, HC].
+        e = tl.exp(logits - tl.max(logits, 1)[:, None])
+        comb = e / tl.sum(e, 1)[:, None] + eps
+        comb = comb / (tl.sum(comb, 0)[None, :] + eps)
         for _ in range(iters - 1):
-            comb = comb / (tl.sum(comb, 2)[:, :, None] + eps)
-            comb = comb / (tl.sum(comb, 1)[:, None, :] + eps)
-        tl.store(comb_ptr + rows[:, None, None] * (HC * HC) + cell[None, :, :], comb, mask=rmask[:, None, None])
+            comb = comb / (tl.sum(comb, 1)[:, None] + eps)
+            comb = comb / (tl.sum(comb, 0)[None, :] + eps)
+        return comb
+
+    @triton.jit
+    def _hc_mix_kernel(x_ptr, fn_ptr, part_ptr, T, K, M, TPP: tl.constexpr, MP: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+        # Split-K partial sums of the mixes: for TPP tokens and one BLOCK_K slice of the flattened
+        # streams, part[t, slice, :M] = fn[:, slice] . x[t, slice] and part[t, slice, M] = |x[t, slice]|^2.
+        tb, kb = tl.program_id(0), tl.program_id(1)
+        ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        m = tl.arange(0, MP)
+        fn = tl.load(fn_ptr + m[:, None] * K + ks[None, :], mask=(m < M)[:, None] & kmask[None, :], other=0.0)
+        nsplit = tl.num_programs(1)
+        for i in range(TPP):
+            t = tb * TPP + i
+            x = tl.load(x_ptr + t.to(tl.int64) * K + ks, mask=kmask & (ks * 0 + t < T), other=0.0).to(tl.float32)
+            acc = tl.where(m == M, tl.sum(x * x, 0), tl.sum(fn * x[None, :], 1))
+            tl.store(part_ptr + (t.to(tl.int64) * nsplit + kb) * MP + m, acc, mask=(m <= M) & (m * 0 + t < T))
+
+    @triton.jit
+    def _hc_pre_kernel(part_ptr, x_ptr, scale_ptr, base_ptr, y_ptr, pre_ptr, post_ptr, comb_ptr,
+                       NSPLIT, sp_t, sp_s, K, D, norm_eps, iters, eps,
+                       HC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                       NORM: tl.constexpr, MIX: tl.constexpr):
+        # One token: sum the NSPLIT partial mixes, scale by the streams' RMS (NORM), split them into
+        # pre/post sigmoid gates and the Sinkhorn-projected comb, and (MIX) y = sum_k pre[k] x[k].
+        t = tl.program_id(0).to(tl.int64)
+        j = tl.arange(0, HC)
+        cell = j[:, None] * HC + j[None, :]
+        split = tl.arange(0, BLOCK_S)
+        smask = split < NSPLIT
+        row = part_ptr + t * sp_t + split * sp_s                                        # [BLOCK_S]
+        m_pre = tl.sum(tl.load(row[:, None] + j[None, :], mask=smask[:, None], other=0.0), 0)
+        m_post = tl.sum(tl.load(row[:, None] + HC + j[None, :], mask=smask[:, None], other=0.0), 0)
+        m_comb = tl.sum(tl.load(row[:, None, None] + 2 * HC + cell[None, :, :], mask=smask[:, None, None],
+                                other=0.0), 0)
+        if NORM:
+            r = tl.rsqrt(tl.sum(tl.load(row + (2 + HC) * HC, mask=smask, other=0.0), 0) / K + norm_eps)
+            m_pre, m_post, m_comb = m_pre * r, m_post * r, m_comb * r
+        pre = tl.sigmoid(m_pre * tl.load(scale_ptr) + tl.load(base_ptr + j)) + eps
+        post = 2.0 * tl.sigmoid(m_post * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + j))
+        comb = _sinkhorn(m_comb * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * HC + cell), iters, eps)
+        tl.store(post_ptr + t * HC + j, post)
+        tl.store(comb_ptr + t * HC * HC + cell, comb)
+        if MIX:
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                dmask = d < D
+                xs = tl.load(x_ptr + t * HC * D + j[:, None] * D + d[None, :], mask=dmask[None, :], other=0.0)
+                y = tl.sum(pre[:, None] * xs.to(tl.float32), 0)
+                tl.store(y_ptr + t * D + d, y.to(y_ptr.dtype.element_ty), mask=dmask)
+        else:
+            tl.store(pre_ptr + t * HC + j, pre)
+
+    @triton.jit
+    def _hc_post_kernel(f_ptr, r_ptr, post_ptr, comb_ptr, o_ptr, D, HC: tl.constexpr, BLOCK_D: tl.constexpr):
+        # out[t, k, d] = post[t, k] * f[t, d] + sum_j comb[t, j, k] * residual[t, j, d]
+        t, db = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        d = db * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = d < D
+        j = tl.arange(0, HC)
+        f = tl.load(f_ptr + t * D + d, mask=dmask, other=0.0).to(tl.float32)
+        streams = t * HC * D + j[:, None] * D + d[None, :]
+        res = tl.load(r_ptr + streams, mask=dmask[None, :], other=0.0).to(tl.float32)         # [HC, BLOCK_D]
+        comb = tl.load(comb_ptr + t * HC * HC + j[:, None] * HC + j[None, :])                  # [j, k]
+        out = tl.load(post_ptr + t * HC + j)[:, None] * f[None, :] + tl.sum(comb[:, :, None] * res[:, None, :], 0)
+        tl.store(o_ptr + streams, out.to(o_ptr.dtype.element_ty), mask=dmask[None, :])
+
+    @triton.jit
+    def _norm_rope_kernel(x_ptr, w_ptr, f_ptr, o_ptr, R, H, S, d, rope_start, eps, sf_b, sf_s,
+                          D: tl.constexpr, BLOCK_R: tl.constexpr, NORM: tl.constexpr, WEIGHT: tl.constexpr,
+                          INVERSE: tl.constexpr):
+        # BLOCK_R rows of width d (row r is head r % H of token r // H, token = b * S + s): optional
+        # RMSNorm, then the pairs (2i, 2i+1) from rope_start on turned by the angles of the token's position.
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, D)
+        partner = cols ^ 1                                 # the other member of a pair (rope_start is even)
+        mask = (rows < R)[:, None] & (cols < d)[None, :]
+        base = x_ptr + rows.to(tl.int64)[:, None] * d
+        x = tl.load(base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        xp = tl.load(base + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+        if NORM:
+            r = tl.rsqrt(tl.sum(x * x, 1) / d + eps)[:, None]
+            x, xp = x * r, xp * r
+            if WEIGHT:
+                x = x * tl.load(w_ptr + cols, mask=cols < d, other=0.0)[None, :]
+                xp = xp * tl.load(w_ptr + partner, mask=partner < d, other=0.0)[None, :]
+        token = rows // H
+        fbase = (token // S) * sf_b + (token % S) * sf_s
+        tail = mask & (cols >= rope_start)[None, :]
+        fcol = ((cols - rope_start) // 2) * 2
+        cos = tl.load(f_ptr + fbase[:, None] + fcol[None, :], mask=tail, other=1.0)
+        sin = tl.load(f_ptr + fbase[:, None] + fcol[None, :] + 1, mask=tail, other=0.0)
+        if INVERSE:
+            sin = -sin
+        out = x * cos + tl.where(cols % 2 == 0, -1.0, 1.0)[None, :] * xp * sin
+        tl.store(o_ptr + rows.to(tl.int64)[:, None] * d + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _hadamard_kernel(x_ptr, o_ptr, R, scale, N: tl.constexpr, LOG_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                         PRECISION: tl.constexpr):
+        # BLOCK_R rows times the Sylvester matrix H[i, j] = (-1)^popcount(i & j), built in registers.
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, N)
+        rmask = (rows < R)[:, None]
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=rmask, other=0.0)
+        both = cols[:, None] & cols[None, :]
+        parity = tl.zeros([N, N], tl.int32)
+        for bit in tl.static_range(LOG_N):
+            parity = parity ^ ((both >> bit) & 1)
+        h = (1 - 2 * parity).to(x.dtype)
+        y = tl.dot(x, h, input_precision=PRECISION) * scale
+        tl.store(o_ptr + offs, y.to(o_ptr.dtype.element_ty), mask=rmask)
+
+    @triton.jit
+    def _index_scores_kernel(q_ptr, k_ptr, w_ptr, o_ptr, S, N, H, sq_b, sq_s, sq_h, sk_b, sk_n, sw_b, sw_s,
+                             so_b, so_s, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                             PRECISION: tl.constexpr):
+        # One query token, BLOCK_N compressed entries: sum over heads of w[h] * relu(q[h] . key).
+        pid, nb = tl.program_id(0), tl.program_id(1)
+        b, s = pid // S, pid % S
+        n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < N
+        dims = tl.arange(0, D)
+        keys = tl.load(k_ptr + b * sk_b + n.to(tl.int64)[:, None] * sk_n + dims[None, :], mask=nmask[:, None],
+                       other=0.0)
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            heads = h0 + tl.arange(0, BLOCK_H)
+            hmask = heads < H
+            q = tl.load(q_ptr + b * sq_b + s * sq_s + heads[:, None] * sq_h + dims[None, :], mask=hmask[:, None],
+                        other=0.0)
+            w = tl.load(w_ptr + b * sw_b + s * sw_s + heads, mask=hmask, other=0.0).to(tl.float32)
+            scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION)                     # [BLOCK_H, BLOCK_N]
+            acc += tl.sum(tl.maximum(scores, 0.0) * w[:, None], 0)
+        tl.store(o_ptr + b * so_b + s * so_s + n, acc, mask=nmask)
+
+
+    @triton.jit
+    def _pool_tile(kv, score, m, l, acc):
+        # One step of a softmax over slots kept per channel: kv, score [rows, HD]; m, l, acc [HD].
+        m_new = tl.maximum(m, tl.max(score, 0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(score - m_new[None, :])
+        return m_new, l * alpha + tl.sum(p, 0), acc * alpha + tl.sum(p * kv, 0)
+
+    @triton.jit
+    def _compress_decode_kernel(kvn_ptr, scn_ptr, ape_ptr, pos_ptr, kvs_ptr, scs_ptr, pkv_ptr, psc_ptr,
+                                w_ptr, f_ptr, cache_ptr, ratio, width, rope_start, eps, rot_scale,
+                                ss_b, ss_r, sp_b, sp_r, sc_b, sc_n,
+                                HD: tl.constexpr, RC: tl.constexpr, OVERLAP: tl.constexpr, ROTATE: tl.constexpr,
+                                LOG_HD: tl.constexpr):
+        # One row: store the new token in its slot, pool the window (online softmax over slots,
+        # per channel), round, RMSNorm, RoPE at the window start, optionally Hadamard, write the entry.
+        b = tl.program_id(0).to(tl.int64)
+        pos = tl.load(pos_ptr + b)
+        slot = pos % ratio
+        c = tl.arange(0, HD)
+        second = HD if OVERLAP else 0               # column of the series pooled from this window
+        new_kv = tl.load(kvn_ptr + b * width + second + c)
+        new_sc = tl.load(scn_ptr + b * width + second + c) + tl.load(ape_ptr + slot * width + second + c)
+        state = b * ss_b + slot * ss_r
+        tl.store(kvs_ptr + state + second + c, new_kv)
+        tl.store(scs_ptr + state + second + c, new_sc)
+        if OVERLAP:
+            first_kv = tl.load(kvn_ptr + b * width + c)
+            first_sc = tl.load(scn_ptr + b * width + c) + tl.load(ape_ptr + slot * width + c)
+            tl.store(kvs_ptr + state + c, first_kv)
+            tl.store(scs_ptr + state + c, first_sc)
+        m = tl.full([HD], float("-inf"), tl.float32)
+        l = tl.zeros([HD], tl.float32)
+        acc = tl.zeros([HD], tl.float32)
+        for j0 in range(0, ratio, RC):             # this window first: its scores are finite
+            j = j0 + tl.arange(0, RC)
+            offs = b * ss_b + j[:, None] * ss_r + second + c[None, :]
+            live = (j < ratio)[:, None]
+            is_new = (j == slot)[:, None]
+            kv = tl.where(is_new, new_kv[None, :], tl.load(kvs_ptr + offs, mask=live, other=0.0))
+            sc = tl.where(is_new, new_sc[None, :], tl.load(scs_ptr + offs, mask=live, other=float("-inf")))
+            m, l, acc = _pool_tile(kv, sc, m, l, acc)
+        if OVERLAP:                                  # then the previous window's first series
+            j = tl.arange(0, RC)
+            offs = b * sp_b + j[:, None] * sp_r + c[None, :]
+            live = (j < ratio)[:, None]
+            m, l, acc = _pool_tile(tl.load(pkv_ptr + offs, mask=live, other=0.0),
+                                   tl.load(psc_ptr + offs, mask=live, other=float("-inf")), m, l, acc)
+            tl.debug_barrier()                       # every thread has read prev before it is replaced
+            if slot == ratio - 1:
+                s_offs = b * ss_b + j[:, None] * ss_r + c[None, :]
+                is_new = (j == slot)[:, None]
+                tl.store(pkv_ptr + offs, tl.where(is_new, first_kv[None, :],
+                                                  tl.load(kvs_ptr + s_offs, mask=live, other=0.0)), mask=live)
+                tl.store(psc_ptr + offs, tl.where(is_new, first_sc[None, :],
+                                                  tl.load(scs_ptr + s_offs, mask=live, other=0.0)), mask=live)
+        dtype = cache_ptr.dtype.element_ty
+        e = (acc / l).to(dtype).to(tl.float32)
+        e = (e * tl.rsqrt(tl.sum(e * e, 0) / HD + eps) * tl.load(w_ptr + c)).to(dtype).to(tl.float32)
+        a, bb = tl.split(tl.reshape(e, [HD // 2, 2]))
+        pair = tl.arange(0, HD // 2)
+        tail = 2 * pair >= rope_start
+        fcol = (pos - slot) * (HD - rope_start) + 2 * pair - rope_start
+        cos = tl.load(f_ptr + fcol, mask=tail, other=1.0)
+        sin = tl.load(f_ptr + fcol + 1, mask=tail, other=0.0)
+        e = tl.reshape(tl.join(a * cos - bb * sin, a * sin + bb * cos), [HD])
+        if ROTATE:
+            both = c[:, None] & c[None, :]
+            parity = tl.zeros([HD, HD], tl.int32)
+            for bit in tl.static_range(LOG_HD):
+                parity = parity ^ ((both >> bit) & 1)
+            e = tl.sum(e.to(dtype).to(tl.float32)[:, None] * (1 - 2 * parity).to(tl.float32), 0) * rot_scale
+        tl.store(cache_ptr + b * sc_b + (pos // ratio) * sc_n + c, e.to(dtype))
+
+def _precision(x: torch.Tensor) -> str:
+    """tl.dot precision: exact float32 products for float32 inputs (TF32 is ~1e-3 off)."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 def hc_split_sinkhorn_triton(mixes, hc_scale, hc_base, hc_mult: int, iters: int, eps: float):
@@ -297,11 +581,91 @@ def hc_split_sinkhorn_triton(mixes, hc_scale, hc_base, hc_mult: int, iters: int,
     pre = torch.empty(n, hc_mult, dtype=torch.float32, device=m.device)
     post = torch.empty_like(pre)
     comb = torch.empty(n, hc_mult, hc_mult, dtype=torch.float32, device=m.device)
-    block = 32
-    _hc_split_kernel[(triton.cdiv(n, block),)](
-        m, hc_scale.float().contiguous(), hc_base.float().contiguous(), pre, post, comb, n, iters, eps,
-        HC=hc_mult, BLOCK=block, num_warps=4)
+    _hc_pre_kernel[(n,)](
+        m, m, hc_scale.float().contiguous(), hc_base.float().contiguous(), m, pre, post, comb,
+        1, m.stride(0), 0, 1, 1, 0.0, iters, eps, HC=hc_mult, BLOCK_S=1, BLOCK_D=16, NORM=False, MIX=False,
+        num_warps=1)
     return pre.view(*lead, hc_mult), post.view(*lead, hc_mult), comb.view(*lead, hc_mult, hc_mult)
+
+
+def hc_pre_triton(x, fn, hc_scale, hc_base, hc_mult: int, iters: int, norm_eps: float, hc_eps: float):
+    """Triton version of hc_pre_torch: two launches (split-K mixes, then norm + Sinkhorn + weighted sum)."""
+    lead, dim = x.shape[:-2], x.size(-1)
+    x = x.reshape(-1, hc_mult, dim).contiguous()
+    t, k, m = x.size(0), hc_mult * dim, fn.size(0)
+    block_k, mp = 256, triton.next_power_of_2(m + 1)
+    nsplit = triton.cdiv(k, block_k)
+    tpp = 1 if t <= 256 else 16                        # tokens per program share one load of fn's slice
+    part = torch.empty(t, nsplit, mp, dtype=torch.float32, device=x.device)
+    _hc_mix_kernel[(triton.cdiv(t, tpp), nsplit)](x, fn.float().contiguous(), part, t, k, m, TPP=tpp, MP=mp,
+                                                  BLOCK_K=block_k, num_warps=4)
+    y = torch.empty(t, dim, dtype=x.dtype, device=x.device)
+    post = torch.empty(t, hc_mult, dtype=torch.float32, device=x.device)
+    comb = torch.empty(t, hc_mult, hc_mult, dtype=torch.float32, device=x.device)
+    _hc_pre_kernel[(t,)](
+        part, x, hc_scale.float().contiguous(), hc_base.float().contiguous(), y, post, post, comb,
+        nsplit, part.stride(0), part.stride(1), k, dim, norm_eps, iters, hc_eps,
+        HC=hc_mult, BLOCK_S=triton.next_power_of_2(nsplit), BLOCK_D=512, NORM=True, MIX=True, num_warps=4)
+    return y.view(*lead, dim), post.view(*lead, hc_mult), comb.view(*lead, hc_mult, hc_mult)
+
+
+def hc_post_triton(f, residual, post, comb):
+    """Triton version of hc_post_torch."""
+    hc, dim = residual.shape[-2:]
+    out = torch.empty(residual.shape, dtype=f.dtype, device=f.device)
+    t = out.numel() // (hc * dim)
+    block_d = 256
+    _hc_post_kernel[(t, triton.cdiv(dim, block_d))](
+        f.contiguous(), residual.contiguous(), post.float().contiguous(), comb.float().contiguous(), out, dim,
+        HC=hc, BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+def norm_rope_triton(x, freqs, rope_dim: int, eps=None, weight=None, inverse: bool = False):
+    """Triton version of norm_rope_torch: one launch. freqs must be the real (cos, sin) form."""
+    b, s, d = x.size(0), x.size(1), x.size(-1)
+    heads = x.size(2) if x.dim() == 4 else 1
+    f = freqs if freqs.dim() == 4 else freqs.unsqueeze(0)                     # [b or 1, s or 1, r/2, 2]
+    f = f.float().expand(b, s, -1, -1)
+    if f.stride(-1) != 1 or f.stride(-2) != 2:
+        f = f.contiguous()
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    rows = x.numel() // d
+    block_r = 8
+    _norm_rope_kernel[(triton.cdiv(rows, block_r),)](
+        x, x if weight is None else weight.float().contiguous(), f, out, rows, heads, s, d, d - rope_dim,
+        0.0 if eps is None else eps, f.stride(0), f.stride(1),
+        D=triton.next_power_of_2(d), BLOCK_R=block_r, NORM=eps is not None, WEIGHT=weight is not None,
+        INVERSE=inverse, num_warps=4)
+    return out
+
+
+def hadamard_triton(x, scale: float):
+    """Triton version of hadamard_transform for sizes 16 .. 256: one matrix product a block of rows."""
+    n = x.size(-1)
+    flat = x.reshape(-1, n).contiguous()
+    out = torch.empty_like(flat)
+    block_r = 16
+    _hadamard_kernel[(triton.cdiv(flat.size(0), block_r),)](
+        flat, out, flat.size(0), scale, N=n, LOG_N=n.bit_length() - 1, BLOCK_R=block_r,
+        PRECISION=_precision(x), num_warps=4)
+    return out.view(x.shape)
+
+
+def index_scores_triton(q, keys, weights):
+    """Triton version of index_scores_torch: one launch, float32 [b, s, n]."""
+    b, s, h, d = q.shape
+    n = keys.size(1)
+    q, keys, weights = q.contiguous(), keys.contiguous(), weights.contiguous()
+    out = torch.empty(b, s, n, dtype=torch.float32, device=q.device)
+    block_h = min(64, max(16, triton.next_power_of_2(h)))
+    block_n = 64
+    _index_scores_kernel[(b * s, triton.cdiv(n, block_n))](
+        q, keys, weights, out, s, n, h, q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1),
+        weights.stride(0), weights.stride(1), out.stride(0), out.stride(1),
+        D=d, BLOCK_H=block_h, BLOCK_N=block_n, PRECISION=_precision(q), num_warps=4)
+    return out
 
 
 def sparse_attn_triton(q, kv, attn_sink, topk_idxs, softmax_scale):
@@ -316,7 +680,7 @@ def sparse_attn_triton(q, kv, attn_sink, topk_idxs, softmax_scale):
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), topk_idxs.stride(0), topk_idxs.stride(1),
         o.stride(0), o.stride(1), o.stride(2),
         D=d, BLOCK_H=block_h, BLOCK_K=32 if d <= 128 else 16,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+        PRECISION=_precision(q), num_warps=4)
     return o
 
 
@@ -356,7 +720,7 @@ def moe_experts_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_l
     local = experts.flatten() - first_expert
     local = torch.where((local >= 0) & (local < n_local), local, n_local)
     block_m = 16 if t * k <= 512 else 64
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    precision = _precision(x)
     order, tile_expert, tile_start, tile_end = moe_schedule(local, n_local, block_m)
     token = order // k
     w_sorted = weights.flatten()[order].float()
@@ -374,6 +738,24 @@ def moe_experts_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_l
         BM=block_m, BN=64, BK=64, PRECISION=precision, num_warps=4, num_stages=3)
     return out.view(t, k, dim).sum(1)
 
+
+def compressor_decode_triton(kv_new, score_new, ape, pos, kv_state, score_state, prev_kv, prev_score,
+                             norm_weight, eps: float, freqs_cis, rope_dim: int, rotate_scale, cache) -> None:
+    """Triton version of compressor_decode_torch: one launch for the whole update (head dim a power of two)."""
+    bsz, width = kv_new.shape
+    ratio, hd = kv_state.size(1), cache.size(-1)
+    overlap = prev_kv is not None
+    for t in (kv_state, score_state, cache) + ((prev_kv, prev_score) if overlap else ()):
+        if t.stride(-1) != 1:
+            raise ValueError("compressor state and cache need a contiguous last dim")
+    _compress_decode_kernel[(bsz,)](
+        kv_new.float().contiguous(), score_new.float().contiguous(), ape.contiguous(), pos.contiguous(),
+        kv_state, score_state, prev_kv if overlap else kv_state, prev_score if overlap else score_state,
+        norm_weight.float().contiguous(), freqs_cis.contiguous(), cache, ratio, width, hd - rope_dim, eps,
+        1.0 if rotate_scale is None else rotate_scale, kv_state.stride(0), kv_state.stride(1),
+        prev_kv.stride(0) if overlap else 0, prev_kv.stride(1) if overlap else 0, cache.stride(0), cache.stride(1),
+        HD=hd, RC=min(16, triton.next_power_of_2(ratio)), OVERLAP=overlap, ROTATE=rotate_scale is not None,
+        LOG_HD=hd.bit_length() - 1, num_warps=8)
 
 # ---------------------------------------------------------------- FlagGems versions (CUDA)
 #
@@ -436,9 +818,13 @@ def sparse_attn(q, kv, attn_sink, topk_idxs, softmax_scale, backend: str = "auto
 
 
 def hadamard(x: torch.Tensor, scale: float, backend: str = "auto") -> torch.Tensor:
-    """hadamard_transform, through FlagGems' kernel with backend 'flaggems' (on CUDA)."""
-    if backend == "flaggems" and use_triton(x, backend):
-        return flag_gems_module().hadamard_transform(x, scale)
+    """hadamard_transform: FlagGems' kernel with backend 'flaggems', ours for sizes 16 .. 256 on CUDA."""
+    if use_triton(x, backend):
+        if backend == "flaggems":
+            return flag_gems_module().hadamard_transform(x, scale)
+        n = x.size(-1)
+        if 16 <= n <= 256 and n & (n - 1) == 0:
+            return hadamard_triton(x, scale)
     return hadamard_transform(x, scale)
 
 
@@ -452,3 +838,46 @@ def hc_split(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor,
                          iters, eps)
         return hc_split_sinkhorn_triton(mixes, hc_scale, hc_base, hc_mult, iters, eps)
     return hc_split_sinkhorn(mixes, hc_scale, hc_base, hc_mult, iters, eps)
+
+
+def hc_pre(x, fn, hc_scale, hc_base, hc_mult: int, iters: int, norm_eps: float, hc_eps: float,
+           backend: str = "auto"):
+    """hc_pre_torch; on CUDA fused into two Triton launches, or around FlagGems' split + Sinkhorn."""
+    if use_triton(x, backend):
+        if backend == "flaggems":
+            pre, post, comb = hc_split(hc_mixes(x, fn, norm_eps), hc_scale, hc_base, hc_mult, iters, hc_eps, backend)
+            return (pre.unsqueeze(-1) * x.float()).sum(dim=-2).to(x.dtype), post, comb
+        return hc_pre_triton(x, fn, hc_scale, hc_base, hc_mult, iters, norm_eps, hc_eps)
+    return hc_pre_torch(x, fn, hc_scale, hc_base, hc_mult, iters, norm_eps, hc_eps)
+
+
+def hc_post(f, residual, post, comb, backend: str = "auto"):
+    """hc_post_torch, one Triton launch on CUDA."""
+    if use_triton(f, backend):
+        return hc_post_triton(f, residual, post, comb)
+    return hc_post_torch(f, residual, post, comb)
+
+
+def norm_rope(x, freqs, rope_dim: int, eps=None, weight=None, inverse: bool = False, backend: str = "auto"):
+    """norm_rope_torch, one Triton launch on CUDA."""
+    if use_triton(x, backend):
+        return norm_rope_triton(x, freqs, rope_dim, eps, weight, inverse)
+    return norm_rope_torch(x, freqs, rope_dim, eps, weight, inverse)
+
+
+def index_scores(q, keys, weights, backend: str = "auto"):
+    """index_scores_torch, one Triton launch on CUDA."""
+    if use_triton(q, backend):
+        return index_scores_triton(q, keys, weights)
+    return index_scores_torch(q, keys, weights)
+
+
+def compressor_decode(kv_new, score_new, ape, pos, kv_state, score_state, prev_kv, prev_score, norm_weight,
+                      eps: float, freqs_cis, rope_dim: int, rotate_scale, cache, backend: str = "auto") -> None:
+    """compressor_decode_torch, one Triton launch on CUDA (head dims that are powers of two)."""
+    hd = cache.size(-1)
+    if use_triton(kv_new, backend) and hd & (hd - 1) == 0:
+        return compressor_decode_triton(kv_new, score_new, ape, pos, kv_state, score_state, prev_kv, prev_score,
+                                        norm_weight, eps, freqs_cis, rope_dim, rotate_scale, cache)
+    return compressor_decode_torch(kv_new, score_new, ape, pos, kv_state, score_state, prev_kv, prev_score,
+                                   norm_weight, eps, freqs_cis, rope_dim, rotate_scale, cache)

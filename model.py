@@ -23,8 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kernel import (BACKENDS, apply_rotary, hadamard, hc_split, moe_experts_triton, rms_norm, sparse_attn, swiglu,
-                    use_triton)
+from kernel import (BACKENDS, compressed_entries, compressor_decode, hadamard, hc_mixes, hc_post, hc_pre,
+                    index_scores, moe_experts_triton, norm_rope, rms_norm, sparse_attn, swiglu, use_triton)
 
 
 @dataclass
@@ -294,11 +294,6 @@ def precompute_freqs_cis(dim: int, seqlen: int, original_seq_len: int, base: flo
     return torch.polar(torch.ones_like(angles), angles)
 
 
-def rope_tail(x: torch.Tensor, freqs_cis: torch.Tensor, rd: int, inverse: bool = False) -> torch.Tensor:
-    """Apply RoPE to the last rd channels of x, leaving the others as they are."""
-    return torch.cat([x[..., :-rd], apply_rotary(x[..., -rd:], freqs_cis, inverse)], dim=-1)
-
-
 # ---------------------------------------------------------------- hybrid attention
 
 class Compressor(nn.Module):
@@ -329,11 +324,10 @@ class Compressor(nn.Module):
             self.register_buffer("prev_kv", torch.zeros(b, ratio, head_dim), persistent=False)
             self.register_buffer("prev_score", torch.zeros(b, ratio, head_dim), persistent=False)
 
-    def _entries(self, kv, score, window_start, freqs_cis):
-        """Pool kv [..., slots, hd] with softmax(score) over the slots, then norm, RoPE at window_start."""
-        entries = self.norm((kv * score.softmax(dim=-2)).sum(dim=-2).to(self.dtype))
-        entries = rope_tail(entries, freqs_cis[window_start], self.rope_head_dim)
-        return hadamard(entries, self.head_dim ** -0.5, self.backend) if self.rotate else entries
+    @property
+    def rotate_scale(self):
+        """Scale of the Hadamard rotation of the entries (the indexer's keys), None for no rotation."""
+        return self.head_dim ** -0.5 if self.rotate else None
 
     def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, cache: torch.Tensor) -> None:
         """Write to cache [B, n_max, hd] the entries completed by tokens start_pos .. start_pos+s-1
@@ -366,28 +360,20 @@ class Compressor(nn.Module):
             score = torch.cat([prev_score, score[..., hd:]], dim=2)
         first = start_pos // ratio
         window_start = (first + torch.arange(n, device=x.device)) * ratio
-        cache[:bsz, first:first + n] = self._entries(kv, score, window_start, freqs_cis)
+        cache[:bsz, first:first + n] = compressed_entries(kv, score, freqs_cis[window_start], self.rope_head_dim,
+                                                          self.norm.weight, self.norm.eps, self.rotate_scale,
+                                                          self.dtype, self.backend)
 
     def decode(self, x: torch.Tensor, pos: torch.Tensor, freqs_cis: torch.Tensor, cache: torch.Tensor) -> None:
         """One token per row, x [b, 1, D] at positions pos [b], with static shapes and no host sync.
 
         The entry of the window in progress is rewritten at every step; it is invisible to the
         attention until its window completes, and correct from then on."""
-        bsz = x.size(0)
-        ratio, hd = self.ratio, self.head_dim
-        rows, slot = torch.arange(bsz, device=x.device), pos % ratio
-        self.kv_state[rows, slot] = self.wkv(x[:, 0].float())
-        self.score_state[rows, slot] = self.wgate(x[:, 0].float()) + self.ape[slot]
-        kv, score = self.kv_state[:bsz], self.score_state[:bsz]                     # [b, ratio, width]
-        if self.overlap:
-            done = (slot == ratio - 1).view(-1, 1, 1)
-            pooled_kv = torch.cat([self.prev_kv[:bsz], kv[..., hd:]], dim=1)        # [b, 2 * ratio, hd]
-            pooled_score = torch.cat([self.prev_score[:bsz], score[..., hd:]], dim=1)
-            self.prev_kv[:bsz] = torch.where(done, kv[..., :hd], self.prev_kv[:bsz])
-            self.prev_score[:bsz] = torch.where(done, score[..., :hd], self.prev_score[:bsz])
-            kv, score = pooled_kv, pooled_score
-        entries = self._entries(kv.unsqueeze(1), score.unsqueeze(1), (pos - slot).unsqueeze(1), freqs_cis)
-        cache[rows, pos // ratio] = entries[:, 0]
+        x = x[:, 0].float()
+        prev = (self.prev_kv, self.prev_score) if self.overlap else (None, None)
+        compressor_decode(self.wkv(x), self.wgate(x), self.ape, pos, self.kv_state, self.score_state, *prev,
+                          self.norm.weight, self.norm.eps, freqs_cis, self.rope_head_dim, self.rotate_scale, cache,
+                          self.backend)
 
 
 def visible_entries(pos: torch.Tensor, ratio: int) -> torch.Tensor:
@@ -422,7 +408,7 @@ class Indexer(nn.Module):
         decoding with start_pos None) -> indices [b, s, k] of compressed entries, -1 for none."""
         bsz, seqlen, _ = x.shape
         q = self.wq_b(qr).unflatten(-1, (self.n_local_heads, self.head_dim))
-        q = rope_tail(q, freqs_cis[pos], self.rope_head_dim)
+        q = norm_rope(q, freqs_cis[pos], self.rope_head_dim, backend=self.backend)
         q = hadamard(q, self.head_dim ** -0.5, self.backend)
         if start_pos is None:
             self.compressor.decode(x, pos[:, 0], freqs_cis, self.kv_cache)
@@ -431,11 +417,7 @@ class Indexer(nn.Module):
             self.compressor(x, start_pos, freqs_cis, self.kv_cache)
             keys = self.kv_cache[:bsz, :(start_pos + seqlen) // self.ratio]            # [b, n, d]
         weights = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
-        scores = torch.zeros(bsz, seqlen, keys.size(1), device=x.device)                # [b, s, n]
-        for h in range(0, self.n_local_heads, 8):     # 8 heads at a time bound the [b, s, h, n] temporary
-            part = torch.einsum("bshd,bnd->bshn", q[:, :, h:h + 8].float(), keys.float()).relu_()
-            scores += (part * weights[:, :, h:h + 8].unsqueeze(-1)).sum(dim=2)
-        scores = self.tp.all_reduce(scores)
+        scores = self.tp.all_reduce(index_scores(q, keys, weights, self.backend))       # [b, s, n]
         limit = visible_entries(pos, self.ratio).unsqueeze(-1)
         entry = torch.arange(scores.size(-1), device=x.device)
         scores = scores.masked_fill(entry >= limit, float("-inf"))
@@ -547,14 +529,14 @@ class Attention(nn.Module):
         """Low-rank query qr [b, s, q_lora_rank], queries q [b, s, h, d] and the shared key/value kv [b, s, d]."""
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).unflatten(-1, (self.n_local_heads, self.head_dim))
-        q = rope_tail(rms_norm(q, None, self.eps), freqs, self.rope_head_dim)
-        kv = rope_tail(self.kv_norm(self.wkv(x)), freqs, self.rope_head_dim)
+        q = norm_rope(q, freqs, self.rope_head_dim, self.eps, backend=self.backend)
+        kv = norm_rope(self.wkv(x), freqs, self.rope_head_dim, self.eps, self.kv_norm.weight, backend=self.backend)
         return qr, q, kv
 
     def output(self, o: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         """Rotate the RoPE channels of o [b, s, h, d] back, then the grouped projection -> [b, s, D]."""
         bsz, seqlen = o.shape[:2]
-        o = rope_tail(o, freqs, self.rope_head_dim, inverse=True)
+        o = norm_rope(o, freqs, self.rope_head_dim, inverse=True, backend=self.backend)
         if self.tp.pair_group is not None:   # gather the heads of this rank's output group
             parts = [torch.empty_like(o) for _ in range(dist.get_world_size(self.tp.pair_group))]
             dist.all_gather(parts, o.contiguous(), group=self.tp.pair_group)
@@ -584,7 +566,10 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor):
         """x [T, D], ids [T] -> weights [T, k] float32, experts [T, k]."""
-        scores = F.linear(x.float(), self.weight.float())
+        if x.is_cuda:        # float32 products of the bf16 values without a float32 copy of the weight
+            scores = torch.mm(x, self.weight.t(), out_dtype=torch.float32)
+        else:
+            scores = F.linear(x.float(), self.weight.float())
         if self.score_func == "softmax":
             scores = scores.softmax(dim=-1)
         elif self.score_func == "sigmoid":
@@ -668,12 +653,6 @@ class MoE(nn.Module):
 
 # ---------------------------------------------------------------- blocks with hyper-connections
 
-def hc_weights(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
-    """Mixes of the hc streams: RMS-normalised flattened streams [b, s, hc*D] times fn^T."""
-    flat = x.flatten(2).float()
-    return F.linear(flat, fn) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
-
-
 class Block(nn.Module):
     """One layer: attention and MoE, each entered through hc_pre and left through hc_post.
 
@@ -697,22 +676,15 @@ class Block(nn.Module):
             self.register_parameter(f"hc_{site}_scale", nn.Parameter(torch.empty(3), requires_grad=False))
 
     def hc_pre(self, x: torch.Tensor, fn, scale, base):
-        mixes = hc_weights(x, fn, self.norm_eps)
-        pre, post, comb = hc_split(mixes, scale, base, self.hc_mult, self.hc_sinkhorn_iters, self.hc_eps, self.backend)
-        y = (pre.unsqueeze(-1) * x.float()).sum(dim=2)
-        return y.to(x.dtype), post, comb
-
-    @staticmethod
-    def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-        # stream k of the output = post[k] * f + sum_j comb[j, k] * residual[j]
-        y = post.unsqueeze(-1) * f.float().unsqueeze(-2) + torch.einsum("bsjk,bsjd->bskd", comb, residual.float())
-        return y.to(f.dtype)
+        """streams x [b, s, hc, D] -> sublayer input [b, s, D], post [b, s, hc], comb [b, s, hc, hc]"""
+        return hc_pre(x, fn, scale, base, self.hc_mult, self.hc_sinkhorn_iters, self.norm_eps, self.hc_eps,
+                      self.backend)
 
     def forward(self, x: torch.Tensor, start_pos: int, ids: torch.Tensor) -> torch.Tensor:
         h, post, comb = self.hc_pre(x, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base)
-        x = self.hc_post(self.attn(self.attn_norm(h), start_pos), x, post, comb)
+        x = hc_post(self.attn(self.attn_norm(h), start_pos), x, post, comb, self.backend)
         h, post, comb = self.hc_pre(x, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base)
-        return self.hc_post(self.ffn(self.ffn_norm(h), ids), x, post, comb)
+        return hc_post(self.ffn(self.ffn_norm(h), ids), x, post, comb, self.backend)
 
 
 def hc_head_params(module: nn.Module, args: ModelArgs) -> None:
@@ -724,7 +696,7 @@ def hc_head_params(module: nn.Module, args: ModelArgs) -> None:
 
 def hc_collapse(module: nn.Module, x: torch.Tensor, args: ModelArgs) -> torch.Tensor:
     """HC head: collapse the streams [b, s, hc, D] with sigmoid weights (no Sinkhorn) -> [b, s, D]."""
-    mixes = hc_weights(x, module.hc_head_fn, args.norm_eps)
+    mixes = hc_mixes(x, module.hc_head_fn, args.norm_eps)
     pre = torch.sigmoid(mixes * module.hc_head_scale + module.hc_head_base) + args.hc_eps
     return (pre.unsqueeze(-1) * x.float()).sum(dim=2).to(x.dtype)
 

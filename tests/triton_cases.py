@@ -7,7 +7,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
 import kernel  # noqa: E402
 
 
@@ -56,6 +57,116 @@ def hc_split_case(device, dtype, n, hc, iters, seed):
     return max(rel_err(a, b) for a, b in zip(out, ref))
 
 
+def hc_pre_case(device, dtype, t, hc, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, 1, hc, dim, generator=g).to(device, dtype)
+    fn = (torch.randn((2 + hc) * hc, hc * dim, generator=g) * 0.05).to(device)
+    scale, base = (torch.rand(3, generator=g) + 0.5).to(device), torch.randn((2 + hc) * hc, generator=g).to(device)
+    out = kernel.hc_pre_triton(x, fn, scale, base, hc, 20, 1e-6, 1e-6)
+    ref = kernel.hc_pre_torch(x.double(), fn, scale.double(), base.double(), hc, 20, 1e-6, 1e-6)
+    assert out[0].dtype == dtype and out[0].shape == (t, 1, dim)
+    return max(rel_err(a, b) for a, b in zip(out, ref))
+
+
+def hc_post_case(device, dtype, t, hc, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(t, 1, dim, generator=g).to(device, dtype)
+    res = torch.randn(t, 1, hc, dim, generator=g).to(device, dtype)
+    post, comb = torch.rand(t, 1, hc, generator=g).to(device), torch.rand(t, 1, hc, hc, generator=g).to(device)
+    out = kernel.hc_post_triton(f, res, post, comb)
+    assert out.dtype == dtype
+    return rel_err(out, kernel.hc_post_torch(f.double(), res.double(), post.double(), comb.double()))
+
+
+def norm_rope_case(device, dtype, shape, rd, norm, weighted, inverse, per_row, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g).to(device, dtype)
+    b, s, d = shape[0], shape[1], shape[-1]
+    angles = torch.rand(b if per_row else 1, s, rd // 2, generator=g) * 6
+    freqs = torch.stack([angles.cos(), angles.sin()], -1).to(device)
+    freqs = freqs if per_row else freqs[0]
+    w = (torch.rand(d, generator=g) + 0.5).to(device) if weighted else None
+    eps = 1e-6 if norm else None
+    out = kernel.norm_rope_triton(x, freqs, rd, eps, w, inverse)
+    ref = kernel.norm_rope_torch(x.double(), freqs.double(), rd, eps, None if w is None else w.double(), inverse)
+    return rel_err(out, ref)
+
+
+def hadamard_case(device, dtype, shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g).to(device, dtype)
+    n = shape[-1]
+    return rel_err(kernel.hadamard_triton(x, n ** -0.5), kernel.hadamard_transform(x.double(), n ** -0.5))
+
+
+def index_scores_case(device, dtype, b, s, h, d, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, s, h, d, generator=g).to(device, dtype)
+    keys = torch.randn(b, n, d, generator=g).to(device, dtype)
+    w = torch.randn(b, s, h, generator=g).to(device)
+    out = kernel.index_scores_triton(q, keys, w)
+    return rel_err(out, kernel.index_scores_torch(q.double(), keys.double(), w.double()))
+
+
+def compressor_case(device, dtype, ratio, hd, rotate, seed, b=3, steps=11):
+    """Decode steps of a compressor from random state at different positions per row: the cache
+    entries and every state tensor of the Triton update against the torch one."""
+    g = torch.Generator().manual_seed(seed)
+    overlap = ratio == 4
+    width, rd, n_max = (1 + overlap) * hd, 16, 40
+    angles = torch.rand(n_max * ratio, rd // 2, generator=g) * 6
+    freqs = torch.stack([angles.cos(), angles.sin()], -1).to(device)
+    ape, w = torch.randn(ratio, width, generator=g).to(device), (torch.rand(hd, generator=g) + 0.5).to(device)
+    states = [torch.randn(b + 1, ratio, width, generator=g), torch.randn(b + 1, ratio, width, generator=g)]
+    states += [torch.randn(b + 1, ratio, hd, generator=g), torch.randn(b + 1, ratio, hd, generator=g)] if overlap else [None, None]
+    states[3 if overlap else 1][0, :2] = float("-inf")           # a first window: no previous one
+    cache = torch.randn(b + 1, n_max, hd, generator=g)
+    mine = [None if s is None else s.to(device) for s in states] + [cache.to(device, dtype)]
+    ref = [None if s is None else s.double() for s in states] + [cache.double()]
+    pos = torch.tensor([0, ratio - 2, 5 * ratio + 1])[:b]
+    for _ in range(steps):
+        kv_new, score_new = torch.randn(b, width, generator=g), torch.randn(b, width, generator=g)
+        scale = hd ** -0.5 if rotate else None
+        kernel.compressor_decode_triton(kv_new.to(device), score_new.to(device), ape, pos.to(device), *mine[:4],
+                                        w, 1e-6, freqs, rd, scale, mine[4])
+        kernel.compressor_decode_torch(kv_new.double(), score_new.double(), ape.double(), pos, *ref[:4],
+                                       w.double(), 1e-6, freqs.double().cpu(), rd, scale, ref[4])
+        pos = pos + 1
+    finite = [(a, r) for a, r in zip(mine, ref) if a is not None]
+    return max(rel_err(a.cpu().nan_to_num(0, 0, 0), r.nan_to_num(0, 0, 0)) for a, r in finite)
+
+
+def model_case(device, dtype, seed):
+    """The fixture model on the Triton path (device) against the torch path (CPU, float32): a batch
+    prefilled in two chunks, then decode steps at per-row positions crossing window and compression
+    boundaries. Returns the worst relative logit error."""
+    import tempfile
+    from fixtures import write_release
+    from model import ModelArgs, Transformer
+    path = tempfile.mkdtemp()
+    weights = write_release(path, seed=seed, n_files=1)
+
+    def build(backend, dev, dt):
+        args = ModelArgs.from_file(os.path.join(path, "config.json"), dtype=dt, backend=backend,
+                                   max_seq_len=64, max_batch_size=3)
+        with torch.device(dev):
+            model = Transformer(args)
+        model.load_state_dict(weights, strict=True)
+        return model
+    ref, fast = build("torch", "cpu", "fp32"), build("triton", device, "fp32" if dtype == torch.float32 else "bf16")
+    ids = torch.randint(0, 129280, (3, 30), generator=torch.Generator().manual_seed(seed))
+    worst = 0.0
+    for start, end in ((0, 13), (13, 21)):
+        want, got = ref(ids[:, start:end], start), fast(ids[:, start:end].to(device), start)
+        worst = max(worst, rel_err(got.cpu(), want))
+    pos = torch.tensor([21, 21, 21])
+    for step in range(9):                   # rows 1 and 2 run ahead to differ in position
+        want, got = ref(ids[:, 21 + step:22 + step], pos), fast(ids[:, 21 + step:22 + step].to(device), pos.to(device))
+        worst = max(worst, rel_err(got.cpu(), want))
+        pos = pos + 1
+    return worst
+
+
 def run(device, dtypes, real_shapes):
     tol = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
     cases = [("attn decode", lambda dt: sparse_attn_case(device, dt, 3, 1, 20, 64, 50, 37, 1)),
@@ -63,17 +174,39 @@ def run(device, dtypes, real_shapes):
              ("moe decode", lambda dt: moe_case(device, dt, 1, 6, 64, 32, 8, 4, 16, 0.5, 3)),
              ("moe prefill", lambda dt: moe_case(device, dt, 150, 4, 96, 64, 6, 0, 6, 10.0, 4)),
              ("moe no local", lambda dt: moe_case(device, dt, 3, 2, 64, 32, 4, 8, 8, 0.0, 5)),
-             ("hc split sinkhorn", lambda dt: hc_split_case(device, dt, 37, 4, 20, 10))]
+             ("hc split sinkhorn", lambda dt: hc_split_case(device, dt, 37, 4, 20, 10)),
+             ("hc pre", lambda dt: hc_pre_case(device, dt, 3, 4, 96, 11)),
+             ("hc post", lambda dt: hc_post_case(device, dt, 3, 4, 300, 12)),
+             ("norm+rope q", lambda dt: norm_rope_case(device, dt, (2, 3, 5, 64), 16, True, False, False, True, 13)),
+             ("norm+rope kv weighted", lambda dt: norm_rope_case(device, dt, (2, 3, 64), 16, True, True, False,
+                                                                   False, 14)),
+             ("rope inverse", lambda dt: norm_rope_case(device, dt, (3, 1, 4, 32), 8, False, False, True, True, 15)),
+             ("hadamard", lambda dt: hadamard_case(device, dt, (2, 9, 3, 32), 16)),
+             ("index scores", lambda dt: index_scores_case(device, dt, 2, 3, 20, 32, 70, 17)),
+             ("compressor csa rotate", lambda dt: compressor_case(device, dt, 4, 32, True, 26)),
+             ("compressor hca", lambda dt: compressor_case(device, dt, 16, 64, False, 27)),
+             ("fixture model", lambda dt: model_case(device, dt, 25), 0.15)]
     if real_shapes:
         cases += [("attn V4 decode b32", lambda dt: sparse_attn_case(device, dt, 32, 1, 64, 512, 16512, 640, 6)),
                   ("attn V4 prefill 1K", lambda dt: sparse_attn_case(device, dt, 1, 1024, 64, 512, 1280, 640, 7)),
                   ("moe V4 decode b1", lambda dt: moe_case(device, dt, 1, 6, 4096, 2048, 256, 0, 256, 10.0, 8)),
-                  ("moe V4 prefill 2K", lambda dt: moe_case(device, dt, 2048, 6, 4096, 2048, 256, 0, 256, 10.0, 9))]
+                  ("moe V4 prefill 2K", lambda dt: moe_case(device, dt, 2048, 6, 4096, 2048, 256, 0, 256, 10.0, 9)),
+                  ("hc pre V4 b1", lambda dt: hc_pre_case(device, dt, 1, 4, 4096, 18)),
+                  ("hc pre V4 prefill 1K", lambda dt: hc_pre_case(device, dt, 1024, 4, 4096, 19)),
+                  ("hc post V4 b8", lambda dt: hc_post_case(device, dt, 8, 4, 4096, 20)),
+                  ("norm+rope V4 q b32", lambda dt: norm_rope_case(device, dt, (32, 1, 64, 512), 64, True, False,
+                                                                   False, True, 21)),
+                  ("hadamard V4 q 1K", lambda dt: hadamard_case(device, dt, (1, 1024, 64, 128), 22)),
+                  ("index scores V4 b1 64K", lambda dt: index_scores_case(device, dt, 1, 1, 64, 128, 16384, 23)),
+                  ("index scores V4 prefill", lambda dt: index_scores_case(device, dt, 1, 512, 64, 128, 1024, 24)),
+                  ("compressor V4 csa", lambda dt: compressor_case(device, dt, 4, 512, False, 28)),
+                  ("compressor V4 indexer", lambda dt: compressor_case(device, dt, 4, 128, True, 29)),
+                  ("compressor V4 hca", lambda dt: compressor_case(device, dt, 128, 512, False, 30, steps=130))]
     bad = 0
-    for name, case in cases:
+    for name, case, *bf16_tol in cases:      # a whole model in bf16 drifts further than one kernel
         for dt in dtypes:
             err = case(dt)
-            ok = err < tol[dt]
+            ok = err < (bf16_tol[0] if bf16_tol and dt == torch.bfloat16 else tol[dt])
             bad += not ok
             print(f"{name:22s} {str(dt):15s} rel err {err:.2e} {'ok' if ok else 'FAIL'}")
     return bad
