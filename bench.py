@@ -2,6 +2,7 @@
 
     python bench.py speed [--layers 4] [--batch 1 8 32 128] [--context 1024 16384 65536] [--compare hf]
     torchrun --nproc-per-node 2 bench.py speed --batch 1 32
+    python bench.py moe-tiles [--tokens 4096]
     python bench.py convert --layers 2 --workdir /tmp/bench
 
 speed (CUDA): model.py with the real V4-Flash layer shapes (configs/config_flash.json cut to
@@ -344,6 +345,44 @@ def add_speed(commands) -> None:
     p.set_defaults(run=bench_speed)
 
 
+def bench_moe_tiles(args) -> None:
+    """The grouped MoE GEMMs at V4-Flash expert shapes under each tile configuration."""
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py moe-tiles: needs a CUDA GPU")
+    import kernel
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n_exp, dim, inter, k = 256, 4096, 2048, 6
+    w13 = torch.randn(n_exp, 2 * inter, dim, device="cuda", dtype=torch.bfloat16, generator=g) / dim ** 0.5
+    w2 = torch.randn(n_exp, dim, inter, device="cuda", dtype=torch.bfloat16, generator=g) / inter ** 0.5
+    matmul = ceilings()["matmul"]
+    print(f"grouped MoE GEMMs, {n_exp} experts of {dim} x {inter}, top-{k}, bf16 matmul ceiling "
+          f"{matmul / 1e12:.0f} TFLOP/s")
+    for tokens in args.tokens:
+        x = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+        experts = torch.rand(tokens, n_exp, device="cuda", generator=g).topk(k, dim=-1).indices
+        weights = torch.rand(tokens, k, device="cuda", generator=g)
+        flops = tokens * k * 3 * dim * inter * 2
+        ref = kernel.moe_experts_triton(x, w13, w2, weights, experts, 0, 10.0, kernel.MOE_TILES_SMALL)
+        for tiles in [(bm, bn, bk, w, st) for bm in (32, 64, 128) for bn in (64, 128) for bk in (64, 128)
+                      for w, st in ((4, 3), (8, 3), (8, 4))]:
+            try:
+                out = kernel.moe_experts_triton(x, w13, w2, weights, experts, 0, 10.0, tiles)
+                ms = median_ms(lambda: kernel.moe_experts_triton(x, w13, w2, weights, experts, 0, 10.0, tiles),
+                               reps=5, warmup=1)
+            except Exception as e:                  # noqa: BLE001 - a config can exceed shared memory
+                print(f"tokens {tokens:6d} tiles {tiles}: {type(e).__name__}")
+                continue
+            err = ((out - ref).norm() / ref.norm()).item()
+            print(f"tokens {tokens:6d} tiles {tiles}: {ms:7.3f} ms = {flops / ms / 1e9:6.0f} TFLOP/s "
+                  f"({flops / ms / 1e3 / matmul:5.1%} of the ceiling), rel diff {err:.1e}", flush=True)
+
+
+def add_moe_tiles(commands) -> None:
+    p = commands.add_parser("moe-tiles", help="time the grouped MoE GEMMs under each tile configuration (CUDA)")
+    p.add_argument("--tokens", type=int, nargs="+", default=[4096])
+    p.set_defaults(run=bench_moe_tiles)
+
+
 # ----------------------------------------------------------------------------- convert
 
 def v4_flash_config(layers: int) -> dict:
@@ -536,6 +575,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     add_speed(commands)
+    add_moe_tiles(commands)
     add_convert(commands)
     args = parser.parse_args()
     args.run(args)

@@ -252,24 +252,32 @@ def use_triton(x: torch.Tensor, backend: str) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, S, H, K, scale,
+    def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, part_ptr, S, H, K, keys_per_split, scale,
                             sq_b, sq_s, sq_h, skv_b, skv_n, si_b, si_s, so_b, so_s, so_h,
                             D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-                            PRECISION: tl.constexpr):
-        # One program: one query token, BLOCK_H heads (they share the keys), online softmax over the
-        # selected keys in blocks of BLOCK_K; the sink starts the running max and denominator.
-        pid, hb = tl.program_id(0), tl.program_id(1)
+                            SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+        # One program: one query token, BLOCK_H heads (they share the keys), online softmax over its
+        # share of the selected keys in blocks of BLOCK_K. Unsplit, the sink starts the running max and
+        # denominator and the output is written; split (SPLIT), the program writes its running max,
+        # denominator and unnormalised sum to part[token, head, split] for _sparse_attn_merge_kernel.
+        pid, hb, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, s = pid // S, pid % S
         heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
         hmask = heads < H
         dims = tl.arange(0, D)
         q = tl.load(q_ptr + b * sq_b + s * sq_s + heads[:, None] * sq_h + dims[None, :], mask=hmask[:, None], other=0.0)
-        m = tl.load(sink_ptr + heads, mask=hmask, other=0.0).to(tl.float32)
-        denom = tl.full([BLOCK_H], 1.0, tl.float32)
+        if SPLIT:
+            m = tl.full([BLOCK_H], -1e30, tl.float32)        # finite: a share may hold no valid key
+            denom = tl.zeros([BLOCK_H], tl.float32)
+        else:
+            m = tl.load(sink_ptr + heads, mask=hmask, other=0.0).to(tl.float32)
+            denom = tl.full([BLOCK_H], 1.0, tl.float32)
         acc = tl.zeros([BLOCK_H, D], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        first = sp * keys_per_split
+        last = tl.minimum(first + keys_per_split, K)
+        for k0 in range(first, last, BLOCK_K):
             slots = k0 + tl.arange(0, BLOCK_K)
-            idx = tl.load(idx_ptr + b * si_b + s * si_s + slots, mask=slots < K, other=-1)
+            idx = tl.load(idx_ptr + b * si_b + s * si_s + slots, mask=slots < last, other=-1)
             valid = idx >= 0
             kv = tl.load(kv_ptr + b * skv_b + idx[:, None].to(tl.int64) * skv_n + dims[None, :],
                          mask=valid[:, None], other=0.0)
@@ -281,9 +289,35 @@ if triton is not None:
             denom = denom * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv, input_precision=PRECISION)
             m = m_new
-        out = acc / denom[:, None]
-        tl.store(o_ptr + b * so_b + s * so_s + heads[:, None] * so_h + dims[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=hmask[:, None])
+        if SPLIT:
+            row = (pid * H + heads).to(tl.int64) * tl.num_programs(2) + sp                   # [BLOCK_H]
+            tl.store(part_ptr + row[:, None] * (D + 2) + dims[None, :], acc, mask=hmask[:, None])
+            tl.store(part_ptr + row * (D + 2) + D, m, mask=hmask)
+            tl.store(part_ptr + row * (D + 2) + D + 1, denom, mask=hmask)
+        else:
+            out = acc / denom[:, None]
+            tl.store(o_ptr + b * so_b + s * so_s + heads[:, None] * so_h + dims[None, :],
+                     out.to(o_ptr.dtype.element_ty), mask=hmask[:, None])
+
+    @triton.jit
+    def _sparse_attn_merge_kernel(part_ptr, sink_ptr, o_ptr, S, H, NSPLIT, so_b, so_s, so_h,
+                                  D: tl.constexpr, BLOCK_P: tl.constexpr):
+        # One (token, head): merge the NSPLIT partial softmaxes, starting from the sink.
+        pid, h = tl.program_id(0), tl.program_id(1)
+        b, s = pid // S, pid % S
+        sp = tl.arange(0, BLOCK_P)
+        spmask = sp < NSPLIT
+        dims = tl.arange(0, D)
+        rows = (pid * H + h).to(tl.int64) * NSPLIT + sp
+        m_part = tl.load(part_ptr + rows * (D + 2) + D, mask=spmask, other=-1e30)
+        l_part = tl.load(part_ptr + rows * (D + 2) + D + 1, mask=spmask, other=0.0)
+        sink = tl.load(sink_ptr + h).to(tl.float32)
+        m = tl.maximum(tl.max(m_part, 0), sink)
+        w = tl.exp(m_part - m)
+        denom = tl.exp(sink - m) + tl.sum(l_part * w, 0)
+        acc = tl.load(part_ptr + rows[:, None] * (D + 2) + dims[None, :], mask=spmask[:, None], other=0.0)
+        out = tl.sum(acc * w[:, None], 0) / denom
+        tl.store(o_ptr + b * so_b + s * so_s + h * so_h + dims, out.to(o_ptr.dtype.element_ty))
 
     @triton.jit
     def _moe_up_kernel(x_ptr, w_ptr, h_ptr, token_ptr, weight_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
@@ -669,18 +703,26 @@ def index_scores_triton(q, keys, weights):
 
 
 def sparse_attn_triton(q, kv, attn_sink, topk_idxs, softmax_scale):
-    """Triton version of sparse_attn (same arguments and result)."""
+    """Triton version of sparse_attn (same arguments and result). With few programs (decode at a small
+    batch) the keys are split over more programs and the partial softmaxes merged in a second launch."""
     b, s, h, d = q.shape
     q, kv, topk_idxs = q.contiguous(), kv.contiguous(), topk_idxs.contiguous()
+    sink = attn_sink.float().contiguous()
     o = torch.empty_like(q)
-    block_h = 16
-    grid = (b * s, triton.cdiv(h, block_h))
-    _sparse_attn_kernel[grid](
-        q, kv, attn_sink.float().contiguous(), topk_idxs, o, s, h, topk_idxs.size(-1), softmax_scale,
+    block_h, block_k, k = 16, 32 if d <= 128 else 16, topk_idxs.size(-1)
+    programs = b * s * triton.cdiv(h, block_h)
+    n_split = max(1, min(triton.cdiv(k, 2 * block_k), 128 // programs))
+    keys_per_split = triton.cdiv(triton.cdiv(k, n_split), block_k) * block_k
+    n_split = triton.cdiv(k, keys_per_split)
+    part = torch.empty(b * s * h * n_split, d + 2, dtype=torch.float32, device=q.device) if n_split > 1 else o
+    _sparse_attn_kernel[(b * s, triton.cdiv(h, block_h), n_split)](
+        q, kv, sink, topk_idxs, o, part, s, h, k, keys_per_split, softmax_scale,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), topk_idxs.stride(0), topk_idxs.stride(1),
         o.stride(0), o.stride(1), o.stride(2),
-        D=d, BLOCK_H=block_h, BLOCK_K=32 if d <= 128 else 16,
-        PRECISION=_precision(q), num_warps=4)
+        D=d, BLOCK_H=block_h, BLOCK_K=block_k, SPLIT=n_split > 1, PRECISION=_precision(q), num_warps=4)
+    if n_split > 1:
+        _sparse_attn_merge_kernel[(b * s, h)](part, sink, o, s, h, n_split, o.stride(0), o.stride(1), o.stride(2),
+                                              D=d, BLOCK_P=triton.next_power_of_2(n_split), num_warps=4)
     return o
 
 
@@ -707,11 +749,18 @@ def moe_schedule(experts: torch.Tensor, n_experts: int, block_m: int):
     return order, torch.where(used, e, -1), start, seg_end[e]
 
 
-def moe_experts_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float):
+# Tiles of the grouped MoE GEMMs (BM rows, BN columns, BK depth, warps, pipeline stages): small
+# batches (decode) and many assignments (prefill, chosen with `python bench.py moe-tiles` on an H100).
+MOE_TILES_SMALL = (16, 64, 64, 4, 3)
+MOE_TILES_LARGE = (64, 64, 64, 4, 3)
+
+
+def moe_experts_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float, tiles=None):
     """Routed experts as two grouped GEMMs over assignments sorted by expert.
 
     x [T, D]; w13 [E, 2I, D] (w1 rows then w3 rows of each local expert); w2 [E, D, I];
-    weights, experts [T, k] (global expert ids; those outside first_expert .. +E are skipped).
+    weights, experts [T, k] (global expert ids; those outside first_expert .. +E are skipped);
+    tiles (BM, BN, BK, warps, stages), by default by the number of assignments.
     Returns float32 [T, D]: sum over the local experts of weight * expert(x).
     """
     n_local, two_i, dim = w13.shape
@@ -719,7 +768,7 @@ def moe_experts_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_l
     t, k = experts.shape
     local = experts.flatten() - first_expert
     local = torch.where((local >= 0) & (local < n_local), local, n_local)
-    block_m = 16 if t * k <= 512 else 64
+    block_m, block_n, block_k, warps, stages = tiles or (MOE_TILES_SMALL if t * k <= 512 else MOE_TILES_LARGE)
     precision = _precision(x)
     order, tile_expert, tile_start, tile_end = moe_schedule(local, n_local, block_m)
     token = order // k
@@ -727,15 +776,16 @@ def moe_experts_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_l
     h = torch.empty(t * k, inter, dtype=x.dtype, device=x.device)
     n_tiles = tile_expert.numel()
     x = x.contiguous()
-    _moe_up_kernel[(n_tiles, triton.cdiv(inter, 64))](
+    _moe_up_kernel[(n_tiles, triton.cdiv(inter, block_n))](
         x, w13, h, token, w_sorted, tile_expert, tile_start, tile_end, dim, inter, swiglu_limit,
         x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
-        BM=block_m, BN=64, BK=64, CLAMP=swiglu_limit > 0, PRECISION=precision, num_warps=4, num_stages=3)
+        BM=block_m, BN=block_n, BK=block_k, CLAMP=swiglu_limit > 0, PRECISION=precision, num_warps=warps,
+        num_stages=stages)
     out = torch.zeros(t * k, dim, dtype=torch.float32, device=x.device)
-    _moe_down_kernel[(n_tiles, triton.cdiv(dim, 64))](
+    _moe_down_kernel[(n_tiles, triton.cdiv(dim, block_n))](
         h, w2, out, order, tile_expert, tile_start, tile_end, dim, inter,
         h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-        BM=block_m, BN=64, BK=64, PRECISION=precision, num_warps=4, num_stages=3)
+        BM=block_m, BN=block_n, BK=block_k, PRECISION=precision, num_warps=warps, num_stages=stages)
     return out.view(t, k, dim).sum(1)
 
 

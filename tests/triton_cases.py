@@ -171,6 +171,7 @@ def run(device, dtypes, real_shapes):
     tol = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
     cases = [("attn decode", lambda dt: sparse_attn_case(device, dt, 3, 1, 20, 64, 50, 37, 1)),
              ("attn prefill", lambda dt: sparse_attn_case(device, dt, 2, 9, 4, 64, 40, 21, 2)),
+             ("attn decode keys split", lambda dt: sparse_attn_case(device, dt, 2, 1, 20, 64, 300, 250, 31)),
              ("moe decode", lambda dt: moe_case(device, dt, 1, 6, 64, 32, 8, 4, 16, 0.5, 3)),
              ("moe prefill", lambda dt: moe_case(device, dt, 150, 4, 96, 64, 6, 0, 6, 10.0, 4)),
              ("moe no local", lambda dt: moe_case(device, dt, 3, 2, 64, 32, 4, 8, 8, 0.0, 5)),
@@ -188,6 +189,7 @@ def run(device, dtypes, real_shapes):
              ("fixture model", lambda dt: model_case(device, dt, 25), 0.15)]
     if real_shapes:
         cases += [("attn V4 decode b32", lambda dt: sparse_attn_case(device, dt, 32, 1, 64, 512, 16512, 640, 6)),
+                  ("attn V4 decode b1", lambda dt: sparse_attn_case(device, dt, 1, 1, 64, 512, 16512, 640, 32)),
                   ("attn V4 prefill 1K", lambda dt: sparse_attn_case(device, dt, 1, 1024, 64, 512, 1280, 640, 7)),
                   ("moe V4 decode b1", lambda dt: moe_case(device, dt, 1, 6, 4096, 2048, 256, 0, 256, 10.0, 8)),
                   ("moe V4 prefill 2K", lambda dt: moe_case(device, dt, 2048, 6, 4096, 2048, 256, 0, 256, 10.0, 9)),

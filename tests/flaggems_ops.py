@@ -1,0 +1,106 @@
+"""Which FlagGems aten operators the model can run on (CUDA machine, not collected by pytest).
+
+`python tests/flaggems_ops.py [--out report.json]`:
+1. Runs the fixture model (float32, backend triton, eager: prefill of two prompts in two chunks,
+   then decode steps at tensor positions) without FlagGems and records the aten operators it calls.
+2. For each FlagGems function that implements one of them, runs the same steps with only that
+   function routed through FlagGems (flag_gems.use_gems(include=[...])): an exception, or logits
+   off the torch run by more than 1e-3 relative, marks the function bad.
+3. Runs everything routed except the bad functions, and reports its logit error.
+Prints one line per function and writes the JSON report; exit status 1 when step 3 still fails.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
+
+from fixtures import write_release  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
+
+TOL = 1e-3
+
+
+class OpRecorder(TorchDispatchMode):
+    """Collects the names of the aten overloads called (e.g. 'add.Tensor')."""
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func._schema.name.split("::")[-1] + ("." + func._overloadname
+                                                           if func._overloadname != "default" else ""))
+        return func(*args, **(kwargs or {}))
+
+
+def run_model(path, weights, ids):
+    """Logits [steps, b, vocab] of a fresh model: two prefill chunks then 6 decode steps."""
+    args = ModelArgs.from_file(os.path.join(path, "config.json"), dtype="fp32", backend="triton",
+                               max_seq_len=64, max_batch_size=2)
+    with torch.device("cuda"):
+        model = Transformer(args)
+    model.load_state_dict(weights, strict=True)
+    out = [model(ids[:, :9], 0), model(ids[:, 9:14], 9)]
+    for p in range(14, 20):
+        out.append(model(ids[:, p:p + 1], torch.full((2,), p, device="cuda")))
+    return torch.stack(out)
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="flaggems_ops.json")
+    opts = parser.parse_args()
+    import flag_gems
+    path = tempfile.mkdtemp()
+    weights = write_release(path, seed=3, n_files=1)
+    ids = torch.randint(0, 129280, (2, 20), generator=torch.Generator().manual_seed(4)).cuda()
+    with torch.no_grad():
+        ref = run_model(path, weights, ids)
+        recorder = OpRecorder()
+        with recorder:
+            run_model(path, weights, ids)
+        funcs = sorted({item[1].__name__ for item in flag_gems._FULL_CONFIG
+                        if len(item) > 1 and item[0] in recorder.names})
+        print(f"{len(recorder.names)} aten ops used by the model; {len(funcs)} FlagGems functions implement them")
+        report = {"aten_ops": sorted(recorder.names), "functions": {}}
+        bad = []
+        for fn in funcs:
+            t0 = time.perf_counter()
+            try:
+                with flag_gems.use_gems(include=[fn]):
+                    got = run_model(path, weights, ids)
+                err = rel(got, ref)
+                status = "ok" if err <= TOL else "wrong result"
+                detail = f"rel err {err:.2e}"
+            except Exception as e:         # noqa: BLE001 - the audit records whatever the op raised
+                status, detail = "error", f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            if status != "ok":
+                bad.append(fn)
+            report["functions"][fn] = {"status": status, "detail": detail}
+            print(f"{fn:32s} {status:13s} {detail}  ({time.perf_counter() - t0:.1f} s)", flush=True)
+        try:
+            with flag_gems.use_gems(exclude=bad):
+                err = rel(run_model(path, weights, ids), ref)
+            final = {"excluded": bad, "rel_err": err, "ok": err <= TOL}
+        except Exception as e:             # noqa: BLE001
+            final = {"excluded": bad, "error": f"{type(e).__name__}: {e}", "ok": False}
+        report["all_but_bad"] = final
+        print("every FlagGems op except", bad, "->", final)
+    with open(opts.out, "w") as f:
+        json.dump(report, f, indent=1)
+    return 0 if final["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
