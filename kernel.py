@@ -392,30 +392,40 @@ if triton is not None:
         return comb
 
     @triton.jit
-    def _hc_mix_kernel(x_ptr, fn_ptr, part_ptr, T, K, M, TPP: tl.constexpr, MP: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-        # Split-K partial sums of the mixes: for TPP tokens and one BLOCK_K slice of the flattened
+    def _hc_mix_kernel(x_ptr, fn_ptr, part_ptr, T, K, M, BT: tl.constexpr, MP: tl.constexpr,
+                       BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+        # Split-K partial sums of the mixes: for BT tokens and one BLOCK_K slice of the flattened
         # streams, part[t, slice, :M] = fn[:, slice] . x[t, slice] and part[t, slice, M] = |x[t, slice]|^2.
+        # DOT (many tokens): a float32-accurate tl.dot (three TF32 products); else FMAs and a reduction.
         tb, kb = tl.program_id(0), tl.program_id(1)
         ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         kmask = ks < K
         m = tl.arange(0, MP)
-        fn = tl.load(fn_ptr + m[:, None] * K + ks[None, :], mask=(m < M)[:, None] & kmask[None, :], other=0.0)
+        t = tb * BT + tl.arange(0, BT)
+        tmask = t < T
+        x = tl.load(x_ptr + t.to(tl.int64)[:, None] * K + ks[None, :], mask=tmask[:, None] & kmask[None, :],
+                    other=0.0).to(tl.float32)                                                   # [BT, BLOCK_K]
+        if DOT:
+            fn = tl.load(fn_ptr + m[None, :] * K + ks[:, None], mask=(m < M)[None, :] & kmask[:, None], other=0.0)
+            mix = tl.dot(x, fn, input_precision="tf32x3")                                        # [BT, MP]
+        else:
+            fn = tl.load(fn_ptr + m[:, None] * K + ks[None, :], mask=(m < M)[:, None] & kmask[None, :], other=0.0)
+            mix = tl.sum(x[:, None, :] * fn[None, :, :], 2)
+        acc = tl.where(m[None, :] == M, tl.sum(x * x, 1)[:, None], mix)
         nsplit = tl.num_programs(1)
-        for i in range(TPP):
-            t = tb * TPP + i
-            x = tl.load(x_ptr + t.to(tl.int64) * K + ks, mask=kmask & (ks * 0 + t < T), other=0.0).to(tl.float32)
-            acc = tl.where(m == M, tl.sum(x * x, 0), tl.sum(fn * x[None, :], 1))
-            tl.store(part_ptr + (t.to(tl.int64) * nsplit + kb) * MP + m, acc, mask=(m <= M) & (m * 0 + t < T))
+        tl.store(part_ptr + (t.to(tl.int64)[:, None] * nsplit + kb) * MP + m[None, :], acc,
+                 mask=tmask[:, None] & (m <= M)[None, :])
 
     @triton.jit
     def _hc_pre_kernel(part_ptr, x_ptr, scale_ptr, base_ptr, y_ptr, pre_ptr, post_ptr, comb_ptr,
                        NSPLIT, sp_t, sp_s, K, D, norm_eps, iters, eps,
                        HC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                        NORM: tl.constexpr, MIX: tl.constexpr):
-        # One token: sum the NSPLIT partial mixes, scale by the streams' RMS (NORM), split them into
-        # pre/post sigmoid gates and the Sinkhorn-projected comb, and (MIX) y = sum_k pre[k] x[k].
-        t = tl.program_id(0).to(tl.int64)
+        # One token (and with MIX one BLOCK_D slice of D): sum the NSPLIT partial mixes, scale by the
+        # streams' RMS (NORM), split them into pre/post sigmoid gates and the Sinkhorn-projected comb,
+        # and (MIX) y = sum_k pre[k] x[k] on the slice. Slices recompute the tiny HC x HC Sinkhorn
+        # rather than wait for it; the first one stores post and comb.
+        t, db = tl.program_id(0).to(tl.int64), tl.program_id(1)
         j = tl.arange(0, HC)
         cell = j[:, None] * HC + j[None, :]
         split = tl.arange(0, BLOCK_S)
@@ -431,17 +441,17 @@ if triton is not None:
         pre = tl.sigmoid(m_pre * tl.load(scale_ptr) + tl.load(base_ptr + j)) + eps
         post = 2.0 * tl.sigmoid(m_post * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + j))
         comb = _sinkhorn(m_comb * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * HC + cell), iters, eps)
-        tl.store(post_ptr + t * HC + j, post)
-        tl.store(comb_ptr + t * HC * HC + cell, comb)
+        if db == 0:
+            tl.store(post_ptr + t * HC + j, post)
+            tl.store(comb_ptr + t * HC * HC + cell, comb)
+            if not MIX:
+                tl.store(pre_ptr + t * HC + j, pre)
         if MIX:
-            for d0 in range(0, D, BLOCK_D):
-                d = d0 + tl.arange(0, BLOCK_D)
-                dmask = d < D
-                xs = tl.load(x_ptr + t * HC * D + j[:, None] * D + d[None, :], mask=dmask[None, :], other=0.0)
-                y = tl.sum(pre[:, None] * xs.to(tl.float32), 0)
-                tl.store(y_ptr + t * D + d, y.to(y_ptr.dtype.element_ty), mask=dmask)
-        else:
-            tl.store(pre_ptr + t * HC + j, pre)
+            d = db * BLOCK_D + tl.arange(0, BLOCK_D)
+            dmask = d < D
+            xs = tl.load(x_ptr + t * HC * D + j[:, None] * D + d[None, :], mask=dmask[None, :], other=0.0)
+            y = tl.sum(pre[:, None] * xs.to(tl.float32), 0)
+            tl.store(y_ptr + t * D + d, y.to(y_ptr.dtype.element_ty), mask=dmask)
 
     @triton.jit
     def _hc_post_kernel(f_ptr, r_ptr, post_ptr, comb_ptr, o_ptr, D, HC: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -615,7 +625,7 @@ def hc_split_sinkhorn_triton(mixes, hc_scale, hc_base, hc_mult: int, iters: int,
     pre = torch.empty(n, hc_mult, dtype=torch.float32, device=m.device)
     post = torch.empty_like(pre)
     comb = torch.empty(n, hc_mult, hc_mult, dtype=torch.float32, device=m.device)
-    _hc_pre_kernel[(n,)](
+    _hc_pre_kernel[(n, 1)](
         m, m, hc_scale.float().contiguous(), hc_base.float().contiguous(), m, pre, post, comb,
         1, m.stride(0), 0, 1, 1, 0.0, iters, eps, HC=hc_mult, BLOCK_S=1, BLOCK_D=16, NORM=False, MIX=False,
         num_warps=1)
@@ -629,17 +639,19 @@ def hc_pre_triton(x, fn, hc_scale, hc_base, hc_mult: int, iters: int, norm_eps: 
     t, k, m = x.size(0), hc_mult * dim, fn.size(0)
     block_k, mp = 256, triton.next_power_of_2(m + 1)
     nsplit = triton.cdiv(k, block_k)
-    tpp = 1 if t <= 256 else 16                        # tokens per program share one load of fn's slice
+    dot = t > 16
+    bt = 64 if dot else 1
     part = torch.empty(t, nsplit, mp, dtype=torch.float32, device=x.device)
-    _hc_mix_kernel[(triton.cdiv(t, tpp), nsplit)](x, fn.float().contiguous(), part, t, k, m, TPP=tpp, MP=mp,
-                                                  BLOCK_K=block_k, num_warps=4)
+    _hc_mix_kernel[(triton.cdiv(t, bt), nsplit)](x, fn.float().contiguous(), part, t, k, m, BT=bt, MP=mp,
+                                                 BLOCK_K=block_k, DOT=dot, num_warps=8 if dot else 4)
     y = torch.empty(t, dim, dtype=x.dtype, device=x.device)
     post = torch.empty(t, hc_mult, dtype=torch.float32, device=x.device)
     comb = torch.empty(t, hc_mult, hc_mult, dtype=torch.float32, device=x.device)
-    _hc_pre_kernel[(t,)](
+    block_d = 512
+    _hc_pre_kernel[(t, triton.cdiv(dim, block_d))](
         part, x, hc_scale.float().contiguous(), hc_base.float().contiguous(), y, post, post, comb,
         nsplit, part.stride(0), part.stride(1), k, dim, norm_eps, iters, hc_eps,
-        HC=hc_mult, BLOCK_S=triton.next_power_of_2(nsplit), BLOCK_D=512, NORM=True, MIX=True, num_warps=4)
+        HC=hc_mult, BLOCK_S=triton.next_power_of_2(nsplit), BLOCK_D=block_d, NORM=True, MIX=True, num_warps=4)
     return y.view(*lead, dim), post.view(*lead, hc_mult), comb.view(*lead, hc_mult, hc_mult)
 
 
@@ -752,7 +764,7 @@ def moe_schedule(experts: torch.Tensor, n_experts: int, block_m: int):
 # Tiles of the grouped MoE GEMMs (BM rows, BN columns, BK depth, warps, pipeline stages): small
 # batches (decode) and many assignments (prefill, chosen with `python bench.py moe-tiles` on an H100).
 MOE_TILES_SMALL = (16, 64, 64, 4, 3)
-MOE_TILES_LARGE = (64, 64, 64, 4, 3)
+MOE_TILES_LARGE = (128, 128, 64, 8, 4)
 
 
 def moe_experts_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float, tiles=None):
@@ -806,6 +818,25 @@ def compressor_decode_triton(kv_new, score_new, ape, pos, kv_state, score_state,
         prev_kv.stride(0) if overlap else 0, prev_kv.stride(1) if overlap else 0, cache.stride(0), cache.stride(1),
         HD=hd, RC=min(16, triton.next_power_of_2(ratio)), OVERLAP=overlap, ROTATE=rotate_scale is not None,
         LOG_HD=hd.bit_length() - 1, num_warps=8)
+
+def moe_experts_grouped_mm(x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float):
+    """moe_experts_triton with its two grouped GEMMs done by torch._grouped_mm (CUTLASS; bf16 on sm90+)."""
+    n_local, two_i, dim = w13.shape
+    inter = two_i // 2
+    t, k = experts.shape
+    local = experts.flatten() - first_expert
+    mine = (local >= 0) & (local < n_local)
+    local = torch.where(mine, local, n_local)
+    order = torch.argsort(local, stable=True)
+    counts = torch.zeros(n_local + 1, dtype=torch.long, device=x.device).scatter_add_(0, local, torch.ones_like(local))
+    offs = torch.cumsum(counts[:n_local], 0).to(torch.int32)
+    keep = mine[order].unsqueeze(1)                 # rows past offs[-1] (other ranks' experts) stay uncomputed
+    gate_up = torch._grouped_mm(x[order // k], w13.transpose(1, 2), offs=offs)              # [A, 2I]
+    h = swiglu(gate_up[:, :inter], gate_up[:, inter:], swiglu_limit) * weights.flatten()[order].unsqueeze(1)
+    h = torch.where(keep, h, 0.0).to(x.dtype)
+    down = torch.where(keep, torch._grouped_mm(h, w2.transpose(1, 2), offs=offs).float(), 0.0)  # [A, D]
+    out = torch.empty(t * k, dim, dtype=torch.float32, device=x.device).index_copy_(0, order, down)
+    return out.view(t, k, dim).sum(1)
 
 # ---------------------------------------------------------------- FlagGems versions (CUDA)
 #

@@ -72,7 +72,8 @@ def main() -> int:
             run_model(path, weights, ids)
         funcs = sorted({item[1].__name__ for item in flag_gems._FULL_CONFIG
                         if len(item) > 1 and item[0] in recorder.names})
-        print(f"{len(recorder.names)} aten ops used by the model; {len(funcs)} FlagGems functions implement them")
+        print(f"{len(recorder.names)} aten ops used by the model: {' '.join(sorted(recorder.names))}")
+        print(f"{len(funcs)} FlagGems functions implement them: {' '.join(funcs)}", flush=True)
         report = {"aten_ops": sorted(recorder.names), "functions": {}}
         bad = []
         for fn in funcs:
@@ -89,6 +90,8 @@ def main() -> int:
                 bad.append(fn)
             report["functions"][fn] = {"status": status, "detail": detail}
             print(f"{fn:32s} {status:13s} {detail}  ({time.perf_counter() - t0:.1f} s)", flush=True)
+            with open(opts.out, "w") as f:          # kept up to date: a long audit may be cut short
+                json.dump(report, f, indent=1)
         try:
             with flag_gems.use_gems(exclude=bad):
                 err = rel(run_model(path, weights, ids), ref)

@@ -48,25 +48,30 @@ def main() -> int:
     with torch.no_grad():
         cpu = build(path, weights, "fp32", "torch", "cpu")
         ref_tokens, ref_logits = greedy(cpu, prompt, steps, lambda ids, pos: cpu(ids, pos))
-        for dtype, tol in (("fp32", 1e-3), ("bf16", 0.15)):
-            gpu = build(path, weights, dtype, "triton", "cuda")
-            graphs = GraphedDecoder(gpu)
-            tokens, logits = greedy(gpu, prompt.cuda(), steps, graphs)
-            # compare the logits along the CPU's token path: teacher-force the reference tokens
-            gpu_tf = build(path, weights, dtype, "triton", "cuda")
-            graphs_tf = GraphedDecoder(gpu_tf)
-            forced = [gpu_tf(prompt.cuda(), 0)]
+        def forced_rel_err(dtype, backend):
+            """Logits along the CPU's token path (teacher-forced), relative error against the CPU's."""
+            model = build(path, weights, dtype, backend, "cuda")
+            step = GraphedDecoder(model) if backend != "torch" else model
+            forced = [model(prompt.cuda(), 0)]
             for i in range(steps):
                 pos = torch.full((3,), prompt.size(1) + i, device="cuda")
-                forced.append(graphs_tf(ref_tokens[:, i:i + 1].cuda(), pos))
+                forced.append(step(ref_tokens[:, i:i + 1].cuda(), pos))
             forced = torch.stack(forced, 1).cpu()
-            rel = ((forced - ref_logits).norm() / ref_logits.norm()).item()
+            return ((forced - ref_logits).norm() / ref_logits.norm()).item()
+
+        # bf16 drifts from float32 on this random model whatever the kernels (rounding flips top-k
+        # and routing choices): the Triton path must stay within 1.5x of the torch path's drift.
+        bf16_torch = forced_rel_err("bf16", "torch")
+        for dtype in ("fp32", "bf16"):
+            gpu = build(path, weights, dtype, "triton", "cuda")
+            tokens, _ = greedy(gpu, prompt.cuda(), steps, GraphedDecoder(gpu))
+            rel = forced_rel_err(dtype, "triton")
             same = torch.equal(tokens.cpu(), ref_tokens)
             first_diff = (tokens.cpu() != ref_tokens).any(0).nonzero()
-            print(f"fixture GPU triton {dtype} vs CPU torch fp32: logits rel err {rel:.2e} "
-                  f"(max abs {(forced - ref_logits).abs().max().item():.2e}); greedy {steps} tokens x 3 "
-                  f"{'identical' if same else f'differ from step {first_diff[0].item()}'}")
-            failures |= rel > tol or (dtype == "fp32" and not same)
+            print(f"fixture GPU triton {dtype} vs CPU torch fp32: logits rel err {rel:.2e}"
+                  + (f" (GPU torch bf16: {bf16_torch:.2e})" if dtype == "bf16" else "")
+                  + f"; greedy {steps} tokens x 3 {'identical' if same else f'differ from step {first_diff[0].item()}'}")
+            failures |= (rel > 1e-3 or not same) if dtype == "fp32" else rel > 1.5 * bf16_torch
         # generate.py's loop (shared positions, prompts of different lengths, graphed decode steps)
         gen = torch.Generator().manual_seed(2)
         prompts = [torch.randint(0, 129280, (n,), generator=gen).tolist() for n in (5, 17, 30)]

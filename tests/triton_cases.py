@@ -129,8 +129,8 @@ def compressor_case(device, dtype, ratio, hd, rotate, seed, b=3, steps=11):
         scale = hd ** -0.5 if rotate else None
         kernel.compressor_decode_triton(kv_new.to(device), score_new.to(device), ape, pos.to(device), *mine[:4],
                                         w, 1e-6, freqs, rd, scale, mine[4])
-        kernel.compressor_decode_torch(kv_new.double(), score_new.double(), ape.double(), pos, *ref[:4],
-                                       w.double(), 1e-6, freqs.double().cpu(), rd, scale, ref[4])
+        kernel.compressor_decode_torch(kv_new.double(), score_new.double(), ape.double().cpu(), pos, *ref[:4],
+                                       w.double().cpu(), 1e-6, freqs.double().cpu(), rd, scale, ref[4])
         pos = pos + 1
     finite = [(a, r) for a, r in zip(mine, ref) if a is not None]
     return max(rel_err(a.cpu().nan_to_num(0, 0, 0), r.nan_to_num(0, 0, 0)) for a, r in finite)
@@ -177,6 +177,7 @@ def run(device, dtypes, real_shapes):
              ("moe no local", lambda dt: moe_case(device, dt, 3, 2, 64, 32, 4, 8, 8, 0.0, 5)),
              ("hc split sinkhorn", lambda dt: hc_split_case(device, dt, 37, 4, 20, 10)),
              ("hc pre", lambda dt: hc_pre_case(device, dt, 3, 4, 96, 11)),
+             ("hc pre many tokens", lambda dt: hc_pre_case(device, dt, 70, 4, 160, 33)),
              ("hc post", lambda dt: hc_post_case(device, dt, 3, 4, 300, 12)),
              ("norm+rope q", lambda dt: norm_rope_case(device, dt, (2, 3, 5, 64), 16, True, False, False, True, 13)),
              ("norm+rope kv weighted", lambda dt: norm_rope_case(device, dt, (2, 3, 64), 16, True, True, False,
