@@ -363,16 +363,6 @@ def bench_moe_tiles(args) -> None:
         weights = torch.rand(tokens, k, device="cuda", generator=g)
         flops = tokens * k * 3 * dim * inter * 2
         ref = kernel.moe_experts_triton(x, w13, w2, weights, experts, 0, 10.0, kernel.MOE_TILES_SMALL)
-        if hasattr(torch, "_grouped_mm"):
-            try:
-                out = kernel.moe_experts_grouped_mm(x, w13, w2, weights, experts, 0, 10.0)
-                ms = median_ms(lambda: kernel.moe_experts_grouped_mm(x, w13, w2, weights, experts, 0, 10.0),
-                               reps=5, warmup=1)
-                err = ((out - ref).norm() / ref.norm()).item()
-                print(f"tokens {tokens:6d} torch._grouped_mm: {ms:7.3f} ms = {flops / ms / 1e9:6.0f} TFLOP/s "
-                      f"({flops / ms * 1e3 / matmul:5.1%} of the ceiling), rel diff {err:.1e}", flush=True)
-            except Exception as e:                  # noqa: BLE001 - reported, the Triton kernels serve
-                print(f"tokens {tokens:6d} torch._grouped_mm: {type(e).__name__}: {e}")
         for tiles in [(bm, bn, 64, 8, st) for bm in (64, 128) for bn in (128, 256) for st in (3, 4)]:
             try:
                 out = kernel.moe_experts_triton(x, w13, w2, weights, experts, 0, 10.0, tiles)

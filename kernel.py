@@ -647,7 +647,7 @@ def hc_pre_triton(x, fn, hc_scale, hc_base, hc_mult: int, iters: int, norm_eps: 
     y = torch.empty(t, dim, dtype=x.dtype, device=x.device)
     post = torch.empty(t, hc_mult, dtype=torch.float32, device=x.device)
     comb = torch.empty(t, hc_mult, hc_mult, dtype=torch.float32, device=x.device)
-    block_d = 512
+    block_d = 512 if t <= 16 else triton.next_power_of_2(dim)     # few tokens: spread D over programs
     _hc_pre_kernel[(t, triton.cdiv(dim, block_d))](
         part, x, hc_scale.float().contiguous(), hc_base.float().contiguous(), y, post, post, comb,
         nsplit, part.stride(0), part.stride(1), k, dim, norm_eps, iters, hc_eps,
@@ -721,7 +721,8 @@ def sparse_attn_triton(q, kv, attn_sink, topk_idxs, softmax_scale):
     q, kv, topk_idxs = q.contiguous(), kv.contiguous(), topk_idxs.contiguous()
     sink = attn_sink.float().contiguous()
     o = torch.empty_like(q)
-    block_h, block_k, k = 16, 32 if d <= 128 else 16, topk_idxs.size(-1)
+    block_h = 32 if s > 1 and h >= 32 else 16      # prefill: more heads share each key load
+    block_k, k = 32 if d <= 128 else 16, topk_idxs.size(-1)
     programs = b * s * triton.cdiv(h, block_h)
     n_split = max(1, min(triton.cdiv(k, 2 * block_k), 128 // programs))
     keys_per_split = triton.cdiv(triton.cdiv(k, n_split), block_k) * block_k
@@ -731,7 +732,8 @@ def sparse_attn_triton(q, kv, attn_sink, topk_idxs, softmax_scale):
         q, kv, sink, topk_idxs, o, part, s, h, k, keys_per_split, softmax_scale,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), topk_idxs.stride(0), topk_idxs.stride(1),
         o.stride(0), o.stride(1), o.stride(2),
-        D=d, BLOCK_H=block_h, BLOCK_K=block_k, SPLIT=n_split > 1, PRECISION=_precision(q), num_warps=4)
+        D=d, BLOCK_H=block_h, BLOCK_K=block_k, SPLIT=n_split > 1, PRECISION=_precision(q),
+        num_warps=8 if block_h == 32 else 4)
     if n_split > 1:
         _sparse_attn_merge_kernel[(b * s, h)](part, sink, o, s, h, n_split, o.stride(0), o.stride(1), o.stride(2),
                                               D=d, BLOCK_P=triton.next_power_of_2(n_split), num_warps=4)
@@ -764,7 +766,7 @@ def moe_schedule(experts: torch.Tensor, n_experts: int, block_m: int):
 # Tiles of the grouped MoE GEMMs (BM rows, BN columns, BK depth, warps, pipeline stages): small
 # batches (decode) and many assignments (prefill, chosen with `python bench.py moe-tiles` on an H100).
 MOE_TILES_SMALL = (16, 64, 64, 4, 3)
-MOE_TILES_LARGE = (128, 128, 64, 8, 4)
+MOE_TILES_LARGE = (64, 256, 64, 8, 3)
 
 
 def moe_experts_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float, tiles=None):
@@ -818,25 +820,6 @@ def compressor_decode_triton(kv_new, score_new, ape, pos, kv_state, score_state,
         prev_kv.stride(0) if overlap else 0, prev_kv.stride(1) if overlap else 0, cache.stride(0), cache.stride(1),
         HD=hd, RC=min(16, triton.next_power_of_2(ratio)), OVERLAP=overlap, ROTATE=rotate_scale is not None,
         LOG_HD=hd.bit_length() - 1, num_warps=8)
-
-def moe_experts_grouped_mm(x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float):
-    """moe_experts_triton with its two grouped GEMMs done by torch._grouped_mm (CUTLASS; bf16 on sm90+)."""
-    n_local, two_i, dim = w13.shape
-    inter = two_i // 2
-    t, k = experts.shape
-    local = experts.flatten() - first_expert
-    mine = (local >= 0) & (local < n_local)
-    local = torch.where(mine, local, n_local)
-    order = torch.argsort(local, stable=True)
-    counts = torch.zeros(n_local + 1, dtype=torch.long, device=x.device).scatter_add_(0, local, torch.ones_like(local))
-    offs = torch.cumsum(counts[:n_local], 0).to(torch.int32)
-    keep = mine[order].unsqueeze(1)                 # rows past offs[-1] (other ranks' experts) stay uncomputed
-    gate_up = torch._grouped_mm(x[order // k], w13.transpose(1, 2), offs=offs)              # [A, 2I]
-    h = swiglu(gate_up[:, :inter], gate_up[:, inter:], swiglu_limit) * weights.flatten()[order].unsqueeze(1)
-    h = torch.where(keep, h, 0.0).to(x.dtype)
-    down = torch.where(keep, torch._grouped_mm(h, w2.transpose(1, 2), offs=offs).float(), 0.0)  # [A, D]
-    out = torch.empty(t * k, dim, dtype=torch.float32, device=x.device).index_copy_(0, order, down)
-    return out.view(t, k, dim).sum(1)
 
 # ---------------------------------------------------------------- FlagGems versions (CUDA)
 #

@@ -172,6 +172,7 @@ def run(device, dtypes, real_shapes):
     cases = [("attn decode", lambda dt: sparse_attn_case(device, dt, 3, 1, 20, 64, 50, 37, 1)),
              ("attn prefill", lambda dt: sparse_attn_case(device, dt, 2, 9, 4, 64, 40, 21, 2)),
              ("attn decode keys split", lambda dt: sparse_attn_case(device, dt, 2, 1, 20, 64, 300, 250, 31)),
+             ("attn prefill 40 heads", lambda dt: sparse_attn_case(device, dt, 1, 5, 40, 64, 90, 50, 34)),
              ("moe decode", lambda dt: moe_case(device, dt, 1, 6, 64, 32, 8, 4, 16, 0.5, 3)),
              ("moe prefill", lambda dt: moe_case(device, dt, 150, 4, 96, 64, 6, 0, 6, 10.0, 4)),
              ("moe no local", lambda dt: moe_case(device, dt, 3, 2, 64, 32, 4, 8, 8, 0.0, 5)),
