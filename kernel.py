@@ -721,8 +721,7 @@ def sparse_attn_triton(q, kv, attn_sink, topk_idxs, softmax_scale):
     q, kv, topk_idxs = q.contiguous(), kv.contiguous(), topk_idxs.contiguous()
     sink = attn_sink.float().contiguous()
     o = torch.empty_like(q)
-    block_h = 32 if s > 1 and h >= 32 else 16      # prefill: more heads share each key load
-    block_k, k = 32 if d <= 128 else 16, topk_idxs.size(-1)
+    block_h, block_k, k = 16, 32 if d <= 128 else 16, topk_idxs.size(-1)
     programs = b * s * triton.cdiv(h, block_h)
     n_split = max(1, min(triton.cdiv(k, 2 * block_k), 128 // programs))
     keys_per_split = triton.cdiv(triton.cdiv(k, n_split), block_k) * block_k
@@ -732,8 +731,7 @@ def sparse_attn_triton(q, kv, attn_sink, topk_idxs, softmax_scale):
         q, kv, sink, topk_idxs, o, part, s, h, k, keys_per_split, softmax_scale,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), topk_idxs.stride(0), topk_idxs.stride(1),
         o.stride(0), o.stride(1), o.stride(2),
-        D=d, BLOCK_H=block_h, BLOCK_K=block_k, SPLIT=n_split > 1, PRECISION=_precision(q),
-        num_warps=8 if block_h == 32 else 4)
+        D=d, BLOCK_H=block_h, BLOCK_K=block_k, SPLIT=n_split > 1, PRECISION=_precision(q), num_warps=4)
     if n_split > 1:
         _sparse_attn_merge_kernel[(b * s, h)](part, sink, o, s, h, n_split, o.stride(0), o.stride(1), o.stride(2),
                                               D=d, BLOCK_P=triton.next_power_of_2(n_split), num_warps=4)
