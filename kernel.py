@@ -762,9 +762,22 @@ def moe_schedule(experts: torch.Tensor, n_experts: int, block_m: int):
 
 
 # Tiles of the grouped MoE GEMMs (BM rows, BN columns, BK depth, warps, pipeline stages): small
-# batches (decode) and many assignments (prefill, chosen with `python bench.py moe-tiles` on an H100).
+# batches (decode), and many assignments (prefill: the fastest with `python bench.py moe-tiles` on an
+# H100, when the device's shared memory holds it, else the modest one).
 MOE_TILES_SMALL = (16, 64, 64, 4, 3)
 MOE_TILES_LARGE = (64, 256, 64, 8, 3)
+MOE_TILES_MODEST = (64, 64, 64, 4, 3)
+
+
+def moe_tiles(x: torch.Tensor, assignments: int) -> tuple:
+    """Tiles for the grouped MoE GEMMs. The up kernel keeps, per pipeline stage, an x tile [BM, BK]
+    and two weight tiles [BK, BN] in shared memory."""
+    if assignments <= 512:
+        return MOE_TILES_SMALL
+    bm, bn, bk, _, stages = MOE_TILES_LARGE
+    need = stages * (bm * bk + 2 * bk * bn) * x.element_size()
+    have = getattr(torch.cuda.get_device_properties(x.device), "shared_memory_per_block_optin", 0) if x.is_cuda else 0
+    return MOE_TILES_LARGE if need <= have else MOE_TILES_MODEST
 
 
 def moe_experts_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float, tiles=None):
@@ -780,7 +793,7 @@ def moe_experts_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_l
     t, k = experts.shape
     local = experts.flatten() - first_expert
     local = torch.where((local >= 0) & (local < n_local), local, n_local)
-    block_m, block_n, block_k, warps, stages = tiles or (MOE_TILES_SMALL if t * k <= 512 else MOE_TILES_LARGE)
+    block_m, block_n, block_k, warps, stages = tiles or moe_tiles(x, t * k)
     precision = _precision(x)
     order, tile_expert, tile_start, tile_end = moe_schedule(local, n_local, block_m)
     token = order // k

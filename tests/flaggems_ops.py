@@ -32,15 +32,19 @@ TOL = 1e-3
 
 
 class OpRecorder(TorchDispatchMode):
-    """Collects the names of the aten overloads called (e.g. 'add.Tensor')."""
+    """Collects the names of the aten overloads called (e.g. 'add.Tensor'), composite ones and the
+    ops they decompose into (linear -> t, mm, ...): FlagGems registers kernels at either level."""
     def __init__(self):
         super().__init__()
         self.names = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         self.names.add(func._schema.name.split("::")[-1] + ("." + func._overloadname
                                                            if func._overloadname != "default" else ""))
-        return func(*args, **(kwargs or {}))
+        with self:                                    # record what a composite op runs, too
+            out = func.decompose(*args, **kwargs)
+        return func(*args, **kwargs) if out is NotImplemented else out
 
 
 def run_model(path, weights, ids):
