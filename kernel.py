@@ -174,17 +174,20 @@ def hc_post_torch(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, c
     return y.to(f.dtype)
 
 
-def index_scores_torch(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Lightning Indexer scores sum_h weights[h] * relu(q[h] . key) in float32.
+def index_scores_torch(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor,
+                       limit: torch.Tensor) -> torch.Tensor:
+    """Lightning Indexer scores sum_h weights[h] * relu(q[h] . key) in float32, -inf for the entries
+    a query may not see yet (index >= limit).
 
-    q [b, s, h, d], keys [b, n, d], weights [b, s, h] -> [b, s, n]. Eight heads at a time bound
-    the [b, s, 8, n] temporary."""
+    q [b, s, h, d], keys [b, n, d], weights [b, s, h], limit [b or 1, s] -> [b, s, n]. Eight heads
+    at a time bound the [b, s, 8, n] temporary."""
     b, s, h, _ = q.shape
     scores = torch.zeros(b, s, keys.size(1), device=q.device)
     for h0 in range(0, h, 8):
         part = torch.einsum("bshd,bnd->bshn", q[:, :, h0:h0 + 8].float(), keys.float()).relu_()
         scores += (part * weights[:, :, h0:h0 + 8].float().unsqueeze(-1)).sum(dim=2)
-    return scores
+    entry = torch.arange(keys.size(1), device=q.device)
+    return scores.masked_fill(entry >= limit.unsqueeze(-1), float("-inf"))
 
 
 def compressed_entries(kv: torch.Tensor, score: torch.Tensor, freqs: torch.Tensor, rope_dim: int, norm_weight,
@@ -515,10 +518,11 @@ if triton is not None:
         tl.store(o_ptr + offs, y.to(o_ptr.dtype.element_ty), mask=rmask)
 
     @triton.jit
-    def _index_scores_kernel(q_ptr, k_ptr, w_ptr, o_ptr, S, N, H, sq_b, sq_s, sq_h, sk_b, sk_n, sw_b, sw_s,
-                             so_b, so_s, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                             PRECISION: tl.constexpr):
-        # One query token, BLOCK_N compressed entries: sum over heads of w[h] * relu(q[h] . key).
+    def _index_scores_kernel(q_ptr, k_ptr, w_ptr, lim_ptr, o_ptr, S, N, H, sq_b, sq_s, sq_h, sk_b, sk_n, sw_b,
+                             sw_s, sl_b, sl_s, so_b, so_s, D: tl.constexpr, BLOCK_H: tl.constexpr,
+                             BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        # One query token, BLOCK_N compressed entries: sum over heads of w[h] * relu(q[h] . key),
+        # -inf from the token's limit on.
         pid, nb = tl.program_id(0), tl.program_id(1)
         b, s = pid // S, pid % S
         n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -535,6 +539,7 @@ if triton is not None:
             w = tl.load(w_ptr + b * sw_b + s * sw_s + heads, mask=hmask, other=0.0).to(tl.float32)
             scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION)                     # [BLOCK_H, BLOCK_N]
             acc += tl.sum(tl.maximum(scores, 0.0) * w[:, None], 0)
+        acc = tl.where(n < tl.load(lim_ptr + b * sl_b + s * sl_s), acc, float("-inf"))
         tl.store(o_ptr + b * so_b + s * so_s + n, acc, mask=nmask)
 
 
@@ -699,17 +704,19 @@ def hadamard_triton(x, scale: float):
     return out.view(x.shape)
 
 
-def index_scores_triton(q, keys, weights):
+def index_scores_triton(q, keys, weights, limit):
     """Triton version of index_scores_torch: one launch, float32 [b, s, n]."""
     b, s, h, d = q.shape
     n = keys.size(1)
     q, keys, weights = q.contiguous(), keys.contiguous(), weights.contiguous()
+    limit = limit.expand(b, s)
     out = torch.empty(b, s, n, dtype=torch.float32, device=q.device)
     block_h = min(64, max(16, triton.next_power_of_2(h)))
     block_n = 64
     _index_scores_kernel[(b * s, triton.cdiv(n, block_n))](
-        q, keys, weights, out, s, n, h, q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1),
-        weights.stride(0), weights.stride(1), out.stride(0), out.stride(1),
+        q, keys, weights, limit, out, s, n, h, q.stride(0), q.stride(1), q.stride(2), keys.stride(0),
+        keys.stride(1), weights.stride(0), weights.stride(1), limit.stride(0), limit.stride(1),
+        out.stride(0), out.stride(1),
         D=d, BLOCK_H=block_h, BLOCK_N=block_n, PRECISION=_precision(q), num_warps=4)
     return out
 
@@ -940,11 +947,11 @@ def norm_rope(x, freqs, rope_dim: int, eps=None, weight=None, inverse: bool = Fa
     return norm_rope_torch(x, freqs, rope_dim, eps, weight, inverse)
 
 
-def index_scores(q, keys, weights, backend: str = "auto"):
+def index_scores(q, keys, weights, limit, backend: str = "auto"):
     """index_scores_torch, one Triton launch on CUDA."""
     if use_triton(q, backend):
-        return index_scores_triton(q, keys, weights)
-    return index_scores_torch(q, keys, weights)
+        return index_scores_triton(q, keys, weights, limit)
+    return index_scores_torch(q, keys, weights, limit)
 
 
 def compressor_decode(kv_new, score_new, ape, pos, kv_state, score_state, prev_kv, prev_score, norm_weight,

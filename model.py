@@ -417,12 +417,28 @@ class Indexer(nn.Module):
             self.compressor(x, start_pos, freqs_cis, self.kv_cache)
             keys = self.kv_cache[:bsz, :(start_pos + seqlen) // self.ratio]            # [b, n, d]
         weights = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
-        scores = self.tp.all_reduce(index_scores(q, keys, weights, self.backend))       # [b, s, n]
-        limit = visible_entries(pos, self.ratio).unsqueeze(-1)
-        entry = torch.arange(scores.size(-1), device=x.device)
-        scores = scores.masked_fill(entry >= limit, float("-inf"))
+        limit = visible_entries(pos, self.ratio).view(-1, seqlen)                       # [b or 1, s]
+        scores = self.tp.all_reduce(index_scores(q, keys, weights, limit, self.backend))  # [b, s, n], -inf unseen
         idx = scores.topk(min(self.topk, scores.size(-1)), dim=-1).indices
-        return torch.where(idx < limit, idx, -1)
+        return torch.where(idx < limit.unsqueeze(-1), idx, -1)
+
+
+@dataclass
+class DecodeStep:
+    """What every layer of a decode step shares: the row of each sequence, its position [b], the
+    window ring slot the new token goes to [b], and the window slots each row may attend [b, win]
+    (-1 for a slot that holds no position yet). Computed once a step, not once a layer."""
+    rows: torch.Tensor
+    pos: torch.Tensor
+    ring_slot: torch.Tensor
+    window_idx: torch.Tensor
+
+    @classmethod
+    def at(cls, pos: torch.Tensor, window: int) -> "DecodeStep":
+        slot = torch.arange(window, device=pos.device)
+        slot_pos = pos.unsqueeze(1) - (pos.unsqueeze(1) - slot) % window         # [b, win] position in each slot
+        return cls(torch.arange(pos.size(0), device=pos.device), pos, pos % window,
+                   torch.where(slot_pos >= 0, slot, -1))
 
 
 class Attention(nn.Module):
@@ -472,8 +488,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, start_pos) -> torch.Tensor:
         """x [b, s, D] at positions start_pos .. start_pos+s-1 (start_pos an int), or one token per
-        row at positions start_pos [b] (a tensor: the static-shape decode step)."""
-        if isinstance(start_pos, torch.Tensor):
+        row (start_pos a DecodeStep: the static-shape decode step)."""
+        if isinstance(start_pos, DecodeStep):
             return self.decode(x, start_pos)
         bsz, seqlen, _ = x.shape
         end, win = start_pos + seqlen, self.window
@@ -503,16 +519,13 @@ class Attention(nn.Module):
         o = sparse_attn(q, keys, self.attn_sink, idx, self.softmax_scale, self.backend)   # [b, s, h, d]
         return self.output(o, self.freqs_cis[pos])
 
-    def decode(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """x [b, 1, D], pos [b]: attends over the whole cache with masks, so shapes never change."""
-        bsz, win = x.size(0), self.window
-        rows = torch.arange(bsz, device=x.device)
+    def decode(self, x: torch.Tensor, step: DecodeStep) -> torch.Tensor:
+        """x [b, 1, D] at step.pos: attends over the whole cache with masks, so shapes never change."""
+        bsz, win, pos = x.size(0), self.window, step.pos
         freqs = self.freqs_cis[pos].unsqueeze(1)                                    # [b, 1, rd/2, 2]
         qr, q, kv = self.project(x, freqs)
-        self.kv_cache[rows, pos % win] = kv[:, 0]
-        slot = torch.arange(win, device=x.device)
-        slot_pos = pos.unsqueeze(1) - (pos.unsqueeze(1) - slot) % win               # [b, win] position in each slot
-        idx = torch.where(slot_pos >= 0, slot, -1)
+        self.kv_cache[step.rows, step.ring_slot] = kv[:, 0]
+        idx = step.window_idx
         if self.ratio:
             compressed = self.kv_cache[:, win:]
             self.compressor.decode(x, pos, self.freqs_cis, compressed)
@@ -770,6 +783,7 @@ class Transformer(nn.Module):
         if isinstance(start_pos, torch.Tensor):
             if seqlen != 1 or start_pos.shape != (bsz,):
                 raise ValueError("positions as a tensor [b] are for one token per row")
+            start_pos = DecodeStep.at(start_pos, self.args.window_size)
         elif bsz > self.args.max_batch_size or start_pos + seqlen > self.args.max_seq_len:
             raise ValueError(f"batch {bsz} x positions up to {start_pos + seqlen} exceed max_batch_size="
                              f"{self.args.max_batch_size} / max_seq_len={self.args.max_seq_len}")

@@ -28,7 +28,7 @@ TORCH_VERSIONS = {
     "hc_post": lambda *a: kernel.hc_post_torch(*a[:-1]),
     "norm_rope": lambda x, f, rd, eps=None, weight=None, inverse=False, backend=None:
         kernel.norm_rope_torch(x, f, rd, eps, weight, inverse),
-    "index_scores": lambda q, keys, w, backend: kernel.index_scores_torch(q, keys, w),
+    "index_scores": lambda q, keys, w, limit, backend: kernel.index_scores_torch(q, keys, w, limit),
     "compressor_decode": lambda *a: kernel.compressor_decode_torch(*a[:-1]),
     "compressed_entries": lambda *a: kernel.compressed_entries(*a[:-1], "torch"),
     "hadamard": lambda x, scale, backend: kernel.hadamard_transform(x, scale),

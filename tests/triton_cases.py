@@ -104,8 +104,13 @@ def index_scores_case(device, dtype, b, s, h, d, n, seed):
     q = torch.randn(b, s, h, d, generator=g).to(device, dtype)
     keys = torch.randn(b, n, d, generator=g).to(device, dtype)
     w = torch.randn(b, s, h, generator=g).to(device)
-    out = kernel.index_scores_triton(q, keys, w)
-    return rel_err(out, kernel.index_scores_torch(q.double(), keys.double(), w.double()))
+    limit = torch.randint(0, n + 1, (b, s), generator=g).to(device)
+    limit[0, 0] = n                                                 # a query that sees every entry
+    out = kernel.index_scores_triton(q, keys, w, limit).cpu()
+    ref = kernel.index_scores_torch(q.double(), keys.double(), w.double(), limit).cpu()
+    seen = ref > float("-inf")
+    assert torch.equal(out > float("-inf"), seen), "entries past the limit must be -inf, the others finite"
+    return rel_err(out[seen], ref[seen])
 
 
 def compressor_case(device, dtype, ratio, hd, rotate, seed, b=3, steps=11):
