@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Every single-GPU check and measurement of this repository in one go, for a GPU machine lent for
+# a few minutes: each step has its own time limit, writes its log to OUT (default ./gpu_logs) and
+# the script goes on after a failure. Prints a summary line per step; exit status 1 if any failed.
+# The limits add up to about 20 minutes: name steps to run a part (a device call is at most 10).
+#   bash tests/gpu_all.sh [OUT [STEP ...]]      steps: gpu_check bench bf16_drift flaggems_ops
+#                                                      flaggems_check bench_flaggems
+# FlagGems steps need flag-gems importable (see README); without it they report their failure.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${1:-${OUT:-gpu_logs}}
+shift $(( $# > 0 ? 1 : 0 ))
+ONLY=" $* "
+mkdir -p "$OUT"
+status=0
+
+step() {    # step NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    [ "$ONLY" = "  " ] || [[ "$ONLY" == *" $name "* ]] || return 0
+    local t0=$SECONDS
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "$name: exit $rc after $((SECONDS - t0)) s (limit $limit s)" | tee -a "$OUT/summary.log"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+step gpu_check 150 python tests/gpu_check.py
+step bench 240 python bench.py speed --compare hf --profile --batch 1 8 32 128 --context 1024 65536
+step bf16_drift 150 python tests/bf16_drift.py
+step flaggems_ops 300 python tests/flaggems_ops.py --out "$OUT/flaggems_ops.json"
+step flaggems_check 150 python tests/flaggems_check.py
+step bench_flaggems 240 env FLAGGEMS_EXCLUDE=mul,topk python bench.py speed --backend flaggems --batch 1 32 --context 1024
+exit $status
