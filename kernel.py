@@ -1,7 +1,11 @@
 """Operators of the DeepSeek-V4 model beyond plain torch.
 
 Every op here has a pure-PyTorch version that runs on CPU and GPU; it is the
-reference that faster (Triton) versions are tested against.
+reference that faster (Triton) versions are tested against. The Triton versions
+fuse what a decode step would otherwise run as dozens of small kernels: the
+hyper-connection pre (mixes, Sinkhorn, weighted sum) and post, RMSNorm with RoPE,
+the Hadamard rotation, the indexer's scores, the compressor's whole decode update,
+sparse attention with its sink, and the routed experts as grouped GEMMs.
 
 Shapes use: b batch, s query tokens, h heads, d head dim, n key slots,
 k selected keys per query.
@@ -888,6 +892,11 @@ def sparse_attn_flaggems(q, kv, attn_sink, topk_idxs, softmax_scale):
                                               topk_idxs.to(torch.int32).contiguous(), softmax_scale)
     return o[:, :, :h] if heads != h else o
 
+
+# ---------------------------------------------------------------- what model.py calls
+#
+# Each op by backend: 'torch' the reference above; 'triton' / 'auto' on CUDA our Triton kernel;
+# 'flaggems' FlagGems' fused kernel where it has one, else ours.
 
 def sparse_attn(q, kv, attn_sink, topk_idxs, softmax_scale, backend: str = "auto"):
     """Attention of each query over its selected keys with a per-head sink: q [b, s, h, d],
