@@ -19,7 +19,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import kernel  # noqa: E402
 import model  # noqa: E402
-from fixtures import write_release  # noqa: E402
+from fixtures import fixture_model, write_release  # noqa: E402
 
 # model.py's name for each Triton-dispatched op -> the torch reference taking the same arguments
 TORCH_VERSIONS = {
@@ -37,12 +37,7 @@ TORCH_VERSIONS = {
 
 
 def build(path, weights, dtype, backend, device):
-    args = model.ModelArgs.from_file(os.path.join(path, "config.json"), dtype=dtype, backend=backend,
-                                     max_seq_len=256, max_batch_size=4)
-    with torch.device(device):
-        m = model.Transformer(args)
-    m.load_state_dict(weights, strict=True)
-    return m
+    return fixture_model(path, weights, dtype, backend, device, max_seq_len=256, max_batch_size=4)
 
 
 def logits_along(m, prompt, steps, tokens=None):

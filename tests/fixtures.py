@@ -21,6 +21,7 @@ try:
 except ImportError:  # imported from outside pytest: the flat scripts live one folder up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from kernel import E2M1_VALUES, FP4_BLOCK, FP8_BLOCK, dequant_fp4, dequant_fp8
+from model import ModelArgs, Transformer  # noqa: E402  (found where kernel was)
 
 FP8_MAX = 448.0   # largest finite float8_e4m3fn
 FP4_MAX = 6.0     # largest e2m1 magnitude
@@ -353,6 +354,18 @@ def write_release(path, config: dict = None, seed: int = 0, n_files: int = 3,
     for fname in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(os.path.join(tokenizer_dir(), fname), os.path.join(path, fname))
     return reference
+
+
+def fixture_model(path, weights: dict, dtype: str, backend: str, device, max_seq_len: int,
+                  max_batch_size: int) -> Transformer:
+    """model.py built on `device` from the config.json of the release at path, loaded with the
+    state dict write_release returned."""
+    args = ModelArgs.from_file(os.path.join(path, "config.json"), dtype=dtype, backend=backend,
+                               max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    with torch.device(device):
+        model = Transformer(args)
+    model.load_state_dict(weights, strict=True)
+    return model
 
 
 # ----------------------------------------------------------------------------- reading

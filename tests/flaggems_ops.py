@@ -25,8 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-from fixtures import write_release  # noqa: E402
-from model import ModelArgs, Transformer  # noqa: E402
+from fixtures import fixture_model, write_release  # noqa: E402
 
 TOL = 1e-3
 
@@ -49,11 +48,7 @@ class OpRecorder(TorchDispatchMode):
 
 def run_model(path, weights, ids):
     """Logits [steps, b, vocab] of a fresh model: two prefill chunks then 6 decode steps."""
-    args = ModelArgs.from_file(os.path.join(path, "config.json"), dtype="fp32", backend="triton",
-                               max_seq_len=64, max_batch_size=2)
-    with torch.device("cuda"):
-        model = Transformer(args)
-    model.load_state_dict(weights, strict=True)
+    model = fixture_model(path, weights, "fp32", "triton", "cuda", max_seq_len=64, max_batch_size=2)
     out = [model(ids[:, :9], 0), model(ids[:, 9:14], 9)]
     for p in range(14, 20):
         out.append(model(ids[:, p:p + 1], torch.full((2,), p, device="cuda")))

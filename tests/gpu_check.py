@@ -11,18 +11,13 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
-from fixtures import write_release  # noqa: E402
+from fixtures import fixture_model, write_release  # noqa: E402
 from generate import generate  # noqa: E402
-from model import GraphedDecoder, ModelArgs, Transformer  # noqa: E402
+from model import GraphedDecoder  # noqa: E402
 
 
 def build(path, weights, dtype, backend, device):
-    args = ModelArgs.from_file(os.path.join(path, "config.json"), dtype=dtype, backend=backend,
-                               max_seq_len=256, max_batch_size=4)
-    with torch.device(device):
-        model = Transformer(args)
-    model.load_state_dict(weights, strict=True)
-    return model
+    return fixture_model(path, weights, dtype, backend, device, max_seq_len=256, max_batch_size=4)
 
 
 def greedy(model, prompt, steps, step_fn):

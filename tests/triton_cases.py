@@ -146,19 +146,12 @@ def model_case(device, dtype, seed):
     prefilled in two chunks, then decode steps at per-row positions crossing window and compression
     boundaries. Returns the worst relative logit error."""
     import tempfile
-    from fixtures import write_release
-    from model import ModelArgs, Transformer
+    from fixtures import fixture_model, write_release
     path = tempfile.mkdtemp()
     weights = write_release(path, seed=seed, n_files=1)
-
-    def build(backend, dev, dt):
-        args = ModelArgs.from_file(os.path.join(path, "config.json"), dtype=dt, backend=backend,
-                                   max_seq_len=64, max_batch_size=3)
-        with torch.device(dev):
-            model = Transformer(args)
-        model.load_state_dict(weights, strict=True)
-        return model
-    ref, fast = build("torch", "cpu", "fp32"), build("triton", device, "fp32" if dtype == torch.float32 else "bf16")
+    ref = fixture_model(path, weights, "fp32", "torch", "cpu", max_seq_len=64, max_batch_size=3)
+    fast = fixture_model(path, weights, "fp32" if dtype == torch.float32 else "bf16", "triton", device,
+                         max_seq_len=64, max_batch_size=3)
     ids = torch.randint(0, 129280, (3, 30), generator=torch.Generator().manual_seed(seed))
     worst = 0.0
     for start, end in ((0, 13), (13, 21)):
