@@ -163,10 +163,11 @@ def hc_mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
     return F.linear(flat, fn) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
 
 
-def hc_pre_torch(x, fn, hc_scale, hc_base, hc_mult: int, iters: int, norm_eps: float, hc_eps: float):
+def hc_pre_torch(x, fn, hc_scale, hc_base, hc_mult: int, iters: int, norm_eps: float, hc_eps: float,
+                 split=hc_split_sinkhorn):
     """Enter a sublayer: x [.., hc, D] streams -> (input [.., D] in x's dtype, post [.., hc], comb [.., hc, hc]),
-    the input being the streams weighted by `pre`."""
-    pre, post, comb = hc_split_sinkhorn(hc_mixes(x, fn, norm_eps), hc_scale, hc_base, hc_mult, iters, hc_eps)
+    the input being the streams weighted by `pre`. split: hc_split_sinkhorn or a version of it."""
+    pre, post, comb = split(hc_mixes(x, fn, norm_eps), hc_scale, hc_base, hc_mult, iters, hc_eps)
     return (pre.unsqueeze(-1) * x.to(pre.dtype)).sum(dim=-2).to(x.dtype), post, comb
 
 
@@ -213,7 +214,7 @@ def compressor_decode_torch(kv_new, score_new, ape, pos, kv_state, score_state, 
     progress, pos // ratio, is (re)written to cache [B, n_max, hd]. With prev_kv / prev_score
     [B, ratio, hd] (ratio 4, overlapping windows) the entry pools the previous window's first
     series with this window's second one, and a completed window becomes the previous one."""
-    bsz, ratio, width = kv_new.size(0), kv_state.size(1), kv_state.size(2)
+    bsz, ratio = kv_new.size(0), kv_state.size(1)
     hd = cache.size(-1)
     rows, slot = torch.arange(bsz, device=kv_new.device), pos % ratio
     kv_state[rows, slot] = kv_new
@@ -505,6 +506,16 @@ if triton is not None:
         tl.store(o_ptr + rows.to(tl.int64)[:, None] * d + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _sylvester(N: tl.constexpr, LOG_N: tl.constexpr):
+        # The Sylvester Hadamard matrix [N, N] in registers: H[i, j] = (-1)^popcount(i & j).
+        idx = tl.arange(0, N)
+        both = idx[:, None] & idx[None, :]
+        parity = tl.zeros([N, N], tl.int32)
+        for bit in tl.static_range(LOG_N):
+            parity = parity ^ ((both >> bit) & 1)
+        return 1 - 2 * parity
+
+    @triton.jit
     def _hadamard_kernel(x_ptr, o_ptr, R, scale, N: tl.constexpr, LOG_N: tl.constexpr, BLOCK_R: tl.constexpr,
                          PRECISION: tl.constexpr):
         # BLOCK_R rows times the Sylvester matrix H[i, j] = (-1)^popcount(i & j), built in registers.
@@ -513,11 +524,7 @@ if triton is not None:
         rmask = (rows < R)[:, None]
         offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
         x = tl.load(x_ptr + offs, mask=rmask, other=0.0)
-        both = cols[:, None] & cols[None, :]
-        parity = tl.zeros([N, N], tl.int32)
-        for bit in tl.static_range(LOG_N):
-            parity = parity ^ ((both >> bit) & 1)
-        h = (1 - 2 * parity).to(x.dtype)
+        h = _sylvester(N, LOG_N).to(x.dtype)
         y = tl.dot(x, h, input_precision=PRECISION) * scale
         tl.store(o_ptr + offs, y.to(o_ptr.dtype.element_ty), mask=rmask)
 
@@ -614,11 +621,7 @@ if triton is not None:
         sin = tl.load(f_ptr + fcol + 1, mask=tail, other=0.0)
         e = tl.reshape(tl.join(a * cos - bb * sin, a * sin + bb * cos), [HD])
         if ROTATE:
-            both = c[:, None] & c[None, :]
-            parity = tl.zeros([HD, HD], tl.int32)
-            for bit in tl.static_range(LOG_HD):
-                parity = parity ^ ((both >> bit) & 1)
-            e = tl.sum(e.to(dtype).to(tl.float32)[:, None] * (1 - 2 * parity).to(tl.float32), 0) * rot_scale
+            e = tl.sum(e.to(dtype).to(tl.float32)[:, None] * _sylvester(HD, LOG_HD).to(tl.float32), 0) * rot_scale
         tl.store(cache_ptr + b * sc_b + (pos // ratio) * sc_n + c, e.to(dtype))
 
 def _precision(x: torch.Tensor) -> str:
@@ -936,8 +939,8 @@ def hc_pre(x, fn, hc_scale, hc_base, hc_mult: int, iters: int, norm_eps: float, 
     """hc_pre_torch; on CUDA fused into two Triton launches, or around FlagGems' split + Sinkhorn."""
     if use_triton(x, backend):
         if backend == "flaggems":
-            pre, post, comb = hc_split(hc_mixes(x, fn, norm_eps), hc_scale, hc_base, hc_mult, iters, hc_eps, backend)
-            return (pre.unsqueeze(-1) * x.float()).sum(dim=-2).to(x.dtype), post, comb
+            return hc_pre_torch(x, fn, hc_scale, hc_base, hc_mult, iters, norm_eps, hc_eps,
+                                split=functools.partial(hc_split, backend=backend))
         return hc_pre_triton(x, fn, hc_scale, hc_base, hc_mult, iters, norm_eps, hc_eps)
     return hc_pre_torch(x, fn, hc_scale, hc_base, hc_mult, iters, norm_eps, hc_eps)
 

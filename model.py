@@ -235,6 +235,14 @@ class Linear(nn.Module):
         return F.linear(x.to(self.weight.dtype), self.weight)
 
 
+def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [T, in] W^T as float32 sums of products of the values in the weight's dtype (as the reference,
+    which upcasts both); on CUDA without a float32 copy of the weight."""
+    if x.is_cuda:
+        return torch.mm(x.to(weight.dtype), weight.t(), out_dtype=torch.float32)
+    return F.linear(x.float(), weight.float())
+
+
 class ColumnParallelLinear(Linear):
     """Output features split over `parts` ranks; no communication."""
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, parts: int):
@@ -579,10 +587,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor):
         """x [T, D], ids [T] -> weights [T, k] float32, experts [T, k]."""
-        if x.is_cuda:        # float32 products of the bf16 values without a float32 copy of the weight
-            scores = torch.mm(x, self.weight.t(), out_dtype=torch.float32)
-        else:
-            scores = F.linear(x.float(), self.weight.float())
+        scores = linear_fp32(x, self.weight)
         if self.score_func == "softmax":
             scores = scores.softmax(dim=-1)
         elif self.score_func == "sigmoid":
@@ -727,10 +732,7 @@ class ParallelHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [b, D] -> float32 logits [b, vocab]."""
-        if x.is_cuda:
-            logits = torch.mm(x.to(self.weight.dtype), self.weight.t(), out_dtype=torch.float32)
-        else:
-            logits = F.linear(x.float(), self.weight.float())
+        logits = linear_fp32(x, self.weight)
         if self.tp.world_size == 1:
             return logits
         parts = [torch.empty_like(logits) for _ in range(self.tp.world_size)]

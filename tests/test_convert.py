@@ -20,7 +20,7 @@ from safetensors.torch import load_file, load_model, save_file
 
 import convert
 import fixtures
-from fixtures import dequantize_release, hf_config, read_release, write_release
+from fixtures import hf_config, read_release, write_release
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_EXPERTS, O_GROUPS = 8, 2
