@@ -112,7 +112,7 @@ def sparse_attn_torch(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor
     return torch.einsum("bshk,bskd->bshd", probs, keys).to(q.dtype)
 
 
-def rms_norm(x: torch.Tensor, weight, eps: float) -> torch.Tensor:
+def rms_norm_torch(x: torch.Tensor, weight, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32, returned in x's dtype; weight None means unweighted."""
     w = None if weight is None else weight.float()
     return F.rms_norm(x.float(), (x.size(-1),), w, eps).to(x.dtype)   # one fused kernel on CUDA
@@ -153,7 +153,7 @@ def norm_rope_torch(x: torch.Tensor, freqs: torch.Tensor, rope_dim: int, eps=Non
     """RMSNorm over x's last dim when eps is given (weight None: unweighted), then RoPE on its last
     rope_dim channels, the others kept. x [b, s, (h,) d]; freqs as for apply_rotary."""
     if eps is not None:
-        x = rms_norm(x, weight, eps)
+        x = rms_norm_torch(x, weight, eps)
     return torch.cat([x[..., :-rope_dim], apply_rotary(x[..., -rope_dim:], freqs, inverse)], dim=-1)
 
 
@@ -179,20 +179,59 @@ def hc_post_torch(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, c
     return y.to(f.dtype)
 
 
-def index_scores_torch(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor,
-                       limit: torch.Tensor) -> torch.Tensor:
-    """Lightning Indexer scores sum_h weights[h] * relu(q[h] . key) in float32, -inf for the entries
-    a query may not see yet (index >= limit).
+def index_scores_torch(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, limit: torch.Tensor,
+                       scale: float = 1.0) -> torch.Tensor:
+    """Lightning Indexer scores sum_h (scale * weights[h]) * relu(q[h] . key) in float32, -inf for the
+    entries a query may not see yet (index >= limit).
 
     q [b, s, h, d], keys [b, n, d], weights [b, s, h], limit [b or 1, s] -> [b, s, n]. Eight heads
     at a time bound the [b, s, 8, n] temporary."""
     b, s, h, _ = q.shape
+    weights = weights.float() * scale
     scores = torch.zeros(b, s, keys.size(1), device=q.device)
     for h0 in range(0, h, 8):
         part = torch.einsum("bshd,bnd->bshn", q[:, :, h0:h0 + 8].float(), keys.float()).relu_()
         scores += (part * weights[:, :, h0:h0 + 8].float().unsqueeze(-1)).sum(dim=2)
     entry = torch.arange(keys.size(1), device=q.device)
     return scores.masked_fill(entry >= limit.unsqueeze(-1), float("-inf"))
+
+
+def route_torch(scores: torch.Tensor, bias, tid2eid, ids: torch.Tensor, k: int, score_func: str,
+                route_scale: float):
+    """MoE routing from the gate's float32 logits scores [T, E]: the experts' scores (softmax, sigmoid
+    or sqrt(softplus)); the k experts of each token, fixed by tid2eid[ids] [T, k] on hash layers (bias
+    None), else the top k of score + bias; their scores as weights, normalised to sum 1 (not after a
+    softmax), times route_scale. -> weights [T, k] float32, experts [T, k] int64."""
+    if score_func == "softmax":
+        scores = scores.softmax(dim=-1)
+    elif score_func == "sigmoid":
+        scores = scores.sigmoid()
+    else:
+        scores = F.softplus(scores).sqrt()
+    if tid2eid is not None:
+        experts = tid2eid[ids].long()
+    else:
+        experts = (scores + bias).topk(k, dim=-1).indices
+    weights = scores.gather(1, experts)
+    if score_func != "softmax":
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights * route_scale, experts
+
+
+def decode_indices_torch(pos: torch.Tensor, window: int, n_entries: int, ratio: int, picks=None) -> torch.Tensor:
+    """The key slots each decode query attends in a layer's cache [window ring, compressed entries]:
+    pos [b] -> [b, window + n_entries] (n_entries = picks' width when picks is given).
+
+    Slot c < window holds position pos - (pos - c) % window, -1 while that is negative. Then the
+    compressed entries, window + j: the indexer's picks [b, k] (CSA), or every entry (HCA); -1 for
+    one the query may not see yet (j >= (pos + 1) // ratio) or a pick of -1."""
+    slot = torch.arange(window, device=pos.device)
+    ring = torch.where(pos.unsqueeze(1) - (pos.unsqueeze(1) - slot) % window >= 0, slot, -1)
+    if not ratio:
+        return ring
+    entry = picks if picks is not None else torch.arange(n_entries, device=pos.device).expand(pos.size(0), -1)
+    seen = (entry >= 0) & (entry < ((pos + 1) // ratio).unsqueeze(1))
+    return torch.cat([ring, torch.where(seen, entry + window, -1)], dim=1)
 
 
 def compressed_entries(kv: torch.Tensor, score: torch.Tensor, freqs: torch.Tensor, rope_dim: int, norm_weight,
@@ -529,10 +568,10 @@ if triton is not None:
         tl.store(o_ptr + offs, y.to(o_ptr.dtype.element_ty), mask=rmask)
 
     @triton.jit
-    def _index_scores_kernel(q_ptr, k_ptr, w_ptr, lim_ptr, o_ptr, S, N, H, sq_b, sq_s, sq_h, sk_b, sk_n, sw_b,
-                             sw_s, sl_b, sl_s, so_b, so_s, D: tl.constexpr, BLOCK_H: tl.constexpr,
+    def _index_scores_kernel(q_ptr, k_ptr, w_ptr, lim_ptr, o_ptr, S, N, H, scale, sq_b, sq_s, sq_h, sk_b, sk_n,
+                             sw_b, sw_s, sl_b, sl_s, so_b, so_s, D: tl.constexpr, BLOCK_H: tl.constexpr,
                              BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-        # One query token, BLOCK_N compressed entries: sum over heads of w[h] * relu(q[h] . key),
+        # One query token, BLOCK_N compressed entries: sum over heads of (scale * w[h]) * relu(q[h] . key),
         # -inf from the token's limit on.
         pid, nb = tl.program_id(0), tl.program_id(1)
         b, s = pid // S, pid % S
@@ -547,7 +586,7 @@ if triton is not None:
             hmask = heads < H
             q = tl.load(q_ptr + b * sq_b + s * sq_s + heads[:, None] * sq_h + dims[None, :], mask=hmask[:, None],
                         other=0.0)
-            w = tl.load(w_ptr + b * sw_b + s * sw_s + heads, mask=hmask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + b * sw_b + s * sw_s + heads, mask=hmask, other=0.0).to(tl.float32) * scale
             scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION)                     # [BLOCK_H, BLOCK_N]
             acc += tl.sum(tl.maximum(scores, 0.0) * w[:, None], 0)
         acc = tl.where(n < tl.load(lim_ptr + b * sl_b + s * sl_s), acc, float("-inf"))
@@ -623,6 +662,149 @@ if triton is not None:
         if ROTATE:
             e = tl.sum(e.to(dtype).to(tl.float32)[:, None] * _sylvester(HD, LOG_HD).to(tl.float32), 0) * rot_scale
         tl.store(cache_ptr + b * sc_b + (pos // ratio) * sc_n + c, e.to(dtype))
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, D, eps, BLOCK_D: tl.constexpr, WEIGHT: tl.constexpr):
+        # One row: x * rsqrt(mean(x^2) + eps) (* w) in float32, stored in the output's dtype.
+        row = tl.program_id(0).to(tl.int64)
+        d = tl.arange(0, BLOCK_D)
+        mask = d < D
+        x = tl.load(x_ptr + row * D + d, mask=mask, other=0.0).to(tl.float32)
+        y = x * tl.rsqrt(tl.sum(x * x, 0) / D + eps)
+        if WEIGHT:
+            y = y * tl.load(w_ptr + d, mask=mask, other=0.0).to(tl.float32)
+        tl.store(o_ptr + row * D + d, y.to(o_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _log1p(u):
+        # log(1 + u) to float32 accuracy for small u too (Triton's interpreter has no libdevice log1p).
+        w = 1.0 + u
+        return tl.where(w == 1.0, u, tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0)))
+
+    @triton.jit
+    def _route_kernel(s_ptr, bias_ptr, tid_ptr, ids_ptr, w_ptr, e_ptr, E, scale, K: tl.constexpr,
+                      KP: tl.constexpr, EP: tl.constexpr, FUNC: tl.constexpr, HASH: tl.constexpr):
+        # One token: the experts' scores from its gate logits (FUNC 0 softmax, 1 sigmoid, 2 sqrt(softplus)),
+        # the K experts (HASH: tid2eid[token id]; else the top K of score + bias, one argmax at a time),
+        # their scores as weights, normalised unless FUNC is softmax, times scale.
+        t = tl.program_id(0).to(tl.int64)
+        e = tl.arange(0, EP)
+        emask = e < E
+        logit = tl.load(s_ptr + t * E + e, mask=emask, other=0.0)
+        if FUNC == 0:
+            p = tl.where(emask, tl.exp(logit - tl.max(tl.where(emask, logit, float("-inf")), 0)), 0.0)
+            score = p / tl.sum(p, 0)
+        elif FUNC == 1:
+            score = tl.sigmoid(logit)
+        else:         # softplus as torch computes it: x above 20, else log(1 + exp(x)), stably
+            soft = tl.maximum(logit, 0.0) + _log1p(tl.exp(-tl.abs(logit)))
+            score = tl.sqrt(tl.where(logit > 20.0, logit, soft))
+        k = tl.arange(0, KP)
+        if HASH:
+            chosen = tl.load(tid_ptr + tl.load(ids_ptr + t) * K + k, mask=k < K, other=0).to(tl.int64)
+            weight = tl.sum(tl.where(e[None, :] == chosen[:, None], score[None, :], 0.0), 1)
+        else:
+            pick = tl.where(emask, score + tl.load(bias_ptr + e, mask=emask, other=0.0), float("-inf"))
+            chosen = tl.zeros([KP], tl.int64)
+            weight = tl.zeros([KP], tl.float32)
+            for i in tl.static_range(K):
+                best = tl.argmax(pick, 0)
+                chosen = tl.where(k == i, best, chosen)
+                weight = tl.where(k == i, tl.sum(tl.where(e == best, score, 0.0), 0), weight)
+                pick = tl.where(e == best, float("-inf"), pick)
+        if FUNC != 0:
+            weight = weight / tl.sum(tl.where(k < K, weight, 0.0), 0)
+        tl.store(w_ptr + t * K + k, weight * scale, mask=k < K)
+        tl.store(e_ptr + t * K + k, chosen, mask=k < K)
+
+    @triton.jit
+    def _moe_gemv_up_kernel(x_ptr, w_ptr, h_ptr, experts_ptr, weights_ptr, first, n_local, K, D, I, limit,
+                            sx, sw_e, sw_n, sh, BN: tl.constexpr, BK: tl.constexpr, CLAMP: tl.constexpr,
+                            PRECISION: tl.constexpr):
+        # Few tokens: one routing assignment a (token a // K) and BN columns, no sorting. When its expert
+        # e is local: h[a] = weight * silu(x W1[e]^T) * (x W3[e]^T). The token is row 0 of a 16-row
+        # tile (tl.dot's least), the other rows zero.
+        a, nb = tl.program_id(0), tl.program_id(1)
+        e = tl.load(experts_ptr + a) - first
+        if (e >= 0) & (e < n_local):
+            t = a // K
+            one = (tl.arange(0, 16) == 0)[:, None]
+            cols = nb * BN + tl.arange(0, BN)
+            cmask = cols < I
+            w_base = w_ptr + e.to(tl.int64) * sw_e
+            gate = tl.zeros([16, BN], tl.float32)
+            up = tl.zeros([16, BN], tl.float32)
+            for k0 in range(0, D, BK):
+                ks = k0 + tl.arange(0, BK)
+                kmask = ks < D
+                xa = tl.load(x_ptr + t * sx + ks[None, :] + 0 * one, mask=one & kmask[None, :], other=0.0)
+                wmask = cmask[None, :] & kmask[:, None]
+                wg = tl.load(w_base + cols[None, :] * sw_n + ks[:, None], mask=wmask, other=0.0)
+                wu = tl.load(w_base + (I + cols[None, :]) * sw_n + ks[:, None], mask=wmask, other=0.0)
+                gate = tl.dot(xa, wg, gate, input_precision=PRECISION)
+                up = tl.dot(xa, wu, up, input_precision=PRECISION)
+            if CLAMP:
+                gate = tl.minimum(gate, limit)
+                up = tl.minimum(tl.maximum(up, -limit), limit)
+            h = tl.sum(gate / (1.0 + tl.exp(-gate)) * up, 0) * tl.load(weights_ptr + a)      # rows > 0 give 0
+            tl.store(h_ptr + a * sh + cols, h.to(h_ptr.dtype.element_ty), mask=cmask)
+
+    @triton.jit
+    def _moe_gemv_down_kernel(h_ptr, w_ptr, gu_ptr, ws_ptr, out_ptr, experts_ptr, first, n_local, K, D, I, IS,
+                              sh, sw_e, sw_n, sgu, sws_n, so, BN: tl.constexpr, BK: tl.constexpr,
+                              SHARED: tl.constexpr, PRECISION: tl.constexpr):
+        # Few tokens: token t, BN output columns: out[t] = sum over its K assignments with a local expert
+        # of h[a] W2[e]^T, plus (SHARED) the shared expert's silu(g) * u, rounded as its input dtype,
+        # times W2s^T, from gu[t] = [x W1s^T, x W3s^T]. Sums in float32; stored in out's dtype.
+        t, nb = tl.program_id(0), tl.program_id(1)
+        one = (tl.arange(0, 16) == 0)[:, None]
+        cols = nb * BN + tl.arange(0, BN)
+        cmask = cols < D
+        acc = tl.zeros([16, BN], tl.float32)
+        for j in range(K):
+            a = t * K + j
+            e = tl.load(experts_ptr + a) - first
+            if (e >= 0) & (e < n_local):
+                w_base = w_ptr + e.to(tl.int64) * sw_e
+                for k0 in range(0, I, BK):
+                    ks = k0 + tl.arange(0, BK)
+                    kmask = ks < I
+                    hh = tl.load(h_ptr + a * sh + ks[None, :] + 0 * one, mask=one & kmask[None, :], other=0.0)
+                    w = tl.load(w_base + cols[None, :] * sw_n + ks[:, None], mask=cmask[None, :] & kmask[:, None],
+                                other=0.0)
+                    acc = tl.dot(hh, w, acc, input_precision=PRECISION)
+        if SHARED:
+            for k0 in range(0, IS, BK):
+                ks = k0 + tl.arange(0, BK)
+                kmask = one & (ks < IS)[None, :]
+                g = tl.load(gu_ptr + t * sgu + ks[None, :] + 0 * one, mask=kmask, other=0.0)
+                u = tl.load(gu_ptr + t * sgu + IS + ks[None, :] + 0 * one, mask=kmask, other=0.0).to(tl.float32)
+                gf = g.to(tl.float32)
+                hs = (gf / (1.0 + tl.exp(-gf)) * u).to(g.dtype)
+                w = tl.load(ws_ptr + cols[None, :] * sws_n + ks[:, None], mask=cmask[None, :] & (ks < IS)[:, None],
+                            other=0.0)
+                acc = tl.dot(hs, w, acc, input_precision=PRECISION)
+        tl.store(out_ptr + t * so + cols, tl.sum(acc, 0).to(out_ptr.dtype.element_ty), mask=cmask)
+
+    @triton.jit
+    def _decode_indices_kernel(pos_ptr, pick_ptr, o_ptr, window, n_entries, ratio, sp, so,
+                               BLOCK: tl.constexpr, PICKS: tl.constexpr):
+        # Row b, BLOCK columns of decode_indices_torch's result: window ring slots, then compressed entries.
+        b, cb = tl.program_id(0), tl.program_id(1)
+        pos = tl.load(pos_ptr + b)
+        c = cb * BLOCK + tl.arange(0, BLOCK)
+        back = (pos - c) % window
+        back = tl.where(back < 0, back + window, back)               # a floor modulo, as torch's %
+        ring = tl.where(pos - back >= 0, c, -1)
+        j = c - window
+        if PICKS:
+            entry = tl.load(pick_ptr + b * sp + j, mask=(j >= 0) & (j < n_entries), other=-1)
+        else:
+            entry = j
+        seen = (entry >= 0) & (entry < (pos + 1) // ratio)
+        out = tl.where(c < window, ring, tl.where(seen, entry + window, -1))
+        tl.store(o_ptr + b * so + c, out, mask=c < window + n_entries)
+
 
 def _precision(x: torch.Tensor) -> str:
     """tl.dot precision: exact float32 products for float32 inputs (TF32 is ~1e-3 off)."""
@@ -711,7 +893,7 @@ def hadamard_triton(x, scale: float):
     return out.view(x.shape)
 
 
-def index_scores_triton(q, keys, weights, limit):
+def index_scores_triton(q, keys, weights, limit, scale: float = 1.0):
     """Triton version of index_scores_torch: one launch, float32 [b, s, n]."""
     b, s, h, d = q.shape
     n = keys.size(1)
@@ -721,7 +903,7 @@ def index_scores_triton(q, keys, weights, limit):
     block_h = min(64, max(16, triton.next_power_of_2(h)))
     block_n = 64
     _index_scores_kernel[(b * s, triton.cdiv(n, block_n))](
-        q, keys, weights, limit, out, s, n, h, q.stride(0), q.stride(1), q.stride(2), keys.stride(0),
+        q, keys, weights, limit, out, s, n, h, scale, q.stride(0), q.stride(1), q.stride(2), keys.stride(0),
         keys.stride(1), weights.stride(0), weights.stride(1), limit.stride(0), limit.stride(1),
         out.stride(0), out.stride(1),
         D=d, BLOCK_H=block_h, BLOCK_N=block_n, PRECISION=_precision(q), num_warps=4)
@@ -846,6 +1028,86 @@ def compressor_decode_triton(kv_new, score_new, ape, pos, kv_state, score_state,
         HD=hd, RC=min(16, triton.next_power_of_2(ratio)), OVERLAP=overlap, ROTATE=rotate_scale is not None,
         LOG_HD=hd.bit_length() - 1, num_warps=8)
 
+
+def rms_norm_triton(x, weight, eps: float):
+    """Triton version of rms_norm_torch: one launch, a row a program."""
+    d = x.size(-1)
+    flat = x.reshape(-1, d).contiguous()
+    out = torch.empty_like(flat)
+    block = triton.next_power_of_2(d)
+    _rms_norm_kernel[(flat.size(0),)](flat, flat if weight is None else weight.contiguous(), out, d, eps,
+                                      BLOCK_D=block, WEIGHT=weight is not None, num_warps=8 if block >= 2048 else 4)
+    return out.view(x.shape)
+
+
+ROUTE_FUNCS = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}
+
+
+def route_triton(scores, bias, tid2eid, ids, k: int, score_func: str, route_scale: float):
+    """Triton version of route_torch: one launch, a token a program."""
+    t, n = scores.shape
+    scores = scores.float().contiguous()
+    weights = torch.empty(t, k, dtype=torch.float32, device=scores.device)
+    experts = torch.empty(t, k, dtype=torch.long, device=scores.device)
+    hashed = tid2eid is not None
+    _route_kernel[(t,)](scores, scores if hashed else bias.float().contiguous(),
+                        tid2eid.contiguous() if hashed else scores, ids.contiguous() if hashed else scores,
+                        weights, experts, n, route_scale, K=k, KP=triton.next_power_of_2(k),
+                        EP=triton.next_power_of_2(n), FUNC=ROUTE_FUNCS[score_func], HASH=hashed, num_warps=4)
+    return weights, experts
+
+
+# The few-token MoE (decode): (BN, BK, warps, stages) of its up and down kernels, and the most routing
+# assignments it takes; above that the grouped GEMMs, which read each expert once however many
+# tokens chose it, are cheaper than the assignments' repeated reads.
+MOE_GEMV_UP = (32, 128, 4, 3)
+MOE_GEMV_DOWN = (16, 256, 4, 3)
+MOE_GEMV_MAX_ASSIGNMENTS = 32
+
+
+def moe_gemv_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float, shared_gu=None,
+                    shared_w2=None, out_dtype=torch.float32):
+    """The routed experts for few tokens in two launches: no sorting, no host sync, each assignment's
+    expert read by its own programs. Arguments as moe_experts_triton; with shared_gu [T, 2 Is] (x times
+    the shared expert's [W1; W3]^T, in x's dtype) and shared_w2 [D, Is] the shared expert is added in.
+    Returns out_dtype [T, D]."""
+    n_local, two_i, dim = w13.shape
+    inter = two_i // 2
+    t, k = experts.shape
+    x, experts, weights = x.contiguous(), experts.contiguous(), weights.float().contiguous()
+    precision = _precision(x)
+    h = torch.empty(t * k, inter, dtype=x.dtype, device=x.device)
+    bn, bk, warps, stages = MOE_GEMV_UP
+    _moe_gemv_up_kernel[(t * k, triton.cdiv(inter, bn))](
+        x, w13, h, experts, weights, first_expert, n_local, k, dim, inter, swiglu_limit,
+        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
+        BN=bn, BK=bk, CLAMP=swiglu_limit > 0, PRECISION=precision, num_warps=warps, num_stages=stages)
+    shared = shared_gu is not None
+    gu = shared_gu.contiguous() if shared else h
+    ws = shared_w2.contiguous() if shared else w2
+    out = torch.empty(t, dim, dtype=out_dtype, device=x.device)
+    bn, bk, warps, stages = MOE_GEMV_DOWN
+    _moe_gemv_down_kernel[(t, triton.cdiv(dim, bn))](
+        h, w2, gu, ws, out, experts, first_expert, n_local, k, dim, inter, gu.size(1) // 2 if shared else 0,
+        h.stride(0), w2.stride(0), w2.stride(1), gu.stride(0), ws.stride(0), out.stride(0),
+        BN=bn, BK=bk, SHARED=shared, PRECISION=precision, num_warps=warps, num_stages=stages)
+    return out
+
+
+def decode_indices_triton(pos, window: int, n_entries: int, ratio: int, picks=None):
+    """Triton version of decode_indices_torch: one launch."""
+    if picks is not None:
+        picks = picks.contiguous()
+        n_entries = picks.size(1)
+    n_entries = n_entries if ratio else 0
+    out = torch.empty(pos.size(0), window + n_entries, dtype=torch.long, device=pos.device)
+    block = 256
+    _decode_indices_kernel[(pos.size(0), triton.cdiv(out.size(1), block))](
+        pos.contiguous(), pos if picks is None else picks, out, window, n_entries, max(ratio, 1),
+        0 if picks is None else picks.stride(0), out.stride(0), BLOCK=block, PICKS=picks is not None, num_warps=4)
+    return out
+
+
 # ---------------------------------------------------------------- FlagGems versions (CUDA)
 #
 # FlagGems (the flag-gems package, FlagOS' Triton operator library) has fused kernels for three of
@@ -959,11 +1221,32 @@ def norm_rope(x, freqs, rope_dim: int, eps=None, weight=None, inverse: bool = Fa
     return norm_rope_torch(x, freqs, rope_dim, eps, weight, inverse)
 
 
-def index_scores(q, keys, weights, limit, backend: str = "auto"):
+def index_scores(q, keys, weights, limit, scale: float = 1.0, backend: str = "auto"):
     """index_scores_torch, one Triton launch on CUDA."""
     if use_triton(q, backend):
-        return index_scores_triton(q, keys, weights, limit)
-    return index_scores_torch(q, keys, weights, limit)
+        return index_scores_triton(q, keys, weights, limit, scale)
+    return index_scores_torch(q, keys, weights, limit, scale)
+
+
+def rms_norm(x, weight, eps: float, backend: str = "auto"):
+    """rms_norm_torch, one Triton launch on CUDA."""
+    if use_triton(x, backend):
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_torch(x, weight, eps)
+
+
+def route(scores, bias, tid2eid, ids, k: int, score_func: str, route_scale: float, backend: str = "auto"):
+    """route_torch, one Triton launch on CUDA."""
+    if use_triton(scores, backend):
+        return route_triton(scores, bias, tid2eid, ids, k, score_func, route_scale)
+    return route_torch(scores, bias, tid2eid, ids, k, score_func, route_scale)
+
+
+def decode_indices(pos, window: int, n_entries: int, ratio: int, picks=None, backend: str = "auto"):
+    """decode_indices_torch, one Triton launch on CUDA."""
+    if use_triton(pos, backend):
+        return decode_indices_triton(pos, window, n_entries, ratio, picks)
+    return decode_indices_torch(pos, window, n_entries, ratio, picks)
 
 
 def compressor_decode(kv_new, score_new, ape, pos, kv_state, score_state, prev_kv, prev_score, norm_weight,

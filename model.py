@@ -23,8 +23,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kernel import (BACKENDS, compressed_entries, compressor_decode, hadamard, hc_mixes, hc_post, hc_pre,
-                    index_scores, moe_experts_triton, norm_rope, rms_norm, sparse_attn, swiglu, use_triton)
+from kernel import (BACKENDS, MOE_GEMV_MAX_ASSIGNMENTS, compressed_entries, compressor_decode, decode_indices,
+                    hadamard, hc_mixes, hc_post, hc_pre, index_scores, moe_experts_triton, moe_gemv_triton, norm_rope,
+                    rms_norm, route, sparse_attn, swiglu, use_triton)
 
 
 @dataclass
@@ -276,13 +277,13 @@ class ParallelEmbedding(nn.Module):
 
 class RMSNorm(nn.Module):
     """RMSNorm with a float32 weight (the release stores it in bf16)."""
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, backend: str = "auto"):
         super().__init__()
-        self.eps = eps
+        self.eps, self.backend = eps, backend
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.backend)
 
 
 def precompute_freqs_cis(dim: int, seqlen: int, original_seq_len: int, base: float, factor: float,
@@ -324,7 +325,7 @@ class Compressor(nn.Module):
         self.wkv = Linear(args.dim, width, torch.float32)
         self.wgate = Linear(args.dim, width, torch.float32)
         self.ape = nn.Parameter(torch.empty(ratio, width, dtype=torch.float32), requires_grad=False)
-        self.norm = RMSNorm(head_dim, args.norm_eps)
+        self.norm = RMSNorm(head_dim, args.norm_eps, args.backend)
         b = args.max_batch_size
         self.register_buffer("kv_state", torch.zeros(b, ratio, width), persistent=False)
         self.register_buffer("score_state", torch.zeros(b, ratio, width), persistent=False)
@@ -411,9 +412,11 @@ class Indexer(nn.Module):
                                                      self.head_dim, dtype=dtype), persistent=False)
 
     def forward(self, x: torch.Tensor, qr: torch.Tensor, pos: torch.Tensor, freqs_cis: torch.Tensor,
-                start_pos: Optional[int] = None) -> torch.Tensor:
+                start_pos: Optional[int] = None, limit: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [b, s, D], qr [b, s, q_lora_rank] at positions pos ([s] from start_pos, or [b, 1] when
-        decoding with start_pos None) -> indices [b, s, k] of compressed entries, -1 for none."""
+        decoding with start_pos None; limit, when given, is visible_entries(pos, 4)) -> indices [b, s, k]
+        of the top-k compressed entries, in no particular order. When fewer than k are visible the rest
+        are entries the query may not see yet: the caller masks them."""
         bsz, seqlen, _ = x.shape
         q = self.wq_b(qr).unflatten(-1, (self.n_local_heads, self.head_dim))
         q = norm_rope(q, freqs_cis[pos], self.rope_head_dim, backend=self.backend)
@@ -424,29 +427,46 @@ class Indexer(nn.Module):
         else:
             self.compressor(x, start_pos, freqs_cis, self.kv_cache)
             keys = self.kv_cache[:bsz, :(start_pos + seqlen) // self.ratio]            # [b, n, d]
-        weights = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
-        limit = visible_entries(pos, self.ratio).view(-1, seqlen)                       # [b or 1, s]
-        scores = self.tp.all_reduce(index_scores(q, keys, weights, limit, self.backend))  # [b, s, n], -inf unseen
-        idx = scores.topk(min(self.topk, scores.size(-1)), dim=-1).indices
-        return torch.where(idx < limit.unsqueeze(-1), idx, -1)
+        if limit is None:
+            limit = visible_entries(pos, self.ratio)
+        scores = index_scores(q, keys, self.weights_proj(x), limit.view(-1, seqlen),
+                              self.head_dim ** -0.5 * self.n_heads ** -0.5, self.backend)   # [b, s, n], -inf unseen
+        scores = self.tp.all_reduce(scores)
+        return scores.topk(min(self.topk, scores.size(-1)), dim=-1, sorted=False).indices
 
 
 @dataclass
 class DecodeStep:
-    """What every layer of a decode step shares: the row of each sequence, its position [b], the
-    window ring slot the new token goes to [b], and the window slots each row may attend [b, win]
-    (-1 for a slot that holds no position yet). Computed once a step, not once a layer."""
+    """What the layers of a decode step share, computed once a step rather than once a layer: the
+    row of each sequence, its position pos [b], the window ring slot its new token goes to [b], and,
+    kept as the layers ask for them, the entries visible at each compression ratio and the slots
+    attended by the layers that attend every visible entry (window-only and HCA layers)."""
     rows: torch.Tensor
     pos: torch.Tensor
     ring_slot: torch.Tensor
-    window_idx: torch.Tensor
+    window: int
+    backend: str
+    kept: dict = field(default_factory=dict)
 
     @classmethod
-    def at(cls, pos: torch.Tensor, window: int) -> "DecodeStep":
-        slot = torch.arange(window, device=pos.device)
-        slot_pos = pos.unsqueeze(1) - (pos.unsqueeze(1) - slot) % window         # [b, win] position in each slot
-        return cls(torch.arange(pos.size(0), device=pos.device), pos, pos % window,
-                   torch.where(slot_pos >= 0, slot, -1))
+    def at(cls, pos: torch.Tensor, window: int, backend: str) -> "DecodeStep":
+        return cls(torch.arange(pos.size(0), device=pos.device), pos, pos % window, window, backend)
+
+    def visible(self, ratio: int) -> torch.Tensor:
+        """visible_entries(pos, ratio) [b]."""
+        if ("visible", ratio) not in self.kept:
+            self.kept["visible", ratio] = visible_entries(self.pos, ratio)
+        return self.kept["visible", ratio]
+
+    def attended(self, ratio: int, n_entries: int, picks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Slots [b, window + entries] of a layer's cache that each row attends (kernel.decode_indices):
+        the indexer's picks [b, k] on CSA layers, every visible entry of n_entries otherwise."""
+        if picks is not None:
+            return decode_indices(self.pos, self.window, n_entries, ratio, picks, self.backend)
+        if ("attended", ratio, n_entries) not in self.kept:
+            self.kept["attended", ratio, n_entries] = decode_indices(self.pos, self.window, n_entries, ratio,
+                                                                     backend=self.backend)
+        return self.kept["attended", ratio, n_entries]
 
 
 class Attention(nn.Module):
@@ -473,10 +493,10 @@ class Attention(nn.Module):
         self.backend = args.backend
 
         self.wq_a = Linear(args.dim, args.q_lora_rank, dtype)
-        self.q_norm = RMSNorm(args.q_lora_rank, self.eps)
+        self.q_norm = RMSNorm(args.q_lora_rank, self.eps, self.backend)
         self.wq_b = ColumnParallelLinear(args.q_lora_rank, self.n_heads * self.head_dim, dtype, tp.world_size)
         self.wkv = Linear(args.dim, self.head_dim, dtype)
-        self.kv_norm = RMSNorm(self.head_dim, self.eps)
+        self.kv_norm = RMSNorm(self.head_dim, self.eps, self.backend)
         self.wo_a = ColumnParallelLinear(self.n_heads * self.head_dim // args.o_groups,
                                          args.o_groups * args.o_lora_rank, dtype, tp.out_group_split)
         self.wo_b = RowParallelLinear(args.o_groups * args.o_lora_rank, args.dim, dtype, tp.out_group_split)
@@ -516,12 +536,12 @@ class Attention(nn.Module):
             compressed = self.kv_cache[:, win:]
             self.compressor(x, start_pos, self.freqs_cis, compressed)
             n = end // self.ratio
+            visible = visible_entries(pos, self.ratio).unsqueeze(1)                   # [s, 1]
             if self.indexer is not None:
                 cidx = self.indexer(x, qr, pos, self.freqs_cis, start_pos)          # [b, s, k]
             else:
-                entry = torch.arange(n, device=x.device)
-                cidx = torch.where(entry < visible_entries(pos, self.ratio).unsqueeze(1), entry, -1)
-                cidx = cidx.expand(bsz, -1, -1)
+                cidx = torch.arange(n, device=x.device).expand(bsz, seqlen, -1)
+            cidx = torch.where(cidx < visible, cidx, -1)
             idx = torch.cat([idx, torch.where(cidx >= 0, cidx + keys.size(1), -1)], dim=-1)
             keys = torch.cat([keys, compressed[:bsz, :n]], dim=1)
         o = sparse_attn(q, keys, self.attn_sink, idx, self.softmax_scale, self.backend)   # [b, s, h, d]
@@ -533,16 +553,12 @@ class Attention(nn.Module):
         freqs = self.freqs_cis[pos].unsqueeze(1)                                    # [b, 1, rd/2, 2]
         qr, q, kv = self.project(x, freqs)
         self.kv_cache[step.rows, step.ring_slot] = kv[:, 0]
-        idx = step.window_idx
+        n_entries, picks = self.kv_cache.size(1) - win, None
         if self.ratio:
-            compressed = self.kv_cache[:, win:]
-            self.compressor.decode(x, pos, self.freqs_cis, compressed)
+            self.compressor.decode(x, pos, self.freqs_cis, self.kv_cache[:, win:])
             if self.indexer is not None:
-                cidx = self.indexer(x, qr, pos.unsqueeze(1), self.freqs_cis)[:, 0]  # [b, k]
-            else:
-                entry = torch.arange(compressed.size(1), device=x.device)
-                cidx = torch.where(entry < visible_entries(pos, self.ratio).unsqueeze(1), entry, -1)
-            idx = torch.cat([idx, torch.where(cidx >= 0, cidx + win, -1)], dim=-1)
+                picks = self.indexer(x, qr, pos.unsqueeze(1), self.freqs_cis, limit=step.visible(4))[:, 0]  # [b, k]
+        idx = step.attended(self.ratio, n_entries, picks)                          # [b, win + entries]
         o = sparse_attn(q, self.kv_cache[:bsz], self.attn_sink, idx.unsqueeze(1), self.softmax_scale, self.backend)
         return self.output(o, freqs)
 
@@ -576,6 +592,7 @@ class Gate(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
         self.topk, self.score_func, self.route_scale = args.n_activated_experts, args.score_func, args.route_scale
+        self.backend = args.backend
         self.hash = layer_id < args.n_hash_layers
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim, dtype=dtype_of(args)),
                                    requires_grad=False)
@@ -586,22 +603,9 @@ class Gate(nn.Module):
             self.bias = nn.Parameter(torch.empty(args.n_routed_experts, dtype=torch.float32), requires_grad=False)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor):
-        """x [T, D], ids [T] -> weights [T, k] float32, experts [T, k]."""
-        scores = linear_fp32(x, self.weight)
-        if self.score_func == "softmax":
-            scores = scores.softmax(dim=-1)
-        elif self.score_func == "sigmoid":
-            scores = scores.sigmoid()
-        else:
-            scores = F.softplus(scores).sqrt()
-        if self.hash:
-            experts = self.tid2eid[ids].long()
-        else:
-            experts = (scores + self.bias).topk(self.topk, dim=-1).indices
-        weights = scores.gather(1, experts)
-        if self.score_func != "softmax":
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights * self.route_scale, experts
+        """x [T, D], ids [T] -> weights [T, k] float32, experts [T, k] int64 (kernel.route_torch)."""
+        return route(linear_fp32(x, self.weight), None if self.hash else self.bias, self.tid2eid if self.hash else None,
+                     ids, self.topk, self.score_func, self.route_scale, self.backend)
 
 
 class Expert(nn.Module):
@@ -626,7 +630,10 @@ class MoE(nn.Module):
     partial sums are reduced with a single all-reduce.
 
     On the Triton path the local experts' weights live in two stacked tensors, w13 [E, 2I, D]
-    and w2 [E, D, I], of which each expert's parameters are views (made once, after loading)."""
+    and w2 [E, D, I], and the shared expert's w1 and w3 in one [2Is, D], of which the parameters
+    are views (made once, after loading). Few tokens (decode) take the routed and shared experts
+    together in two launches (kernel.moe_gemv_triton); more take grouped GEMMs over the tokens
+    sorted by expert (kernel.moe_experts_triton)."""
     def __init__(self, layer_id: int, args: ModelArgs, tp: Parallel):
         super().__init__()
         self.tp, self.backend, self.swiglu_limit = tp, args.backend, args.swiglu_limit
@@ -641,24 +648,36 @@ class MoE(nn.Module):
         self.stacked = None
 
     def stacked_weights(self):
-        """(w13, w2) of the local experts; restacked whenever the parameters moved (load, .to())."""
+        """(w13, w2) of the local experts and the shared expert's [w1; w3]; restacked whenever the
+        parameters moved (load, .to())."""
         experts = [self.experts[i] for i in self.local]
-        if self.stacked is None or self.stacked[0].data_ptr() != experts[0].w1.weight.data_ptr():
+        shared = self.shared_experts
+        if self.stacked is None or self.stacked[0].data_ptr() != experts[0].w1.weight.data_ptr() \
+                or self.stacked[2].data_ptr() != shared.w1.weight.data_ptr():
             inter = experts[0].w1.weight.size(0)
             w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in experts])
             w2 = torch.stack([e.w2.weight for e in experts])
             for i, e in enumerate(experts):
                 e.w1.weight.data, e.w3.weight.data, e.w2.weight.data = w13[i, :inter], w13[i, inter:], w2[i]
-            self.stacked = (w13, w2)
+            inter = shared.w1.weight.size(0)
+            shared13 = torch.cat([shared.w1.weight, shared.w3.weight])
+            shared.w1.weight.data, shared.w3.weight.data = shared13[:inter], shared13[inter:]
+            self.stacked = (w13, w2, shared13)
         return self.stacked
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, experts = self.gate(x, ids.reshape(-1))
+        if use_triton(x, self.backend) and experts.numel() <= MOE_GEMV_MAX_ASSIGNMENTS:
+            w13, w2, shared13 = self.stacked_weights()
+            y = moe_gemv_triton(x, w13, w2, weights, experts, self.local.start, self.swiglu_limit,
+                                F.linear(x, shared13), self.shared_experts.w2.weight,
+                                torch.float32 if self.tp.world_size > 1 else x.dtype)
+            return self.tp.all_reduce(y).to(x.dtype).view(shape)
         y = self.shared_experts(x)                                  # float32 [T, D]
         if use_triton(x, self.backend):
-            w13, w2 = self.stacked_weights()
+            w13, w2, _ = self.stacked_weights()
             y += moe_experts_triton(x, w13, w2, weights, experts, self.local.start, self.swiglu_limit)
         else:
             counts = torch.bincount(experts.flatten(), minlength=len(self.experts)).tolist()
@@ -685,8 +704,8 @@ class Block(nn.Module):
         self.backend = args.backend
         self.attn = Attention(layer_id, args, tp)
         self.ffn = MoE(layer_id, args, tp)
-        self.attn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps, args.backend)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, args.backend)
         mix, width = (2 + args.hc_mult) * args.hc_mult, args.hc_mult * args.dim
         for site in ("attn", "ffn"):
             self.register_parameter(f"hc_{site}_fn", nn.Parameter(torch.empty(mix, width), requires_grad=False))
@@ -749,9 +768,9 @@ class MTPBlock(Block):
         dtype = dtype_of(args)
         self.e_proj = Linear(args.dim, args.dim, dtype)
         self.h_proj = Linear(args.dim, args.dim, dtype)
-        self.enorm = RMSNorm(args.dim, args.norm_eps)
-        self.hnorm = RMSNorm(args.dim, args.norm_eps)
-        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.enorm = RMSNorm(args.dim, args.norm_eps, args.backend)
+        self.hnorm = RMSNorm(args.dim, args.norm_eps, args.backend)
+        self.norm = RMSNorm(args.dim, args.norm_eps, args.backend)
         hc_head_params(self, args)
 
     def predict(self, h: torch.Tensor, start_pos: int, ids: torch.Tensor, embed: nn.Module, head: ParallelHead):
@@ -771,7 +790,7 @@ class Transformer(nn.Module):
         dtype = dtype_of(args)
         self.embed = ParallelEmbedding(args.vocab_size, args.dim, dtype, tp)
         self.layers = nn.ModuleList([Block(i, args, tp) for i in range(args.n_layers)])
-        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.norm = RMSNorm(args.dim, args.norm_eps, args.backend)
         self.head = ParallelHead(args, tp)
         self.mtp = nn.ModuleList([MTPBlock(args.n_layers + k, args, tp) for k in range(args.n_mtp_layers)])
         hc_head_params(self, args)
@@ -785,7 +804,7 @@ class Transformer(nn.Module):
         if isinstance(start_pos, torch.Tensor):
             if seqlen != 1 or start_pos.shape != (bsz,):
                 raise ValueError("positions as a tensor [b] are for one token per row")
-            start_pos = DecodeStep.at(start_pos, self.args.window_size)
+            start_pos = DecodeStep.at(start_pos, self.args.window_size, self.args.backend)
         elif bsz > self.args.max_batch_size or start_pos + seqlen > self.args.max_seq_len:
             raise ValueError(f"batch {bsz} x positions up to {start_pos + seqlen} exceed max_batch_size="
                              f"{self.args.max_batch_size} / max_seq_len={self.args.max_seq_len}")

@@ -103,14 +103,80 @@ def index_scores_case(device, dtype, b, s, h, d, n, seed):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, s, h, d, generator=g).to(device, dtype)
     keys = torch.randn(b, n, d, generator=g).to(device, dtype)
-    w = torch.randn(b, s, h, generator=g).to(device)
+    w = torch.randn(b, s, h, generator=g).to(device, dtype)
     limit = torch.randint(0, n + 1, (b, s), generator=g).to(device)
     limit[0, 0] = n                                                 # a query that sees every entry
-    out = kernel.index_scores_triton(q, keys, w, limit).cpu()
-    ref = kernel.index_scores_torch(q.double(), keys.double(), w.double(), limit).cpu()
+    out = kernel.index_scores_triton(q, keys, w, limit, 0.37).cpu()
+    ref = kernel.index_scores_torch(q.double(), keys.double(), w.double(), limit, 0.37).cpu()
     seen = ref > float("-inf")
     assert torch.equal(out > float("-inf"), seen), "entries past the limit must be -inf, the others finite"
     return rel_err(out[seen], ref[seen])
+
+
+def rms_norm_case(device, dtype, shape, weighted, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(*shape, generator=g) * 3).to(device, dtype)
+    w = (torch.rand(shape[-1], generator=g) + 0.5).to(device) if weighted else None
+    out = kernel.rms_norm_triton(x, w, 1e-6)
+    assert out.dtype == dtype and out.shape == x.shape
+    return rel_err(out, kernel.rms_norm_torch(x.double(), None if w is None else w.double(), 1e-6))
+
+
+def route_case(device, dtype, t, n, k, score_func, hashed, seed):
+    """Routing from gate logits: the same experts as the torch reference (as sets: torch's top-k and
+    ours may order ties differently, and random logits make ties unlikely) and the same weights."""
+    g = torch.Generator().manual_seed(seed)
+    scores = (torch.randn(t, n, generator=g) * 2).to(device)
+    scores[0, :3] = torch.tensor([25.0, -30.0, 21.0])              # softplus's linear branch and its far tail
+    bias = (torch.randn(n, generator=g) * 0.1).to(device)
+    tid2eid = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(50)]).int().to(device) if hashed else None
+    ids = torch.randint(0, 50, (t,), generator=g).to(device)
+    w, e = kernel.route_triton(scores, None if hashed else bias, tid2eid, ids, k, score_func, 1.5)
+    rw, re = kernel.route_torch(scores.double(), None if hashed else bias.double(), tid2eid, ids, k, score_func, 1.5)
+    order, ref_order = e.sort(-1), re.sort(-1)
+    assert e.dtype == torch.long and torch.equal(order.values.cpu(), ref_order.values.cpu()), "other experts chosen"
+    return rel_err(w.gather(1, order.indices), rw.gather(1, ref_order.indices))
+
+
+def moe_gemv_case(device, dtype, t, k, dim, inter, n_local, first, n_total, limit, shared_inter, seed):
+    """The few-token MoE (and the shared expert when shared_inter) against a float64 loop over experts."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(t, dim, generator=g, device=device).to(dtype)
+    w13 = (torch.randn(n_local, 2 * inter, dim, generator=g, device=device) / dim ** 0.5).to(dtype)
+    w2 = (torch.randn(n_local, dim, inter, generator=g, device=device) / inter ** 0.5).to(dtype)
+    experts = torch.stack([torch.randperm(n_total, generator=g, device=device)[:k] for _ in range(t)])
+    if first + n_local - 1 not in experts[0]:
+        experts[0, 0] = first + n_local - 1                     # at least one assignment is local
+    weights = torch.rand(t, k, generator=g, device=device)
+    ref = torch.zeros(t, dim, dtype=torch.float64, device=device)
+    for e in range(n_local):
+        token, slot = torch.where(experts == first + e)
+        if token.numel():
+            h = kernel.swiglu(x[token].double() @ w13[e, :inter].double().T,
+                              x[token].double() @ w13[e, inter:].double().T, limit).double()
+            ref.index_add_(0, token, (h * weights[token, slot, None].double()) @ w2[e].double().T)
+    gu = ws = None
+    if shared_inter:
+        gu = torch.randn(t, 2 * shared_inter, generator=g, device=device).to(dtype)
+        ws = (torch.randn(dim, shared_inter, generator=g, device=device) / shared_inter ** 0.5).to(dtype)
+        hs = kernel.swiglu(gu[:, :shared_inter], gu[:, shared_inter:], 0.0).to(dtype)
+        ref += hs.double() @ ws.double().T
+    out = kernel.moe_gemv_triton(x, w13, w2, weights, experts, first, limit, gu, ws, torch.float32)
+    assert out.dtype == torch.float32 and not out.isnan().any()
+    return rel_err(out, ref)
+
+
+def decode_indices_case(device, dtype, window, ratio, n_entries, with_picks, seed):
+    """Attended slots of decode queries at positions before and after the window fills, and before
+    and after compressed entries become visible, with picks of -1 and of entries not visible yet."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.tensor([0, window - 2, window + 3, 5 * max(ratio, 1) + 7, 40 * max(ratio, 1) + 1])
+    picks = torch.randint(-1, n_entries, (pos.numel(), 9), generator=g) if with_picks else None
+    ref = kernel.decode_indices_torch(pos, window, n_entries, ratio, picks)
+    out = kernel.decode_indices_triton(pos.to(device), window, n_entries, ratio,
+                                       None if picks is None else picks.to(device))
+    assert out.dtype == torch.long and torch.equal(out.cpu(), ref), "different slots"
+    return 0.0
 
 
 def compressor_case(device, dtype, ratio, hd, rotate, seed, b=3, steps=11):
@@ -184,6 +250,17 @@ def run(device, dtypes, real_shapes):
              ("rope inverse", lambda dt: norm_rope_case(device, dt, (3, 1, 4, 32), 8, False, False, True, True, 15)),
              ("hadamard", lambda dt: hadamard_case(device, dt, (2, 9, 3, 32), 16)),
              ("index scores", lambda dt: index_scores_case(device, dt, 2, 3, 20, 32, 70, 17)),
+             ("rms norm", lambda dt: rms_norm_case(device, dt, (3, 5, 96), True, 35)),
+             ("rms norm unweighted", lambda dt: rms_norm_case(device, dt, (7, 50), False, 36)),
+             ("route sqrtsoftplus", lambda dt: route_case(device, dt, 9, 48, 6, "sqrtsoftplus", False, 37)),
+             ("route hash", lambda dt: route_case(device, dt, 9, 48, 6, "sqrtsoftplus", True, 38)),
+             ("route sigmoid", lambda dt: route_case(device, dt, 4, 20, 3, "sigmoid", False, 39)),
+             ("route softmax", lambda dt: route_case(device, dt, 4, 20, 1, "softmax", False, 40)),
+             ("moe gemv b1 + shared", lambda dt: moe_gemv_case(device, dt, 1, 6, 64, 48, 16, 0, 16, 0.5, 24, 41)),
+             ("moe gemv some local", lambda dt: moe_gemv_case(device, dt, 3, 2, 96, 32, 4, 4, 12, 10.0, 0, 42)),
+             ("decode indices csa", lambda dt: decode_indices_case(device, dt, 8, 4, 60, True, 43)),
+             ("decode indices hca", lambda dt: decode_indices_case(device, dt, 8, 16, 30, False, 44)),
+             ("decode indices window", lambda dt: decode_indices_case(device, dt, 8, 0, 0, False, 45)),
              ("compressor csa rotate", lambda dt: compressor_case(device, dt, 4, 32, True, 26)),
              ("compressor hca", lambda dt: compressor_case(device, dt, 16, 64, False, 27)),
              ("fixture model", lambda dt: model_case(device, dt, 25), 0.15)]
@@ -193,6 +270,13 @@ def run(device, dtypes, real_shapes):
                   ("attn V4 prefill 1K", lambda dt: sparse_attn_case(device, dt, 1, 1024, 64, 512, 1280, 640, 7)),
                   ("moe V4 decode b1", lambda dt: moe_case(device, dt, 1, 6, 4096, 2048, 256, 0, 256, 10.0, 8)),
                   ("moe V4 prefill 2K", lambda dt: moe_case(device, dt, 2048, 6, 4096, 2048, 256, 0, 256, 10.0, 9)),
+                  ("moe gemv V4 b1", lambda dt: moe_gemv_case(device, dt, 1, 6, 4096, 2048, 256, 0, 256, 10.0,
+                                                              2048, 46)),
+                  ("moe gemv V4 b4 mp8", lambda dt: moe_gemv_case(device, dt, 4, 6, 4096, 2048, 32, 64, 256, 10.0,
+                                                                  256, 47)),
+                  ("route V4 b32", lambda dt: route_case(device, dt, 32, 256, 6, "sqrtsoftplus", False, 48)),
+                  ("rms norm V4", lambda dt: rms_norm_case(device, dt, (8, 1, 4096), True, 49)),
+                  ("decode indices V4", lambda dt: decode_indices_case(device, dt, 128, 4, 16640, True, 50)),
                   ("hc pre V4 b1", lambda dt: hc_pre_case(device, dt, 1, 4, 4096, 18)),
                   ("hc pre V4 prefill 1K", lambda dt: hc_pre_case(device, dt, 1024, 4, 4096, 19)),
                   ("hc post V4 b8", lambda dt: hc_post_case(device, dt, 8, 4, 4096, 20)),
