@@ -164,11 +164,20 @@ def hc_mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def hc_pre_torch(x, fn, hc_scale, hc_base, hc_mult: int, iters: int, norm_eps: float, hc_eps: float,
-                 split=hc_split_sinkhorn):
+                 norm_weight=None, split=hc_split_sinkhorn):
     """Enter a sublayer: x [.., hc, D] streams -> (input [.., D] in x's dtype, post [.., hc], comb [.., hc, hc]),
-    the input being the streams weighted by `pre`. split: hc_split_sinkhorn or a version of it."""
-    pre, post, comb = split(hc_mixes(x, fn, norm_eps), hc_scale, hc_base, hc_mult, iters, hc_eps)
-    return (pre.unsqueeze(-1) * x.to(pre.dtype)).sum(dim=-2).to(x.dtype), post, comb
+    the input being the streams weighted by `pre`, then RMS-normalised with norm_weight when it is given
+    (the sublayer's input norm). split: hc_split_sinkhorn or a version of it.
+
+    fn [hc, hc * D] (hc_mult rows) is the HC head instead: y = sum_k (sigmoid(mix_k * scale[0] + base_k)
+    + hc_eps) x_k, the same pre gate with no post and comb (returned as None)."""
+    mixes = hc_mixes(x, fn, norm_eps)
+    if fn.size(0) == hc_mult:
+        pre, post, comb = torch.sigmoid(mixes * hc_scale[0] + hc_base) + hc_eps, None, None
+    else:
+        pre, post, comb = split(mixes, hc_scale, hc_base, hc_mult, iters, hc_eps)
+    y = (pre.unsqueeze(-1) * x.to(pre.dtype)).sum(dim=-2).to(x.dtype)
+    return (y if norm_weight is None else rms_norm_torch(y, norm_weight, norm_eps)), post, comb
 
 
 def hc_post_torch(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
@@ -464,40 +473,46 @@ if triton is not None:
                  mask=tmask[:, None] & (m <= M)[None, :])
 
     @triton.jit
-    def _hc_pre_kernel(part_ptr, x_ptr, scale_ptr, base_ptr, y_ptr, pre_ptr, post_ptr, comb_ptr,
+    def _hc_pre_kernel(part_ptr, x_ptr, scale_ptr, base_ptr, w_ptr, y_ptr, pre_ptr, post_ptr, comb_ptr,
                        NSPLIT, sp_t, sp_s, K, D, norm_eps, iters, eps,
-                       HC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                       NORM: tl.constexpr, MIX: tl.constexpr):
-        # One token (and with MIX one BLOCK_D slice of D): sum the NSPLIT partial mixes, scale by the
-        # streams' RMS (NORM), split them into pre/post sigmoid gates and the Sinkhorn-projected comb,
-        # and (MIX) y = sum_k pre[k] x[k] on the slice. Slices recompute the tiny HC x HC Sinkhorn
-        # rather than wait for it; the first one stores post and comb.
+                       HC: tl.constexpr, M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                       NORM: tl.constexpr, MIX: tl.constexpr, HEAD: tl.constexpr, OUT_NORM: tl.constexpr):
+        # One token (and with MIX one BLOCK_D slice of D): sum the NSPLIT partial mixes (M of them, the
+        # streams' squared norm after them), scale by the streams' RMS (NORM), split them into pre/post
+        # sigmoid gates and the Sinkhorn-projected comb (HEAD: the HC head's pre gate alone), and (MIX)
+        # y = sum_k pre[k] x[k] on the slice, then (OUT_NORM, the whole of D in one slice) y rounded to
+        # its dtype and RMS-normalised with weight w: the sublayer's input norm. Slices recompute the
+        # tiny HC x HC Sinkhorn rather than wait for it; the first one stores post and comb.
         t, db = tl.program_id(0).to(tl.int64), tl.program_id(1)
         j = tl.arange(0, HC)
         cell = j[:, None] * HC + j[None, :]
         split = tl.arange(0, BLOCK_S)
         smask = split < NSPLIT
         row = part_ptr + t * sp_t + split * sp_s                                        # [BLOCK_S]
-        m_pre = tl.sum(tl.load(row[:, None] + j[None, :], mask=smask[:, None], other=0.0), 0)
-        m_post = tl.sum(tl.load(row[:, None] + HC + j[None, :], mask=smask[:, None], other=0.0), 0)
-        m_comb = tl.sum(tl.load(row[:, None, None] + 2 * HC + cell[None, :, :], mask=smask[:, None, None],
-                                other=0.0), 0)
+        r = 1.0
         if NORM:
-            r = tl.rsqrt(tl.sum(tl.load(row + (2 + HC) * HC, mask=smask, other=0.0), 0) / K + norm_eps)
-            m_pre, m_post, m_comb = m_pre * r, m_post * r, m_comb * r
+            r = tl.rsqrt(tl.sum(tl.load(row + M, mask=smask, other=0.0), 0) / K + norm_eps)
+        m_pre = tl.sum(tl.load(row[:, None] + j[None, :], mask=smask[:, None], other=0.0), 0) * r
         pre = tl.sigmoid(m_pre * tl.load(scale_ptr) + tl.load(base_ptr + j)) + eps
-        post = 2.0 * tl.sigmoid(m_post * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + j))
-        comb = _sinkhorn(m_comb * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * HC + cell), iters, eps)
-        if db == 0:
-            tl.store(post_ptr + t * HC + j, post)
-            tl.store(comb_ptr + t * HC * HC + cell, comb)
-            if not MIX:
-                tl.store(pre_ptr + t * HC + j, pre)
+        if not HEAD:
+            m_post = tl.sum(tl.load(row[:, None] + HC + j[None, :], mask=smask[:, None], other=0.0), 0) * r
+            m_comb = tl.sum(tl.load(row[:, None, None] + 2 * HC + cell[None, :, :], mask=smask[:, None, None],
+                                    other=0.0), 0) * r
+            post = 2.0 * tl.sigmoid(m_post * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + j))
+            comb = _sinkhorn(m_comb * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * HC + cell), iters, eps)
+            if db == 0:
+                tl.store(post_ptr + t * HC + j, post)
+                tl.store(comb_ptr + t * HC * HC + cell, comb)
+        if not MIX:
+            tl.store(pre_ptr + t * HC + j, pre)
         if MIX:
             d = db * BLOCK_D + tl.arange(0, BLOCK_D)
             dmask = d < D
             xs = tl.load(x_ptr + t * HC * D + j[:, None] * D + d[None, :], mask=dmask[None, :], other=0.0)
             y = tl.sum(pre[:, None] * xs.to(tl.float32), 0)
+            if OUT_NORM:
+                y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+                y = y * tl.rsqrt(tl.sum(y * y, 0) / D + norm_eps) * tl.load(w_ptr + d, mask=dmask, other=0.0)
             tl.store(y_ptr + t * D + d, y.to(y_ptr.dtype.element_ty), mask=dmask)
 
     @triton.jit
@@ -820,17 +835,20 @@ def hc_split_sinkhorn_triton(mixes, hc_scale, hc_base, hc_mult: int, iters: int,
     post = torch.empty_like(pre)
     comb = torch.empty(n, hc_mult, hc_mult, dtype=torch.float32, device=m.device)
     _hc_pre_kernel[(n, 1)](
-        m, m, hc_scale.float().contiguous(), hc_base.float().contiguous(), m, pre, post, comb,
-        1, m.stride(0), 0, 1, 1, 0.0, iters, eps, HC=hc_mult, BLOCK_S=1, BLOCK_D=16, NORM=False, MIX=False,
-        num_warps=1)
+        m, m, hc_scale.float().contiguous(), hc_base.float().contiguous(), m, m, pre, post, comb,
+        1, m.stride(0), 0, 1, 1, 0.0, iters, eps, HC=hc_mult, M=m.size(1), BLOCK_S=1, BLOCK_D=16, NORM=False,
+        MIX=False, HEAD=False, OUT_NORM=False, num_warps=1)
     return pre.view(*lead, hc_mult), post.view(*lead, hc_mult), comb.view(*lead, hc_mult, hc_mult)
 
 
-def hc_pre_triton(x, fn, hc_scale, hc_base, hc_mult: int, iters: int, norm_eps: float, hc_eps: float):
-    """Triton version of hc_pre_torch: two launches (split-K mixes, then norm + Sinkhorn + weighted sum)."""
+def hc_pre_triton(x, fn, hc_scale, hc_base, hc_mult: int, iters: int, norm_eps: float, hc_eps: float,
+                  norm_weight=None):
+    """Triton version of hc_pre_torch: two launches (split-K mixes, then norm + Sinkhorn + weighted sum
+    and the input norm). fn with hc_mult rows is the HC head: its pre gate alone, post and comb None."""
     lead, dim = x.shape[:-2], x.size(-1)
     x = x.reshape(-1, hc_mult, dim).contiguous()
     t, k, m = x.size(0), hc_mult * dim, fn.size(0)
+    head = m == hc_mult
     block_k, mp = 256, triton.next_power_of_2(m + 1)
     nsplit = triton.cdiv(k, block_k)
     dot = t > 16
@@ -841,11 +859,16 @@ def hc_pre_triton(x, fn, hc_scale, hc_base, hc_mult: int, iters: int, norm_eps: 
     y = torch.empty(t, dim, dtype=x.dtype, device=x.device)
     post = torch.empty(t, hc_mult, dtype=torch.float32, device=x.device)
     comb = torch.empty(t, hc_mult, hc_mult, dtype=torch.float32, device=x.device)
-    block_d = 512 if t <= 16 else triton.next_power_of_2(dim)     # few tokens: spread D over programs
+    whole = norm_weight is not None or t > 16                   # few tokens, no norm: spread D over programs
+    block_d = triton.next_power_of_2(dim) if whole else 512
     _hc_pre_kernel[(t, triton.cdiv(dim, block_d))](
-        part, x, hc_scale.float().contiguous(), hc_base.float().contiguous(), y, post, post, comb,
+        part, x, hc_scale.float().contiguous(), hc_base.float().contiguous(),
+        x if norm_weight is None else norm_weight.float().contiguous(), y, post, post, comb,
         nsplit, part.stride(0), part.stride(1), k, dim, norm_eps, iters, hc_eps,
-        HC=hc_mult, BLOCK_S=triton.next_power_of_2(nsplit), BLOCK_D=block_d, NORM=True, MIX=True, num_warps=4)
+        HC=hc_mult, M=m, BLOCK_S=triton.next_power_of_2(nsplit), BLOCK_D=block_d, NORM=True, MIX=True, HEAD=head,
+        OUT_NORM=norm_weight is not None, num_warps=8 if block_d >= 4096 else 4)
+    if head:
+        return y.view(*lead, dim), None, None
     return y.view(*lead, dim), post.view(*lead, hc_mult), comb.view(*lead, hc_mult, hc_mult)
 
 
@@ -1196,15 +1219,15 @@ def hc_split(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor,
     return hc_split_sinkhorn(mixes, hc_scale, hc_base, hc_mult, iters, eps)
 
 
-def hc_pre(x, fn, hc_scale, hc_base, hc_mult: int, iters: int, norm_eps: float, hc_eps: float,
+def hc_pre(x, fn, hc_scale, hc_base, hc_mult: int, iters: int, norm_eps: float, hc_eps: float, norm_weight=None,
            backend: str = "auto"):
     """hc_pre_torch; on CUDA fused into two Triton launches, or around FlagGems' split + Sinkhorn."""
     if use_triton(x, backend):
-        if backend == "flaggems":
-            return hc_pre_torch(x, fn, hc_scale, hc_base, hc_mult, iters, norm_eps, hc_eps,
+        if backend == "flaggems" and fn.size(0) != hc_mult:
+            return hc_pre_torch(x, fn, hc_scale, hc_base, hc_mult, iters, norm_eps, hc_eps, norm_weight,
                                 split=functools.partial(hc_split, backend=backend))
-        return hc_pre_triton(x, fn, hc_scale, hc_base, hc_mult, iters, norm_eps, hc_eps)
-    return hc_pre_torch(x, fn, hc_scale, hc_base, hc_mult, iters, norm_eps, hc_eps)
+        return hc_pre_triton(x, fn, hc_scale, hc_base, hc_mult, iters, norm_eps, hc_eps, norm_weight)
+    return hc_pre_torch(x, fn, hc_scale, hc_base, hc_mult, iters, norm_eps, hc_eps, norm_weight)
 
 
 def hc_post(f, residual, post, comb, backend: str = "auto"):

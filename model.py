@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernel import (BACKENDS, MOE_GEMV_MAX_ASSIGNMENTS, compressed_entries, compressor_decode, decode_indices,
-                    hadamard, hc_mixes, hc_post, hc_pre, index_scores, moe_experts_triton, moe_gemv_triton, norm_rope,
+                    hadamard, hc_post, hc_pre, index_scores, moe_experts_triton, moe_gemv_triton, norm_rope,
                     rms_norm, route, sparse_attn, swiglu, use_triton)
 
 
@@ -462,7 +462,7 @@ class DecodeStep:
         """Slots [b, window + entries] of a layer's cache that each row attends (kernel.decode_indices):
         the indexer's picks [b, k] on CSA layers, every visible entry of n_entries otherwise."""
         if picks is not None:
-            return decode_indices(self.pos, self.window, n_entries, ratio, picks, self.backend)
+            return decode_indices(self.pos, self.window, n_entries, ratio, picks, backend=self.backend)
         if ("attended", ratio, n_entries) not in self.kept:
             self.kept["attended", ratio, n_entries] = decode_indices(self.pos, self.window, n_entries, ratio,
                                                                      backend=self.backend)
@@ -712,16 +712,17 @@ class Block(nn.Module):
             self.register_parameter(f"hc_{site}_base", nn.Parameter(torch.empty(mix), requires_grad=False))
             self.register_parameter(f"hc_{site}_scale", nn.Parameter(torch.empty(3), requires_grad=False))
 
-    def hc_pre(self, x: torch.Tensor, fn, scale, base):
-        """streams x [b, s, hc, D] -> sublayer input [b, s, D], post [b, s, hc], comb [b, s, hc, hc]"""
+    def hc_pre(self, x: torch.Tensor, fn, scale, base, norm: RMSNorm):
+        """streams x [b, s, hc, D] -> the sublayer's input [b, s, D] through its norm, post [b, s, hc],
+        comb [b, s, hc, hc]"""
         return hc_pre(x, fn, scale, base, self.hc_mult, self.hc_sinkhorn_iters, self.norm_eps, self.hc_eps,
-                      self.backend)
+                      norm.weight, self.backend)
 
     def forward(self, x: torch.Tensor, start_pos: int, ids: torch.Tensor) -> torch.Tensor:
-        h, post, comb = self.hc_pre(x, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base)
-        x = hc_post(self.attn(self.attn_norm(h), start_pos), x, post, comb, self.backend)
-        h, post, comb = self.hc_pre(x, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base)
-        return hc_post(self.ffn(self.ffn_norm(h), ids), x, post, comb, self.backend)
+        h, post, comb = self.hc_pre(x, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, self.attn_norm)
+        x = hc_post(self.attn(h, start_pos), x, post, comb, self.backend)
+        h, post, comb = self.hc_pre(x, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, self.ffn_norm)
+        return hc_post(self.ffn(h, ids), x, post, comb, self.backend)
 
 
 def hc_head_params(module: nn.Module, args: ModelArgs) -> None:
@@ -731,11 +732,11 @@ def hc_head_params(module: nn.Module, args: ModelArgs) -> None:
     module.hc_head_scale = nn.Parameter(torch.empty(1), requires_grad=False)
 
 
-def hc_collapse(module: nn.Module, x: torch.Tensor, args: ModelArgs) -> torch.Tensor:
-    """HC head: collapse the streams [b, s, hc, D] with sigmoid weights (no Sinkhorn) -> [b, s, D]."""
-    mixes = hc_mixes(x, module.hc_head_fn, args.norm_eps)
-    pre = torch.sigmoid(mixes * module.hc_head_scale + module.hc_head_base) + args.hc_eps
-    return (pre.unsqueeze(-1) * x.float()).sum(dim=2).to(x.dtype)
+def hc_head(module: nn.Module, x: torch.Tensor, norm: RMSNorm, args: ModelArgs) -> torch.Tensor:
+    """HC head: collapse the streams [b, s, hc, D] with sigmoid weights (no Sinkhorn), then the final
+    norm -> [b, s, D] (kernel.hc_pre with the head's hc_mult mixes)."""
+    return hc_pre(x, module.hc_head_fn, module.hc_head_scale, module.hc_head_base, args.hc_mult, 0, args.norm_eps,
+                  args.hc_eps, norm.weight, args.backend)[0]
 
 
 class ParallelHead(nn.Module):
@@ -777,7 +778,7 @@ class MTPBlock(Block):
         """h [b, s, hc, D] streams of the main model, ids [b, s] the next tokens -> logits [b, vocab]."""
         e = self.e_proj(self.enorm(embed(ids))).unsqueeze(2)
         x = self.forward(e + self.h_proj(self.hnorm(h)), start_pos, ids)
-        return head(self.norm(hc_collapse(self, x[:, -1:], self.args))[:, -1])
+        return head(hc_head(self, x[:, -1:], self.norm, self.args)[:, -1])
 
 
 class Transformer(nn.Module):
@@ -811,7 +812,7 @@ class Transformer(nn.Module):
         h = self.embed(input_ids).unsqueeze(2).repeat(1, 1, self.args.hc_mult, 1)   # [b, s, hc, D]
         for layer in self.layers:
             h = layer(h, start_pos, input_ids)
-        return self.head(self.norm(hc_collapse(self, h[:, -1:], self.args))[:, -1])
+        return self.head(hc_head(self, h[:, -1:], self.norm, self.args)[:, -1])
 
 
 class GraphedDecoder:

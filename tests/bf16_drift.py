@@ -28,11 +28,14 @@ TORCH_VERSIONS = {
     "hc_post": lambda *a: kernel.hc_post_torch(*a[:-1]),
     "norm_rope": lambda x, f, rd, eps=None, weight=None, inverse=False, backend=None:
         kernel.norm_rope_torch(x, f, rd, eps, weight, inverse),
-    "index_scores": lambda q, keys, w, limit, backend: kernel.index_scores_torch(q, keys, w, limit),
+    "index_scores": lambda q, keys, w, limit, scale, backend: kernel.index_scores_torch(q, keys, w, limit, scale),
     "compressor_decode": lambda *a: kernel.compressor_decode_torch(*a[:-1]),
     "compressed_entries": lambda *a: kernel.compressed_entries(*a[:-1], "torch"),
     "hadamard": lambda x, scale, backend: kernel.hadamard_transform(x, scale),
-    "use_triton": lambda x, backend: False,           # the MoE's grouped GEMMs
+    "rms_norm": lambda x, weight, eps, backend: kernel.rms_norm_torch(x, weight, eps),
+    "route": lambda *a: kernel.route_torch(*a[:-1]),
+    "decode_indices": lambda *a, backend: kernel.decode_indices_torch(*a),
+    "use_triton": lambda x, backend: False,           # the MoE's grouped GEMMs and few-token kernels
 }
 
 

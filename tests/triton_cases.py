@@ -57,15 +57,21 @@ def hc_split_case(device, dtype, n, hc, iters, seed):
     return max(rel_err(a, b) for a, b in zip(out, ref))
 
 
-def hc_pre_case(device, dtype, t, hc, dim, seed):
+def hc_pre_case(device, dtype, t, hc, dim, seed, norm=False, head=False):
+    """HC pre of a sublayer (with its input norm when norm), or the HC head (its hc mixes, pre gate only)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(t, 1, hc, dim, generator=g).to(device, dtype)
-    fn = (torch.randn((2 + hc) * hc, hc * dim, generator=g) * 0.05).to(device)
-    scale, base = (torch.rand(3, generator=g) + 0.5).to(device), torch.randn((2 + hc) * hc, generator=g).to(device)
-    out = kernel.hc_pre_triton(x, fn, scale, base, hc, 20, 1e-6, 1e-6)
-    ref = kernel.hc_pre_torch(x.double(), fn, scale.double(), base.double(), hc, 20, 1e-6, 1e-6)
+    mix = hc if head else (2 + hc) * hc
+    fn = (torch.randn(mix, hc * dim, generator=g) * 0.05).to(device)
+    scale = (torch.rand(1 if head else 3, generator=g) + 0.5).to(device)
+    base = torch.randn(mix, generator=g).to(device)
+    w = (torch.rand(dim, generator=g) + 0.5).to(device) if norm else None
+    out = kernel.hc_pre_triton(x, fn, scale, base, hc, 20, 1e-6, 1e-6, w)
+    ref = kernel.hc_pre_torch(x.double(), fn, scale.double(), base.double(), hc, 20, 1e-6, 1e-6,
+                              None if w is None else w.double())
     assert out[0].dtype == dtype and out[0].shape == (t, 1, dim)
-    return max(rel_err(a, b) for a, b in zip(out, ref))
+    assert (out[1] is None) == head and (ref[1] is None) == head
+    return max(rel_err(a, b) for a, b in zip(out, ref) if b is not None)
 
 
 def hc_post_case(device, dtype, t, hc, dim, seed):
@@ -243,6 +249,9 @@ def run(device, dtypes, real_shapes):
              ("hc split sinkhorn", lambda dt: hc_split_case(device, dt, 37, 4, 20, 10)),
              ("hc pre", lambda dt: hc_pre_case(device, dt, 3, 4, 96, 11)),
              ("hc pre many tokens", lambda dt: hc_pre_case(device, dt, 70, 4, 160, 33)),
+             ("hc pre + norm", lambda dt: hc_pre_case(device, dt, 3, 4, 96, 51, norm=True)),
+             ("hc pre many + norm", lambda dt: hc_pre_case(device, dt, 40, 4, 160, 52, norm=True)),
+             ("hc head + norm", lambda dt: hc_pre_case(device, dt, 2, 4, 96, 53, norm=True, head=True)),
              ("hc post", lambda dt: hc_post_case(device, dt, 3, 4, 300, 12)),
              ("norm+rope q", lambda dt: norm_rope_case(device, dt, (2, 3, 5, 64), 16, True, False, False, True, 13)),
              ("norm+rope kv weighted", lambda dt: norm_rope_case(device, dt, (2, 3, 64), 16, True, True, False,
@@ -278,6 +287,8 @@ def run(device, dtypes, real_shapes):
                   ("rms norm V4", lambda dt: rms_norm_case(device, dt, (8, 1, 4096), True, 49)),
                   ("decode indices V4", lambda dt: decode_indices_case(device, dt, 128, 4, 16640, True, 50)),
                   ("hc pre V4 b1", lambda dt: hc_pre_case(device, dt, 1, 4, 4096, 18)),
+                  ("hc pre V4 b1 + norm", lambda dt: hc_pre_case(device, dt, 1, 4, 4096, 54, norm=True)),
+                  ("hc head V4 b8", lambda dt: hc_pre_case(device, dt, 8, 4, 4096, 55, norm=True, head=True)),
                   ("hc pre V4 prefill 1K", lambda dt: hc_pre_case(device, dt, 1024, 4, 4096, 19)),
                   ("hc post V4 b8", lambda dt: hc_post_case(device, dt, 8, 4, 4096, 20)),
                   ("norm+rope V4 q b32", lambda dt: norm_rope_case(device, dt, (32, 1, 64, 512), 64, True, False,
