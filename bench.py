@@ -2,7 +2,9 @@
 
     python bench.py speed [--layers 4] [--batch 1 8 32 128] [--context 1024 16384 65536] [--compare hf]
     torchrun --nproc-per-node 2 bench.py speed --batch 1 32
-    python bench.py moe-tiles [--tokens 4096]
+    python bench.py backends [--layers 4] [--backends torch triton flaggems] [--prompt-len 512] [--steps 16]
+    python bench.py moe-tiles [--tokens 4096] [--decode-tokens 1 4 8 16]
+    python bench.py attn-tiles [--tokens 4096]
     python bench.py convert --layers 2 --workdir /tmp/bench
 
 speed (CUDA): model.py with the real V4-Flash layer shapes (configs/config_flash.json cut to
@@ -14,6 +16,15 @@ prefill = matmul FLOPs over the bf16 matmul rate. Under torchrun each rank holds
 time spent in collectives per decode step is measured with the profiler. --compare hf runs
 transformers' DeepseekV4ForCausalLM on the same weights (experts shared, not copied) side by side.
 
+backends: one model as speed builds it (--dtype bf16 by default), switched in place from backend to
+backend; the first of --backends is the reference A. Each prefills the same random prompt from
+position 0 and decodes greedily, eager, recording float32 logits: --steps of them, the prefill's
+then one a decode step. The others also run teacher-forced along A's tokens and are compared with
+check.py's metrics (max_abs, max_rel, top-1, first greedy divergence). Speed: the prefill (median of
+3) and a decode step as a CUDA graph replay (eager for torch). A backend that fails (flaggems
+without FlagGems installed) gets its reason in the table, and the others still run. --device cpu
+(backends torch and auto) with configs/config_tiny.json runs it all on the CPU, timed once.
+
 convert: writes a synthetic release with the real DeepSeek-V4-Flash tensor shapes (random valid
 FP8 / FP4 codes and scales, not quantised numbers), times a plain read of its files and convert.py
 at each --model-parallel, and reports throughput and peak memory against the largest shard and the
@@ -21,17 +32,21 @@ largest single tensor. The release stays in WORKDIR/release; each conversion's o
 after it has been measured, so the disk needs room for the release and one conversion.
 """
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import statistics
 import sys
 import time
+import traceback
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 import convert
+from kernel import BACKENDS
 from model import GraphedDecoder, ModelArgs, Transformer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -59,6 +74,17 @@ def median_ms(fn, reps: int = 20, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def graphed(fn):
+    """fn captured in a CUDA graph (after a warm-up call): a replay costs what the device does, not
+    the host's launches, as in the decode step."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def ceilings() -> dict:
     """Measured copy bandwidth (bytes read + written per second) and bf16 matmul rate."""
     a = torch.randn(1 << 28, device="cuda", dtype=torch.bfloat16)       # 512 MiB
@@ -71,11 +97,12 @@ def ceilings() -> dict:
 
 
 def random_weights(model: Transformer) -> None:
-    g = torch.Generator(device="cuda").manual_seed(model.tp.rank)
+    device = model.embed.weight.device
+    g = torch.Generator(device=device).manual_seed(model.tp.rank)
     for name, p in model.named_parameters():
         if p.dtype == torch.int32:                      # tid2eid: distinct experts per token
             e = model.args.n_routed_experts
-            p.copy_(torch.rand(p.shape[0], e, device="cuda", generator=g).argsort(-1)[:, :p.shape[1]])
+            p.copy_(torch.rand(p.shape[0], e, device=device, generator=g).argsort(-1)[:, :p.shape[1]])
         elif name.endswith("norm.weight") or "_scale" in name:
             p.fill_(1.0)
         elif p.dim() == 2 and "hc_" not in name:
@@ -143,11 +170,13 @@ def prefill_flops(model: Transformer, tokens: int, ctx: int) -> float:
     return flops
 
 
-def build(config: str, layers: int, max_batch: int, max_seq: int, backend: str) -> Transformer:
+def build(config: str, layers: int, max_batch: int, max_seq: int, backend: str, device: str = "cuda",
+          dtype: str = "bf16") -> Transformer:
+    """The config cut to `layers` layers (no MTP), random weights made on `device`."""
     args = ModelArgs.from_file(config, n_layers=layers, n_mtp_layers=0, max_batch_size=max_batch,
-                               max_seq_len=max_seq, backend=backend, dtype="bf16")
+                               max_seq_len=max_seq, backend=backend, dtype=dtype)
     args.compress_ratios = args.compress_ratios[:layers]
-    with torch.device("cuda"):
+    with torch.device(device):
         model = Transformer(args)
     with torch.no_grad():
         random_weights(model)
@@ -179,7 +208,7 @@ def hf_twin(model: Transformer):
     ours = {k: v for k, v in model.state_dict().items() if ".experts." not in k}
     state = {k: v.to(shapes[k].dtype) for k, v in hf_state_dict(ours).items()}
     for i, layer in enumerate(model.layers):
-        w13, w2 = layer.ffn.stacked_weights()
+        w13, w2, _ = layer.ffn.stacked_weights()
         state[f"model.layers.{i}.mlp.experts.gate_up_proj"] = w13
         state[f"model.layers.{i}.mlp.experts.down_proj"] = w2
     with torch.inference_mode():            # our stacked experts are inference tensors
@@ -231,7 +260,7 @@ def collective_ms(model: Transformer, batch: int, ctx: int, steps: int = 5) -> t
     return nccl / steps / 1e3, every / steps / 1e3
 
 
-def print_profile(label: str, fn, steps: int = 3) -> None:
+def print_profile(label: str, fn, steps: int = 3, rows: int = 60) -> None:
     """The kernels of fn() by GPU time, and how many launches a call makes."""
     from torch.profiler import ProfilerActivity, profile
     fn()
@@ -244,7 +273,7 @@ def print_profile(label: str, fn, steps: int = 3) -> None:
     total = sum(e.device_time_total for e in kernels) / steps
     launches = sum(e.count for e in kernels) / steps
     print(f"profile of {label}: {launches:.0f} kernel launches, {total / 1e3:.3f} ms of GPU time per call")
-    for e in sorted(kernels, key=lambda e: -e.device_time_total)[:25]:
+    for e in sorted(kernels, key=lambda e: -e.device_time_total)[:rows]:
         print(f"  {e.device_time_total / steps / 1e3:8.3f} ms {e.count / steps:6.0f}x  {e.key[:110]}")
 
 
@@ -353,7 +382,8 @@ def bench_moe_tiles(args) -> None:
     n_exp, dim, inter, k = 256, 4096, 2048, 6
     w13 = torch.randn(n_exp, 2 * inter, dim, device="cuda", dtype=torch.bfloat16, generator=g) / dim ** 0.5
     w2 = torch.randn(n_exp, dim, inter, device="cuda", dtype=torch.bfloat16, generator=g) / inter ** 0.5
-    matmul = ceilings()["matmul"]
+    ceil = ceilings()
+    matmul, ceil_bw = ceil["matmul"], ceil["bandwidth"]
     print(f"grouped MoE GEMMs, {n_exp} experts of {dim} x {inter}, top-{k}, bf16 matmul ceiling "
           f"{matmul / 1e12:.0f} TFLOP/s")
     for tokens in args.tokens:
@@ -375,10 +405,209 @@ def bench_moe_tiles(args) -> None:
                   f"({flops / ms * 1e3 / matmul:5.1%} of the ceiling), rel diff {err:.1e}", flush=True)
 
 
+    for tokens in args.decode_tokens:
+        x = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+        experts = torch.rand(tokens, n_exp, device="cuda", generator=g).topk(k, dim=-1).indices
+        weights = torch.rand(tokens, k, device="cuda", generator=g)
+        distinct = experts.unique().numel()
+        grouped = median_ms(graphed(lambda: kernel.moe_experts_triton(x, w13, w2, weights, experts, 0, 10.0)))
+        gemv = median_ms(graphed(lambda: kernel.moe_gemv_triton(x, w13, w2, weights, experts, 0, 10.0)))
+        ref = kernel.moe_experts_triton(x, w13, w2, weights, experts, 0, 10.0)
+        err = ((kernel.moe_gemv_triton(x, w13, w2, weights, experts, 0, 10.0) - ref).norm() / ref.norm()).item()
+        floor = distinct * 3 * dim * inter * 2 / ceil_bw * 1e3
+        print(f"decode {tokens:3d} tokens ({tokens * k} assignments, {distinct} experts; floor {floor:.3f} ms): "
+              f"grouped GEMMs {grouped:.3f} ms, few-token kernels {gemv:.3f} ms (rel diff {err:.1e})", flush=True)
+
+
 def add_moe_tiles(commands) -> None:
-    p = commands.add_parser("moe-tiles", help="time the grouped MoE GEMMs under each tile configuration (CUDA)")
+    p = commands.add_parser("moe-tiles", help="time the grouped MoE GEMMs under each tile configuration, and "
+                                              "against the few-token kernels at decode sizes (CUDA)")
     p.add_argument("--tokens", type=int, nargs="+", default=[4096])
+    p.add_argument("--decode-tokens", type=int, nargs="+", default=[1, 4, 8, 16])
     p.set_defaults(run=bench_moe_tiles)
+
+
+def bench_attn_tiles(args) -> None:
+    """Sparse attention at V4 shapes (64 heads of 512, window 128 + top-k 512) under each tile choice."""
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py attn-tiles: needs a CUDA GPU")
+    import kernel
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h, d, k = 64, 512, 640
+    for b, s, n in ((1, args.tokens, args.tokens + 1024), (1, 1, 16640), (32, 1, 16640)):
+        q = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        kv = torch.randn(b, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        sink = torch.randn(h, device="cuda", generator=g)
+        idx = torch.randint(0, n, (b, s, k), device="cuda", generator=g)
+        flops = 4 * b * s * h * k * d
+        ref = kernel.sparse_attn_triton(q, kv, sink, idx, d ** -0.5)
+        for tiles in ((16, 16, 4), (16, 32, 4), (32, 16, 4), (32, 16, 8), (32, 32, 8), (64, 16, 8)):
+            try:
+                out = kernel.sparse_attn_triton(q, kv, sink, idx, d ** -0.5, tiles)
+                ms = median_ms(lambda: kernel.sparse_attn_triton(q, kv, sink, idx, d ** -0.5, tiles), reps=5)
+            except Exception as e:                  # noqa: BLE001 - a tile choice can exceed registers or shared memory
+                print(f"b {b} s {s} tiles {tiles}: {type(e).__name__}")
+                continue
+            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            print(f"b {b:3d} s {s:5d} tiles (heads, keys, warps) {tiles}: {ms:7.3f} ms = {flops / ms / 1e9:5.0f} "
+                  f"TFLOP/s, rel diff {err:.1e}", flush=True)
+
+
+def add_attn_tiles(commands) -> None:
+    p = commands.add_parser("attn-tiles", help="time the sparse attention kernel under each tile choice (CUDA)")
+    p.add_argument("--tokens", type=int, default=4096, help="prefill tokens of the prefill shape")
+    p.set_defaults(run=bench_attn_tiles)
+
+
+# ----------------------------------------------------------------------------- backends
+
+def set_backend(model: Transformer, backend: str) -> None:
+    """Switch a built model's kernels in place: its modules copy args.backend when constructed, and
+    the decode step reads model.args.backend."""
+    model.args.backend = backend
+    for m in model.modules():
+        if hasattr(m, "backend"):
+            m.backend = backend
+
+
+def greedy_run(model: Transformer, prompt: torch.Tensor, steps: int, forced: Optional[torch.Tensor] = None):
+    """Prefill prompt [b, s] from position 0, then steps - 1 eager one-token passes at tensor
+    positions [b] (the decode step). Returns float32 logits [b, steps, vocab] of the last position at
+    each pass (on the CPU), their argmax tokens [b, steps], and the seconds of the prefill and of a
+    one-token pass (mean). The token fed after pass i is the argmax, or forced[:, i] when
+    teacher-forcing (as check.py does)."""
+    b, s = prompt.shape
+    sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
+    start = time.perf_counter()
+    rows = [model(prompt, 0).float().cpu()]
+    sync()
+    prefilled = time.perf_counter()
+    for i in range(1, steps):
+        nxt = forced[:, i - 1] if forced is not None else rows[-1].argmax(-1)
+        pos = torch.full((b,), s + i - 1, device=prompt.device)
+        rows.append(model(nxt.to(prompt.device).view(b, 1), pos).float().cpu())
+    sync()
+    logits = torch.stack(rows, dim=1)
+    return logits, logits.argmax(-1), prefilled - start, (time.perf_counter() - prefilled) / (steps - 1)
+
+
+def run_backend(model: Transformer, name: str, prompt: torch.Tensor, steps: int, ref: Optional[tuple]):
+    """Speed and logits of the model under backend `name` (already set): (row of numbers, logits,
+    tokens). On CUDA the prefill is timed apart (median of 3) and a decode step as a CUDA graph
+    replay (eager for torch), the graphs captured first since capturing writes to cache rows; on the
+    CPU both come from the consistency run. With ref = (A's logits, A's tokens), also the run
+    teacher-forced along A's tokens, compared per prompt row with check.py's metrics."""
+    from check import compare
+    b, s = prompt.shape
+    row = {}
+    if prompt.is_cuda:
+        decoder = GraphedDecoder(model) if name != "torch" else model
+        row["prefill_ms"] = median_ms(lambda: model(prompt, 0), reps=3, warmup=1)
+        last, pos = prompt[:, -1:], torch.full((b,), s, device=prompt.device)
+        row["decode_ms"] = median_ms(lambda: decoder(last, pos))
+        row["decode"] = "cuda graph" if name != "torch" else "eager"
+    logits, tokens, prefill_s, step_s = greedy_run(model, prompt, steps)
+    if not prompt.is_cuda:
+        row.update(prefill_ms=prefill_s * 1e3, decode_ms=step_s * 1e3, decode="eager")
+    row["prefill_tok_s"] = b * s / row["prefill_ms"] * 1e3
+    if ref is not None:
+        forced = greedy_run(model, prompt, steps, forced=ref[1])[0]
+        rows = [compare(ref[0][r], forced[r], ref[1][r].tolist(), tokens[r].tolist()) for r in range(b)]
+        diverged = [r["first_divergence"] for r in rows if r["first_divergence"] is not None]
+        row["vs_reference"] = {"max_abs": max(r["max_abs"] for r in rows), "max_rel": max(r["max_rel"] for r in rows),
+                               "top1": min(r["top1"] for r in rows), "first_divergence": min(diverged, default=None),
+                               "nonfinite": sum(r["nonfinite"] for r in rows), "rows": rows}
+    return row, logits, tokens
+
+
+def backend_cells(row: dict) -> list:
+    """The table cells of a backend after its name: speed, then the metrics against A ("-" without A)."""
+    if "error" in row:
+        return [f"failed: {row['error'].splitlines()[0][:100]}"] + ["-"] * 5
+    cells = [f"{row['prefill_ms']:.1f} ({row['prefill_tok_s']:.0f})", f"{row['decode_ms']:.3f}"]
+    vs = row.get("vs_reference")
+    if vs is None:
+        return cells + ["(A)" if row["reference"] else "-"] * 4
+    div = "none" if vs["first_divergence"] is None else str(vs["first_divergence"])
+    return cells + [f"{vs['max_abs']:.3g}", f"{vs['max_rel']:.3g}", f"{vs['top1']:.3f}", div]
+
+
+def bench_backends(args) -> None:
+    from check import DEFINITIONS, sanitize
+    from generate import GenerateError, enable_flaggems
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench.py backends: --device cuda but no CUDA GPU is visible (--device cpu runs backend torch)")
+    if device.type == "cpu":
+        for name in args.backends:
+            if name in ("triton", "flaggems"):
+                raise SystemExit(f"bench.py backends: backend {name} needs a CUDA GPU; --device cpu runs backend torch")
+    if args.steps < 2 or args.prompt_len < 1:
+        raise SystemExit("bench.py backends: --steps must be at least 2 and --prompt-len at least 1")
+    model = build(args.config, args.layers, args.batch, args.prompt_len + args.steps, args.backends[0], args.device,
+                  args.dtype)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.args.vocab_size, (args.batch, args.prompt_len), generator=g).to(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{where}: {args.layers} layers of {args.config}, {args.dtype}, batch {args.batch}, prompt "
+          f"{args.prompt_len} tokens, {args.steps} steps; reference A = {args.backends[0]}", flush=True)
+    rows, ref = [], None
+    report = {"device": where, "config": args.config, "layers": args.layers, "dtype": args.dtype,
+              "batch": args.batch, "prompt_len": args.prompt_len, "steps": args.steps,
+              "reference": args.backends[0], "definitions": DEFINITIONS, "backends": rows}
+    for i, name in enumerate(args.backends):
+        row = {"backend": name, "reference": i == 0}
+        try:
+            scope = contextlib.nullcontext()
+            if name == "flaggems":          # FLAGGEMS_EXCLUDE set: aten ops routed too, for this backend only
+                scope = enable_flaggems(scoped=True, what="bench.py backends: backend flaggems")
+            with scope:
+                set_backend(model, name)
+                numbers, logits, tokens = run_backend(model, name, prompt, args.steps, ref)
+            row.update(numbers)
+            if i == 0:
+                ref = (logits, tokens)
+        except GenerateError as e:
+            row["error"] = str(e)
+        except Exception as e:              # noqa: BLE001 - a backend that fails: its row says why, the others run
+            row["error"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        rows.append(row)
+        if "error" in row:
+            print(f"{name:9s} failed: {row['error']}", flush=True)
+        else:
+            cells = backend_cells(row)
+            print(f"{name:9s} prefill {row['prefill_ms']:.1f} ms ({row['prefill_tok_s']:.0f} tok/s) | decode "
+                  f"{row['decode_ms']:.3f} ms/step ({row['decode']}) | "
+                  + (f"vs A: max_abs {cells[2]}, max_rel {cells[3]}, top-1 {cells[4]}, divergence {cells[5]}"
+                     if "vs_reference" in row else "reference A" if i == 0 else "no reference"), flush=True)
+        if args.report:                     # after each backend: a run stopped by a time limit keeps the rows done
+            with open(args.report, "w") as f:
+                f.write(json.dumps(sanitize(report), indent=1, allow_nan=False) + "\n")
+    print("\n| backend | prefill ms (tok/s) | decode ms/step | max_abs vs A | max_rel vs A | top-1 vs A "
+          "| first greedy divergence |\n|---|---|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join([row["backend"]] + backend_cells(row)) + " |")
+    print(f"decode: {'CUDA graph replays, eager for torch' if device.type == 'cuda' else 'eager, the mean of one run'}; "
+          f"metrics as check.py's, each backend teacher-forced along A's tokens")
+    failed = [row["backend"] for row in rows if "error" in row]
+    if failed:
+        raise SystemExit(f"bench.py backends: {', '.join(failed)} failed (see the table)")
+
+
+def add_backends(commands) -> None:
+    p = commands.add_parser("backends", help="torch vs triton vs flaggems on one model: speed and logit agreement")
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "config_flash.json"))
+    p.add_argument("--layers", type=int, default=4, help="layers kept from the config")
+    p.add_argument("--backends", nargs="+", default=["torch", "triton", "flaggems"], choices=list(BACKENDS),
+                   help="the first is the reference A; flaggems with FLAGGEMS_EXCLUDE set also routes aten ops")
+    p.add_argument("--prompt-len", type=int, default=512, help="random prompt prefilled from position 0")
+    p.add_argument("--steps", type=int, default=16, help="logits compared: the prefill's, then steps - 1 decode steps")
+    p.add_argument("--batch", type=int, default=1, help="prompt rows, each compared on its own")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--report", help="write the numbers as JSON to this file")
+    p.set_defaults(run=bench_backends)
 
 
 # ----------------------------------------------------------------------------- convert
@@ -569,13 +798,15 @@ def add_convert(commands) -> None:
     p.set_defaults(run=bench_convert)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     add_speed(commands)
+    add_backends(commands)
     add_moe_tiles(commands)
+    add_attn_tiles(commands)
     add_convert(commands)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.run(args)
 
 

@@ -933,14 +933,16 @@ def index_scores_triton(q, keys, weights, limit, scale: float = 1.0):
     return out
 
 
-def sparse_attn_triton(q, kv, attn_sink, topk_idxs, softmax_scale):
+def sparse_attn_triton(q, kv, attn_sink, topk_idxs, softmax_scale, tiles=None):
     """Triton version of sparse_attn (same arguments and result). With few programs (decode at a small
-    batch) the keys are split over more programs and the partial softmaxes merged in a second launch."""
+    batch) the keys are split over more programs and the partial softmaxes merged in a second launch.
+    tiles: (heads a program, keys a block, warps); by default 16 heads, 16 keys of 512 (32 of <= 128), 4."""
     b, s, h, d = q.shape
     q, kv, topk_idxs = q.contiguous(), kv.contiguous(), topk_idxs.contiguous()
     sink = attn_sink.float().contiguous()
     o = torch.empty_like(q)
-    block_h, block_k, k = 16, 32 if d <= 128 else 16, topk_idxs.size(-1)
+    block_h, block_k, warps = tiles or (16, 32 if d <= 128 else 16, 4)
+    k = topk_idxs.size(-1)
     programs = b * s * triton.cdiv(h, block_h)
     n_split = max(1, min(triton.cdiv(k, 2 * block_k), 128 // programs))
     keys_per_split = triton.cdiv(triton.cdiv(k, n_split), block_k) * block_k
@@ -950,7 +952,7 @@ def sparse_attn_triton(q, kv, attn_sink, topk_idxs, softmax_scale):
         q, kv, sink, topk_idxs, o, part, s, h, k, keys_per_split, softmax_scale,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), topk_idxs.stride(0), topk_idxs.stride(1),
         o.stride(0), o.stride(1), o.stride(2),
-        D=d, BLOCK_H=block_h, BLOCK_K=block_k, SPLIT=n_split > 1, PRECISION=_precision(q), num_warps=4)
+        D=d, BLOCK_H=block_h, BLOCK_K=block_k, SPLIT=n_split > 1, PRECISION=_precision(q), num_warps=warps)
     if n_split > 1:
         _sparse_attn_merge_kernel[(b * s, h)](part, sink, o, s, h, n_split, o.stride(0), o.stride(1), o.stride(2),
                                               D=d, BLOCK_P=triton.next_power_of_2(n_split), num_warps=4)
@@ -1085,7 +1087,7 @@ def route_triton(scores, bias, tid2eid, ids, k: int, score_func: str, route_scal
 # tokens chose it, are cheaper than the assignments' repeated reads.
 MOE_GEMV_UP = (32, 128, 4, 3)
 MOE_GEMV_DOWN = (16, 256, 4, 3)
-MOE_GEMV_MAX_ASSIGNMENTS = 32
+MOE_GEMV_MAX_ASSIGNMENTS = 48
 
 
 def moe_gemv_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float, shared_gu=None,

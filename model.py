@@ -322,8 +322,8 @@ class Compressor(nn.Module):
         self.overlap = ratio == 4
         width = (1 + self.overlap) * head_dim
         self.dtype = dtype_of(args)
-        self.wkv = Linear(args.dim, width, torch.float32)
-        self.wgate = Linear(args.dim, width, torch.float32)
+        self.wkv = Linear(args.dim, width, self.dtype)            # float32 products and sums: see project()
+        self.wgate = Linear(args.dim, width, self.dtype)
         self.ape = nn.Parameter(torch.empty(ratio, width, dtype=torch.float32), requires_grad=False)
         self.norm = RMSNorm(head_dim, args.norm_eps, args.backend)
         b = args.max_batch_size
@@ -344,8 +344,8 @@ class Compressor(nn.Module):
         bsz, seqlen, _ = x.shape
         ratio, hd = self.ratio, self.head_dim
         pos = torch.arange(start_pos, start_pos + seqlen, device=x.device)
-        kv = self.wkv(x.float())                                   # [b, s, width]
-        score = self.wgate(x.float()) + self.ape[pos % ratio]
+        kv, score = self.project(x)                                # [b, s, width]
+        score = score + self.ape[pos % ratio]
         if start_pos == 0 and self.overlap:
             self.prev_kv[:bsz] = 0
             self.prev_score[:bsz] = float("-inf")
@@ -373,16 +373,29 @@ class Compressor(nn.Module):
                                                           self.norm.weight, self.norm.eps, self.rotate_scale,
                                                           self.dtype, self.backend)
 
+    def project(self, x: torch.Tensor):
+        """x [.., D] -> float32 kv and gate scores [.., width]. The release's weights are bf16, as is x; the
+        reference upcasts both, so the products are exact and only the float32 sums matter, which a
+        bf16 matmul with float32 output gives without a float32 copy of the weights (linear_fp32)."""
+        flat = x.reshape(-1, x.size(-1))
+        return (linear_fp32(flat, self.wkv.weight).view(*x.shape[:-1], -1),
+                linear_fp32(flat, self.wgate.weight).view(*x.shape[:-1], -1))
+
     def decode(self, x: torch.Tensor, pos: torch.Tensor, freqs_cis: torch.Tensor, cache: torch.Tensor) -> None:
         """One token per row, x [b, 1, D] at positions pos [b], with static shapes and no host sync.
 
         The entry of the window in progress is rewritten at every step; it is invisible to the
         attention until its window completes, and correct from then on."""
-        x = x[:, 0].float()
         prev = (self.prev_kv, self.prev_score) if self.overlap else (None, None)
-        compressor_decode(self.wkv(x), self.wgate(x), self.ape, pos, self.kv_state, self.score_state, *prev,
+        compressor_decode(*self.project(x[:, 0]), self.ape, pos, self.kv_state, self.score_state, *prev,
                           self.norm.weight, self.norm.eps, freqs_cis, self.rope_head_dim, self.rotate_scale, cache,
                           self.backend)
+
+
+def cache_entries(max_seq_len: int, ratio: int) -> int:
+    """Compressed entries a cache holds: one per window, the last one possibly unfinished (a decode
+    step writes the entry of its window in progress)."""
+    return -(-max_seq_len // ratio)
 
 
 def visible_entries(pos: torch.Tensor, ratio: int) -> torch.Tensor:
@@ -408,7 +421,7 @@ class Indexer(nn.Module):
         self.wq_b = ColumnParallelLinear(args.q_lora_rank, self.n_heads * self.head_dim, dtype, tp.world_size)
         self.weights_proj = ColumnParallelLinear(args.dim, self.n_heads, dtype, tp.world_size)
         self.compressor = Compressor(args, self.ratio, self.head_dim, rotate=True)
-        self.register_buffer("kv_cache", torch.zeros(args.max_batch_size, args.max_seq_len // self.ratio,
+        self.register_buffer("kv_cache", torch.zeros(args.max_batch_size, cache_entries(args.max_seq_len, self.ratio),
                                                      self.head_dim, dtype=dtype), persistent=False)
 
     def forward(self, x: torch.Tensor, qr: torch.Tensor, pos: torch.Tensor, freqs_cis: torch.Tensor,
@@ -510,7 +523,7 @@ class Attention(nn.Module):
         self.register_buffer("freqs_cis", torch.view_as_real(freqs), persistent=False)   # [seq, rd/2, 2] cos, sin
         self.compressor = Compressor(args, self.ratio, self.head_dim, rotate=False) if self.ratio else None
         self.indexer = Indexer(args, tp) if self.ratio == 4 else None
-        n_max = args.max_seq_len // self.ratio if self.ratio else 0
+        n_max = cache_entries(args.max_seq_len, self.ratio) if self.ratio else 0
         self.register_buffer("kv_cache", torch.zeros(args.max_batch_size, self.window + n_max, self.head_dim,
                                                      dtype=dtype), persistent=False)
 

@@ -4,20 +4,36 @@
 1. Runs the fixture model (float32, backend triton, eager: prefill of two prompts in two chunks,
    then decode steps at tensor positions) without FlagGems and records the aten operators it calls.
 2. For each FlagGems function that implements one of them, runs the same steps with only that
-   function routed through FlagGems (flag_gems.use_gems(include=[...])): an exception, or logits
-   off the torch run by more than 1e-3 relative, marks the function bad.
-3. Runs everything routed except the bad functions, and reports its logit error.
+   function routed through FlagGems (flag_gems.use_gems(include=[...])): an exception, logits off
+   the torch run by more than 1e-3 relative, or no result within --timeout-per-function seconds
+   (status "timeout": slow compilation or a hang, not told apart) marks the function bad.
+3. Runs everything routed except the bad functions (limit --timeout-all), and reports its logit error.
 4. Probes the two functions found bad with flag-gems 5.0.2 (mul, topk) on small inputs shaped as
    the model's, to say what goes wrong.
+Every run is a child process of this script (a hidden --worker mode), in its own process group,
+killed with its group when it passes its limit: one function that compiles for minutes or hangs
+costs its limit and the audit goes on. This process never touches CUDA; the release is written
+once and each child builds the fixture from it. On SIGTERM (a `timeout` around the audit) it ends
+the running child before exiting. A child sent SIGTERM first dumps its Python stacks to its log:
+the report's log_tail of a timed-out function says where it was (compiling or waiting on the GPU).
+
 `--exclude a,b` skips step 2 and takes that list as the bad functions.
-Prints one line per function and writes the JSON report; exit status 1 when step 3 still fails.
+`--only f,g` audits only these functions (in the audited order) and keeps the other functions'
+results of an existing --out report: a later run continues one that was cut short, and step 3
+excludes the bad functions of both runs.
+Prints one line per function and writes the JSON report, kept up to date after each function;
+exit status 1 when step 3 still fails, 2 when the run without FlagGems fails (nothing audited).
 """
 import argparse
+import faulthandler
 import json
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
+from typing import List
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -28,6 +44,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 from fixtures import fixture_model, write_release  # noqa: E402
 
 TOL = 1e-3
+DUMP_LINES = ("  File ", "Thread 0x", "Current thread 0x", "Fatal Python error", "Extension modules:")
 
 
 class OpRecorder(TorchDispatchMode):
@@ -77,56 +94,214 @@ def probes(flag_gems) -> dict:
             f"{want_top.indices[0, 0].tolist()}, FlagGems {got_top.indices[0, 0].tolist()}"}
 
 
+def describe(e: Exception) -> str:
+    """Type and first line of an exception's message, short enough for one printed line."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+
+def worker(what: str, workdir: str, exclude: List[str]) -> int:
+    """One run in a child process (--worker): REF (the model without FlagGems: its logits into
+    ref.pt, the aten ops it calls and the FlagGems functions implementing them), a function name
+    (that function routed alone), ALL (everything routed but `exclude`) or PROBES. Writes its
+    result as WORKDIR/WHAT.json, an exception included, and prints nothing itself. run_seconds is
+    the time of the routed steps alone (compilation included), without the child's start."""
+    faulthandler.enable()                                                  # where it crashed, if it does
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)   # where it was, when stopped
+    release = os.path.join(workdir, "release")
+    try:
+        import flag_gems
+        weights = torch.load(os.path.join(workdir, "weights.pt"), weights_only=True)
+        ids = torch.randint(0, 129280, (2, 20), generator=torch.Generator().manual_seed(4)).cuda()
+        with torch.no_grad():
+            if what == "REF":
+                torch.save(run_model(release, weights, ids).cpu(), os.path.join(workdir, "ref.pt"))
+                recorder = OpRecorder()
+                with recorder:
+                    run_model(release, weights, ids)
+                funcs = sorted({item[1].__name__ for item in flag_gems._FULL_CONFIG
+                                if len(item) > 1 and item[0] in recorder.names})
+                result = {"aten_ops": sorted(recorder.names), "functions": funcs}
+            elif what == "PROBES":
+                result = {"probes": probes(flag_gems)}
+            else:
+                ref = torch.load(os.path.join(workdir, "ref.pt"), weights_only=True)
+                scope = flag_gems.use_gems(exclude=exclude) if what == "ALL" else flag_gems.use_gems(include=[what])
+                t0 = time.perf_counter()
+                with scope:
+                    got = run_model(release, weights, ids)
+                seconds = round(time.perf_counter() - t0, 1)
+                err = rel(got.cpu(), ref)                 # compared outside FlagGems, on the CPU
+                result = {"status": "ok" if err <= TOL else "wrong result", "rel_err": err,
+                          "detail": f"rel err {err:.2e}", "run_seconds": seconds}
+    except Exception as e:                 # noqa: BLE001 - the audit records whatever the op raised
+        result = {"status": "error", "detail": describe(e), "error": f"{type(e).__name__}: {e}"}
+    path = os.path.join(workdir, f"{what}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(path + ".tmp", path)              # the parent never reads half a result
+    return 0
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """End a child and every process of its group: SIGTERM (the child dumps its Python stacks to its
+    log and exits), then SIGKILL for whatever is left; at most about 10 s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def log_tail(path: str, lines: int = 200) -> List[str]:
+    """The last non-blank lines of a child's log: room for the Python stacks it dumps when stopped."""
+    with open(path, errors="replace") as f:
+        return [line.rstrip() for line in f.read().splitlines() if line.strip()][-lines:]
+
+
+def run_worker(what: str, workdir: str, limit: float, exclude: List[str] = ()) -> dict:
+    """Run `worker(what)` as a child with a time limit: its result plus "seconds" (wall time of the
+    child); status "timeout" when it gave none within `limit`, "error" when it died without one.
+    Those two also carry the end of the child's log."""
+    log = os.path.join(workdir, f"{what}.log")
+    out = os.path.join(workdir, f"{what}.json")
+    if os.path.exists(out):
+        os.remove(out)
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", what, "--workdir", workdir,
+           "--exclude", ",".join(exclude)]
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    timed_out = False
+    try:
+        proc.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:                                   # also when this process is stopped while waiting
+        seconds = round(time.perf_counter() - t0, 1)
+        if proc.poll() is None:
+            stop_group(proc)
+    if os.path.isfile(out):                    # a result counts even if the child then failed to exit
+        with open(out) as f:
+            result = json.load(f)
+        result["seconds"] = seconds
+        return result
+    if timed_out:
+        return {"status": "timeout", "detail": f"no result within {limit:g} s (slow compilation or a hang)",
+                "seconds": seconds, "log_tail": log_tail(log)}
+    code = proc.returncode
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+    tail = log_tail(log)
+    said = next((line for line in reversed(tail) if not line.startswith(DUMP_LINES)), "no output")
+    return {"status": "error", "detail": f"worker {how}: {said[:160]}", "seconds": seconds, "log_tail": tail}
+
+
+def stack_lines(result: dict, limit: int = 10) -> List[str]:
+    """The innermost frames of the main thread's stack that a stopped or crashed child dumped:
+    faulthandler lists the threads newest first, so the main thread's header is the last one."""
+    tail = result.get("log_tail", [])
+    heads = [i for i, line in enumerate(tail) if line.startswith(("Thread 0x", "Current thread 0x"))]
+    return [line for line in tail[heads[-1]:] if line.startswith(DUMP_LINES[:3])][:limit] if heads else []
+
+
+def write_report(report: dict, path: str) -> None:
+    """The JSON report under a temporary name, then renamed: a stopped audit leaves a whole file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def audit(opts) -> int:
+    earlier = {}
+    if opts.only and os.path.isfile(opts.out):       # read first: a bad file stops the audit before it starts
+        with open(opts.out) as f:
+            earlier = json.load(f).get("functions", {})
+    workdir = tempfile.mkdtemp(prefix="flaggems_ops_")
+    weights = write_release(os.path.join(workdir, "release"), seed=3, n_files=1)
+    torch.save(weights, os.path.join(workdir, "weights.pt"))
+    print(f"work files and child logs in {workdir}", flush=True)
+    found = run_worker("REF", workdir, opts.timeout_all)
+    if "aten_ops" not in found:
+        print(f"the run without FlagGems failed: {found['status']}: {found.get('error', found['detail'])}")
+        for line in found.get("log_tail", [])[-15:]:
+            print("    " + line)
+        return 2
+    names, funcs = found["aten_ops"], found["functions"]
+    print(f"{len(names)} aten ops used by the model: {' '.join(names)}")
+    print(f"{len(funcs)} FlagGems functions implement them: {' '.join(funcs)}  ({found['seconds']:.1f} s)", flush=True)
+    report = {"aten_ops": names, "functions": {}}
+    todo = [] if opts.exclude else funcs
+    if opts.only:
+        only = [fn.strip() for fn in opts.only.split(",") if fn.strip()]
+        unknown = [fn for fn in only if fn not in funcs]
+        if unknown:
+            print(f"--only: not among the functions above, skipped: {' '.join(unknown)}")
+        todo = [fn for fn in funcs if fn in only]
+        if earlier:
+            report["functions"] = {fn: r for fn, r in earlier.items() if fn in funcs and fn not in todo}
+            print(f"kept {len(report['functions'])} results of {opts.out}, bad among them: "
+                  f"{[fn for fn, r in report['functions'].items() if r['status'] != 'ok']}")
+    for fn in todo:
+        r = run_worker(fn, workdir, opts.timeout_per_function)
+        report["functions"][fn] = {k: r[k] for k in ("status", "detail", "seconds", "run_seconds", "log_tail")
+                                   if k in r}
+        print(f"{fn:32s} {r['status']:13s} {r['detail']}  ({r['seconds']:.1f} s)", flush=True)
+        for line in stack_lines(r):
+            print("    " + line)
+        write_report(report, opts.out)          # kept up to date: a long audit may be cut short
+    if opts.exclude:
+        bad = opts.exclude.split(",")
+    else:
+        bad = [fn for fn in funcs if fn in report["functions"] and report["functions"][fn]["status"] != "ok"]
+    r = run_worker("ALL", workdir, opts.timeout_all, bad)
+    final = {"excluded": bad, "status": r["status"], "ok": r["status"] == "ok", "seconds": r["seconds"]}
+    if "rel_err" in r:
+        final["rel_err"] = r["rel_err"]
+    else:
+        final["error"] = r.get("error", r["detail"])
+    if not opts.exclude:
+        final["unaudited"] = [fn for fn in funcs if fn not in report["functions"]]
+    report["all_but_bad"] = final
+    print("every FlagGems op except", bad, "->", final, flush=True)
+    for line in stack_lines(r):
+        print("    " + line)
+    if not final["ok"]:
+        report["all_but_bad"]["log_tail"] = r.get("log_tail", [])
+    r = run_worker("PROBES", workdir, opts.timeout_per_function)
+    report["probes"] = r.get("probes", {"failed": f"{r['status']}: {r['detail']}"})
+    for what, result in report["probes"].items():
+        print(f"probe {what}: {result}")
+    write_report(report, opts.out)
+    return 0 if final["ok"] else 1
+
+
+def on_sigterm(signum, frame) -> None:
+    """Stop as on Ctrl-C: run_worker's cleanup ends the running child before this process exits."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="flaggems_ops.json")
     parser.add_argument("--exclude", help="comma-separated bad functions: skip the one-by-one audit")
+    parser.add_argument("--only", help="comma-separated functions: audit only these, keep the other results of --out")
+    parser.add_argument("--timeout-per-function", type=float, default=90.0,
+                        help="seconds a function's trial (and the probes) may take, child start included")
+    parser.add_argument("--timeout-all", type=float, default=240.0,
+                        help="seconds the run without FlagGems and the run with everything but the bad ones may take")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)      # REF | ALL | PROBES | a function name
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
     opts = parser.parse_args()
-    import flag_gems
-    path = tempfile.mkdtemp()
-    weights = write_release(path, seed=3, n_files=1)
-    ids = torch.randint(0, 129280, (2, 20), generator=torch.Generator().manual_seed(4)).cuda()
-    with torch.no_grad():
-        ref = run_model(path, weights, ids)
-        recorder = OpRecorder()
-        with recorder:
-            run_model(path, weights, ids)
-        funcs = sorted({item[1].__name__ for item in flag_gems._FULL_CONFIG
-                        if len(item) > 1 and item[0] in recorder.names})
-        print(f"{len(recorder.names)} aten ops used by the model: {' '.join(sorted(recorder.names))}")
-        print(f"{len(funcs)} FlagGems functions implement them: {' '.join(funcs)}", flush=True)
-        report = {"aten_ops": sorted(recorder.names), "functions": {}}
-        bad = opts.exclude.split(",") if opts.exclude else []
-        for fn in funcs if not opts.exclude else []:
-            t0 = time.perf_counter()
-            try:
-                with flag_gems.use_gems(include=[fn]):
-                    got = run_model(path, weights, ids)
-                err = rel(got, ref)
-                status = "ok" if err <= TOL else "wrong result"
-                detail = f"rel err {err:.2e}"
-            except Exception as e:         # noqa: BLE001 - the audit records whatever the op raised
-                status, detail = "error", f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-            if status != "ok":
-                bad.append(fn)
-            report["functions"][fn] = {"status": status, "detail": detail}
-            print(f"{fn:32s} {status:13s} {detail}  ({time.perf_counter() - t0:.1f} s)", flush=True)
-            with open(opts.out, "w") as f:          # kept up to date: a long audit may be cut short
-                json.dump(report, f, indent=1)
-        try:
-            with flag_gems.use_gems(exclude=bad):
-                err = rel(run_model(path, weights, ids), ref)
-            final = {"excluded": bad, "rel_err": err, "ok": err <= TOL}
-        except Exception as e:             # noqa: BLE001
-            final = {"excluded": bad, "error": f"{type(e).__name__}: {e}", "ok": False}
-        report["all_but_bad"] = final
-        print("every FlagGems op except", bad, "->", final, flush=True)
-        report["probes"] = probes(flag_gems)
-        for what, result in report["probes"].items():
-            print(f"probe {what}: {result}")
-    with open(opts.out, "w") as f:
-        json.dump(report, f, indent=1)
-    return 0 if final["ok"] else 1
+    if opts.worker:
+        return worker(opts.worker, opts.workdir, opts.exclude.split(",") if opts.exclude else [])
+    if opts.only and opts.exclude:
+        parser.error("--only audits functions and --exclude skips the audit: give one of them")
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return audit(opts)
 
 
 if __name__ == "__main__":

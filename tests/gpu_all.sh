@@ -2,9 +2,10 @@
 # Every single-GPU check and measurement of this repository in one go, for a GPU machine lent for
 # a few minutes: each step has its own time limit, writes its log to OUT (default ./gpu_logs) and
 # the script goes on after a failure. Prints a summary line per step; exit status 1 if any failed.
-# The limits add up to about 20 minutes: name steps to run a part (a device call is at most 10).
-#   bash tests/gpu_all.sh [OUT [STEP ...]]      steps: gpu_check bench bf16_drift flaggems_ops
+# The limits add up to about 25 minutes: name steps to run a part (a device call is at most 10).
+#   bash tests/gpu_all.sh [OUT [STEP ...]]      steps: gpu_check bench backends bf16_drift flaggems_ops
 #                                                      flaggems_check bench_flaggems
+# backends: torch vs triton vs flaggems on 4 V4-Flash layers (speed and logit agreement, OUT/backends.json).
 # FlagGems steps need flag-gems importable (see README); without it they report their failure.
 set -u
 cd "$(dirname "$0")/.."
@@ -27,6 +28,7 @@ step() {    # step NAME SECONDS COMMAND...
 
 step gpu_check 150 python tests/gpu_check.py
 step bench 240 python bench.py speed --compare hf --profile --batch 1 8 32 128 --context 1024 65536
+step backends 240 python bench.py backends --layers 4 --report "$OUT/backends.json"
 step bf16_drift 150 python tests/bf16_drift.py
 step flaggems_ops 300 python tests/flaggems_ops.py --out "$OUT/flaggems_ops.json"
 step flaggems_check 150 python tests/flaggems_check.py

@@ -29,7 +29,8 @@ def release(tmp_path_factory):
 
 def build(release, dtype="fp32", **kw):
     path, _, weights = release
-    args = ModelArgs.from_file(os.path.join(path, "config.json"), dtype=dtype, max_seq_len=128, max_batch_size=4, **kw)
+    sizes = {"max_seq_len": 128, "max_batch_size": 4, **kw}
+    args = ModelArgs.from_file(os.path.join(path, "config.json"), dtype=dtype, **sizes)
     model = Transformer(args)
     model.load_state_dict(weights, strict=True)
     return model
@@ -72,6 +73,17 @@ def test_incremental_decode_matches_transformers(ours, prompts, oracle_logits, s
         got = ours(prompts[:, pos:pos + 1], start_pos=start)
         worst = max(worst, (got - oracle_logits[:, pos]).abs().max().item())
     print(f"decode: max |logit diff| vs transformers over {SEQ - 5} steps = {worst:.2e}")
+    assert worst < TOL
+
+
+def test_decode_to_the_last_position_of_an_uneven_max_seq_len(release, prompts, oracle_logits):
+    """max_seq_len 37 is a multiple of neither compression ratio (4, 16): the last positions' windows
+    never complete, yet a decode step writes their entries; up to position 36 the logits follow the oracle."""
+    model = build(release, max_seq_len=37)
+    worst = (model(prompts[:, :30]) - oracle_logits[:, 29]).abs().max().item()
+    for pos in range(30, 37):
+        got = model(prompts[:, pos:pos + 1], start_pos=torch.full((prompts.size(0),), pos))
+        worst = max(worst, (got - oracle_logits[:, pos]).abs().max().item())
     assert worst < TOL
 
 
