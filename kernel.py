@@ -11,6 +11,7 @@ Shapes use: b batch, s query tokens, h heads, d head dim, n key slots,
 k selected keys per query.
 """
 import functools
+import math
 import os
 
 import torch
@@ -225,6 +226,27 @@ def route_torch(scores: torch.Tensor, bias, tid2eid, ids: torch.Tensor, k: int, 
     if score_func != "softmax":
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights * route_scale, experts
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [.., k] of the k largest scores [.., n] along the last dim, in no particular order.
+
+    torch.topk gives a row to one thread block: an H100 took 85 us for one row of 16640 (the indexer's
+    scores at a 64K context). A long row (n >= 8k) goes in two rounds instead: the top k of each chunk
+    of about sqrt(n k) entries, many blocks at once, then the top k of those candidates. Both rounds
+    keep the same set (ties aside); padding entries are -inf, so they come back only when fewer than
+    k entries are finite, as -inf entries do from a single round."""
+    n = scores.size(-1)
+    if n < 8 * k:
+        return scores.topk(min(k, n), dim=-1, sorted=False).indices
+    chunk = max(2 * k, 1 << math.ceil(math.log2(math.sqrt(n * k))))
+    n_chunks = -(-n // chunk)
+    if n_chunks * chunk != n:
+        scores = F.pad(scores, (0, n_chunks * chunk - n), value=float("-inf"))
+    values, idx = scores.unflatten(-1, (n_chunks, chunk)).topk(k, dim=-1, sorted=False)       # [.., chunks, k]
+    idx = idx + torch.arange(0, n_chunks * chunk, chunk, device=scores.device).unsqueeze(-1)
+    best = values.flatten(-2).topk(k, dim=-1, sorted=False).indices
+    return idx.flatten(-2).gather(-1, best)
 
 
 def decode_indices_torch(pos: torch.Tensor, window: int, n_entries: int, ratio: int, picks=None) -> torch.Tensor:
@@ -733,51 +755,57 @@ if triton is not None:
         tl.store(e_ptr + t * K + k, chosen, mask=k < K)
 
     @triton.jit
-    def _moe_gemv_up_kernel(x_ptr, w_ptr, h_ptr, experts_ptr, weights_ptr, first, n_local, K, D, I, limit,
-                            sx, sw_e, sw_n, sh, BN: tl.constexpr, BK: tl.constexpr, CLAMP: tl.constexpr,
+    def _moe_gemv_up_kernel(x_ptr, w_ptr, gu_ptr, h_ptr, experts_ptr, weights_ptr, first, n_local, A, K, D, I, IS,
+                            limit, sx, sw_e, sw_n, sgu, sh, BN: tl.constexpr, BK: tl.constexpr, CLAMP: tl.constexpr,
                             PRECISION: tl.constexpr):
-        # Few tokens: one routing assignment a (token a // K) and BN columns, no sorting. When its expert
-        # e is local: h[a] = weight * silu(x W1[e]^T) * (x W3[e]^T). The token is row 0 of a 16-row
-        # tile (tl.dot's least), the other rows zero.
+        # Few tokens, no sorting: row a of h, BN columns. For a routing assignment a < A (token a // K)
+        # whose expert e is local: h[a] = weight * silu(x W1[e]^T) * (x W3[e]^T), the token as row 0 of
+        # a 16-row tile (tl.dot's least), the other rows zero. Row A + t: the shared expert's
+        # silu(g) * u of token t from gu[t] = [x W1s^T, x W3s^T], rounded to h's dtype as the reference does.
         a, nb = tl.program_id(0), tl.program_id(1)
-        e = tl.load(experts_ptr + a) - first
-        if (e >= 0) & (e < n_local):
-            t = a // K
-            one = (tl.arange(0, 16) == 0)[:, None]
-            cols = nb * BN + tl.arange(0, BN)
-            cmask = cols < I
-            w_base = w_ptr + e.to(tl.int64) * sw_e
-            gate = tl.zeros([16, BN], tl.float32)
-            up = tl.zeros([16, BN], tl.float32)
-            for k0 in range(0, D, BK):
-                ks = k0 + tl.arange(0, BK)
-                kmask = ks < D
-                xa = tl.load(x_ptr + t * sx + ks[None, :] + 0 * one, mask=one & kmask[None, :], other=0.0)
-                wmask = cmask[None, :] & kmask[:, None]
-                wg = tl.load(w_base + cols[None, :] * sw_n + ks[:, None], mask=wmask, other=0.0)
-                wu = tl.load(w_base + (I + cols[None, :]) * sw_n + ks[:, None], mask=wmask, other=0.0)
-                gate = tl.dot(xa, wg, gate, input_precision=PRECISION)
-                up = tl.dot(xa, wu, up, input_precision=PRECISION)
-            if CLAMP:
-                gate = tl.minimum(gate, limit)
-                up = tl.minimum(tl.maximum(up, -limit), limit)
-            h = tl.sum(gate / (1.0 + tl.exp(-gate)) * up, 0) * tl.load(weights_ptr + a)      # rows > 0 give 0
-            tl.store(h_ptr + a * sh + cols, h.to(h_ptr.dtype.element_ty), mask=cmask)
+        cols = nb * BN + tl.arange(0, BN)
+        if a < A:
+            e = tl.load(experts_ptr + a) - first
+            if (e >= 0) & (e < n_local):
+                t = a // K
+                one = (tl.arange(0, 16) == 0)[:, None]
+                cmask = cols < I
+                w_base = w_ptr + e.to(tl.int64) * sw_e
+                gate = tl.zeros([16, BN], tl.float32)
+                up = tl.zeros([16, BN], tl.float32)
+                for k0 in range(0, D, BK):
+                    ks = k0 + tl.arange(0, BK)
+                    kmask = ks < D
+                    xa = tl.load(x_ptr + t * sx + ks[None, :] + 0 * one, mask=one & kmask[None, :], other=0.0)
+                    wmask = cmask[None, :] & kmask[:, None]
+                    wg = tl.load(w_base + cols[None, :] * sw_n + ks[:, None], mask=wmask, other=0.0)
+                    wu = tl.load(w_base + (I + cols[None, :]) * sw_n + ks[:, None], mask=wmask, other=0.0)
+                    gate = tl.dot(xa, wg, gate, input_precision=PRECISION)
+                    up = tl.dot(xa, wu, up, input_precision=PRECISION)
+                if CLAMP:
+                    gate = tl.minimum(gate, limit)
+                    up = tl.minimum(tl.maximum(up, -limit), limit)
+                h = tl.sum(gate / (1.0 + tl.exp(-gate)) * up, 0) * tl.load(weights_ptr + a)    # rows > 0 give 0
+                tl.store(h_ptr + a * sh + cols, h.to(h_ptr.dtype.element_ty), mask=cmask)
+        else:
+            t = a - A
+            cmask = cols < IS
+            g = tl.load(gu_ptr + t * sgu + cols, mask=cmask, other=0.0).to(tl.float32)
+            u = tl.load(gu_ptr + t * sgu + IS + cols, mask=cmask, other=0.0).to(tl.float32)
+            tl.store(h_ptr + a * sh + cols, (g / (1.0 + tl.exp(-g)) * u).to(h_ptr.dtype.element_ty), mask=cmask)
 
     @triton.jit
-    def _moe_gemv_down_kernel(h_ptr, w_ptr, gu_ptr, ws_ptr, out_ptr, experts_ptr, first, n_local, K, D, I, IS,
-                              sh, sw_e, sw_n, sgu, sws_n, so, BN: tl.constexpr, BK: tl.constexpr,
-                              SHARED: tl.constexpr, PRECISION: tl.constexpr):
-        # Few tokens: token t, BN output columns: out[t] = sum over its K assignments with a local expert
-        # of h[a] W2[e]^T, plus (SHARED) the shared expert's silu(g) * u, rounded as its input dtype,
-        # times W2s^T, from gu[t] = [x W1s^T, x W3s^T]. Sums in float32; stored in out's dtype.
-        t, nb = tl.program_id(0), tl.program_id(1)
+    def _moe_gemv_down_kernel(h_ptr, w_ptr, ws_ptr, part_ptr, experts_ptr, first, n_local, A, D, I, IS,
+                              sh, sw_e, sw_n, sws_n, sp, BN: tl.constexpr, BK: tl.constexpr,
+                              PRECISION: tl.constexpr):
+        # Row a of h, BN output columns: part[a] = h[a] W2[e]^T for an assignment with a local expert e
+        # (zero for one without), h[a] W2s^T for the shared expert's rows a >= A. Float32.
+        a, nb = tl.program_id(0), tl.program_id(1)
         one = (tl.arange(0, 16) == 0)[:, None]
         cols = nb * BN + tl.arange(0, BN)
         cmask = cols < D
         acc = tl.zeros([16, BN], tl.float32)
-        for j in range(K):
-            a = t * K + j
+        if a < A:
             e = tl.load(experts_ptr + a) - first
             if (e >= 0) & (e < n_local):
                 w_base = w_ptr + e.to(tl.int64) * sw_e
@@ -788,18 +816,28 @@ if triton is not None:
                     w = tl.load(w_base + cols[None, :] * sw_n + ks[:, None], mask=cmask[None, :] & kmask[:, None],
                                 other=0.0)
                     acc = tl.dot(hh, w, acc, input_precision=PRECISION)
-        if SHARED:
+        else:
             for k0 in range(0, IS, BK):
                 ks = k0 + tl.arange(0, BK)
-                kmask = one & (ks < IS)[None, :]
-                g = tl.load(gu_ptr + t * sgu + ks[None, :] + 0 * one, mask=kmask, other=0.0)
-                u = tl.load(gu_ptr + t * sgu + IS + ks[None, :] + 0 * one, mask=kmask, other=0.0).to(tl.float32)
-                gf = g.to(tl.float32)
-                hs = (gf / (1.0 + tl.exp(-gf)) * u).to(g.dtype)
-                w = tl.load(ws_ptr + cols[None, :] * sws_n + ks[:, None], mask=cmask[None, :] & (ks < IS)[:, None],
+                kmask = ks < IS
+                hh = tl.load(h_ptr + a * sh + ks[None, :] + 0 * one, mask=one & kmask[None, :], other=0.0)
+                w = tl.load(ws_ptr + cols[None, :] * sws_n + ks[:, None], mask=cmask[None, :] & kmask[:, None],
                             other=0.0)
-                acc = tl.dot(hs, w, acc, input_precision=PRECISION)
-        tl.store(out_ptr + t * so + cols, tl.sum(acc, 0).to(out_ptr.dtype.element_ty), mask=cmask)
+                acc = tl.dot(hh, w, acc, input_precision=PRECISION)
+        tl.store(part_ptr + a * sp + cols, tl.sum(acc, 0), mask=cmask)
+
+    @triton.jit
+    def _moe_gemv_sum_kernel(part_ptr, out_ptr, A, K, D, sp, so, BLOCK: tl.constexpr, SHARED: tl.constexpr):
+        # Token t, BLOCK columns: out[t] = sum of its K assignments' rows of part (+ its shared expert's row).
+        t, nb = tl.program_id(0), tl.program_id(1)
+        cols = nb * BLOCK + tl.arange(0, BLOCK)
+        cmask = cols < D
+        acc = tl.zeros([BLOCK], tl.float32)
+        for j in range(K):
+            acc += tl.load(part_ptr + (t * K + j) * sp + cols, mask=cmask, other=0.0)
+        if SHARED:
+            acc += tl.load(part_ptr + (A + t) * sp + cols, mask=cmask, other=0.0)
+        tl.store(out_ptr + t * so + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
 
     @triton.jit
     def _decode_indices_kernel(pos_ptr, pick_ptr, o_ptr, window, n_entries, ratio, sp, so,
@@ -936,12 +974,14 @@ def index_scores_triton(q, keys, weights, limit, scale: float = 1.0):
 def sparse_attn_triton(q, kv, attn_sink, topk_idxs, softmax_scale, tiles=None):
     """Triton version of sparse_attn (same arguments and result). With few programs (decode at a small
     batch) the keys are split over more programs and the partial softmaxes merged in a second launch.
-    tiles: (heads a program, keys a block, warps); by default 16 heads, 16 keys of 512 (32 of <= 128), 4."""
+    tiles: (heads a program, keys a block, warps); by default 64, 16, 8 for many queries of 64 heads or
+    more (a prefill), else 16, 32, 4 (`python bench.py attn-tiles`, H100, V4 shapes: prefill of 4096
+    tokens 3.4 ms against 4.5 ms for 16 heads and 16 keys, decode at batch 1 0.09 ms against 0.18)."""
     b, s, h, d = q.shape
     q, kv, topk_idxs = q.contiguous(), kv.contiguous(), topk_idxs.contiguous()
     sink = attn_sink.float().contiguous()
     o = torch.empty_like(q)
-    block_h, block_k, warps = tiles or (16, 32 if d <= 128 else 16, 4)
+    block_h, block_k, warps = tiles or ((64, 16, 8) if b * s >= 256 and h >= 64 else (16, 32, 4))
     k = topk_idxs.size(-1)
     programs = b * s * triton.cdiv(h, block_h)
     n_split = max(1, min(triton.cdiv(k, 2 * block_k), 128 // programs))
@@ -1084,38 +1124,44 @@ def route_triton(scores, bias, tid2eid, ids, k: int, score_func: str, route_scal
 
 # The few-token MoE (decode): (BN, BK, warps, stages) of its up and down kernels, and the most routing
 # assignments it takes; above that the grouped GEMMs, which read each expert once however many
-# tokens chose it, are cheaper than the assignments' repeated reads.
-MOE_GEMV_UP = (32, 128, 4, 3)
-MOE_GEMV_DOWN = (16, 256, 4, 3)
-MOE_GEMV_MAX_ASSIGNMENTS = 48
+# tokens chose it, are cheaper than the assignments' repeated reads (`python bench.py moe-tiles`:
+# on an H100 the few-token kernels were ahead up to 16 tokens of 6 experts).
+MOE_GEMV_TILES = (32, 128, 4, 3)
+MOE_GEMV_MAX_ASSIGNMENTS = 96
 
 
 def moe_gemv_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float, shared_gu=None,
                     shared_w2=None, out_dtype=torch.float32):
-    """The routed experts for few tokens in two launches: no sorting, no host sync, each assignment's
-    expert read by its own programs. Arguments as moe_experts_triton; with shared_gu [T, 2 Is] (x times
-    the shared expert's [W1; W3]^T, in x's dtype) and shared_w2 [D, Is] the shared expert is added in.
-    Returns out_dtype [T, D]."""
+    """The routed experts for few tokens in three launches, no sorting and no host sync: each
+    assignment's expert is read by its own programs (up, then down into one row of partial sums a
+    assignment), then each token's rows are summed. Arguments as moe_experts_triton; with shared_gu
+    [T, 2 Is] (x times the shared expert's [W1; W3]^T, in x's dtype) and shared_w2 [D, Is] the shared
+    expert is added in. Returns out_dtype [T, D]."""
     n_local, two_i, dim = w13.shape
     inter = two_i // 2
     t, k = experts.shape
     x, experts, weights = x.contiguous(), experts.contiguous(), weights.float().contiguous()
-    precision = _precision(x)
-    h = torch.empty(t * k, inter, dtype=x.dtype, device=x.device)
-    bn, bk, warps, stages = MOE_GEMV_UP
-    _moe_gemv_up_kernel[(t * k, triton.cdiv(inter, bn))](
-        x, w13, h, experts, weights, first_expert, n_local, k, dim, inter, swiglu_limit,
-        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
-        BN=bn, BK=bk, CLAMP=swiglu_limit > 0, PRECISION=precision, num_warps=warps, num_stages=stages)
     shared = shared_gu is not None
-    gu = shared_gu.contiguous() if shared else h
+    gu = shared_gu.contiguous() if shared else x
     ws = shared_w2.contiguous() if shared else w2
+    inter_s = gu.size(1) // 2 if shared else 0
+    rows = t * k + (t if shared else 0)
+    precision = _precision(x)
+    bn, bk, warps, stages = MOE_GEMV_TILES
+    h = torch.empty(rows, max(inter, inter_s), dtype=x.dtype, device=x.device)
+    _moe_gemv_up_kernel[(rows, triton.cdiv(max(inter, inter_s), bn))](
+        x, w13, gu, h, experts, weights, first_expert, n_local, t * k, k, dim, inter, inter_s, swiglu_limit,
+        x.stride(0), w13.stride(0), w13.stride(1), gu.stride(0), h.stride(0),
+        BN=bn, BK=bk, CLAMP=swiglu_limit > 0, PRECISION=precision, num_warps=warps, num_stages=stages)
+    part = torch.empty(rows, dim, dtype=torch.float32, device=x.device)
+    _moe_gemv_down_kernel[(rows, triton.cdiv(dim, bn))](
+        h, w2, ws, part, experts, first_expert, n_local, t * k, dim, inter, inter_s,
+        h.stride(0), w2.stride(0), w2.stride(1), ws.stride(0), part.stride(0),
+        BN=bn, BK=bk, PRECISION=precision, num_warps=warps, num_stages=stages)
     out = torch.empty(t, dim, dtype=out_dtype, device=x.device)
-    bn, bk, warps, stages = MOE_GEMV_DOWN
-    _moe_gemv_down_kernel[(t, triton.cdiv(dim, bn))](
-        h, w2, gu, ws, out, experts, first_expert, n_local, k, dim, inter, gu.size(1) // 2 if shared else 0,
-        h.stride(0), w2.stride(0), w2.stride(1), gu.stride(0), ws.stride(0), out.stride(0),
-        BN=bn, BK=bk, SHARED=shared, PRECISION=precision, num_warps=warps, num_stages=stages)
+    block = 1024
+    _moe_gemv_sum_kernel[(t, triton.cdiv(dim, block))](part, out, t * k, k, dim, part.stride(0), out.stride(0),
+                                                       BLOCK=block, SHARED=shared, num_warps=4)
     return out
 
 

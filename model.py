@@ -25,7 +25,7 @@ from torch import nn
 
 from kernel import (BACKENDS, MOE_GEMV_MAX_ASSIGNMENTS, compressed_entries, compressor_decode, decode_indices,
                     hadamard, hc_post, hc_pre, index_scores, moe_experts_triton, moe_gemv_triton, norm_rope,
-                    rms_norm, route, sparse_attn, swiglu, use_triton)
+                    rms_norm, route, sparse_attn, swiglu, topk_indices, use_triton)
 
 
 @dataclass
@@ -445,7 +445,7 @@ class Indexer(nn.Module):
         scores = index_scores(q, keys, self.weights_proj(x), limit.view(-1, seqlen),
                               self.head_dim ** -0.5 * self.n_heads ** -0.5, self.backend)   # [b, s, n], -inf unseen
         scores = self.tp.all_reduce(scores)
-        return scores.topk(min(self.topk, scores.size(-1)), dim=-1, sorted=False).indices
+        return topk_indices(scores, self.topk)
 
 
 @dataclass

@@ -152,3 +152,23 @@ def test_swiglu_clamps_gate_above_and_up_both_ways():
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(kernel.swiglu(gate, up, 0.0), torch.nn.functional.silu(gate) * up)
     assert math.isfinite(got.sum().item())
+
+
+@pytest.mark.parametrize("n, k", [(1000, 17), (4096, 512), (16640, 512), (135, 16)])
+def test_topk_indices_picks_the_largest(n, k):
+    """The two-round top-k returns the same set as torch.topk, also where fewer than k entries are
+    finite (those all come back) and where n is not a multiple of the chunk."""
+    g = torch.Generator().manual_seed(n + k)
+    scores = torch.randn(2, 3, n, generator=g)
+    scores[0, 1, k // 2:] = float("-inf")                       # fewer than k finite entries
+    scores[1, 2, : n // 2] = float("-inf")
+    got = kernel.topk_indices(scores, k)
+    assert got.shape == (2, 3, k)
+    want = scores.topk(k, dim=-1).indices
+    for row_got, row_want, row in zip(got.view(-1, k), want.view(-1, k), scores.view(-1, n)):
+        finite = row.isfinite()
+        assert (row_got >= 0).all() and ((row_got < n) | (finite.sum() < k)).all(), "padding only when short"
+        value = torch.where(row_got < n, row[row_got.clamp(max=n - 1)], float("-inf"))   # padding is -inf
+        assert torch.equal(value.sort().values, row[row_want].sort().values)
+        if finite.sum() < k:
+            assert set(finite.nonzero().flatten().tolist()) <= set(row_got.tolist())
