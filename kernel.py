@@ -496,15 +496,17 @@ if triton is not None:
 
     @triton.jit
     def _hc_pre_kernel(part_ptr, x_ptr, scale_ptr, base_ptr, w_ptr, y_ptr, pre_ptr, post_ptr, comb_ptr,
-                       NSPLIT, sp_t, sp_s, K, D, norm_eps, iters, eps,
+                       NSPLIT, sp_t, sp_s, K, D, n_slices, norm_eps, iters, eps,
                        HC: tl.constexpr, M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                       NORM: tl.constexpr, MIX: tl.constexpr, HEAD: tl.constexpr, OUT_NORM: tl.constexpr):
+                       NORM: tl.constexpr, MIX: tl.constexpr, HEAD: tl.constexpr, OUT_NORM: tl.constexpr,
+                       ALONE: tl.constexpr):
         # One token (and with MIX one BLOCK_D slice of D): sum the NSPLIT partial mixes (M of them, the
         # streams' squared norm after them), scale by the streams' RMS (NORM), split them into pre/post
         # sigmoid gates and the Sinkhorn-projected comb (HEAD: the HC head's pre gate alone), and (MIX)
         # y = sum_k pre[k] x[k] on the slice, then (OUT_NORM, the whole of D in one slice) y rounded to
-        # its dtype and RMS-normalised with weight w: the sublayer's input norm. Slices recompute the
-        # tiny HC x HC Sinkhorn rather than wait for it; the first one stores post and comb.
+        # its dtype and RMS-normalised with weight w: the sublayer's input norm. With ALONE one more
+        # program (slice n_slices) computes post and comb while the others mix, so that the Sinkhorn's
+        # latency overlaps the weighted sum; else the first slice stores them.
         t, db = tl.program_id(0).to(tl.int64), tl.program_id(1)
         j = tl.arange(0, HC)
         cell = j[:, None] * HC + j[None, :]
@@ -516,18 +518,21 @@ if triton is not None:
             r = tl.rsqrt(tl.sum(tl.load(row + M, mask=smask, other=0.0), 0) / K + norm_eps)
         m_pre = tl.sum(tl.load(row[:, None] + j[None, :], mask=smask[:, None], other=0.0), 0) * r
         pre = tl.sigmoid(m_pre * tl.load(scale_ptr) + tl.load(base_ptr + j)) + eps
-        if not HEAD:
+        if ALONE:
+            comb_here = db == n_slices
+        else:
+            comb_here = db == 0
+        if not HEAD and comb_here:
             m_post = tl.sum(tl.load(row[:, None] + HC + j[None, :], mask=smask[:, None], other=0.0), 0) * r
             m_comb = tl.sum(tl.load(row[:, None, None] + 2 * HC + cell[None, :, :], mask=smask[:, None, None],
                                     other=0.0), 0) * r
             post = 2.0 * tl.sigmoid(m_post * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + j))
             comb = _sinkhorn(m_comb * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * HC + cell), iters, eps)
-            if db == 0:
-                tl.store(post_ptr + t * HC + j, post)
-                tl.store(comb_ptr + t * HC * HC + cell, comb)
+            tl.store(post_ptr + t * HC + j, post)
+            tl.store(comb_ptr + t * HC * HC + cell, comb)
         if not MIX:
             tl.store(pre_ptr + t * HC + j, pre)
-        if MIX:
+        if MIX and db < n_slices:
             d = db * BLOCK_D + tl.arange(0, BLOCK_D)
             dmask = d < D
             xs = tl.load(x_ptr + t * HC * D + j[:, None] * D + d[None, :], mask=dmask[None, :], other=0.0)
@@ -874,8 +879,8 @@ def hc_split_sinkhorn_triton(mixes, hc_scale, hc_base, hc_mult: int, iters: int,
     comb = torch.empty(n, hc_mult, hc_mult, dtype=torch.float32, device=m.device)
     _hc_pre_kernel[(n, 1)](
         m, m, hc_scale.float().contiguous(), hc_base.float().contiguous(), m, m, pre, post, comb,
-        1, m.stride(0), 0, 1, 1, 0.0, iters, eps, HC=hc_mult, M=m.size(1), BLOCK_S=1, BLOCK_D=16, NORM=False,
-        MIX=False, HEAD=False, OUT_NORM=False, num_warps=1)
+        1, m.stride(0), 0, 1, 1, 1, 0.0, iters, eps, HC=hc_mult, M=m.size(1), BLOCK_S=1, BLOCK_D=16, NORM=False,
+        MIX=False, HEAD=False, OUT_NORM=False, ALONE=False, num_warps=1)
     return pre.view(*lead, hc_mult), post.view(*lead, hc_mult), comb.view(*lead, hc_mult, hc_mult)
 
 
@@ -899,12 +904,14 @@ def hc_pre_triton(x, fn, hc_scale, hc_base, hc_mult: int, iters: int, norm_eps: 
     comb = torch.empty(t, hc_mult, hc_mult, dtype=torch.float32, device=x.device)
     whole = norm_weight is not None or t > 16                   # few tokens, no norm: spread D over programs
     block_d = triton.next_power_of_2(dim) if whole else 512
-    _hc_pre_kernel[(t, triton.cdiv(dim, block_d))](
+    n_slices = triton.cdiv(dim, block_d)
+    alone = not head and t <= 16                                # few tokens: the Sinkhorn in a program of its own
+    _hc_pre_kernel[(t, n_slices + alone)](
         part, x, hc_scale.float().contiguous(), hc_base.float().contiguous(),
         x if norm_weight is None else norm_weight.float().contiguous(), y, post, post, comb,
-        nsplit, part.stride(0), part.stride(1), k, dim, norm_eps, iters, hc_eps,
+        nsplit, part.stride(0), part.stride(1), k, dim, n_slices, norm_eps, iters, hc_eps,
         HC=hc_mult, M=m, BLOCK_S=triton.next_power_of_2(nsplit), BLOCK_D=block_d, NORM=True, MIX=True, HEAD=head,
-        OUT_NORM=norm_weight is not None, num_warps=8 if block_d >= 4096 else 4)
+        OUT_NORM=norm_weight is not None, ALONE=alone, num_warps=8 if block_d >= 4096 else 4)
     if head:
         return y.view(*lead, dim), None, None
     return y.view(*lead, dim), post.view(*lead, hc_mult), comb.view(*lead, hc_mult, hc_mult)

@@ -274,7 +274,7 @@ def run(device, dtypes, real_shapes):
              ("decode indices window", lambda dt: decode_indices_case(device, dt, 8, 0, 0, False, 45)),
              ("compressor csa rotate", lambda dt: compressor_case(device, dt, 4, 32, True, 26)),
              ("compressor hca", lambda dt: compressor_case(device, dt, 16, 64, False, 27)),
-             ("fixture model", lambda dt: model_case(device, dt, 25), 0.15)]
+             ("fixture model", lambda dt: model_case(device, dt, 25), [torch.float32])]
     if real_shapes:
         cases += [("attn V4 decode b32", lambda dt: sparse_attn_case(device, dt, 32, 1, 64, 512, 16512, 640, 6)),
                   ("attn V4 decode b1", lambda dt: sparse_attn_case(device, dt, 1, 1, 64, 512, 16512, 640, 32)),
@@ -302,15 +302,17 @@ def run(device, dtypes, real_shapes):
                   ("compressor V4 indexer", lambda dt: compressor_case(device, dt, 4, 128, True, 29)),
                   ("compressor V4 hca", lambda dt: compressor_case(device, dt, 128, 512, False, 30, steps=130))]
     bad = 0
-    for name, case, *bf16_tol in cases:      # a whole model in bf16 drifts further than one kernel
-        for dt in dtypes:
+    # The whole model runs in float32 only: in bf16 its drift from float32 depends on the seed (rounding
+    # flips top-k and routing choices), and gpu_check.py judges it against the torch path's over seeds.
+    for name, case, *only in cases:
+        for dt in [dt for dt in dtypes if not only or dt in only[0]]:
             try:
                 err = case(dt)
             except Exception as e:          # noqa: BLE001 - reported as a failure, the other cases still run
                 bad += 1
                 print(f"{name:22s} {str(dt):15s} FAIL {type(e).__name__}: {str(e).splitlines()[0][:120]}")
                 continue
-            ok = err < (bf16_tol[0] if bf16_tol and dt == torch.bfloat16 else tol[dt])
+            ok = err < tol[dt]
             bad += not ok
             print(f"{name:22s} {str(dt):15s} rel err {err:.2e} {'ok' if ok else 'FAIL'}")
     return bad
