@@ -1194,11 +1194,14 @@ def decode_indices_triton(pos, window: int, n_entries: int, ratio: int, picks=No
 #   flag_gems.sparse_attn_triton(q, kv, attn_sink, topk_idxs, softmax_scale): same arguments and
 #     layout as sparse_attn, but it is written for bf16 (P is cast to bf16 for the P.V product and
 #     the output is rounded to bf16), the head count is a tl.arange bound (a power of two, and at
-#     least 16 for tl.dot), and the sink is added after the keys (the same softmax as ours, but a
-#     query with no valid key at all would give NaN where ours gives 0; our model always has the
-#     query's own window slot). Adapter: bf16 only (fp32 goes to our Triton kernel), heads padded
-#     with zero queries to a power of two >= 16 and cut off again, indices passed as int32 (its
-#     documented type; ours are int64).
+#     least 16 for tl.dot), and the sink is added after the keys. Its running maximum starts from
+#     the first block of keys, so a query whose first block holds only -1 entries gets NaN (seen on
+#     an H100: the window indices of a prompt's first 64 tokens start with -1 slots; and a query with
+#     no valid key at all). Adapter: bf16 only (fp32 goes to our Triton kernel), each query's
+#     indices sorted in descending order so that valid ones come first (the softmax does not depend
+#     on the order; the model always gives a query its own window slot), heads padded with zero
+#     queries to a power of two >= 16 and cut off again, indices passed as int32 (its documented
+#     type; ours are int64).
 #   flag_gems.hadamard_transform(x, scale): F.linear(x, H) * scale with H the Sylvester matrix,
 #     result in x's dtype: the same as hadamard_transform here.
 #   flag_gems.fused.mhc.hc_split_sinkhorn(mixes, hc_scale, hc_base, hc_mult, sinkhorn_iters, eps):
@@ -1231,8 +1234,8 @@ def sparse_attn_flaggems(q, kv, attn_sink, topk_idxs, softmax_scale):
     if heads != h:       # padded heads: zero queries with a zero sink, dropped from the result
         q = torch.cat([q, q.new_zeros(b, s, heads - h, d)], dim=2)
         sink = torch.cat([sink, sink.new_zeros(heads - h)])
-    o = flag_gems_module().sparse_attn_triton(q.contiguous(), kv, sink.contiguous(),
-                                              topk_idxs.to(torch.int32).contiguous(), softmax_scale)
+    valid_first = topk_idxs.to(torch.int32).sort(dim=-1, descending=True).values
+    o = flag_gems_module().sparse_attn_triton(q.contiguous(), kv, sink.contiguous(), valid_first, softmax_scale)
     return o[:, :, :h] if heads != h else o
 
 

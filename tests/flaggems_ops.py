@@ -272,7 +272,7 @@ def audit(opts) -> int:
     if not final["ok"]:
         report["all_but_bad"]["log_tail"] = r.get("log_tail", [])
     r = run_worker("PROBES", workdir, opts.timeout_per_function)
-    report["probes"] = r.get("probes", {"failed": f"{r['status']}: {r['detail']}"})
+    report["probes"] = r["probes"] if "probes" in r else {"failed": f"{r.get('status')}: {r.get('detail')}"}
     for what, result in report["probes"].items():
         print(f"probe {what}: {result}")
     write_report(report, opts.out)
