@@ -557,16 +557,17 @@ if triton is not None:
         tl.store(o_ptr + streams, out.to(o_ptr.dtype.element_ty), mask=dmask[None, :])
 
     @triton.jit
-    def _norm_rope_kernel(x_ptr, w_ptr, f_ptr, o_ptr, R, H, S, d, rope_start, eps, sf_b, sf_s,
+    def _norm_rope_kernel(x_ptr, w_ptr, f_ptr, o_ptr, R, H, S, d, sx, rope_start, eps, sf_b, sf_s,
                           D: tl.constexpr, BLOCK_R: tl.constexpr, NORM: tl.constexpr, WEIGHT: tl.constexpr,
                           INVERSE: tl.constexpr):
-        # BLOCK_R rows of width d (row r is head r % H of token r // H, token = b * S + s): optional
-        # RMSNorm, then the pairs (2i, 2i+1) from rope_start on turned by the angles of the token's position.
+        # BLOCK_R rows of width d, sx apart in x (row r is head r % H of token r // H, token = b * S + s):
+        # optional RMSNorm, then the pairs (2i, 2i+1) from rope_start on turned by the angles of the
+        # token's position. The output is contiguous.
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, D)
         partner = cols ^ 1                                 # the other member of a pair (rope_start is even)
         mask = (rows < R)[:, None] & (cols < d)[None, :]
-        base = x_ptr + rows.to(tl.int64)[:, None] * d
+        base = x_ptr + rows.to(tl.int64)[:, None] * sx
         x = tl.load(base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         xp = tl.load(base + partner[None, :], mask=mask, other=0.0).to(tl.float32)
         if NORM:
@@ -646,24 +647,25 @@ if triton is not None:
     @triton.jit
     def _compress_decode_kernel(kvn_ptr, scn_ptr, ape_ptr, pos_ptr, kvs_ptr, scs_ptr, pkv_ptr, psc_ptr,
                                 w_ptr, f_ptr, cache_ptr, ratio, width, rope_start, eps, rot_scale,
-                                ss_b, ss_r, sp_b, sp_r, sc_b, sc_n,
+                                skn, ssn, ss_b, ss_r, sp_b, sp_r, sc_b, sc_n,
                                 HD: tl.constexpr, RC: tl.constexpr, OVERLAP: tl.constexpr, ROTATE: tl.constexpr,
                                 LOG_HD: tl.constexpr):
-        # One row: store the new token in its slot, pool the window (online softmax over slots,
-        # per channel), round, RMSNorm, RoPE at the window start, optionally Hadamard, write the entry.
+        # One row: store the new token (its kv and score rows skn and ssn apart) in its slot, pool the
+        # window (online softmax over slots, per channel), round, RMSNorm, RoPE at the window start,
+        # optionally Hadamard, write the entry.
         b = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + b)
         slot = pos % ratio
         c = tl.arange(0, HD)
         second = HD if OVERLAP else 0               # column of the series pooled from this window
-        new_kv = tl.load(kvn_ptr + b * width + second + c)
-        new_sc = tl.load(scn_ptr + b * width + second + c) + tl.load(ape_ptr + slot * width + second + c)
+        new_kv = tl.load(kvn_ptr + b * skn + second + c)
+        new_sc = tl.load(scn_ptr + b * ssn + second + c) + tl.load(ape_ptr + slot * width + second + c)
         state = b * ss_b + slot * ss_r
         tl.store(kvs_ptr + state + second + c, new_kv)
         tl.store(scs_ptr + state + second + c, new_sc)
         if OVERLAP:
-            first_kv = tl.load(kvn_ptr + b * width + c)
-            first_sc = tl.load(scn_ptr + b * width + c) + tl.load(ape_ptr + slot * width + c)
+            first_kv = tl.load(kvn_ptr + b * skn + c)
+            first_sc = tl.load(scn_ptr + b * ssn + c) + tl.load(ape_ptr + slot * width + c)
             tl.store(kvs_ptr + state + c, first_kv)
             tl.store(scs_ptr + state + c, first_sc)
         m = tl.full([HD], float("-inf"), tl.float32)
@@ -706,12 +708,12 @@ if triton is not None:
         tl.store(cache_ptr + b * sc_b + (pos // ratio) * sc_n + c, e.to(dtype))
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, D, eps, BLOCK_D: tl.constexpr, WEIGHT: tl.constexpr):
-        # One row: x * rsqrt(mean(x^2) + eps) (* w) in float32, stored in the output's dtype.
+    def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, D, sx, eps, BLOCK_D: tl.constexpr, WEIGHT: tl.constexpr):
+        # One row (sx apart in x): x * rsqrt(mean(x^2) + eps) (* w) in float32, stored in the output's dtype.
         row = tl.program_id(0).to(tl.int64)
         d = tl.arange(0, BLOCK_D)
         mask = d < D
-        x = tl.load(x_ptr + row * D + d, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * sx + d, mask=mask, other=0.0).to(tl.float32)
         y = x * tl.rsqrt(tl.sum(x * x, 0) / D + eps)
         if WEIGHT:
             y = y * tl.load(w_ptr + d, mask=mask, other=0.0).to(tl.float32)
@@ -864,6 +866,13 @@ if triton is not None:
         tl.store(o_ptr + b * so + c, out, mask=c < window + n_entries)
 
 
+def rows_view(x: torch.Tensor) -> torch.Tensor:
+    """x [.., d] as rows [R, d] with unit column stride, a view where x allows (its rows may lie apart,
+    as in a column slice of a wider matrix), else a contiguous copy."""
+    flat = x.reshape(-1, x.size(-1))
+    return flat if flat.stride(-1) == 1 else flat.contiguous()
+
+
 def _precision(x: torch.Tensor) -> str:
     """tl.dot precision: exact float32 products for float32 inputs (TF32 is ~1e-3 off)."""
     return "ieee" if x.dtype == torch.float32 else "tf32"
@@ -937,12 +946,13 @@ def norm_rope_triton(x, freqs, rope_dim: int, eps=None, weight=None, inverse: bo
     f = f.float().expand(b, s, -1, -1)
     if f.stride(-1) != 1 or f.stride(-2) != 2:
         f = f.contiguous()
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    rows = x.numel() // d
+    flat = rows_view(x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rows = flat.size(0)
     block_r = 8
     _norm_rope_kernel[(triton.cdiv(rows, block_r),)](
-        x, x if weight is None else weight.float().contiguous(), f, out, rows, heads, s, d, d - rope_dim,
+        flat, x if weight is None else weight.float().contiguous(), f, out, rows, heads, s, d, flat.stride(0),
+        d - rope_dim,
         0.0 if eps is None else eps, f.stride(0), f.stride(1),
         D=triton.next_power_of_2(d), BLOCK_R=block_r, NORM=eps is not None, WEIGHT=weight is not None,
         INVERSE=inverse, num_warps=4)
@@ -965,7 +975,8 @@ def index_scores_triton(q, keys, weights, limit, scale: float = 1.0):
     """Triton version of index_scores_torch: one launch, float32 [b, s, n]."""
     b, s, h, d = q.shape
     n = keys.size(1)
-    q, keys, weights = q.contiguous(), keys.contiguous(), weights.contiguous()
+    q, keys = q.contiguous(), keys.contiguous()
+    weights = weights if weights.stride(-1) == 1 else weights.contiguous()     # [b, s, h]: its own row strides
     limit = limit.expand(b, s)
     out = torch.empty(b, s, n, dtype=torch.float32, device=q.device)
     block_h = min(64, max(16, triton.next_power_of_2(h)))
@@ -1084,31 +1095,34 @@ def moe_experts_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_l
 
 def compressor_decode_triton(kv_new, score_new, ape, pos, kv_state, score_state, prev_kv, prev_score,
                              norm_weight, eps: float, freqs_cis, rope_dim: int, rotate_scale, cache) -> None:
-    """Triton version of compressor_decode_torch: one launch for the whole update (head dim a power of two)."""
+    """Triton version of compressor_decode_torch: one launch for the whole update (head dim a power of
+    two). kv_new and score_new may be column slices of a wider matrix."""
     bsz, width = kv_new.shape
     ratio, hd = kv_state.size(1), cache.size(-1)
     overlap = prev_kv is not None
     for t in (kv_state, score_state, cache) + ((prev_kv, prev_score) if overlap else ()):
         if t.stride(-1) != 1:
             raise ValueError("compressor state and cache need a contiguous last dim")
+    kv_new, score_new = rows_view(kv_new.float()), rows_view(score_new.float())
     _compress_decode_kernel[(bsz,)](
-        kv_new.float().contiguous(), score_new.float().contiguous(), ape.contiguous(), pos.contiguous(),
+        kv_new, score_new, ape.contiguous(), pos.contiguous(),
         kv_state, score_state, prev_kv if overlap else kv_state, prev_score if overlap else score_state,
         norm_weight.float().contiguous(), freqs_cis.contiguous(), cache, ratio, width, hd - rope_dim, eps,
-        1.0 if rotate_scale is None else rotate_scale, kv_state.stride(0), kv_state.stride(1),
-        prev_kv.stride(0) if overlap else 0, prev_kv.stride(1) if overlap else 0, cache.stride(0), cache.stride(1),
+        1.0 if rotate_scale is None else rotate_scale, kv_new.stride(0), score_new.stride(0),
+        kv_state.stride(0), kv_state.stride(1), prev_kv.stride(0) if overlap else 0, prev_kv.stride(1) if overlap else 0, cache.stride(0), cache.stride(1),
         HD=hd, RC=min(16, triton.next_power_of_2(ratio)), OVERLAP=overlap, ROTATE=rotate_scale is not None,
         LOG_HD=hd.bit_length() - 1, num_warps=8)
 
 
 def rms_norm_triton(x, weight, eps: float):
-    """Triton version of rms_norm_torch: one launch, a row a program."""
+    """Triton version of rms_norm_torch: one launch, a row a program; rows may lie apart (a column
+    slice of a wider matrix)."""
     d = x.size(-1)
-    flat = x.reshape(-1, d).contiguous()
-    out = torch.empty_like(flat)
+    flat = rows_view(x)
+    out = torch.empty(flat.shape, dtype=x.dtype, device=x.device)
     block = triton.next_power_of_2(d)
-    _rms_norm_kernel[(flat.size(0),)](flat, flat if weight is None else weight.contiguous(), out, d, eps,
-                                      BLOCK_D=block, WEIGHT=weight is not None, num_warps=8 if block >= 2048 else 4)
+    _rms_norm_kernel[(flat.size(0),)](flat, flat if weight is None else weight.contiguous(), out, d, flat.stride(0),
+                                      eps, BLOCK_D=block, WEIGHT=weight is not None, num_warps=8 if block >= 2048 else 4)
     return out.view(x.shape)
 
 

@@ -381,13 +381,15 @@ class Compressor(nn.Module):
         return (linear_fp32(flat, self.wkv.weight).view(*x.shape[:-1], -1),
                 linear_fp32(flat, self.wgate.weight).view(*x.shape[:-1], -1))
 
-    def decode(self, x: torch.Tensor, pos: torch.Tensor, freqs_cis: torch.Tensor, cache: torch.Tensor) -> None:
-        """One token per row, x [b, 1, D] at positions pos [b], with static shapes and no host sync.
+    def decode(self, kv: torch.Tensor, score: torch.Tensor, pos: torch.Tensor, freqs_cis: torch.Tensor,
+               cache: torch.Tensor) -> None:
+        """One token per row at positions pos [b], its projections kv and score [b, width] (project()'s
+        float32 values, possibly column slices of a wider matrix), with static shapes and no host sync.
 
         The entry of the window in progress is rewritten at every step; it is invisible to the
         attention until its window completes, and correct from then on."""
         prev = (self.prev_kv, self.prev_score) if self.overlap else (None, None)
-        compressor_decode(*self.project(x[:, 0]), self.ape, pos, self.kv_state, self.score_state, *prev,
+        compressor_decode(kv, score, self.ape, pos, self.kv_state, self.score_state, *prev,
                           self.norm.weight, self.norm.eps, freqs_cis, self.rope_head_dim, self.rotate_scale, cache,
                           self.backend)
 
@@ -424,28 +426,37 @@ class Indexer(nn.Module):
         self.register_buffer("kv_cache", torch.zeros(args.max_batch_size, cache_entries(args.max_seq_len, self.ratio),
                                                      self.head_dim, dtype=dtype), persistent=False)
 
-    def forward(self, x: torch.Tensor, qr: torch.Tensor, pos: torch.Tensor, freqs_cis: torch.Tensor,
-                start_pos: Optional[int] = None, limit: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [b, s, D], qr [b, s, q_lora_rank] at positions pos ([s] from start_pos, or [b, 1] when
-        decoding with start_pos None; limit, when given, is visible_entries(pos, 4)) -> indices [b, s, k]
-        of the top-k compressed entries, in no particular order. When fewer than k are visible the rest
-        are entries the query may not see yet: the caller masks them."""
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor) -> torch.Tensor:
+        """x [b, s, D], qr [b, s, q_lora_rank] at positions start_pos .. start_pos+s-1 -> indices
+        [b, s, k] of the top-k compressed entries, in no particular order. When fewer than k are
+        visible the rest are entries the query may not see yet: the caller masks them."""
         bsz, seqlen, _ = x.shape
+        pos = torch.arange(start_pos, start_pos + seqlen, device=x.device)
+        self.compressor(x, start_pos, freqs_cis, self.kv_cache)
+        keys = self.kv_cache[:bsz, :(start_pos + seqlen) // self.ratio]                # [b, n, d]
+        return self.pick(self.queries(qr, freqs_cis[pos]), keys, self.weights_proj(x), visible_entries(pos, 4))
+
+    def decode(self, qr: torch.Tensor, weights: torch.Tensor, kv: torch.Tensor, score: torch.Tensor,
+               step: "DecodeStep", freqs_cis: torch.Tensor) -> torch.Tensor:
+        """One token per row: qr [b, 1, q_lora_rank], this rank's head weights [b, h] and the
+        compressor's projections kv, score [b, width] of x -> indices [b, k], as forward()."""
+        self.compressor.decode(kv, score, step.pos, freqs_cis, self.kv_cache)
+        keys = self.kv_cache[:qr.size(0)]                                                # [b, n_max, d]
+        q = self.queries(qr, freqs_cis[step.pos].unsqueeze(1))
+        return self.pick(q, keys, weights.unsqueeze(1), step.visible(4))[:, 0]
+
+    def queries(self, qr: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        """qr [b, s, q_lora_rank] -> this rank's rotated queries [b, s, h, d]."""
         q = self.wq_b(qr).unflatten(-1, (self.n_local_heads, self.head_dim))
-        q = norm_rope(q, freqs_cis[pos], self.rope_head_dim, backend=self.backend)
-        q = hadamard(q, self.head_dim ** -0.5, self.backend)
-        if start_pos is None:
-            self.compressor.decode(x, pos[:, 0], freqs_cis, self.kv_cache)
-            keys = self.kv_cache[:bsz]                                                 # [b, n_max, d]
-        else:
-            self.compressor(x, start_pos, freqs_cis, self.kv_cache)
-            keys = self.kv_cache[:bsz, :(start_pos + seqlen) // self.ratio]            # [b, n, d]
-        if limit is None:
-            limit = visible_entries(pos, self.ratio)
-        scores = index_scores(q, keys, self.weights_proj(x), limit.view(-1, seqlen),
+        q = norm_rope(q, freqs, self.rope_head_dim, backend=self.backend)
+        return hadamard(q, self.head_dim ** -0.5, self.backend)
+
+    def pick(self, q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+        """Scores of keys [b, n, d] for q [b, s, h, d] with head weights [b, s, h], summed over all
+        ranks' heads, entries from limit ([s] or [b]) on unseen -> the top k [b, s, k]."""
+        scores = index_scores(q, keys, weights, limit.view(-1, q.size(1)),
                               self.head_dim ** -0.5 * self.n_heads ** -0.5, self.backend)   # [b, s, n], -inf unseen
-        scores = self.tp.all_reduce(scores)
-        return topk_indices(scores, self.topk)
+        return topk_indices(self.tp.all_reduce(scores), self.topk)
 
 
 @dataclass
@@ -526,6 +537,7 @@ class Attention(nn.Module):
         n_max = cache_entries(args.max_seq_len, self.ratio) if self.ratio else 0
         self.register_buffer("kv_cache", torch.zeros(args.max_batch_size, self.window + n_max, self.head_dim,
                                                      dtype=dtype), persistent=False)
+        self.stacked = None
 
     def forward(self, x: torch.Tensor, start_pos) -> torch.Tensor:
         """x [b, s, D] at positions start_pos .. start_pos+s-1 (start_pos an int), or one token per
@@ -551,7 +563,7 @@ class Attention(nn.Module):
             n = end // self.ratio
             visible = visible_entries(pos, self.ratio).unsqueeze(1)                   # [s, 1]
             if self.indexer is not None:
-                cidx = self.indexer(x, qr, pos, self.freqs_cis, start_pos)          # [b, s, k]
+                cidx = self.indexer(x, qr, start_pos, self.freqs_cis)               # [b, s, k]
             else:
                 cidx = torch.arange(n, device=x.device).expand(bsz, seqlen, -1)
             cidx = torch.where(cidx < visible, cidx, -1)
@@ -560,17 +572,48 @@ class Attention(nn.Module):
         o = sparse_attn(q, keys, self.attn_sink, idx, self.softmax_scale, self.backend)   # [b, s, h, d]
         return self.output(o, self.freqs_cis[pos])
 
+    def input_weights(self):
+        """Every projection of the attention's input x stacked into one matrix [rows, D], so that a
+        decode step reads them in one matmul: the ones the reference rounds to the model dtype first
+        (wq_a, wkv, the indexer's weights_proj), then the compressors' float32 ones (wkv, wgate; the
+        indexer's). The parameters become views into it (made once, after loading; again whenever
+        they moved), as MoE.stacked_weights does. -> (matrix, rows rounded, the parts' widths)."""
+        rounded = [self.wq_a, self.wkv] + ([self.indexer.weights_proj] if self.indexer is not None else [])
+        exact = [self.compressor.wkv, self.compressor.wgate] if self.compressor is not None else []
+        if self.indexer is not None:
+            exact += [self.indexer.compressor.wkv, self.indexer.compressor.wgate]
+        parts = rounded + exact
+        if self.stacked is None or self.stacked.data_ptr() != parts[0].weight.data_ptr():
+            self.stacked = torch.cat([p.weight for p in parts])
+            start = 0
+            for p in parts:
+                rows = p.weight.size(0)
+                p.weight.data = self.stacked[start:start + rows]
+                start += rows
+        return self.stacked, sum(p.weight.size(0) for p in rounded), [p.weight.size(0) for p in parts]
+
     def decode(self, x: torch.Tensor, step: DecodeStep) -> torch.Tensor:
-        """x [b, 1, D] at step.pos: attends over the whole cache with masks, so shapes never change."""
+        """x [b, 1, D] at step.pos: one matmul for every projection of x, then attention over the whole
+        cache with masks, so shapes never change."""
         bsz, win, pos = x.size(0), self.window, step.pos
         freqs = self.freqs_cis[pos].unsqueeze(1)                                    # [b, 1, rd/2, 2]
-        qr, q, kv = self.project(x, freqs)
+        weight, n_rounded, widths = self.input_weights()
+        out = linear_fp32(x[:, 0], weight)                                          # [b, rows] float32 sums
+        parts = out[:, :n_rounded].to(x.dtype).split(widths[:3 if self.indexer is not None else 2], dim=1)
+        if len(widths) > len(parts):                                                # column slices, no copies
+            parts += out[:, n_rounded:].split(widths[len(parts):], dim=1)
+        qr = self.q_norm(parts[0]).unsqueeze(1)                                     # [b, 1, q_lora_rank]
+        q = self.wq_b(qr).unflatten(-1, (self.n_local_heads, self.head_dim))
+        q = norm_rope(q, freqs, self.rope_head_dim, self.eps, backend=self.backend)
+        kv = norm_rope(parts[1].unsqueeze(1), freqs, self.rope_head_dim, self.eps, self.kv_norm.weight,
+                       backend=self.backend)
         self.kv_cache[step.rows, step.ring_slot] = kv[:, 0]
         n_entries, picks = self.kv_cache.size(1) - win, None
-        if self.ratio:
-            self.compressor.decode(x, pos, self.freqs_cis, self.kv_cache[:, win:])
-            if self.indexer is not None:
-                picks = self.indexer(x, qr, pos.unsqueeze(1), self.freqs_cis, limit=step.visible(4))[:, 0]  # [b, k]
+        if self.indexer is not None:
+            self.compressor.decode(parts[3], parts[4], pos, self.freqs_cis, self.kv_cache[:, win:])
+            picks = self.indexer.decode(qr, parts[2], parts[5], parts[6], step, self.freqs_cis)   # [b, k]
+        elif self.ratio:
+            self.compressor.decode(parts[2], parts[3], pos, self.freqs_cis, self.kv_cache[:, win:])
         idx = step.attended(self.ratio, n_entries, picks)                          # [b, win + entries]
         o = sparse_attn(q, self.kv_cache[:bsz], self.attn_sink, idx.unsqueeze(1), self.softmax_scale, self.backend)
         return self.output(o, freqs)

@@ -84,9 +84,9 @@ def hc_post_case(device, dtype, t, hc, dim, seed):
     return rel_err(out, kernel.hc_post_torch(f.double(), res.double(), post.double(), comb.double()))
 
 
-def norm_rope_case(device, dtype, shape, rd, norm, weighted, inverse, per_row, seed):
+def norm_rope_case(device, dtype, shape, rd, norm, weighted, inverse, per_row, seed, strided=False):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=g).to(device, dtype)
+    x = (column_slice(shape, g) if strided else torch.randn(*shape, generator=g)).to(device, dtype)
     b, s, d = shape[0], shape[1], shape[-1]
     angles = torch.rand(b if per_row else 1, s, rd // 2, generator=g) * 6
     freqs = torch.stack([angles.cos(), angles.sin()], -1).to(device)
@@ -109,7 +109,7 @@ def index_scores_case(device, dtype, b, s, h, d, n, seed):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, s, h, d, generator=g).to(device, dtype)
     keys = torch.randn(b, n, d, generator=g).to(device, dtype)
-    w = torch.randn(b, s, h, generator=g).to(device, dtype)
+    w = column_slice((b, s, h), g).to(device, dtype)                # rows apart, as the decode step gives them
     limit = torch.randint(0, n + 1, (b, s), generator=g).to(device)
     limit[0, 0] = n                                                 # a query that sees every entry
     out = kernel.index_scores_triton(q, keys, w, limit, 0.37).cpu()
@@ -119,9 +119,14 @@ def index_scores_case(device, dtype, b, s, h, d, n, seed):
     return rel_err(out[seen], ref[seen])
 
 
-def rms_norm_case(device, dtype, shape, weighted, seed):
+def column_slice(shape, generator, offset=3):
+    """A tensor of `shape` whose rows lie apart: a column slice of a wider random matrix."""
+    return torch.randn(*shape[:-1], shape[-1] + 2 * offset, generator=generator)[..., offset:offset + shape[-1]]
+
+
+def rms_norm_case(device, dtype, shape, weighted, seed, strided=False):
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(*shape, generator=g) * 3).to(device, dtype)
+    x = ((column_slice(shape, g) if strided else torch.randn(*shape, generator=g)) * 3).to(device, dtype)
     w = (torch.rand(shape[-1], generator=g) + 0.5).to(device) if weighted else None
     out = kernel.rms_norm_triton(x, w, 1e-6)
     assert out.dtype == dtype and out.shape == x.shape
@@ -185,7 +190,7 @@ def decode_indices_case(device, dtype, window, ratio, n_entries, with_picks, see
     return 0.0
 
 
-def compressor_case(device, dtype, ratio, hd, rotate, seed, b=3, steps=11):
+def compressor_case(device, dtype, ratio, hd, rotate, seed, b=3, steps=11, strided=False):
     """Decode steps of a compressor from random state at different positions per row: the cache
     entries and every state tensor of the Triton update against the torch one."""
     g = torch.Generator().manual_seed(seed)
@@ -202,7 +207,10 @@ def compressor_case(device, dtype, ratio, hd, rotate, seed, b=3, steps=11):
     ref = [None if s is None else s.double() for s in states] + [cache.double()]
     pos = torch.tensor([0, ratio - 2, 5 * ratio + 1])[:b]
     for _ in range(steps):
-        kv_new, score_new = torch.randn(b, width, generator=g), torch.randn(b, width, generator=g)
+        if strided:                    # the decode step's projections are column slices of one matmul's output
+            kv_new, score_new = column_slice((b, width), g), column_slice((b, width), g, offset=5)
+        else:
+            kv_new, score_new = torch.randn(b, width, generator=g), torch.randn(b, width, generator=g)
         scale = hd ** -0.5 if rotate else None
         kernel.compressor_decode_triton(kv_new.to(device), score_new.to(device), ape, pos.to(device), *mine[:4],
                                         w, 1e-6, freqs, rd, scale, mine[4])
@@ -262,6 +270,10 @@ def run(device, dtypes, real_shapes):
              ("index scores", lambda dt: index_scores_case(device, dt, 2, 3, 20, 32, 70, 17)),
              ("rms norm", lambda dt: rms_norm_case(device, dt, (3, 5, 96), True, 35)),
              ("rms norm unweighted", lambda dt: rms_norm_case(device, dt, (7, 50), False, 36)),
+             ("rms norm strided rows", lambda dt: rms_norm_case(device, dt, (3, 1, 48), True, 58, strided=True)),
+             ("norm+rope kv strided", lambda dt: norm_rope_case(device, dt, (3, 1, 64), 16, True, True, False,
+                                                                  True, 59, strided=True)),
+             ("compressor strided in", lambda dt: compressor_case(device, dt, 4, 32, True, 60, strided=True)),
              ("route sqrtsoftplus", lambda dt: route_case(device, dt, 9, 48, 6, "sqrtsoftplus", False, 37)),
              ("route hash", lambda dt: route_case(device, dt, 9, 48, 6, "sqrtsoftplus", True, 38)),
              ("route sigmoid", lambda dt: route_case(device, dt, 4, 20, 3, "sigmoid", False, 39)),
