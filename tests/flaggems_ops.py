@@ -41,6 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
+from check import stop  # noqa: E402  (ends a child's process group: SIGTERM, then SIGKILL)
 from fixtures import fixture_model, write_release  # noqa: E402
 
 TOL = 1e-3
@@ -142,20 +143,6 @@ def worker(what: str, workdir: str, exclude: List[str]) -> int:
     return 0
 
 
-def stop_group(proc: subprocess.Popen) -> None:
-    """End a child and every process of its group: SIGTERM (the child dumps its Python stacks to its
-    log and exits), then SIGKILL for whatever is left; at most about 10 s."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def log_tail(path: str, lines: int = 200) -> List[str]:
     """The last non-blank lines of a child's log: room for the Python stacks it dumps when stopped."""
     with open(path, errors="replace") as f:
@@ -184,7 +171,7 @@ def run_worker(what: str, workdir: str, limit: float, exclude: List[str] = ()) -
     finally:                                   # also when this process is stopped while waiting
         seconds = round(time.perf_counter() - t0, 1)
         if proc.poll() is None:
-            stop_group(proc)
+            stop(proc)
     if os.path.isfile(out):                    # a result counts even if the child then failed to exit
         with open(out) as f:
             result = json.load(f)

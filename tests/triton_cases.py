@@ -38,14 +38,20 @@ def moe_case(device, dtype, t, k, dim, inter, n_local, first, n_total, limit, se
     experts = torch.stack([torch.randperm(n_total, generator=g, device=device)[:k] for _ in range(t)])
     weights = torch.rand(t, k, generator=g, device=device)
     out = kernel.moe_experts_triton(x, w13, w2, weights, experts, first, limit)
-    ref = torch.zeros(t, dim, dtype=torch.float64, device=device)
+    return rel_err(out, moe_reference(x, w13, w2, weights, experts, first, limit))
+
+
+def moe_reference(x, w13, w2, weights, experts, first, limit):
+    """The local experts' weighted sum [T, D] in float64, one expert at a time."""
+    n_local, inter = w13.size(0), w13.size(1) // 2
+    ref = torch.zeros(x.size(0), x.size(1), dtype=torch.float64, device=x.device)
     for e in range(n_local):
         token, slot = torch.where(experts == first + e)
         if token.numel():
             h = kernel.swiglu(x[token].double() @ w13[e, :inter].double().T,
                               x[token].double() @ w13[e, inter:].double().T, limit).double()
             ref.index_add_(0, token, (h * weights[token, slot, None].double()) @ w2[e].double().T)
-    return rel_err(out, ref)
+    return ref
 
 
 def hc_split_case(device, dtype, n, hc, iters, seed):
@@ -159,13 +165,7 @@ def moe_gemv_case(device, dtype, t, k, dim, inter, n_local, first, n_total, limi
     if first + n_local - 1 not in experts[0]:
         experts[0, 0] = first + n_local - 1                     # at least one assignment is local
     weights = torch.rand(t, k, generator=g, device=device)
-    ref = torch.zeros(t, dim, dtype=torch.float64, device=device)
-    for e in range(n_local):
-        token, slot = torch.where(experts == first + e)
-        if token.numel():
-            h = kernel.swiglu(x[token].double() @ w13[e, :inter].double().T,
-                              x[token].double() @ w13[e, inter:].double().T, limit).double()
-            ref.index_add_(0, token, (h * weights[token, slot, None].double()) @ w2[e].double().T)
+    ref = moe_reference(x, w13, w2, weights, experts, first, limit)
     gu = ws = None
     if shared_inter:
         gu = torch.randn(t, 2 * shared_inter, generator=g, device=device).to(dtype)
