@@ -3,9 +3,12 @@
 Every op here has a pure-PyTorch version that runs on CPU and GPU; it is the
 reference that faster (Triton) versions are tested against. The Triton versions
 fuse what a decode step would otherwise run as dozens of small kernels: the
-hyper-connection pre (mixes, Sinkhorn, weighted sum) and post, RMSNorm with RoPE,
-the Hadamard rotation, the indexer's scores, the compressor's whole decode update,
-sparse attention with its sink, and the routed experts as grouped GEMMs.
+hyper-connection pre (mixes, Sinkhorn, weighted sum, the sublayer's input norm; the
+HC head) and post, RMSNorm, RMSNorm with RoPE, the Hadamard rotation, the indexer's
+scores, the compressor's whole decode update, the key slots a decode query attends,
+sparse attention with its sink, MoE routing (scores, top-k, weights), and the routed
+experts: grouped GEMMs over tokens sorted by expert, or for few tokens (decode) one
+program per assignment with the shared expert added in.
 
 Shapes use: b batch, s query tokens, h heads, d head dim, n key slots,
 k selected keys per query.
