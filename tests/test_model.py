@@ -87,6 +87,24 @@ def test_decode_to_the_last_position_of_an_uneven_max_seq_len(release, prompts, 
     assert worst < TOL
 
 
+@pytest.mark.parametrize("assign", [False, True], ids=["copied-in", "parameters-replaced"])
+def test_decode_projections_follow_reloaded_weights(release, prompts, tmp_path, assign):
+    """A decode step reads the attention-input projections from one stacked matrix whose views are
+    the parameters: weights loaded afterwards, copied into the parameters or replacing them, must
+    change what the step computes, exactly as a model built with those weights computes it."""
+    model = build(release)
+    step = torch.full((prompts.size(0),), 9)
+    model(prompts[:, :9])
+    model(prompts[:, 9:10], start_pos=step)                     # stacks the projections
+    other = write_release(tmp_path, seed=1, n_files=1)
+    model.load_state_dict({k: v.clone() for k, v in other.items()}, strict=True, assign=assign)
+    fresh = build((str(tmp_path), None, other))
+    for m in (model, fresh):
+        m(prompts[:, :9])
+    torch.testing.assert_close(model(prompts[:, 9:10], start_pos=step), fresh(prompts[:, 9:10], start_pos=step),
+                               rtol=0, atol=0)
+
+
 def test_chunked_prefill_matches_transformers(ours, prompts, oracle_logits):
     start, worst = 0, 0.0
     for size in (7, 9, 16, 1, 3, 20, 16):          # chunks straddle windows and compression boundaries
