@@ -547,7 +547,7 @@ class Attention(nn.Module):
         bsz, seqlen, _ = x.shape
         end, win = start_pos + seqlen, self.window
         pos = torch.arange(start_pos, end, device=x.device)
-        qr, q, kv = self.project(x, self.freqs_cis[pos])
+        qr, q, kv = self.project(self.wq_a(x), self.wkv(x), self.freqs_cis[pos])
 
         # Window keys: the cached positions first .. start_pos-1, then the new tokens.
         first = max(0, start_pos - win + 1)
@@ -602,11 +602,7 @@ class Attention(nn.Module):
         parts = out[:, :n_rounded].to(x.dtype).split(widths[:3 if self.indexer is not None else 2], dim=1)
         if len(widths) > len(parts):                                                # column slices, no copies
             parts += out[:, n_rounded:].split(widths[len(parts):], dim=1)
-        qr = self.q_norm(parts[0]).unsqueeze(1)                                     # [b, 1, q_lora_rank]
-        q = self.wq_b(qr).unflatten(-1, (self.n_local_heads, self.head_dim))
-        q = norm_rope(q, freqs, self.rope_head_dim, self.eps, backend=self.backend)
-        kv = norm_rope(parts[1].unsqueeze(1), freqs, self.rope_head_dim, self.eps, self.kv_norm.weight,
-                       backend=self.backend)
+        qr, q, kv = self.project(parts[0].unsqueeze(1), parts[1].unsqueeze(1), freqs)
         self.kv_cache[step.rows, step.ring_slot] = kv[:, 0]
         n_entries, picks = self.kv_cache.size(1) - win, None
         if self.indexer is not None:
@@ -618,12 +614,13 @@ class Attention(nn.Module):
         o = sparse_attn(q, self.kv_cache[:bsz], self.attn_sink, idx.unsqueeze(1), self.softmax_scale, self.backend)
         return self.output(o, freqs)
 
-    def project(self, x: torch.Tensor, freqs: torch.Tensor):
-        """Low-rank query qr [b, s, q_lora_rank], queries q [b, s, h, d] and the shared key/value kv [b, s, d]."""
-        qr = self.q_norm(self.wq_a(x))
+    def project(self, qa: torch.Tensor, kva: torch.Tensor, freqs: torch.Tensor):
+        """From wq_a(x) and wkv(x) [b, s, ..]: the low-rank query qr [b, s, q_lora_rank], queries
+        q [b, s, h, d] and the shared key/value kv [b, s, d]."""
+        qr = self.q_norm(qa)
         q = self.wq_b(qr).unflatten(-1, (self.n_local_heads, self.head_dim))
         q = norm_rope(q, freqs, self.rope_head_dim, self.eps, backend=self.backend)
-        kv = norm_rope(self.wkv(x), freqs, self.rope_head_dim, self.eps, self.kv_norm.weight, backend=self.backend)
+        kv = norm_rope(kva, freqs, self.rope_head_dim, self.eps, self.kv_norm.weight, backend=self.backend)
         return qr, q, kv
 
     def output(self, o: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -688,7 +685,7 @@ class MoE(nn.Module):
     On the Triton path the local experts' weights live in two stacked tensors, w13 [E, 2I, D]
     and w2 [E, D, I], and the shared expert's w1 and w3 in one [2Is, D], of which the parameters
     are views (made once, after loading). Few tokens (decode) take the routed and shared experts
-    together in two launches (kernel.moe_gemv_triton); more take grouped GEMMs over the tokens
+    together in three launches (kernel.moe_gemv_triton); more take grouped GEMMs over the tokens
     sorted by expert (kernel.moe_experts_triton)."""
     def __init__(self, layer_id: int, args: ModelArgs, tp: Parallel):
         super().__init__()
