@@ -12,7 +12,8 @@ speed (CUDA): model.py with the real V4-Flash layer shapes (configs/config_flash
 random entries, so a context of C tokens is measured as decode steps (and a prefill chunk) at
 position C without computing the C tokens first. Each figure is set against its floor on this
 device, from ceilings measured at start: decode = bytes a step must read over the copy bandwidth,
-prefill = matmul FLOPs over the bf16 matmul rate. Under torchrun each rank holds its share, and the
+prefill = matmul FLOPs over the bf16 matmul rate. A decode step's time is the mean over the 128
+positions from C (see decode_step_ms). Under torchrun each rank holds its share, and the
 time spent in collectives per decode step is measured with the profiler. --compare hf runs
 transformers' DeepseekV4ForCausalLM on the same weights (experts shared, not copied) side by side.
 
@@ -21,7 +22,8 @@ backend; the first of --backends is the reference A. Each prefills the same rand
 position 0 and decodes greedily, eager, recording float32 logits: --steps of them, the prefill's
 then one a decode step. The others also run teacher-forced along A's tokens and are compared with
 check.py's metrics (max_abs, max_rel, top-1, first greedy divergence). Speed: the prefill (median of
-3) and a decode step as a CUDA graph replay (eager for torch). A backend that fails (flaggems
+3) and a decode step as CUDA graph replays (eager for torch), the mean over the positions after the
+prompt. A backend that fails (flaggems
 without FlagGems installed) gets its reason in the table, and the others still run. --device cpu
 (backends torch and auto) with configs/config_tiny.json runs it all on the CPU, timed once.
 
@@ -33,6 +35,7 @@ after it has been measured, so the disk needs room for the release and one conve
 """
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -72,6 +75,18 @@ def median_ms(fn, reps: int = 20, warmup: int = 3) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def decode_step_ms(decoder, ids: torch.Tensor, first: int, count: int = 128, reps: int = 5) -> float:
+    """Mean time of one decode step of ids [b, 1] over the positions first .. first + count - 1, the
+    median of reps such passes. A compressor pools its window at the window's last token only, so
+    one position alone is not typical: 128 consecutive ones hold every CSA and HCA window's share."""
+    positions = [torch.full((ids.size(0),), p, device=ids.device) for p in range(first, first + count)]
+
+    def run():
+        for pos in positions:
+            decoder(ids, pos)
+    return median_ms(run, reps=reps, warmup=1) / count
 
 
 def graphed(fn):
@@ -305,8 +320,7 @@ def bench_speed(args) -> None:
         for ctx in args.context:
             for b in args.batch:
                 ids = torch.randint(0, model.args.vocab_size, (b, 1), device="cuda")
-                pos = torch.full((b,), ctx, device="cuda")
-                ms = median_ms(lambda: decoder(ids, pos))
+                ms = decode_step_ms(decoder, ids, ctx)
                 floor_ms = decode_bytes(model, b, ctx) / ceil["bandwidth"] * 1e3
                 rows_pre = max(1, min(b, args.prefill_tokens // chunk))
                 pids = torch.randint(0, model.args.vocab_size, (rows_pre, chunk), device="cuda")
@@ -328,8 +342,10 @@ def bench_speed(args) -> None:
             f"tok/s ({pre_floor / pre_ms:.1%} of the matmul floor {pre_floor:.2f} ms)")
         if args.profile and lead:
             ids = torch.randint(0, model.args.vocab_size, (1, 1), device="cuda")
-            print_profile(f"eager decode, batch 1 at {args.context[0]}",
-                          lambda: model(ids, torch.full((1,), args.context[0], device="cuda")))
+            ctx = args.context[0]
+            positions = itertools.cycle([torch.full((1,), p, device="cuda") for p in range(ctx, ctx + 128)])
+            print_profile(f"eager decode, batch 1, mean over positions {ctx} .. {ctx + 127}",
+                          lambda: model(ids, next(positions)), steps=128)
             ids = torch.randint(0, model.args.vocab_size, (1, args.prefill), device="cuda")
             print_profile(f"prefill of {args.prefill} tokens", lambda: model(ids, 0), steps=1)
         if args.compare == "hf":
@@ -340,7 +356,7 @@ def bench_speed(args) -> None:
                 ctx = 1024
                 theirs = hf_decode_ms(hf, b, ctx)
                 ids = torch.randint(0, model.args.vocab_size, (b, 1), device="cuda")
-                ours = median_ms(lambda: decoder(ids, torch.full((b,), ctx, device="cuda")))
+                ours = decode_step_ms(decoder, ids, ctx)
                 say(f"decode vs transformers, ctx {ctx} batch {b}: ours {ours:.3f} ms/step, transformers "
                     f"{theirs:.3f} ms/step -> {theirs / ours:.1f}x")
     say("\n| context | batch | decode ms/step | decode tok/s | of floor | prefill tok/s | of floor |"
@@ -503,8 +519,7 @@ def run_backend(model: Transformer, name: str, prompt: torch.Tensor, steps: int,
     if prompt.is_cuda:
         decoder = GraphedDecoder(model) if name != "torch" else model
         row["prefill_ms"] = median_ms(lambda: model(prompt, 0), reps=3, warmup=1)
-        last, pos = prompt[:, -1:], torch.full((b,), s, device=prompt.device)
-        row["decode_ms"] = median_ms(lambda: decoder(last, pos))
+        row["decode_ms"] = decode_step_ms(decoder, prompt[:, -1:], s, min(128, model.args.max_seq_len - s), reps=3)
         row["decode"] = "cuda graph" if name != "torch" else "eager"
     logits, tokens, prefill_s, step_s = greedy_run(model, prompt, steps)
     if not prompt.is_cuda:

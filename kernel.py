@@ -231,8 +231,9 @@ def route_torch(scores: torch.Tensor, bias, tid2eid, ids: torch.Tensor, k: int, 
     return weights * route_scale, experts
 
 
-def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices [.., k] of the k largest scores [.., n] along the last dim, in no particular order.
+def topk_indices(scores: torch.Tensor, k: int, backend: str = "auto") -> torch.Tensor:
+    """Indices [.., k] of the k largest scores [.., n] along the last dim, in no particular order
+    (all n of them when n <= k). On CUDA, rows longer than k go to topk_triton.
 
     torch.topk gives a row to one thread block: an H100 took 85 us for one row of 16640 (the indexer's
     scores at a 64K context). A long row (n >= 8k) goes in two rounds instead: the top k of each chunk
@@ -240,6 +241,8 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     keep the same set (ties aside); padding entries are -inf, so they come back only when fewer than
     k entries are finite, as -inf entries do from a single round."""
     n = scores.size(-1)
+    if n > k and use_triton(scores, backend):
+        return topk_triton(scores, k)
     if n < 8 * k:
         return scores.topk(min(k, n), dim=-1, sorted=False).indices
     chunk = max(2 * k, 1 << math.ceil(math.log2(math.sqrt(n * k))))
@@ -283,18 +286,20 @@ def compressor_decode_torch(kv_new, score_new, ape, pos, kv_state, score_state, 
     """One token per row of a compressor (model.Compressor) with static shapes.
 
     kv_new, score_new [b, width] are this token's projections (score before the ape bias). They go
-    to slot pos % ratio of kv_state / score_state [B, ratio, width]; the entry of the window in
-    progress, pos // ratio, is (re)written to cache [B, n_max, hd]. With prev_kv / prev_score
-    [B, ratio, hd] (ratio 4, overlapping windows) the entry pools the previous window's first
-    series with this window's second one, and a completed window becomes the previous one."""
+    to slot pos % ratio of kv_state / score_state [B, ratio, width]. A row whose token completes its
+    window (pos % ratio == ratio - 1) writes that window's entry pos // ratio to cache [B, n_max, hd];
+    the others leave the cache as it is (an entry is attended only once its window is complete).
+    With prev_kv / prev_score [B, ratio, hd] (ratio 4, overlapping windows) the entry pools the
+    previous window's first series with this window's second one, and a completed window becomes
+    the previous one."""
     bsz, ratio = kv_new.size(0), kv_state.size(1)
     hd = cache.size(-1)
     rows, slot = torch.arange(bsz, device=kv_new.device), pos % ratio
     kv_state[rows, slot] = kv_new
     score_state[rows, slot] = score_new + ape[slot]
     kv, score = kv_state[:bsz], score_state[:bsz]                                  # [b, ratio, width]
+    done = (slot == ratio - 1).view(-1, 1, 1)
     if prev_kv is not None:
-        done = (slot == ratio - 1).view(-1, 1, 1)
         pooled_kv = torch.cat([prev_kv[:bsz], kv[..., hd:]], dim=1)                # [b, 2 * ratio, hd]
         pooled_score = torch.cat([prev_score[:bsz], score[..., hd:]], dim=1)
         prev_kv[:bsz] = torch.where(done, kv[..., :hd], prev_kv[:bsz])
@@ -302,7 +307,7 @@ def compressor_decode_torch(kv_new, score_new, ape, pos, kv_state, score_state, 
         kv, score = pooled_kv, pooled_score
     entries = compressed_entries(kv.unsqueeze(1), score.unsqueeze(1), freqs_cis[(pos - slot).unsqueeze(1)],
                                  rope_dim, norm_weight, eps, rotate_scale, cache.dtype, "torch")     # [b, 1, hd]
-    cache[rows, pos // ratio] = entries[:, 0]
+    cache[rows, pos // ratio] = torch.where(done[:, 0], entries[:, 0], cache[rows, pos // ratio])
 
 
 # ---------------------------------------------------------------- Triton versions (CUDA)
@@ -560,12 +565,13 @@ if triton is not None:
         tl.store(o_ptr + streams, out.to(o_ptr.dtype.element_ty), mask=dmask[None, :])
 
     @triton.jit
-    def _norm_rope_kernel(x_ptr, w_ptr, f_ptr, o_ptr, R, H, S, d, sx, rope_start, eps, sf_b, sf_s,
-                          D: tl.constexpr, BLOCK_R: tl.constexpr, NORM: tl.constexpr, WEIGHT: tl.constexpr,
-                          INVERSE: tl.constexpr):
+    def _norm_rope_kernel(x_ptr, w_ptr, f_ptr, o_ptr, slot_ptr, R, H, S, d, sx, rope_start, eps, sf_b, sf_s,
+                          so_b, so_s, D: tl.constexpr, BLOCK_R: tl.constexpr, NORM: tl.constexpr,
+                          WEIGHT: tl.constexpr, INVERSE: tl.constexpr, SLOTS: tl.constexpr):
         # BLOCK_R rows of width d, sx apart in x (row r is head r % H of token r // H, token = b * S + s):
         # optional RMSNorm, then the pairs (2i, 2i+1) from rope_start on turned by the angles of the
-        # token's position. The output is contiguous.
+        # token's position. The output is contiguous, or (SLOTS, one row per token) row slot[token]
+        # of the token's block of a cache: so_b and so_s apart.
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, D)
         partner = cols ^ 1                                 # the other member of a pair (rope_start is even)
@@ -588,7 +594,12 @@ if triton is not None:
         if INVERSE:
             sin = -sin
         out = x * cos + tl.where(cols % 2 == 0, -1.0, 1.0)[None, :] * xp * sin
-        tl.store(o_ptr + rows.to(tl.int64)[:, None] * d + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
+        if SLOTS:
+            slot = tl.load(slot_ptr + rows, mask=rows < R, other=0)
+            dest = rows.to(tl.int64) * so_b + slot * so_s
+        else:
+            dest = rows.to(tl.int64) * d
+        tl.store(o_ptr + dest[:, None] + cols[None, :], out.to(o_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _sylvester(N: tl.constexpr, LOG_N: tl.constexpr):
@@ -626,17 +637,54 @@ if triton is not None:
         dims = tl.arange(0, D)
         keys = tl.load(k_ptr + b * sk_b + n.to(tl.int64)[:, None] * sk_n + dims[None, :], mask=nmask[:, None],
                        other=0.0)
+        limit = tl.load(lim_ptr + b * sl_b + s * sl_s)
         acc = tl.zeros([BLOCK_N], tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            heads = h0 + tl.arange(0, BLOCK_H)
-            hmask = heads < H
-            q = tl.load(q_ptr + b * sq_b + s * sq_s + heads[:, None] * sq_h + dims[None, :], mask=hmask[:, None],
-                        other=0.0)
-            w = tl.load(w_ptr + b * sw_b + s * sw_s + heads, mask=hmask, other=0.0).to(tl.float32) * scale
-            scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION)                     # [BLOCK_H, BLOCK_N]
-            acc += tl.sum(tl.maximum(scores, 0.0) * w[:, None], 0)
-        acc = tl.where(n < tl.load(lim_ptr + b * sl_b + s * sl_s), acc, float("-inf"))
+        if nb * BLOCK_N < limit:                      # blocks the query cannot see yet skip the products
+            for h0 in range(0, H, BLOCK_H):
+                heads = h0 + tl.arange(0, BLOCK_H)
+                hmask = heads < H
+                q = tl.load(q_ptr + b * sq_b + s * sq_s + heads[:, None] * sq_h + dims[None, :],
+                            mask=hmask[:, None], other=0.0)
+                w = tl.load(w_ptr + b * sw_b + s * sw_s + heads, mask=hmask, other=0.0).to(tl.float32) * scale
+                scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION)                 # [BLOCK_H, BLOCK_N]
+                acc += tl.sum(tl.maximum(scores, 0.0) * w[:, None], 0)
+        acc = tl.where(n < limit, acc, float("-inf"))
         tl.store(o_ptr + b * so_b + s * so_s + n, acc, mask=nmask)
+
+    @triton.jit
+    def _topk_chunk_kernel(v_ptr, i_ptr, ov_ptr, oi_ptr, M, pad_index, sv, si, K, C: tl.constexpr,
+                           INDEXED: tl.constexpr, NEG_INF_KEY: tl.constexpr):
+        # Row r, chunk c (C entries) of a row of M float32 values (rows sv apart): the K largest of the
+        # chunk (K <= C), values and indices, to slots c * K .. c * K + K - 1 of the output row. An
+        # entry's index is its column, or (INDEXED) the int64 read at the same place of i_ptr (rows si
+        # apart); entries past M are -inf with index pad_index.
+        # The K-th largest value is found exactly by a bitwise search on integer keys that order as
+        # the floats do (NEG_INF_KEY is the key of -inf); ties at it are taken lowest column first.
+        # When at most K values are finite, the search is skipped: they all go, then -inf ones.
+        r = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1)
+        j = c * C + tl.arange(0, C)
+        live = j < M
+        v = tl.load(v_ptr + r * sv + j, mask=live, other=float("-inf"))
+        if INDEXED:
+            idx = tl.load(i_ptr + r * si + j, mask=live, other=pad_index)
+        else:
+            idx = tl.where(live, j.to(tl.int64), pad_index)
+        bits = v.to(tl.int32, bitcast=True)
+        key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
+        threshold = tl.full([], NEG_INF_KEY, tl.int64)
+        if tl.sum((key > threshold).to(tl.int32), 0) > K:
+            threshold = tl.full([], -(1 << 31), tl.int64)   # the least key; the largest one with K at or above it
+            for bit in range(31, -1, -1):
+                step = threshold + (tl.full([], 1, tl.int64) << bit)
+                if tl.sum((key >= step).to(tl.int32), 0) >= K:
+                    threshold = step
+        above = key > threshold
+        tie = key == threshold
+        take = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= K - tl.sum(above.to(tl.int32), 0)))
+        slot = c * K + tl.cumsum(take.to(tl.int32), 0) - 1
+        tl.store(ov_ptr + r * (tl.num_programs(1) * K) + slot, v, mask=take)
+        tl.store(oi_ptr + r * (tl.num_programs(1) * K) + slot, idx, mask=take)
 
 
     @triton.jit
@@ -653,9 +701,9 @@ if triton is not None:
                                 skn, ssn, ss_b, ss_r, sp_b, sp_r, sc_b, sc_n,
                                 HD: tl.constexpr, RC: tl.constexpr, OVERLAP: tl.constexpr, ROTATE: tl.constexpr,
                                 LOG_HD: tl.constexpr):
-        # One row: store the new token (its kv and score rows skn and ssn apart) in its slot, pool the
-        # window (online softmax over slots, per channel), round, RMSNorm, RoPE at the window start,
-        # optionally Hadamard, write the entry.
+        # One row: store the new token (its kv and score rows skn and ssn apart) in its slot; if it
+        # completes its window, pool the window (online softmax over slots, per channel), round,
+        # RMSNorm, RoPE at the window start, optionally Hadamard, and write the entry.
         b = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + b)
         slot = pos % ratio
@@ -671,44 +719,44 @@ if triton is not None:
             first_sc = tl.load(scn_ptr + b * ssn + c) + tl.load(ape_ptr + slot * width + c)
             tl.store(kvs_ptr + state + c, first_kv)
             tl.store(scs_ptr + state + c, first_sc)
-        m = tl.full([HD], float("-inf"), tl.float32)
-        l = tl.zeros([HD], tl.float32)
-        acc = tl.zeros([HD], tl.float32)
-        for j0 in range(0, ratio, RC):             # this window first: its scores are finite
-            j = j0 + tl.arange(0, RC)
-            offs = b * ss_b + j[:, None] * ss_r + second + c[None, :]
-            live = (j < ratio)[:, None]
-            is_new = (j == slot)[:, None]
-            kv = tl.where(is_new, new_kv[None, :], tl.load(kvs_ptr + offs, mask=live, other=0.0))
-            sc = tl.where(is_new, new_sc[None, :], tl.load(scs_ptr + offs, mask=live, other=float("-inf")))
-            m, l, acc = _pool_tile(kv, sc, m, l, acc)
-        if OVERLAP:                                  # then the previous window's first series
-            j = tl.arange(0, RC)
-            offs = b * sp_b + j[:, None] * sp_r + c[None, :]
-            live = (j < ratio)[:, None]
-            m, l, acc = _pool_tile(tl.load(pkv_ptr + offs, mask=live, other=0.0),
-                                   tl.load(psc_ptr + offs, mask=live, other=float("-inf")), m, l, acc)
-            tl.debug_barrier()                       # every thread has read prev before it is replaced
-            if slot == ratio - 1:
+        if slot == ratio - 1:
+            m = tl.full([HD], float("-inf"), tl.float32)
+            l = tl.zeros([HD], tl.float32)
+            acc = tl.zeros([HD], tl.float32)
+            for j0 in range(0, ratio, RC):             # this window first: its scores are finite
+                j = j0 + tl.arange(0, RC)
+                offs = b * ss_b + j[:, None] * ss_r + second + c[None, :]
+                live = (j < ratio)[:, None]
+                is_new = (j == slot)[:, None]
+                kv = tl.where(is_new, new_kv[None, :], tl.load(kvs_ptr + offs, mask=live, other=0.0))
+                sc = tl.where(is_new, new_sc[None, :], tl.load(scs_ptr + offs, mask=live, other=float("-inf")))
+                m, l, acc = _pool_tile(kv, sc, m, l, acc)
+            if OVERLAP:                                  # then the previous window's first series
+                j = tl.arange(0, RC)
+                offs = b * sp_b + j[:, None] * sp_r + c[None, :]
+                live = (j < ratio)[:, None]
+                m, l, acc = _pool_tile(tl.load(pkv_ptr + offs, mask=live, other=0.0),
+                                       tl.load(psc_ptr + offs, mask=live, other=float("-inf")), m, l, acc)
+                tl.debug_barrier()                       # every thread has read prev before it is replaced
                 s_offs = b * ss_b + j[:, None] * ss_r + c[None, :]
                 is_new = (j == slot)[:, None]
                 tl.store(pkv_ptr + offs, tl.where(is_new, first_kv[None, :],
                                                   tl.load(kvs_ptr + s_offs, mask=live, other=0.0)), mask=live)
                 tl.store(psc_ptr + offs, tl.where(is_new, first_sc[None, :],
                                                   tl.load(scs_ptr + s_offs, mask=live, other=0.0)), mask=live)
-        dtype = cache_ptr.dtype.element_ty
-        e = (acc / l).to(dtype).to(tl.float32)
-        e = (e * tl.rsqrt(tl.sum(e * e, 0) / HD + eps) * tl.load(w_ptr + c)).to(dtype).to(tl.float32)
-        a, bb = tl.split(tl.reshape(e, [HD // 2, 2]))
-        pair = tl.arange(0, HD // 2)
-        tail = 2 * pair >= rope_start
-        fcol = (pos - slot) * (HD - rope_start) + 2 * pair - rope_start
-        cos = tl.load(f_ptr + fcol, mask=tail, other=1.0)
-        sin = tl.load(f_ptr + fcol + 1, mask=tail, other=0.0)
-        e = tl.reshape(tl.join(a * cos - bb * sin, a * sin + bb * cos), [HD])
-        if ROTATE:
-            e = tl.sum(e.to(dtype).to(tl.float32)[:, None] * _sylvester(HD, LOG_HD).to(tl.float32), 0) * rot_scale
-        tl.store(cache_ptr + b * sc_b + (pos // ratio) * sc_n + c, e.to(dtype))
+            dtype = cache_ptr.dtype.element_ty
+            e = (acc / l).to(dtype).to(tl.float32)
+            e = (e * tl.rsqrt(tl.sum(e * e, 0) / HD + eps) * tl.load(w_ptr + c)).to(dtype).to(tl.float32)
+            a, bb = tl.split(tl.reshape(e, [HD // 2, 2]))
+            pair = tl.arange(0, HD // 2)
+            tail = 2 * pair >= rope_start
+            fcol = (pos - slot) * (HD - rope_start) + 2 * pair - rope_start
+            cos = tl.load(f_ptr + fcol, mask=tail, other=1.0)
+            sin = tl.load(f_ptr + fcol + 1, mask=tail, other=0.0)
+            e = tl.reshape(tl.join(a * cos - bb * sin, a * sin + bb * cos), [HD])
+            if ROTATE:
+                e = tl.sum(e.to(dtype).to(tl.float32)[:, None] * _sylvester(HD, LOG_HD).to(tl.float32), 0) * rot_scale
+            tl.store(cache_ptr + b * sc_b + (pos // ratio) * sc_n + c, e.to(dtype))
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, D, sx, eps, BLOCK_D: tl.constexpr, WEIGHT: tl.constexpr):
@@ -941,8 +989,10 @@ def hc_post_triton(f, residual, post, comb):
     return out
 
 
-def norm_rope_triton(x, freqs, rope_dim: int, eps=None, weight=None, inverse: bool = False):
-    """Triton version of norm_rope_torch: one launch. freqs must be the real (cos, sin) form."""
+def norm_rope_triton(x, freqs, rope_dim: int, eps=None, weight=None, inverse: bool = False, cache=None,
+                     slots=None):
+    """Triton version of norm_rope_torch: one launch. freqs must be the real (cos, sin) form. With a
+    cache [B, n, d] and slots [b] (x [b, 1, d]), the result goes to cache[i, slots[i]] instead."""
     b, s, d = x.size(0), x.size(1), x.size(-1)
     heads = x.size(2) if x.dim() == 4 else 1
     f = freqs if freqs.dim() == 4 else freqs.unsqueeze(0)                     # [b or 1, s or 1, r/2, 2]
@@ -950,16 +1000,19 @@ def norm_rope_triton(x, freqs, rope_dim: int, eps=None, weight=None, inverse: bo
     if f.stride(-1) != 1 or f.stride(-2) != 2:
         f = f.contiguous()
     flat = rows_view(x)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    into = cache is not None
+    if into and (x.dim() != 3 or s != 1 or cache.stride(-1) != 1):
+        raise ValueError("norm_rope into a cache takes x [b, 1, d] and a cache with a contiguous last dim")
+    out = cache if into else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     rows = flat.size(0)
     block_r = 8
     _norm_rope_kernel[(triton.cdiv(rows, block_r),)](
-        flat, x if weight is None else weight.float().contiguous(), f, out, rows, heads, s, d, flat.stride(0),
-        d - rope_dim,
-        0.0 if eps is None else eps, f.stride(0), f.stride(1),
+        flat, x if weight is None else weight.float().contiguous(), f, out, slots if into else flat, rows, heads, s,
+        d, flat.stride(0), d - rope_dim, 0.0 if eps is None else eps, f.stride(0), f.stride(1),
+        cache.stride(0) if into else 0, cache.stride(1) if into else 0,
         D=triton.next_power_of_2(d), BLOCK_R=block_r, NORM=eps is not None, WEIGHT=weight is not None,
-        INVERSE=inverse, num_warps=4)
-    return out
+        INVERSE=inverse, SLOTS=into, num_warps=4)
+    return None if into else out
 
 
 def hadamard_triton(x, scale: float):
@@ -1096,10 +1149,35 @@ def moe_experts_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_l
     return out.view(t, k, dim).sum(1)
 
 
+NEG_INF_KEY = -2139095041          # _topk_chunk_kernel's integer key of float32 -inf
+
+
+def topk_triton(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Triton version of topk_indices for rows longer than k: each round takes the k largest of
+    every chunk of up to 4096 entries (one program each), then the next round those candidates,
+    until one chunk is left (a 16K row: two launches). Entries past the row, which can come back
+    only when fewer than k values are finite, get index n, as -inf ones the rows' own index."""
+    n = scores.size(-1)
+    vals, idx = scores.reshape(-1, n).float().contiguous(), None
+    rows, m = vals.size(0), n
+    while True:
+        chunk = min(max(4096, triton.next_power_of_2(2 * k)), triton.next_power_of_2(m))
+        chunks = triton.cdiv(m, chunk)
+        out_v = torch.empty(rows, chunks * k, dtype=torch.float32, device=scores.device)
+        out_i = torch.empty(rows, chunks * k, dtype=torch.int64, device=scores.device)
+        _topk_chunk_kernel[(rows, chunks)](vals, vals if idx is None else idx, out_v, out_i, m, n, vals.stride(0),
+                                           0 if idx is None else idx.stride(0), k, C=chunk, INDEXED=idx is not None,
+                                           NEG_INF_KEY=NEG_INF_KEY, num_warps=8 if chunk >= 2048 else 4)
+        if chunks == 1:
+            return out_i.view(*scores.shape[:-1], k)
+        vals, idx, m = out_v, out_i, chunks * k
+
+
 def compressor_decode_triton(kv_new, score_new, ape, pos, kv_state, score_state, prev_kv, prev_score,
                              norm_weight, eps: float, freqs_cis, rope_dim: int, rotate_scale, cache) -> None:
     """Triton version of compressor_decode_torch: one launch for the whole update (head dim a power of
-    two). kv_new and score_new may be column slices of a wider matrix."""
+    two); the pooling runs only in rows that complete a window. kv_new and score_new may be column
+    slices of a wider matrix."""
     bsz, width = kv_new.shape
     ratio, hd = kv_state.size(1), cache.size(-1)
     overlap = prev_kv is not None
@@ -1317,6 +1395,15 @@ def norm_rope(x, freqs, rope_dim: int, eps=None, weight=None, inverse: bool = Fa
     if use_triton(x, backend):
         return norm_rope_triton(x, freqs, rope_dim, eps, weight, inverse)
     return norm_rope_torch(x, freqs, rope_dim, eps, weight, inverse)
+
+
+def norm_rope_into(x, freqs, rope_dim: int, eps: float, weight, cache, slots, backend: str = "auto") -> None:
+    """norm_rope of one token per row, x [b, 1, d], written to cache[i, slots[i]] (cache [B, n, d],
+    slots [b]): the decode step's new key/value to its window ring slot, one Triton launch on CUDA."""
+    if use_triton(x, backend):
+        norm_rope_triton(x, freqs, rope_dim, eps, weight, cache=cache, slots=slots)
+    else:
+        cache[torch.arange(x.size(0), device=x.device), slots] = norm_rope_torch(x, freqs, rope_dim, eps, weight)[:, 0]
 
 
 def index_scores(q, keys, weights, limit, scale: float = 1.0, backend: str = "auto"):

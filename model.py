@@ -25,7 +25,7 @@ from torch import nn
 
 from kernel import (BACKENDS, MOE_GEMV_MAX_ASSIGNMENTS, compressed_entries, compressor_decode, decode_indices,
                     hadamard, hc_post, hc_pre, index_scores, moe_experts_triton, moe_gemv_triton, norm_rope,
-                    rms_norm, route, sparse_attn, swiglu, topk_indices, use_triton)
+                    norm_rope_into, rms_norm, route, sparse_attn, swiglu, topk_indices, use_triton)
 
 
 @dataclass
@@ -385,9 +385,7 @@ class Compressor(nn.Module):
                cache: torch.Tensor) -> None:
         """One token per row at positions pos [b], its projections kv and score [b, width] (project()'s
         float32 values, possibly column slices of a wider matrix), with static shapes and no host sync.
-
-        The entry of the window in progress is rewritten at every step; it is invisible to the
-        attention until its window completes, and correct from then on."""
+        A row's entry is written by the step that completes its window, as in prefill."""
         prev = (self.prev_kv, self.prev_score) if self.overlap else (None, None)
         compressor_decode(kv, score, self.ape, pos, self.kv_state, self.score_state, *prev,
                           self.norm.weight, self.norm.eps, freqs_cis, self.rope_head_dim, self.rotate_scale, cache,
@@ -395,8 +393,8 @@ class Compressor(nn.Module):
 
 
 def cache_entries(max_seq_len: int, ratio: int) -> int:
-    """Compressed entries a cache holds: one per window, the last one possibly unfinished (a decode
-    step writes the entry of its window in progress)."""
+    """Compressed entries a cache holds: one per window, the last one possibly unfinished (its slot
+    stays unwritten, but the static-shape decode step addresses it)."""
     return -(-max_seq_len // ratio)
 
 
@@ -456,16 +454,15 @@ class Indexer(nn.Module):
         ranks' heads, entries from limit ([s] or [b]) on unseen -> the top k [b, s, k]."""
         scores = index_scores(q, keys, weights, limit.view(-1, q.size(1)),
                               self.head_dim ** -0.5 * self.n_heads ** -0.5, self.backend)   # [b, s, n], -inf unseen
-        return topk_indices(self.tp.all_reduce(scores), self.topk)
+        return topk_indices(self.tp.all_reduce(scores), self.topk, self.backend)
 
 
 @dataclass
 class DecodeStep:
     """What the layers of a decode step share, computed once a step rather than once a layer: the
-    row of each sequence, its position pos [b], the window ring slot its new token goes to [b], and,
+    position of each row's token pos [b], the window ring slot it goes to [b], and,
     kept as the layers ask for them, the entries visible at each compression ratio and the slots
     attended by the layers that attend every visible entry (window-only and HCA layers)."""
-    rows: torch.Tensor
     pos: torch.Tensor
     ring_slot: torch.Tensor
     window: int
@@ -474,7 +471,7 @@ class DecodeStep:
 
     @classmethod
     def at(cls, pos: torch.Tensor, window: int, backend: str) -> "DecodeStep":
-        return cls(torch.arange(pos.size(0), device=pos.device), pos, pos % window, window, backend)
+        return cls(pos, pos % window, window, backend)
 
     def visible(self, ratio: int) -> torch.Tensor:
         """visible_entries(pos, ratio) [b]."""
@@ -602,8 +599,7 @@ class Attention(nn.Module):
         parts = out[:, :n_rounded].to(x.dtype).split(widths[:3 if self.indexer is not None else 2], dim=1)
         if len(widths) > len(parts):                                                # column slices, no copies
             parts += out[:, n_rounded:].split(widths[len(parts):], dim=1)
-        qr, q, kv = self.project(parts[0].unsqueeze(1), parts[1].unsqueeze(1), freqs)
-        self.kv_cache[step.rows, step.ring_slot] = kv[:, 0]
+        qr, q, _ = self.project(parts[0].unsqueeze(1), parts[1].unsqueeze(1), freqs, step.ring_slot)
         n_entries, picks = self.kv_cache.size(1) - win, None
         if self.indexer is not None:
             self.compressor.decode(parts[3], parts[4], pos, self.freqs_cis, self.kv_cache[:, win:])
@@ -614,12 +610,17 @@ class Attention(nn.Module):
         o = sparse_attn(q, self.kv_cache[:bsz], self.attn_sink, idx.unsqueeze(1), self.softmax_scale, self.backend)
         return self.output(o, freqs)
 
-    def project(self, qa: torch.Tensor, kva: torch.Tensor, freqs: torch.Tensor):
+    def project(self, qa: torch.Tensor, kva: torch.Tensor, freqs: torch.Tensor, ring_slots=None):
         """From wq_a(x) and wkv(x) [b, s, ..]: the low-rank query qr [b, s, q_lora_rank], queries
-        q [b, s, h, d] and the shared key/value kv [b, s, d]."""
+        q [b, s, h, d] and the shared key/value kv [b, s, d]. With ring_slots [b] (a decode step,
+        s = 1) kv goes straight to those slots of the window ring and None stands in for it."""
         qr = self.q_norm(qa)
         q = self.wq_b(qr).unflatten(-1, (self.n_local_heads, self.head_dim))
         q = norm_rope(q, freqs, self.rope_head_dim, self.eps, backend=self.backend)
+        if ring_slots is not None:
+            norm_rope_into(kva, freqs, self.rope_head_dim, self.eps, self.kv_norm.weight, self.kv_cache, ring_slots,
+                           self.backend)
+            return qr, q, None
         kv = norm_rope(kva, freqs, self.rope_head_dim, self.eps, self.kv_norm.weight, backend=self.backend)
         return qr, q, kv
 

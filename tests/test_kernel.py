@@ -172,3 +172,41 @@ def test_topk_indices_picks_the_largest(n, k):
         assert torch.equal(value.sort().values, row[row_want].sort().values)
         if finite.sum() < k:
             assert set(finite.nonzero().flatten().tolist()) <= set(row_got.tolist())
+
+
+@pytest.mark.parametrize("ratio, overlap", [(4, True), (8, False)])
+def test_compressor_decode_writes_an_entry_only_when_its_window_completes(ratio, overlap):
+    """Over two windows of decode steps the cache changes only at each window's last position, and
+    then to the direct formula: softmax(score + ape) pooling of the window's projections (with the
+    previous window's first series when windows overlap), RMSNorm, RoPE at the window's start."""
+    g = torch.Generator().manual_seed(ratio)
+    hd, rd, b = 16, 8, 1
+    width = (1 + overlap) * hd
+    angles = torch.rand(4 * ratio, rd // 2, generator=g) * 6
+    freqs = torch.stack([angles.cos(), angles.sin()], -1)
+    ape, w = torch.randn(ratio, width, generator=g), torch.rand(hd, generator=g) + 0.5
+    kv_state, score_state = torch.zeros(b, ratio, width), torch.zeros(b, ratio, width)
+    prev = (torch.zeros(b, ratio, hd), torch.full((b, ratio, hd), float("-inf"))) if overlap else (None, None)
+    cache = torch.randn(b, 4, hd, generator=g)
+    kvs, scores = torch.randn(2 * ratio, width, generator=g), torch.randn(2 * ratio, width, generator=g)
+    for p in range(2 * ratio):
+        before = cache.clone()
+        kernel.compressor_decode_torch(kvs[p:p + 1], scores[p:p + 1], ape, torch.tensor([p]), kv_state, score_state,
+                                       *prev, w, 1e-6, freqs, rd, None, cache)
+        window = p // ratio
+        changed = (cache != before).any(dim=-1)[0]
+        if p % ratio != ratio - 1:
+            assert not changed.any(), f"position {p} wrote an entry before its window completed"
+            continue
+        assert changed.tolist() == [e == window for e in range(4)]
+        rows = slice(window * ratio, (window + 1) * ratio)
+        kv, sc = kvs[rows, -hd:], scores[rows, -hd:] + ape[:, -hd:]
+        if overlap and window > 0:
+            earlier = slice((window - 1) * ratio, window * ratio)
+            kv, sc = torch.cat([kvs[earlier, :hd], kv]), torch.cat([scores[earlier, :hd] + ape[:, :hd], sc])
+        pooled = (kv * sc.softmax(dim=0)).sum(dim=0)
+        normed = pooled * torch.rsqrt(pooled.pow(2).mean() + 1e-6) * w
+        a, c = normed[-rd:].view(-1, 2).unbind(-1)
+        cos, sin = freqs[window * ratio].unbind(-1)
+        want = torch.cat([normed[:-rd], torch.stack([a * cos - c * sin, a * sin + c * cos], -1).flatten()])
+        torch.testing.assert_close(cache[0, window], want, rtol=1e-5, atol=1e-5)

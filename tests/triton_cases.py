@@ -104,6 +104,38 @@ def norm_rope_case(device, dtype, shape, rd, norm, weighted, inverse, per_row, s
     return rel_err(out, ref)
 
 
+def norm_rope_into_case(device, dtype, b, n, d, rd, seed):
+    """The decode step's new key/value: norm_rope of strided rows x [b, 1, d] written to one slot per
+    row of a cache; the whole cache (the other slots untouched) against the torch version."""
+    g = torch.Generator().manual_seed(seed)
+    x = column_slice((b, 1, d), g).to(device, dtype)
+    angles = torch.rand(b, 1, rd // 2, generator=g) * 6
+    freqs = torch.stack([angles.cos(), angles.sin()], -1).to(device)
+    w = (torch.rand(d, generator=g) + 0.5).to(device)
+    cache = torch.randn(b + 1, n, d, generator=g)
+    slots = torch.randperm(n, generator=g)[:b]
+    mine, ref = cache.to(device, dtype), cache.double()
+    kernel.norm_rope_triton(x, freqs, rd, 1e-6, w, cache=mine, slots=slots.to(device))
+    kernel.norm_rope_into(x.double().cpu(), freqs.double().cpu(), rd, 1e-6, w.double().cpu(), ref, slots, "torch")
+    return rel_err(mine.cpu(), ref)
+
+
+def topk_case(device, dtype, rows, n, k, finite, seed):
+    """topk_triton against torch.topk on rows with ties and, from column `finite` on, -inf: the same
+    values, k distinct indices; a row with fewer than k finite values gets all of them."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(rows, n, generator=g)
+    scores[:, ::7] = scores[:, 3:4]                                  # many ties
+    scores[:, finite:] = float("-inf")
+    idx = kernel.topk_triton(scores.to(device), k).cpu()
+    assert idx.shape == (rows, k) and idx.dtype == torch.long
+    assert all(len(set(row.tolist())) == k for row in idx), "repeated indices"
+    got = scores.gather(-1, idx.clamp(max=n - 1)).where(idx < n, float("-inf"))
+    want = scores.topk(k, dim=-1).values
+    assert torch.equal(got.sort(-1, descending=True).values, want), "different values"
+    return 0.0
+
+
 def hadamard_case(device, dtype, shape, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=g).to(device, dtype)
@@ -273,6 +305,10 @@ def run(device, dtypes, real_shapes):
              ("rms norm strided rows", lambda dt: rms_norm_case(device, dt, (3, 1, 48), True, 58, strided=True)),
              ("norm+rope kv strided", lambda dt: norm_rope_case(device, dt, (3, 1, 64), 16, True, True, False,
                                                                   True, 59, strided=True)),
+             ("norm+rope into cache", lambda dt: norm_rope_into_case(device, dt, 3, 10, 64, 16, 61)),
+             ("topk two rounds", lambda dt: topk_case(device, dt, 3, 20000, 16, 20000, 62), [torch.float32]),
+             ("topk few finite", lambda dt: topk_case(device, dt, 2, 9000, 64, 40, 63), [torch.float32]),
+             ("topk one chunk", lambda dt: topk_case(device, dt, 4, 1000, 300, 700, 64), [torch.float32]),
              ("compressor strided in", lambda dt: compressor_case(device, dt, 4, 32, True, 60, strided=True)),
              ("route sqrtsoftplus", lambda dt: route_case(device, dt, 9, 48, 6, "sqrtsoftplus", False, 37)),
              ("route hash", lambda dt: route_case(device, dt, 9, 48, 6, "sqrtsoftplus", True, 38)),
@@ -308,6 +344,10 @@ def run(device, dtypes, real_shapes):
                   ("norm+rope V4 q b32", lambda dt: norm_rope_case(device, dt, (32, 1, 64, 512), 64, True, False,
                                                                    False, True, 21)),
                   ("hadamard V4 q 1K", lambda dt: hadamard_case(device, dt, (1, 1024, 64, 128), 22)),
+                  ("norm+rope into V4 kv b32", lambda dt: norm_rope_into_case(device, dt, 32, 128, 512, 64, 65)),
+                  ("topk V4 b1 64K", lambda dt: topk_case(device, dt, 1, 16640, 512, 16384, 66), [torch.float32]),
+                  ("topk V4 b1 1K", lambda dt: topk_case(device, dt, 1, 16640, 512, 256, 67), [torch.float32]),
+                  ("topk V4 prefill", lambda dt: topk_case(device, dt, 512, 1024, 512, 1024, 68), [torch.float32]),
                   ("index scores V4 b1 64K", lambda dt: index_scores_case(device, dt, 1, 1, 64, 128, 16384, 23)),
                   ("index scores V4 prefill", lambda dt: index_scores_case(device, dt, 1, 512, 64, 128, 1024, 24)),
                   ("compressor V4 csa", lambda dt: compressor_case(device, dt, 4, 512, False, 28)),
