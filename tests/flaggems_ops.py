@@ -17,6 +17,13 @@ once and each child builds the fixture from it. On SIGTERM (a `timeout` around t
 the running child before exiting. A child sent SIGTERM first dumps its Python stacks to its log:
 the report's log_tail of a timed-out function says where it was (compiling or waiting on the GPU).
 
+`--shapes real` runs 4 layers of configs/config_flash.json instead (bf16, random weights made on the
+GPU with a fixed seed, as bench.py builds them; tolerance --tol, default 5e-2 there, for bf16):
+decode graphs captured first, then a prefill of 64 tokens and 4 graphed decode steps, as generate.py
+runs them. `--bisect` replaces the one-by-one trials: everything but --exclude routed at once, and
+while that fails, each half of the failing set on its own, down to the single functions that fail
+(or a set that fails only together): about 2 log2(n) children for one bad function.
+
 `--exclude a,b` skips step 2 and takes that list as the bad functions.
 `--only f,g` audits only these functions (in the audited order) and keeps the other functions'
 results of an existing --out report: a later run continues one that was cut short, and step 3
@@ -44,7 +51,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 from check import stop  # noqa: E402  (ends a child's process group: SIGTERM, then SIGKILL)
 from fixtures import fixture_model, write_release  # noqa: E402
 
-TOL = 1e-3
+TOL = {"fixture": 1e-3, "real": 5e-2}      # relative logit error: float32 fixture, bf16 real shapes
 DUMP_LINES = ("  File ", "Thread 0x", "Current thread 0x", "Fatal Python error", "Extension modules:")
 
 
@@ -70,6 +77,19 @@ def run_model(path, weights, ids):
     out = [model(ids[:, :9], 0), model(ids[:, 9:14], 9)]
     for p in range(14, 20):
         out.append(model(ids[:, p:p + 1], torch.full((2,), p, device="cuda")))
+    return torch.stack(out)
+
+
+def run_real(ids):
+    """Float32 logits [5, b, vocab] of 4 real-shape V4-Flash layers (bf16, bench.py's random weights):
+    decode graphs captured, a prefill of 64 tokens, then 4 graphed decode steps."""
+    from bench import build
+    from model import GraphedDecoder
+    model = build(os.path.join(os.path.dirname(HERE), "configs", "config_flash.json"), 4, ids.size(0), 256, "triton")
+    decoder = GraphedDecoder(model)
+    out = [model(ids[:, :64], 0).float()]
+    for p in range(64, 68):
+        out.append(decoder(ids[:, p:p + 1], torch.full((ids.size(0),), p, device="cuda")))
     return torch.stack(out)
 
 
@@ -100,25 +120,30 @@ def describe(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
 
 
-def worker(what: str, workdir: str, exclude: List[str]) -> int:
+def worker(what: str, workdir: str, exclude: List[str], include: List[str], shapes: str, tol: float) -> int:
     """One run in a child process (--worker): REF (the model without FlagGems: its logits into
     ref.pt, the aten ops it calls and the FlagGems functions implementing them), a function name
-    (that function routed alone), ALL (everything routed but `exclude`) or PROBES. Writes its
-    result as WORKDIR/WHAT.json, an exception included, and prints nothing itself. run_seconds is
-    the time of the routed steps alone (compilation included), without the child's start."""
+    (that function routed alone), SET-<label> (the functions `include` routed), ALL (everything
+    routed but `exclude`) or PROBES. Writes its result as WORKDIR/WHAT.json, an exception included,
+    and prints nothing itself. run_seconds is the time of the routed steps alone (compilation
+    included), without the child's start."""
     faulthandler.enable()                                                  # where it crashed, if it does
     faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)   # where it was, when stopped
-    release = os.path.join(workdir, "release")
     try:
         import flag_gems
-        weights = torch.load(os.path.join(workdir, "weights.pt"), weights_only=True)
-        ids = torch.randint(0, 129280, (2, 20), generator=torch.Generator().manual_seed(4)).cuda()
+        if shapes == "real":
+            ids = torch.randint(0, 129280, (2, 68), generator=torch.Generator().manual_seed(4)).cuda()
+            run = lambda: run_real(ids)                                          # noqa: E731
+        else:
+            weights = torch.load(os.path.join(workdir, "weights.pt"), weights_only=True)
+            ids = torch.randint(0, 129280, (2, 20), generator=torch.Generator().manual_seed(4)).cuda()
+            run = lambda: run_model(os.path.join(workdir, "release"), weights, ids)   # noqa: E731
         with torch.no_grad():
             if what == "REF":
-                torch.save(run_model(release, weights, ids).cpu(), os.path.join(workdir, "ref.pt"))
+                torch.save(run().cpu(), os.path.join(workdir, "ref.pt"))
                 recorder = OpRecorder()
                 with recorder:
-                    run_model(release, weights, ids)
+                    run()
                 funcs = sorted({item[1].__name__ for item in flag_gems._FULL_CONFIG
                                 if len(item) > 1 and item[0] in recorder.names})
                 result = {"aten_ops": sorted(recorder.names), "functions": funcs}
@@ -126,13 +151,16 @@ def worker(what: str, workdir: str, exclude: List[str]) -> int:
                 result = {"probes": probes(flag_gems)}
             else:
                 ref = torch.load(os.path.join(workdir, "ref.pt"), weights_only=True)
-                scope = flag_gems.use_gems(exclude=exclude) if what == "ALL" else flag_gems.use_gems(include=[what])
+                if what == "ALL":
+                    scope = flag_gems.use_gems(exclude=exclude)
+                else:
+                    scope = flag_gems.use_gems(include=include if what.startswith("SET-") else [what])
                 t0 = time.perf_counter()
                 with scope:
-                    got = run_model(release, weights, ids)
+                    got = run()
                 seconds = round(time.perf_counter() - t0, 1)
                 err = rel(got.cpu(), ref)                 # compared outside FlagGems, on the CPU
-                result = {"status": "ok" if err <= TOL else "wrong result", "rel_err": err,
+                result = {"status": "ok" if err <= tol else "wrong result", "rel_err": err,
                           "detail": f"rel err {err:.2e}", "run_seconds": seconds}
     except Exception as e:                 # noqa: BLE001 - the audit records whatever the op raised
         result = {"status": "error", "detail": describe(e), "error": f"{type(e).__name__}: {e}"}
@@ -149,7 +177,7 @@ def log_tail(path: str, lines: int = 200) -> List[str]:
         return [line.rstrip() for line in f.read().splitlines() if line.strip()][-lines:]
 
 
-def run_worker(what: str, workdir: str, limit: float, exclude: List[str] = ()) -> dict:
+def run_worker(what: str, workdir: str, limit: float, exclude: List[str] = (), include: List[str] = ()) -> dict:
     """Run `worker(what)` as a child with a time limit: its result plus "seconds" (wall time of the
     child); status "timeout" when it gave none within `limit`, "error" when it died without one.
     Those two also carry the end of the child's log."""
@@ -157,8 +185,11 @@ def run_worker(what: str, workdir: str, limit: float, exclude: List[str] = ()) -
     out = os.path.join(workdir, f"{what}.json")
     if os.path.exists(out):
         os.remove(out)
+    with open(os.path.join(workdir, "settings.json")) as f:
+        settings = json.load(f)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", what, "--workdir", workdir,
-           "--exclude", ",".join(exclude)]
+           "--exclude", ",".join(exclude), "--include", ",".join(include), "--shapes", settings["shapes"],
+           "--tol", str(settings["tol"])]
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
@@ -208,9 +239,13 @@ def audit(opts) -> int:
         with open(opts.out) as f:
             earlier = json.load(f).get("functions", {})
     workdir = tempfile.mkdtemp(prefix="flaggems_ops_")
-    weights = write_release(os.path.join(workdir, "release"), seed=3, n_files=1)
-    torch.save(weights, os.path.join(workdir, "weights.pt"))
-    print(f"work files and child logs in {workdir}", flush=True)
+    tol = opts.tol if opts.tol is not None else TOL[opts.shapes]
+    with open(os.path.join(workdir, "settings.json"), "w") as f:
+        json.dump({"shapes": opts.shapes, "tol": tol}, f)
+    if opts.shapes == "fixture":
+        weights = write_release(os.path.join(workdir, "release"), seed=3, n_files=1)
+        torch.save(weights, os.path.join(workdir, "weights.pt"))
+    print(f"{opts.shapes} shapes, tolerance {tol:g}; work files and child logs in {workdir}", flush=True)
     found = run_worker("REF", workdir, opts.timeout_all)
     if "aten_ops" not in found:
         print(f"the run without FlagGems failed: {found['status']}: {found.get('error', found['detail'])}")
@@ -220,7 +255,9 @@ def audit(opts) -> int:
     names, funcs = found["aten_ops"], found["functions"]
     print(f"{len(names)} aten ops used by the model: {' '.join(names)}")
     print(f"{len(funcs)} FlagGems functions implement them: {' '.join(funcs)}  ({found['seconds']:.1f} s)", flush=True)
-    report = {"aten_ops": names, "functions": {}}
+    report = {"shapes": opts.shapes, "tolerance": tol, "aten_ops": names, "functions": {}}
+    if opts.bisect:
+        return bisect(opts, workdir, funcs, report)
     todo = [] if opts.exclude else funcs
     if opts.only:
         only = [fn.strip() for fn in opts.only.split(",") if fn.strip()]
@@ -266,6 +303,39 @@ def audit(opts) -> int:
     return 0 if final["ok"] else 1
 
 
+def bisect(opts, workdir: str, funcs: List[str], report: dict) -> int:
+    """Everything but --exclude routed at once; while a set fails, each half on its own, down to the
+    single functions that fail, or a set that fails only as a whole. Reports every trial and the
+    culprits; exit status 1 when there are any."""
+    excluded = [fn.strip() for fn in (opts.exclude or "").split(",") if fn.strip()]
+    trials = report["trials"] = []
+
+    def fails(group: List[str]) -> bool:
+        label = f"SET-{len(trials)}"
+        r = run_worker(label, workdir, opts.timeout_all, include=group)
+        trials.append({"functions": group, **{k: r[k] for k in ("status", "detail", "seconds") if k in r}})
+        print(f"{len(group):3d} routed: {r['status']:13s} {r['detail']}  ({r['seconds']:.1f} s)  {' '.join(group)}",
+              flush=True)
+        for line in stack_lines(r):
+            print("    " + line)
+        write_report(report, opts.out)
+        return r["status"] != "ok"
+
+    def culprits(group: List[str]) -> List[List[str]]:
+        if len(group) == 1:
+            return [group]
+        halves = [group[:len(group) // 2], group[len(group) // 2:]]
+        found = [c for half in halves if fails(half) for c in culprits(half)]
+        return found or [group]             # each half passes alone: only the whole set fails
+
+    routed = [fn for fn in funcs if fn not in excluded]
+    bad = culprits(routed) if fails(routed) else []
+    report["excluded"], report["culprits"] = excluded, bad
+    write_report(report, opts.out)
+    print(f"excluded from the start: {excluded}; failing: {bad if bad else 'none'}")
+    return 1 if bad else 0
+
+
 def on_sigterm(signum, frame) -> None:
     """Stop as on Ctrl-C: run_worker's cleanup ends the running child before this process exits."""
     raise SystemExit(128 + signum)
@@ -280,13 +350,20 @@ def main() -> int:
                         help="seconds a function's trial (and the probes) may take, child start included")
     parser.add_argument("--timeout-all", type=float, default=240.0,
                         help="seconds the run without FlagGems and the run with everything but the bad ones may take")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)      # REF | ALL | PROBES | a function name
+    parser.add_argument("--shapes", choices=["fixture", "real"], default="fixture",
+                        help="the float32 fixture model, or 4 real-shape V4-Flash layers in bf16")
+    parser.add_argument("--bisect", action="store_true",
+                        help="find the failing functions by halving the routed set (routed: all but --exclude)")
+    parser.add_argument("--tol", type=float, help="relative logit error allowed (default: 1e-3 fixture, 5e-2 real)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)      # REF | ALL | SET-n | PROBES | a function name
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--include", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.worker:
-        return worker(opts.worker, opts.workdir, opts.exclude.split(",") if opts.exclude else [])
-    if opts.only and opts.exclude:
-        parser.error("--only audits functions and --exclude skips the audit: give one of them")
+        return worker(opts.worker, opts.workdir, opts.exclude.split(",") if opts.exclude else [],
+                      opts.include.split(",") if opts.include else [], opts.shapes, opts.tol)
+    if opts.only and (opts.exclude or opts.bisect):
+        parser.error("--only audits functions one by one; --exclude and --bisect do not: give one of them")
     signal.signal(signal.SIGTERM, on_sigterm)
     return audit(opts)
 
