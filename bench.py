@@ -305,14 +305,15 @@ def bench_speed(args) -> None:
         if lead:
             print(text, flush=True)
 
+    ceil = ceilings()                      # the device's, measured before FlagGems may take over copies
     if args.backend == "flaggems":
         from generate import enable_flaggems
         enable_flaggems(what="bench.py speed --backend flaggems")
-    ceil = ceilings()
     say(f"device {torch.cuda.get_device_name()} x{world}, {args.layers} layers of {args.config}, backend "
         f"{args.backend}: copy {ceil['bandwidth'] / 1e12:.2f} TB/s, bf16 matmul {ceil['matmul'] / 1e12:.0f} TFLOP/s")
     chunk = args.chunk
-    model = build(args.config, args.layers, max(args.batch), max(args.context) + chunk, args.backend)
+    model = build(args.config, args.layers, max(args.batch), max(max(args.context) + chunk, args.prefill),
+                  args.backend)
     rows = []
     with torch.no_grad():
         fill_caches(model)

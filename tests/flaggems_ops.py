@@ -18,7 +18,8 @@ the running child before exiting. A child sent SIGTERM first dumps its Python st
 the report's log_tail of a timed-out function says where it was (compiling or waiting on the GPU).
 
 `--shapes real` runs 4 layers of configs/config_flash.json instead (bf16, random weights made on the
-GPU with a fixed seed, as bench.py builds them; tolerance --tol, default 5e-2 there, for bf16):
+GPU with a fixed seed, as bench.py builds them, before FlagGems is switched on; tolerance --tol,
+default 5e-2 there, for bf16):
 decode graphs captured first, then a prefill of 64 tokens and 4 graphed decode steps, as generate.py
 runs them. `--bisect` replaces the one-by-one trials: everything but --exclude routed at once, and
 while that fails, each half of the failing set on its own, down to the single functions that fail
@@ -80,12 +81,16 @@ def run_model(path, weights, ids):
     return torch.stack(out)
 
 
-def run_real(ids):
-    """Float32 logits [5, b, vocab] of 4 real-shape V4-Flash layers (bf16, bench.py's random weights):
-    decode graphs captured, a prefill of 64 tokens, then 4 graphed decode steps."""
+def real_model():
+    """4 real-shape V4-Flash layers, bf16, bench.py's random weights (fixed seed), batch 2, 256 positions."""
     from bench import build
+    return build(os.path.join(os.path.dirname(HERE), "configs", "config_flash.json"), 4, 2, 256, "triton")
+
+
+def run_real(model, ids):
+    """Float32 logits [5, b, vocab] of real_model(): decode graphs captured, a prefill of 64 tokens,
+    then 4 graphed decode steps. Each call starts afresh: the caches are rewritten from position 0."""
     from model import GraphedDecoder
-    model = build(os.path.join(os.path.dirname(HERE), "configs", "config_flash.json"), 4, ids.size(0), 256, "triton")
     decoder = GraphedDecoder(model)
     out = [model(ids[:, :64], 0).float()]
     for p in range(64, 68):
@@ -98,7 +103,9 @@ def rel(a, b):
 
 
 def probes(flag_gems) -> dict:
-    """mul and topk through FlagGems against torch on inputs shaped as in the model."""
+    """mul and topk through FlagGems against torch on inputs shaped as in the model, sum over a dim
+    in bf16 against a float64 sum, then cat and stack with outputs past 2^31 elements (as the MoE's
+    stacked expert weights at real shapes); those come last: a fault ends the CUDA context."""
     g = torch.Generator(device="cuda").manual_seed(5)
     a, b = torch.rand(2, 1, 4, 1, device="cuda", generator=g), torch.rand(2, 1, 4, 64, device="cuda", generator=g)
     scores = torch.randn(2, 1, 40, device="cuda", generator=g)
@@ -108,11 +115,33 @@ def probes(flag_gems) -> dict:
         got_mul = a * b
     with flag_gems.use_gems(include=["topk"]):
         got_top = scores.topk(8, dim=-1)
-    return {"mul [2,1,4,1] * [2,1,4,64]": f"torch shape {list(want_mul.shape)}, FlagGems shape {list(got_mul.shape)}"
-            + ("" if got_mul.shape != want_mul.shape else f", max diff {(got_mul - want_mul).abs().max().item():.2e}"),
-            "topk(8) of 40 scores, 15 of them -inf": f"values equal: {torch.equal(got_top.values, want_top.values)}, "
-            f"indices equal: {torch.equal(got_top.indices, want_top.indices)}; torch indices "
-            f"{want_top.indices[0, 0].tolist()}, FlagGems {got_top.indices[0, 0].tolist()}"}
+    found = {"mul [2,1,4,1] * [2,1,4,64]": f"torch shape {list(want_mul.shape)}, FlagGems shape {list(got_mul.shape)}"
+             + ("" if got_mul.shape != want_mul.shape else f", max diff {(got_mul - want_mul).abs().max().item():.2e}"),
+             "topk(8) of 40 scores, 15 of them -inf": f"values equal: {torch.equal(got_top.values, want_top.values)}, "
+             f"indices equal: {torch.equal(got_top.indices, want_top.indices)}; torch indices "
+             f"{want_top.indices[0, 0].tolist()}, FlagGems {got_top.indices[0, 0].tolist()}"}
+    x = torch.randn(64, 4096, device="cuda", generator=g).to(torch.bfloat16) + 1
+    exact = x.double().sum(dim=-1)
+    with flag_gems.use_gems(include=["sum_dim"]):
+        got_sum = x.sum(dim=-1)
+    found["sum(dim=-1) of bf16 [64, 4096] (+1 offset)"] = (
+        f"max rel error vs float64: torch {((x.sum(dim=-1).double() - exact).abs() / exact.abs()).max().item():.1e}, "
+        f"FlagGems {((got_sum.double() - exact).abs() / exact.abs()).max().item():.1e}")
+    half = (1 << 30) + (1 << 20)                     # two halves: 2^31 + 2^21 elements in all
+    for name, fn in (("cat", lambda a, b: torch.cat([a, b])), ("stack", lambda a, b: torch.stack([a, b]))):
+        what = f"{name} of two bf16 [{half}] (output past 2^31 elements)"
+        try:
+            a = torch.ones(half, device="cuda", dtype=torch.bfloat16)
+            b = torch.full((half,), 2.0, device="cuda", dtype=torch.bfloat16)
+            with flag_gems.use_gems(include=[name]):
+                out = fn(a, b).flatten()
+            tail = out[-1000:].float()
+            found[what] = f"ok, last elements {tail.min().item():g}..{tail.max().item():g} (want 2)"
+            del a, b, out
+        except Exception as e:           # noqa: BLE001 - a fault is the finding
+            found[what] = describe(e)
+            break
+    return found
 
 
 def describe(e: Exception) -> str:
@@ -133,7 +162,8 @@ def worker(what: str, workdir: str, exclude: List[str], include: List[str], shap
         import flag_gems
         if shapes == "real":
             ids = torch.randint(0, 129280, (2, 68), generator=torch.Generator().manual_seed(4)).cuda()
-            run = lambda: run_real(ids)                                          # noqa: E731
+            model = real_model() if what != "PROBES" else None     # weights made without FlagGems
+            run = lambda: run_real(model, ids)                                   # noqa: E731
         else:
             weights = torch.load(os.path.join(workdir, "weights.pt"), weights_only=True)
             ids = torch.randint(0, 129280, (2, 20), generator=torch.Generator().manual_seed(4)).cuda()
