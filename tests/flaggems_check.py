@@ -4,10 +4,11 @@
    Hadamard transform, hc split + Sinkhorn) against our torch reference on random inputs of V4
    shapes (64 heads of 512, top-k up to 640, hc_mult 4): max abs and relative error, ok/FAIL; then
    its time against our Triton version (the torch reference where we have no Triton kernel).
-2. check.py on a fixture checkpoint: in bf16 torch vs triton (the baseline, reported), triton vs
-   flaggems (its fused kernels; aten ops stay in torch by default), torch vs flaggems with every
-   aten op routed through FlagGems (reported only: fails with flag-gems 5.0.2); in fp32 torch vs
-   flaggems to 1e-3 with identical tokens.
+2. check.py on fixture checkpoints of three seeds: in bf16 torch vs triton (the baseline) and
+   triton vs flaggems (its fused kernels; aten ops stay in torch by default), judged on the means
+   over the seeds; on the last one, torch vs flaggems with the aten ops routed through FlagGems but
+   generate.FLAGGEMS_BROKEN (reported only), and in fp32 torch vs flaggems to 1e-3 with identical
+   tokens.
 Prints PASS or FAIL last; exit status 0 when everything passed, 1 on a failure, 2 when it cannot run.
 """
 import json
@@ -23,6 +24,8 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
 
 import kernel  # noqa: E402
+
+SEEDS = (0, 1, 2)                           # fixture checkpoints of the bf16 comparison
 from bench import median_ms  # noqa: E402  (one timing method for every GPU figure)
 
 
@@ -161,31 +164,43 @@ def main() -> int:
     from fixtures import write_release
     import convert
     with tempfile.TemporaryDirectory(prefix="flaggems-check-") as root:
-        release, ckpt = os.path.join(root, "release"), os.path.join(root, "mp1")
-        write_release(release, seed=0, n_files=1)
-        convert.convert(release, ckpt, 1, num_workers=1, ogroups_comm=False)
-        with open(os.path.join(ckpt, "prompts.txt"), "w") as f:
-            f.write("Hello there\n\nWhy is the sky blue? Answer in one sentence.\n\nList three prime numbers.\n")
-        base = run_check(ckpt, "backend=torch,dtype=bf16,device=cuda", "backend=triton,dtype=bf16,device=cuda", "*",
-                         root)
-        judge_check("baseline torch vs triton (bf16)", base, None, 0, results)
-        # bf16 vs bf16 differ through rounding and the discrete choices it flips (top-k keys, experts):
-        # FlagGems is held to 3x the baseline (at least 0.05) and top-1 agreement 0.75 on every prompt
-        bound = max(0.05, 3 * base["summary"]["max_rel"]) if base else 0.05
-        fused = run_check(ckpt, "backend=triton,dtype=bf16,device=cuda", "backend=flaggems,dtype=bf16,device=cuda",
-                          "*", root)
-        judge_check("triton vs flaggems fused kernels (bf16)", fused, bound, 0.75, results)
-        # every aten op through FlagGems too: known to fail with flag-gems 5.0.2 (see generate.py);
-        # reported, not counted, so that a FlagGems release that fixes it shows up here
+        base, fused = [], []
+        for seed in SEEDS:
+            release, ckpt = os.path.join(root, f"release{seed}"), os.path.join(root, f"mp1-{seed}")
+            write_release(release, seed=seed, n_files=1)
+            convert.convert(release, ckpt, 1, num_workers=1, ogroups_comm=False)
+            with open(os.path.join(ckpt, "prompts.txt"), "w") as f:
+                f.write("Hello there\n\nWhy is the sky blue? Answer in one sentence.\n\nList three prime numbers.\n")
+            base.append(run_check(ckpt, "backend=torch,dtype=bf16,device=cuda", "backend=triton,dtype=bf16,device=cuda",
+                                  "*", root))
+            judge_check(f"seed {seed}: baseline torch vs triton (bf16)", base[-1], None, 0, results)
+            fused.append(run_check(ckpt, "backend=triton,dtype=bf16,device=cuda",
+                                   "backend=flaggems,dtype=bf16,device=cuda", "*", root))
+            judge_check(f"seed {seed}: triton vs flaggems fused kernels (bf16)", fused[-1], None, 0, results)
+        # bf16 vs bf16 differ through rounding and the discrete choices it flips (top-k keys, experts),
+        # by an amount that depends on the seed: FlagGems is held, over the seeds, to a mean max_rel of
+        # 3x the baseline's mean (at least 0.05) and top-1 agreement 0.75 on every prompt
+        if None in base or None in fused:
+            results.append(False)
+        else:
+            mean_base = sum(r["summary"]["max_rel"] for r in base) / len(base)
+            mean_fused = sum(r["summary"]["max_rel"] for r in fused) / len(fused)
+            top1 = min(r["summary"]["min_top1"] for r in fused)
+            bound = max(0.05, 3 * mean_base)
+            ok = mean_fused <= bound and top1 >= 0.75
+            results.append(ok)
+            print(f"bf16 over seeds {list(SEEDS)}: mean max_rel torch vs triton {mean_base:.3g}, triton vs flaggems "
+                  f"{mean_fused:.3g} (bound {bound:.3g}), min top1 {top1} (>= 0.75): {'ok' if ok else 'FAIL'}")
+        # every aten op through FlagGems too, but FLAGGEMS_BROKEN (generate.py): reported, not counted
         everything = run_check(ckpt, "backend=torch,dtype=bf16,device=cuda", "backend=flaggems,dtype=bf16,device=cuda",
                                "", root)
-        print("torch vs flaggems with every aten op (bf16): "
+        print("torch vs flaggems with the aten ops routed (bf16): "
               + (f"max_rel {everything['summary']['max_rel']:.3g}, min top1 {everything['summary']['min_top1']} "
                  "(INFO)" if everything else "did not run (INFO)"))
         # in float32 rounding no longer hides a wrong result: the same logits to 1e-3, the same tokens
         exact = run_check(ckpt, "backend=torch,dtype=fp32,device=cuda", "backend=flaggems,dtype=fp32,device=cuda",
                           None, root)
-        judge_check("torch vs flaggems with aten ops (fp32)", exact, 1e-3, 1.0, results)
+        judge_check("torch vs flaggems fused kernels (fp32)", exact, 1e-3, 1.0, results)
     failed = results.count(False)
     print(f"\nFLAGGEMS CHECK {'PASS' if not failed else f'FAIL ({failed} of {len(results)} checks)'}")
     return 0 if not failed else 1
