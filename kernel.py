@@ -4,8 +4,9 @@ Every op here has a pure-PyTorch version that runs on CPU and GPU; it is the
 reference that faster (Triton) versions are tested against. The Triton versions
 fuse what a decode step would otherwise run as dozens of small kernels: the
 hyper-connection pre (mixes, Sinkhorn, weighted sum, the sublayer's input norm; the
-HC head) and post, RMSNorm, RMSNorm with RoPE, the Hadamard rotation, the indexer's
-scores, the compressor's whole decode update, the key slots a decode query attends,
+HC head) and post, RMSNorm, RMSNorm with RoPE (writing a decode step's new key/value
+into its cache slot), the Hadamard rotation, the indexer's scores and top-k, the
+compressor's whole decode update, the key slots a decode query attends,
 sparse attention with its sink, MoE routing (scores, top-k, weights), and the routed
 experts: grouped GEMMs over tokens sorted by expert, or for few tokens (decode) one
 program per assignment with the shared expert added in.

@@ -2,9 +2,9 @@
 # Every single-GPU check and measurement of this repository in one go, for a GPU machine lent for
 # a few minutes: each step has its own time limit, writes its log to OUT (default ./gpu_logs) and
 # the script goes on after a failure. Prints a summary line per step; exit status 1 if any failed.
-# The limits add up to about 30 minutes: name steps to run a part (a device call is at most 10).
+# The limits add up to about 40 minutes: name steps to run a part (a device call is at most 10).
 #   bash tests/gpu_all.sh [OUT [STEP ...]]      steps: gpu_check bench backends bf16_drift flaggems_ops
-#                                                      flaggems_check bench_flaggems
+#                                                      flaggems_real flaggems_check bench_flaggems
 # backends: torch vs triton vs flaggems on 4 V4-Flash layers (speed and logit agreement, OUT/backends.json).
 # FlagGems steps need flag-gems importable (see README); without it they report their failure.
 set -u
@@ -31,6 +31,7 @@ step bench 240 python bench.py speed --compare hf --profile --batch 1 8 32 128 -
 step backends 240 python bench.py backends --layers 4 --report "$OUT/backends.json"
 step bf16_drift 150 python tests/bf16_drift.py
 step flaggems_ops 580 python tests/flaggems_ops.py --timeout-per-function 40 --timeout-all 150 --out "$OUT/flaggems_ops.json"
-step flaggems_check 150 python tests/flaggems_check.py
-step bench_flaggems 240 env FLAGGEMS_EXCLUDE=mm,mul,topk python bench.py speed --backend flaggems --batch 1 32 --context 1024
+step flaggems_real 580 python tests/flaggems_ops.py --shapes real --bisect --exclude mm,mul,topk,cat,stack,sum_dim --timeout-all 120 --out "$OUT/flaggems_real.json"
+step flaggems_check 280 python tests/flaggems_check.py
+step bench_flaggems 240 env FLAGGEMS_EXCLUDE= python bench.py speed --backend flaggems --batch 1 32 --context 1024 --prefill 1024
 exit $status
