@@ -854,35 +854,35 @@ if triton is not None:
             tl.store(h_ptr + a * sh + cols, (g / (1.0 + tl.exp(-g)) * u).to(h_ptr.dtype.element_ty), mask=cmask)
 
     @triton.jit
+    def _gemv_row(h_row, w_base, sw_n, K, cols, cmask, acc, BK: tl.constexpr, PRECISION: tl.constexpr):
+        # acc [16, BN] += h_row[:K] W[cols, :K]^T in its row 0 (rows 1-15 pad tl.dot's minimum of 16);
+        # W's rows sw_n apart.
+        one = (tl.arange(0, 16) == 0)[:, None]
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < K
+            hh = tl.load(h_row + ks[None, :] + 0 * one, mask=one & kmask[None, :], other=0.0)
+            w = tl.load(w_base + cols[None, :] * sw_n + ks[:, None], mask=cmask[None, :] & kmask[:, None], other=0.0)
+            acc = tl.dot(hh, w, acc, input_precision=PRECISION)
+        return acc
+
+    @triton.jit
     def _moe_gemv_down_kernel(h_ptr, w_ptr, ws_ptr, part_ptr, experts_ptr, first, n_local, A, D, I, IS,
                               sh, sw_e, sw_n, sws_n, sp, BN: tl.constexpr, BK: tl.constexpr,
                               PRECISION: tl.constexpr):
         # Row a of h, BN output columns: part[a] = h[a] W2[e]^T for an assignment with a local expert e
         # (zero for one without), h[a] W2s^T for the shared expert's rows a >= A. Float32.
         a, nb = tl.program_id(0), tl.program_id(1)
-        one = (tl.arange(0, 16) == 0)[:, None]
         cols = nb * BN + tl.arange(0, BN)
         cmask = cols < D
         acc = tl.zeros([16, BN], tl.float32)
         if a < A:
             e = tl.load(experts_ptr + a) - first
             if (e >= 0) & (e < n_local):
-                w_base = w_ptr + e.to(tl.int64) * sw_e
-                for k0 in range(0, I, BK):
-                    ks = k0 + tl.arange(0, BK)
-                    kmask = ks < I
-                    hh = tl.load(h_ptr + a * sh + ks[None, :] + 0 * one, mask=one & kmask[None, :], other=0.0)
-                    w = tl.load(w_base + cols[None, :] * sw_n + ks[:, None], mask=cmask[None, :] & kmask[:, None],
-                                other=0.0)
-                    acc = tl.dot(hh, w, acc, input_precision=PRECISION)
+                acc = _gemv_row(h_ptr + a * sh, w_ptr + e.to(tl.int64) * sw_e, sw_n, I, cols, cmask, acc,
+                                BK, PRECISION)
         else:
-            for k0 in range(0, IS, BK):
-                ks = k0 + tl.arange(0, BK)
-                kmask = ks < IS
-                hh = tl.load(h_ptr + a * sh + ks[None, :] + 0 * one, mask=one & kmask[None, :], other=0.0)
-                w = tl.load(ws_ptr + cols[None, :] * sws_n + ks[:, None], mask=cmask[None, :] & kmask[:, None],
-                            other=0.0)
-                acc = tl.dot(hh, w, acc, input_precision=PRECISION)
+            acc = _gemv_row(h_ptr + a * sh, ws_ptr, sws_n, IS, cols, cmask, acc, BK, PRECISION)
         tl.store(part_ptr + a * sp + cols, tl.sum(acc, 0), mask=cmask)
 
     @triton.jit
