@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
-from kernel import dequant_fp4, dequant_fp8
+from quant import dequant_fp4, dequant_fp8
 
 INDEX_FILE = "model.safetensors.index.json"
 SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -213,7 +213,7 @@ def dequantised_shape(w: Stored) -> Tuple[int, ...]:
 
 
 def expected_scale_shape(w: Stored) -> Tuple[int, ...]:
-    """The scale shape kernel.dequant_fp8 / dequant_fp4 accept for weight w."""
+    """The scale shape quant.dequant_fp8 / dequant_fp4 accept for weight w."""
     rows, cols = dequantised_shape(w)
     if QUANTISED[w.dtype] == "FP8":
         return -(-rows // 128), -(-cols // 128)

@@ -21,46 +21,6 @@ import os
 import torch
 import torch.nn.functional as F
 
-FP8_BLOCK = 128  # FP8 e4m3 weights: one ue8m0 scale per 128x128 block
-FP4_BLOCK = 32   # MXFP4 experts: one ue8m0 scale per 32 inputs of a row
-
-# The 16 values of an e2m1 code: bit 3 is the sign, bits 0-2 index the magnitude.
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
-               -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
-
-
-def dequant_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
-    """weight [out, in] float8_e4m3fn, scale [ceil(out/128), ceil(in/128)] ue8m0 -> [out, in] dtype.
-
-    An e4m3 value times a power of two is exact in float32 and in bf16, so the result is exact.
-    """
-    out_f, in_f = weight.shape
-    rows, cols = -(-out_f // FP8_BLOCK), -(-in_f // FP8_BLOCK)
-    if tuple(scale.shape) != (rows, cols):
-        raise ValueError(f"FP8 scale has shape {tuple(scale.shape)}, expected {(rows, cols)} "
-                         f"for a weight of shape {(out_f, in_f)}")
-    w = weight.to(dtype)                                   # exact: e4m3 fits in bf16 and float32
-    s = scale.to(dtype).repeat_interleave(FP8_BLOCK, 0)[:out_f]                    # [out, cols]
-    if in_f % FP8_BLOCK:
-        return w * s.repeat_interleave(FP8_BLOCK, 1)[:, :in_f]
-    return (w.view(out_f, cols, FP8_BLOCK) * s.unsqueeze(-1)).view(out_f, in_f)
-
-
-def dequant_fp4(weight: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
-    """weight [out, in/2] int8 (two e2m1 codes a byte, low nibble = even column),
-    scale [out, in/32] ue8m0 -> [out, in] dtype, exactly."""
-    out_f, half = weight.shape
-    in_f = 2 * half
-    if in_f % FP4_BLOCK or tuple(scale.shape) != (out_f, in_f // FP4_BLOCK):
-        raise ValueError(f"FP4 scale has shape {tuple(scale.shape)}, expected {(out_f, in_f // FP4_BLOCK)} "
-                         f"for a packed weight of shape {(out_f, half)}")
-    values = torch.tensor(E2M1_VALUES, dtype=dtype, device=weight.device)
-    byte = torch.arange(256, device=weight.device)
-    pairs = torch.stack([values[byte & 0xF], values[byte >> 4]], dim=-1)          # [256, 2]: a byte's two values
-    w = pairs[weight.view(torch.uint8).int()]                                      # [out, in/2, 2]
-    return (w.view(out_f, -1, FP4_BLOCK) * scale.to(dtype).unsqueeze(-1)).view(out_f, in_f)
-
-
 def hadamard_transform(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """x @ H * scale along the last dim, H the Sylvester Hadamard matrix; size a power of two."""
     n = x.size(-1)

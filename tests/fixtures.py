@@ -17,10 +17,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 try:
-    from kernel import E2M1_VALUES, FP4_BLOCK, FP8_BLOCK, dequant_fp4, dequant_fp8
+    from quant import E2M1_VALUES, FP4_BLOCK, FP8_BLOCK, dequant_fp4, dequant_fp8
 except ImportError:  # imported from outside pytest: the flat scripts live one folder up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from kernel import E2M1_VALUES, FP4_BLOCK, FP8_BLOCK, dequant_fp4, dequant_fp8
+    from quant import E2M1_VALUES, FP4_BLOCK, FP8_BLOCK, dequant_fp4, dequant_fp8
 from model import ModelArgs, Transformer  # noqa: E402  (found where kernel was)
 
 FP8_MAX = 448.0   # largest finite float8_e4m3fn

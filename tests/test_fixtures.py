@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 import fixtures
 from fixtures import (TINY_HF_CONFIG, dequantize_release, hf_config, quantize_fp4, quantize_fp8,
                       read_release, tokenizer_dir, write_release)
-from kernel import E2M1_VALUES, dequant_fp4, dequant_fp8
+from quant import E2M1_VALUES, dequant_fp4, dequant_fp8
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import kernel
+import quant
 
 
 def sylvester(n: int) -> torch.Tensor:
@@ -100,33 +101,33 @@ def test_dequant_fp8_blocks_with_ragged_edges():
     w = (torch.randn(out_f, in_f) * 50).to(torch.float8_e4m3fn)
     exps = torch.randint(-12, 3, (2, 3))
     scale = torch.pow(2.0, exps.float()).to(torch.float8_e8m0fnu)
-    got = kernel.dequant_fp8(w, scale, torch.float32)
+    got = quant.dequant_fp8(w, scale, torch.float32)
     for i in range(out_f):
         for j in (0, 127, 128, 255, 256, 299):
             assert got[i, j] == w[i, j].float() * 2.0 ** exps[i // 128, j // 128]
-    assert torch.equal(kernel.dequant_fp8(w, scale, torch.bfloat16).float(), got)   # exact in bf16 too
+    assert torch.equal(quant.dequant_fp8(w, scale, torch.bfloat16).float(), got)   # exact in bf16 too
     with pytest.raises(ValueError, match="scale has shape"):
-        kernel.dequant_fp8(w, scale[:1], torch.float32)
+        quant.dequant_fp8(w, scale[:1], torch.float32)
     # whole blocks (the fast path): every element against the formula
     w = (torch.randn(256, 384) * 50).to(torch.float8_e4m3fn)
     exps = torch.randint(-12, 3, (2, 3))
-    got = kernel.dequant_fp8(w, torch.pow(2.0, exps.float()).to(torch.float8_e8m0fnu), torch.bfloat16)
+    got = quant.dequant_fp8(w, torch.pow(2.0, exps.float()).to(torch.float8_e8m0fnu), torch.bfloat16)
     want = w.float() * torch.pow(2.0, exps.float()).repeat_interleave(128, 0).repeat_interleave(128, 1)
     assert torch.equal(got.float(), want)
 
 
 def test_dequant_fp4_nibble_order_and_scale():
-    values = torch.tensor(kernel.E2M1_VALUES)
+    values = torch.tensor(quant.E2M1_VALUES)
     codes = torch.randint(0, 16, (3, 64))
     packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).view(torch.int8)
     exps = torch.randint(-8, 4, (3, 2))
     scale = torch.pow(2.0, exps.float()).to(torch.float8_e8m0fnu)
-    got = kernel.dequant_fp4(packed, scale, torch.float32)
+    got = quant.dequant_fp4(packed, scale, torch.float32)
     want = values[codes] * torch.pow(2.0, exps.float()).repeat_interleave(32, 1)
     assert torch.equal(got, want)
     # one byte by hand: low nibble 0b0001 (0.5) is column 0, high nibble 0b1101 (-3) is column 1
     byte = torch.tensor([[0xD1] * 16], dtype=torch.uint8).view(torch.int8)
-    one = kernel.dequant_fp4(byte, torch.ones(1, 1).to(torch.float8_e8m0fnu), torch.float32)
+    one = quant.dequant_fp4(byte, torch.ones(1, 1).to(torch.float8_e8m0fnu), torch.float32)
     assert one[0, 0] == 0.5 and one[0, 1] == -3.0
 
 
