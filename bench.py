@@ -49,14 +49,13 @@ import torch
 import torch.distributed as dist
 
 import convert
-from kernel import BACKENDS
 from model import GraphedDecoder, ModelArgs, Transformer
+from ops import BACKENDS
+from peers import hf_twin
+from quant import fp4_scale_shape, fp8_scale_shape
+from random_release import hf_config, release_specs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-from fixtures import hf_config, release_specs  # noqa: E402  (the one description of the release layout)
-from oracle import hf_state_dict  # noqa: E402
-
 GB = 1e9
 
 
@@ -198,46 +197,6 @@ def build(config: str, layers: int, max_batch: int, max_seq: int, backend: str, 
     return model
 
 
-def hf_twin(model: Transformer):
-    """transformers' DeepseekV4ForCausalLM on the same GPU tensors (experts shared, not copied)."""
-    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
-    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf_mod
-
-    a = model.args
-    ratio_type = {0: "sliding_attention", 4: "compressed_sparse_attention"}
-    cfg = DeepseekV4Config(
-        vocab_size=a.vocab_size, hidden_size=a.dim, moe_intermediate_size=a.moe_inter_dim, num_hidden_layers=a.n_layers,
-        num_attention_heads=a.n_heads, head_dim=a.head_dim, qk_rope_head_dim=a.rope_head_dim, q_lora_rank=a.q_lora_rank,
-        o_groups=a.o_groups, o_lora_rank=a.o_lora_rank, sliding_window=a.window_size,
-        layer_types=[ratio_type.get(r, "heavily_compressed_attention") for r in a.compress_ratios[:a.n_layers]],
-        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
-        num_hash_layers=a.n_hash_layers, n_routed_experts=a.n_routed_experts, num_experts_per_tok=a.n_activated_experts,
-        routed_scaling_factor=a.route_scale, swiglu_limit=a.swiglu_limit, index_n_heads=a.index_n_heads,
-        index_head_dim=a.index_head_dim, index_topk=a.index_topk, hc_mult=a.hc_mult, rope_theta=a.rope_theta,
-        compress_rope_theta=a.compress_rope_theta, max_position_embeddings=a.max_seq_len,
-        rope_scaling={"type": "yarn", "factor": a.rope_factor, "original_max_position_embeddings": a.original_seq_len,
-                      "beta_fast": a.beta_fast, "beta_slow": a.beta_slow}, num_nextn_predict_layers=0)
-    with torch.device("meta"):
-        hf = DeepseekV4ForCausalLM(cfg).to(torch.bfloat16)
-    shapes = {k: v for k, v in hf.state_dict().items()}
-    ours = {k: v for k, v in model.state_dict().items() if ".experts." not in k}
-    state = {k: v.to(shapes[k].dtype) for k, v in hf_state_dict(ours).items()}
-    for i, layer in enumerate(model.layers):
-        w13, w2, _ = layer.ffn.stacked_weights()
-        state[f"model.layers.{i}.mlp.experts.gate_up_proj"] = w13
-        state[f"model.layers.{i}.mlp.experts.down_proj"] = w2
-    with torch.inference_mode():            # our stacked experts are inference tensors
-        hf.load_state_dict(state, strict=False, assign=True)
-    for name, module in hf.named_modules():
-        if isinstance(module, hf_mod.DeepseekV4RotaryEmbedding):
-            parent = hf.get_submodule(name.rsplit(".", 1)[0]) if "." in name else hf
-            setattr(parent, name.rsplit(".", 1)[-1], hf_mod.DeepseekV4RotaryEmbedding(cfg, device="cuda"))
-    leftovers = [n for n, t in list(hf.named_parameters()) + list(hf.named_buffers()) if t.is_meta]
-    if leftovers:
-        raise RuntimeError(f"transformers twin: tensors left on meta: {leftovers[:5]}")
-    return hf.eval()
-
-
 def hf_decode_ms(hf, batch: int, ctx: int, steps: int = 8) -> float:
     ids = torch.randint(0, hf.config.vocab_size, (batch, ctx), device="cuda")
     with torch.no_grad():
@@ -261,13 +220,13 @@ def collective_ms(model: Transformer, batch: int, ctx: int, steps: int = 5) -> t
     from torch.profiler import ProfilerActivity, profile
     ids = torch.randint(0, model.args.vocab_size, (batch, 1), device="cuda")
     pos = torch.full((batch,), ctx, device="cuda")
-    model(ids, pos)
+    model.decode(ids, pos)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             dist.barrier()
             torch.cuda.synchronize()
-            model(ids, pos)
+            model.decode(ids, pos)
         torch.cuda.synchronize()
     kernels = [e for e in prof.key_averages() if e.device_time_total > 0 and "barrier" not in e.key.lower()]
     nccl = sum(e.device_time_total for e in kernels if "nccl" in e.key.lower())
@@ -317,7 +276,7 @@ def bench_speed(args) -> None:
     rows = []
     with torch.no_grad():
         fill_caches(model)
-        decoder = GraphedDecoder(model) if args.backend != "torch" else model
+        decoder = GraphedDecoder(model) if model.ops.graphs else model.decode
         for ctx in args.context:
             for b in args.batch:
                 ids = torch.randint(0, model.args.vocab_size, (b, 1), device="cuda")
@@ -346,7 +305,7 @@ def bench_speed(args) -> None:
             ctx = args.context[0]
             positions = itertools.cycle([torch.full((1,), p, device="cuda") for p in range(ctx, ctx + 128)])
             print_profile(f"eager decode, batch 1, mean over positions {ctx} .. {ctx + 127}",
-                          lambda: model(ids, next(positions)), steps=128)
+                          lambda: model.decode(ids, next(positions)), steps=128)
             ids = torch.randint(0, model.args.vocab_size, (1, args.prefill), device="cuda")
             print_profile(f"prefill of {args.prefill} tokens", lambda: model(ids, 0), steps=1)
         if args.compare == "hf":
@@ -478,13 +437,9 @@ def add_attn_tiles(commands) -> None:
 
 # ----------------------------------------------------------------------------- backends
 
-def set_backend(model: Transformer, backend: str) -> None:
-    """Switch a built model's kernels in place: its modules copy args.backend when constructed, and
-    the decode step reads model.args.backend."""
-    model.args.backend = backend
-    for m in model.modules():
-        if hasattr(m, "backend"):
-            m.backend = backend
+def use_backend(model: Transformer, name: str, device: str) -> None:
+    """Switch a built model's kernels in place (every module holds the same Ops object)."""
+    model.ops.use(name, device)
 
 
 def greedy_run(model: Transformer, prompt: torch.Tensor, steps: int, forced: Optional[torch.Tensor] = None):
@@ -502,7 +457,7 @@ def greedy_run(model: Transformer, prompt: torch.Tensor, steps: int, forced: Opt
     for i in range(1, steps):
         nxt = forced[:, i - 1] if forced is not None else rows[-1].argmax(-1)
         pos = torch.full((b,), s + i - 1, device=prompt.device)
-        rows.append(model(nxt.to(prompt.device).view(b, 1), pos).float().cpu())
+        rows.append(model.decode(nxt.to(prompt.device).view(b, 1), pos).float().cpu())
     sync()
     logits = torch.stack(rows, dim=1)
     return logits, logits.argmax(-1), prefilled - start, (time.perf_counter() - prefilled) / (steps - 1)
@@ -518,10 +473,10 @@ def run_backend(model: Transformer, name: str, prompt: torch.Tensor, steps: int,
     b, s = prompt.shape
     row = {}
     if prompt.is_cuda:
-        decoder = GraphedDecoder(model) if name != "torch" else model
+        decoder = GraphedDecoder(model) if model.ops.graphs else model.decode
         row["prefill_ms"] = median_ms(lambda: model(prompt, 0), reps=3, warmup=1)
         row["decode_ms"] = decode_step_ms(decoder, prompt[:, -1:], s, min(128, model.args.max_seq_len - s), reps=3)
-        row["decode"] = "cuda graph" if name != "torch" else "eager"
+        row["decode"] = "cuda graph" if model.ops.graphs else "eager"
     logits, tokens, prefill_s, step_s = greedy_run(model, prompt, steps)
     if not prompt.is_cuda:
         row.update(prefill_ms=prefill_s * 1e3, decode_ms=step_s * 1e3, decode="eager")
@@ -578,7 +533,7 @@ def bench_backends(args) -> None:
             if name == "flaggems":          # FLAGGEMS_EXCLUDE set: aten ops routed too, for this backend only
                 scope = enable_flaggems(scoped=True, what="bench.py backends: backend flaggems")
             with scope:
-                set_backend(model, name)
+                use_backend(model, name, args.device)
                 numbers, logits, tokens = run_backend(model, name, prompt, args.steps, ref)
             row.update(numbers)
             if i == 0:
@@ -643,13 +598,13 @@ def stored_tensors(spec) -> list:
     """The tensors one layout entry is stored as: (OutTensor, kind of bytes)."""
     if spec.kind == "fp8":
         rows, cols = spec.shape
-        scale = (-(-rows // 128), -(-cols // 128))
+        scale = fp8_scale_shape(rows, cols)
         return [(convert.OutTensor(spec.name, "F8_E4M3", spec.shape), "e4m3"),
                 (convert.OutTensor(spec.name[:-len("weight")] + "scale", "F8_E8M0", scale), "scale")]
     if spec.kind == "fp4":
         rows, cols = spec.shape
         return [(convert.OutTensor(spec.name, "I8", (rows, cols // 2)), "bits"),
-                (convert.OutTensor(spec.name[:-len("weight")] + "scale", "F8_E8M0", (rows, cols // 32)), "scale")]
+                (convert.OutTensor(spec.name[:-len("weight")] + "scale", "F8_E8M0", fp4_scale_shape(rows, cols)), "scale")]
     dtype = {"bf16": "BF16", "fp32": "F32", "int": "I32"}[spec.kind]
     return [(convert.OutTensor(spec.name, dtype, spec.shape), "normal" if spec.kind != "int" else "expert_ids")]
 

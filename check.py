@@ -56,7 +56,7 @@ import torch
 
 import generate
 from generate import GenerateError
-from kernel import BACKENDS
+from ops import BACKENDS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SPEC_KEYS = ("ckpt", "mp", "backend", "device", "dtype", "ogroups")

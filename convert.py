@@ -19,7 +19,6 @@ import ctypes
 import json
 import multiprocessing
 import os
-import re
 import shutil
 import signal
 import sys
@@ -29,7 +28,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
-from quant import dequant_fp4, dequant_fp8
+from model import EXPERT, OUTPUT_PROJ, SPLIT_COLS, SPLIT_ROWS, VOCAB
+from quant import dequant_fp4, dequant_fp8, fp4_scale_shape, fp8_scale_shape
 
 INDEX_FILE = "model.safetensors.index.json"
 SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -44,14 +44,6 @@ KEPT = ("BF16", "F32", "I32", "I64")        # copied as they are
 QUANTISED = {"F8_E4M3": "FP8", "I8": "FP4"}  # need a .scale; become BF16
 SCALE_DTYPE = "F8_E8M0"
 
-# Tensor-parallel layout of model.py. A name matches a rule when it ends with the rule's text.
-SPLIT_ROWS = ("attn.wq_b.weight", "attn.attn_sink", "attn.indexer.wq_b.weight",
-              "attn.indexer.weights_proj.weight", "ffn.shared_experts.w1.weight",
-              "ffn.shared_experts.w3.weight")
-SPLIT_COLS = ("ffn.shared_experts.w2.weight",)
-VOCAB = ("embed.weight", "head.weight")                         # whole names, split by rows
-OUTPUT_PROJ = {"attn.wo_a.weight": 0, "attn.wo_b.weight": 1}    # o-groups aware
-EXPERT = re.compile(r"\.ffn\.experts\.(\d+)\.w[123]\.weight$")
 
 
 class ConvertError(Exception):
@@ -216,8 +208,8 @@ def expected_scale_shape(w: Stored) -> Tuple[int, ...]:
     """The scale shape quant.dequant_fp8 / dequant_fp4 accept for weight w."""
     rows, cols = dequantised_shape(w)
     if QUANTISED[w.dtype] == "FP8":
-        return -(-rows // 128), -(-cols // 128)
-    return rows, cols // 32
+        return fp8_scale_shape(rows, cols)
+    return fp4_scale_shape(rows, cols)
 
 
 def out_tensor(job: Job, piece: Piece) -> OutTensor:

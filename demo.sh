@@ -8,7 +8,7 @@ DEMO_DIR="${DEMO_DIR:-demo}"
 rm -rf "$DEMO_DIR"
 mkdir -p "$DEMO_DIR"
 
-python tests/fixtures.py "$DEMO_DIR/release"
+python random_release.py "$DEMO_DIR/release"
 python convert.py --hf-ckpt-path "$DEMO_DIR/release" --save-path "$DEMO_DIR/mp2" --model-parallel 2
 cat > "$DEMO_DIR/prompts.txt" <<'PROMPTS'
 What is the capital of France?

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from encoding import (ASSISTANT, BOS, EOS, THINK_END, THINK_START, USER, check_messages, encode_messages,
                       parse_completion)
-from kernel import BACKENDS
+from ops import BACKENDS
 from model import GraphedDecoder, ModelArgs, Transformer
 
 Prompt = Union[str, List[dict]]   # a user prompt, or a conversation ending with a user message
@@ -633,7 +633,7 @@ def run(opts: argparse.Namespace, ranks: Ranks) -> None:
               f"in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     generator = torch.Generator(ranks.device).manual_seed(opts.seed)
     # decode steps replay CUDA graphs (one per batch-size bucket) where the Triton kernels run
-    decoder = GraphedDecoder(model) if ranks.device.type == "cuda" and args.backend != "torch" else None
+    decoder = GraphedDecoder(model) if model.ops.graphs else None
     if opts.interactive:
         run_interactive(opts, ranks, model, tokenizer, eos_id, generator, decoder)
         return

@@ -1,20 +1,23 @@
-"""DeepSeek-V4: the transformer, self-contained, with tensor parallelism over torch.distributed.
+"""DeepSeek-V4: the transformer, tensor parallel over torch.distributed (parallel.py's layers), its
+operators from an ops.Ops object that every module shares.
 
 Classes follow the sections of the V4 paper:
-  ModelArgs                        hyper-parameters (our configs/*.json or a release's config.json)
-  Parallel, *ParallelLinear        tensor parallelism (vocab-, column- and row-parallel weights)
+  SPLIT_*, ModelArgs               how checkpoints are split over ranks; hyper-parameters (our
+                                   configs/*.json or a release's config.json)
   Compressor, Indexer, Attention   hybrid attention: sliding window, compressed sparse attention
                                    (CSA, ratio 4, Lightning Indexer) and heavily compressed attention
                                    (HCA), Q-LoRA with one shared KV head, attention sinks and a grouped
                                    low-rank output projection
   Gate, Expert, MoE                hash-routed and score-routed experts plus one shared expert
   Block                            manifold-constrained hyper-connections (mHC) around both sublayers
-  ParallelHead, MTPBlock, Transformer
+  MTPBlock, Transformer            the multi-token prediction block (loaded, unused) and the whole model:
+                                   forward() for prompts and chunks, decode() for one token a row
+  GraphedDecoder                   decode steps replayed from CUDA graphs
 
 Shapes: b batch, s new tokens, hc hyper-connection streams, D model dim.
 """
 import json
-import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
@@ -23,9 +26,22 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kernel import (BACKENDS, MOE_GEMV_MAX_ASSIGNMENTS, compressed_entries, compressor_decode, decode_indices,
-                    hadamard, hc_post, hc_pre, index_scores, moe_experts_triton, moe_gemv_triton, norm_rope,
-                    norm_rope_into, rms_norm, route, sparse_attn, swiglu, topk_indices, use_triton)
+from kernel import moe_experts_triton, moe_gemv_triton
+from ops import BACKENDS, Ops, compressed_entries, swiglu
+from parallel import (ColumnParallelLinear, Linear, Parallel, ParallelEmbedding, ParallelHead, RMSNorm,
+                      RowParallelLinear, dtype_of, linear_fp32, precompute_freqs_cis)
+
+
+# How the checkpoint's tensors are split over the ranks (convert.py cuts them so; the layers below are
+# built for the pieces). A name matches a rule when it ends with the rule's text; what no rule names is
+# copied whole to every rank.
+SPLIT_ROWS = ("attn.wq_b.weight", "attn.attn_sink", "attn.indexer.wq_b.weight",
+              "attn.indexer.weights_proj.weight", "ffn.shared_experts.w1.weight",
+              "ffn.shared_experts.w3.weight")
+SPLIT_COLS = ("ffn.shared_experts.w2.weight",)
+VOCAB = ("embed.weight", "head.weight")                         # whole names, split by rows
+OUTPUT_PROJ = {"attn.wo_a.weight": 0, "attn.wo_b.weight": 1}    # by output group: o-groups aware
+EXPERT = re.compile(r"\.ffn\.experts\.(\d+)\.w[123]\.weight$")   # routed experts: whole, by index
 
 
 @dataclass
@@ -178,131 +194,6 @@ def _from_hf_config(raw: dict, path: str) -> dict:
     return out
 
 
-# ---------------------------------------------------------------- tensor parallelism
-
-@dataclass
-class Parallel:
-    """Where this process sits in the tensor-parallel world.
-
-    In the o-groups layout (world size N > o_groups G), the N // G consecutive ranks of a pair group
-    share one output group: they gather their heads before wo_a, and wo_b is reduced over the
-    projection group, one rank of each pair group.
-    """
-    world_size: int = 1
-    rank: int = 0
-    pair_group: Optional[dist.ProcessGroup] = None
-    proj_group: Optional[dist.ProcessGroup] = None
-
-    @classmethod
-    def current(cls, args: ModelArgs) -> "Parallel":
-        if not dist.is_initialized():
-            return cls()
-        ws, rank = dist.get_world_size(), dist.get_rank()
-        p = cls(ws, rank)
-        if args.ogroups_comm and ws > 1:
-            per_group = ws // args.o_groups
-            for g in range(args.o_groups):          # every rank takes part in every new_group call
-                grp = dist.new_group(list(range(g * per_group, (g + 1) * per_group)))
-                if rank // per_group == g:
-                    p.pair_group = grp
-            for j in range(per_group):
-                grp = dist.new_group(list(range(j, ws, per_group)))
-                if rank % per_group == j:
-                    p.proj_group = grp
-        return p
-
-    @property
-    def out_group_split(self) -> int:
-        """How many ways the output groups (wo_a rows, wo_b columns) are split."""
-        return dist.get_world_size(self.proj_group) if self.proj_group is not None else self.world_size
-
-    def all_reduce(self, x: torch.Tensor, group=None) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.all_reduce(x, group=group)
-        return x
-
-
-def dtype_of(args: ModelArgs) -> torch.dtype:
-    return torch.float32 if args.dtype == "fp32" else torch.bfloat16
-
-
-class Linear(nn.Module):
-    """y = x W^T without bias; W [out, in]."""
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight)
-
-
-def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [T, in] W^T as float32 sums of products of the values in the weight's dtype (as the reference,
-    which upcasts both); on CUDA without a float32 copy of the weight."""
-    if x.is_cuda:
-        return torch.mm(x.to(weight.dtype), weight.t(), out_dtype=torch.float32)
-    return F.linear(x.float(), weight.float())
-
-
-class ColumnParallelLinear(Linear):
-    """Output features split over `parts` ranks; no communication."""
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, parts: int):
-        super().__init__(in_features, out_features // parts, dtype)
-
-
-class RowParallelLinear(Linear):
-    """Input features split over `parts` ranks; returns this rank's partial sum (the caller reduces)."""
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, parts: int):
-        super().__init__(in_features // parts, out_features, dtype)
-
-
-class ParallelEmbedding(nn.Module):
-    """Embedding split along the vocabulary; each rank looks up its rows, then one all-reduce."""
-    def __init__(self, vocab_size: int, dim: int, dtype: torch.dtype, tp: Parallel):
-        super().__init__()
-        self.tp = tp
-        self.part = vocab_size // tp.world_size
-        self.start = tp.rank * self.part
-        self.weight = nn.Parameter(torch.empty(self.part, dim, dtype=dtype), requires_grad=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.tp.world_size == 1:
-            return F.embedding(ids, self.weight)
-        local = ids - self.start
-        outside = (local < 0) | (local >= self.part)
-        y = F.embedding(local.masked_fill(outside, 0), self.weight)
-        y = y.masked_fill(outside.unsqueeze(-1), 0)
-        return self.tp.all_reduce(y)
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm with a float32 weight (the release stores it in bf16)."""
-    def __init__(self, dim: int, eps: float, backend: str = "auto"):
-        super().__init__()
-        self.eps, self.backend = eps, backend
-        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps, self.backend)
-
-
-def precompute_freqs_cis(dim: int, seqlen: int, original_seq_len: int, base: float, factor: float,
-                         beta_fast: float, beta_slow: float) -> torch.Tensor:
-    """Rotary frequencies [seqlen, dim/2] as complex64, with YaRN interpolation when original_seq_len > 0."""
-    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    if original_seq_len > 0:
-        def correction_dim(rotations):
-            return dim * math.log(original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
-        low = max(math.floor(correction_dim(beta_fast)), 0)
-        high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
-        if low == high:
-            high += 0.001
-        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-        freqs = freqs / factor * ramp + freqs * (1 - ramp)
-    angles = torch.outer(torch.arange(seqlen, dtype=torch.float32), freqs)
-    return torch.polar(torch.ones_like(angles), angles)
-
-
 # ---------------------------------------------------------------- hybrid attention
 
 class Compressor(nn.Module):
@@ -314,18 +205,18 @@ class Compressor(nn.Module):
     The tokens of the window in progress wait in kv_state/score_state (slot = position % ratio);
     prev_kv/prev_score hold the first series of the last completed window.
     """
-    def __init__(self, args: ModelArgs, ratio: int, head_dim: int, rotate: bool):
+    def __init__(self, args: ModelArgs, ratio: int, head_dim: int, rotate: bool, ops: Ops):
         super().__init__()
         self.ratio, self.head_dim, self.rotate = ratio, head_dim, rotate
-        self.backend = args.backend
+        self.ops = ops
         self.rope_head_dim = args.rope_head_dim
         self.overlap = ratio == 4
         width = (1 + self.overlap) * head_dim
-        self.dtype = dtype_of(args)
+        self.dtype = dtype_of(args.dtype)
         self.wkv = Linear(args.dim, width, self.dtype)            # float32 products and sums: see project()
         self.wgate = Linear(args.dim, width, self.dtype)
         self.ape = nn.Parameter(torch.empty(ratio, width, dtype=torch.float32), requires_grad=False)
-        self.norm = RMSNorm(head_dim, args.norm_eps, args.backend)
+        self.norm = RMSNorm(head_dim, args.norm_eps, ops)
         b = args.max_batch_size
         self.register_buffer("kv_state", torch.zeros(b, ratio, width), persistent=False)
         self.register_buffer("score_state", torch.zeros(b, ratio, width), persistent=False)
@@ -371,7 +262,7 @@ class Compressor(nn.Module):
         window_start = (first + torch.arange(n, device=x.device)) * ratio
         cache[:bsz, first:first + n] = compressed_entries(kv, score, freqs_cis[window_start], self.rope_head_dim,
                                                           self.norm.weight, self.norm.eps, self.rotate_scale,
-                                                          self.dtype, self.backend)
+                                                          self.dtype, self.ops)
 
     def project(self, x: torch.Tensor):
         """x [.., D] -> float32 kv and gate scores [.., width]. The release's weights are bf16, as is x; the
@@ -387,9 +278,9 @@ class Compressor(nn.Module):
         float32 values, possibly column slices of a wider matrix), with static shapes and no host sync.
         A row's entry is written by the step that completes its window, as in prefill."""
         prev = (self.prev_kv, self.prev_score) if self.overlap else (None, None)
-        compressor_decode(kv, score, self.ape, pos, self.kv_state, self.score_state, *prev,
-                          self.norm.weight, self.norm.eps, freqs_cis, self.rope_head_dim, self.rotate_scale, cache,
-                          self.backend)
+        self.ops.compressor_decode(kv, score, self.ape, pos, self.kv_state, self.score_state, *prev,
+                                   self.norm.weight, self.norm.eps, freqs_cis, self.rope_head_dim, self.rotate_scale,
+                                   cache)
 
 
 def cache_entries(max_seq_len: int, ratio: int) -> int:
@@ -409,18 +300,17 @@ class Indexer(nn.Module):
     score(t, j) = sum_h w[t, h] * relu(q[t, h] . k[j]), with its own compressor for k. The heads
     are split over ranks and the scores summed with one all-reduce.
     """
-    def __init__(self, args: ModelArgs, tp: Parallel):
+    def __init__(self, args: ModelArgs, tp: Parallel, ops: Ops):
         super().__init__()
-        self.tp = tp
+        self.tp, self.ops = tp, ops
         self.n_heads, self.head_dim, self.topk = args.index_n_heads, args.index_head_dim, args.index_topk
         self.n_local_heads = args.index_n_heads // tp.world_size
         self.rope_head_dim = args.rope_head_dim
         self.ratio = 4
-        self.backend = args.backend
-        dtype = dtype_of(args)
+        dtype = dtype_of(args.dtype)
         self.wq_b = ColumnParallelLinear(args.q_lora_rank, self.n_heads * self.head_dim, dtype, tp.world_size)
         self.weights_proj = ColumnParallelLinear(args.dim, self.n_heads, dtype, tp.world_size)
-        self.compressor = Compressor(args, self.ratio, self.head_dim, rotate=True)
+        self.compressor = Compressor(args, self.ratio, self.head_dim, rotate=True, ops=ops)
         self.register_buffer("kv_cache", torch.zeros(args.max_batch_size, cache_entries(args.max_seq_len, self.ratio),
                                                      self.head_dim, dtype=dtype), persistent=False)
 
@@ -446,15 +336,15 @@ class Indexer(nn.Module):
     def queries(self, qr: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         """qr [b, s, q_lora_rank] -> this rank's rotated queries [b, s, h, d]."""
         q = self.wq_b(qr).unflatten(-1, (self.n_local_heads, self.head_dim))
-        q = norm_rope(q, freqs, self.rope_head_dim, backend=self.backend)
-        return hadamard(q, self.head_dim ** -0.5, self.backend)
+        q = self.ops.norm_rope(q, freqs, self.rope_head_dim)
+        return self.ops.hadamard(q, self.head_dim ** -0.5)
 
     def pick(self, q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
         """Scores of keys [b, n, d] for q [b, s, h, d] with head weights [b, s, h], summed over all
         ranks' heads, entries from limit ([s] or [b]) on unseen -> the top k [b, s, k]."""
-        scores = index_scores(q, keys, weights, limit.view(-1, q.size(1)),
-                              self.head_dim ** -0.5 * self.n_heads ** -0.5, self.backend)   # [b, s, n], -inf unseen
-        return topk_indices(self.tp.all_reduce(scores), self.topk, self.backend)
+        scores = self.ops.index_scores(q, keys, weights, limit.view(-1, q.size(1)),
+                                       self.head_dim ** -0.5 * self.n_heads ** -0.5)   # [b, s, n], -inf unseen
+        return self.ops.topk(self.tp.all_reduce(scores), self.topk)
 
 
 @dataclass
@@ -466,12 +356,12 @@ class DecodeStep:
     pos: torch.Tensor
     ring_slot: torch.Tensor
     window: int
-    backend: str
+    ops: Ops
     kept: dict = field(default_factory=dict)
 
     @classmethod
-    def at(cls, pos: torch.Tensor, window: int, backend: str) -> "DecodeStep":
-        return cls(pos, pos % window, window, backend)
+    def at(cls, pos: torch.Tensor, window: int, ops: Ops) -> "DecodeStep":
+        return cls(pos, pos % window, window, ops)
 
     def visible(self, ratio: int) -> torch.Tensor:
         """visible_entries(pos, ratio) [b]."""
@@ -483,10 +373,10 @@ class DecodeStep:
         """Slots [b, window + entries] of a layer's cache that each row attends (kernel.decode_indices):
         the indexer's picks [b, k] on CSA layers, every visible entry of n_entries otherwise."""
         if picks is not None:
-            return decode_indices(self.pos, self.window, n_entries, ratio, picks, backend=self.backend)
+            return self.ops.decode_indices(self.pos, self.window, n_entries, ratio, picks)
         if ("attended", ratio, n_entries) not in self.kept:
-            self.kept["attended", ratio, n_entries] = decode_indices(self.pos, self.window, n_entries, ratio,
-                                                                     backend=self.backend)
+            self.kept["attended", ratio, n_entries] = self.ops.decode_indices(self.pos, self.window, n_entries,
+                                                                              ratio)
         return self.kept["attended", ratio, n_entries]
 
 
@@ -499,10 +389,10 @@ class Attention(nn.Module):
     position, then projected by groups (wo_a per group, wo_b over all groups).
     kv_cache holds the window as a ring (slot = position % window) followed by the compressed entries.
     """
-    def __init__(self, layer_id: int, args: ModelArgs, tp: Parallel):
+    def __init__(self, layer_id: int, args: ModelArgs, tp: Parallel, ops: Ops):
         super().__init__()
-        self.tp = tp
-        dtype = dtype_of(args)
+        self.tp, self.ops = tp, ops
+        dtype = dtype_of(args.dtype)
         self.n_heads, self.head_dim, self.rope_head_dim = args.n_heads, args.head_dim, args.rope_head_dim
         self.n_local_heads = args.n_heads // tp.world_size
         self.o_lora_rank = args.o_lora_rank
@@ -511,13 +401,12 @@ class Attention(nn.Module):
         self.ratio = args.ratio(layer_id)
         self.eps = args.norm_eps
         self.softmax_scale = self.head_dim ** -0.5
-        self.backend = args.backend
 
         self.wq_a = Linear(args.dim, args.q_lora_rank, dtype)
-        self.q_norm = RMSNorm(args.q_lora_rank, self.eps, self.backend)
+        self.q_norm = RMSNorm(args.q_lora_rank, self.eps, ops)
         self.wq_b = ColumnParallelLinear(args.q_lora_rank, self.n_heads * self.head_dim, dtype, tp.world_size)
         self.wkv = Linear(args.dim, self.head_dim, dtype)
-        self.kv_norm = RMSNorm(self.head_dim, self.eps, self.backend)
+        self.kv_norm = RMSNorm(self.head_dim, self.eps, ops)
         self.wo_a = ColumnParallelLinear(self.n_heads * self.head_dim // args.o_groups,
                                          args.o_groups * args.o_lora_rank, dtype, tp.out_group_split)
         self.wo_b = RowParallelLinear(args.o_groups * args.o_lora_rank, args.dim, dtype, tp.out_group_split)
@@ -529,18 +418,15 @@ class Attention(nn.Module):
         else:
             freqs = precompute_freqs_cis(self.rope_head_dim, args.max_seq_len, 0, args.rope_theta, 1.0, 0, 0)
         self.register_buffer("freqs_cis", torch.view_as_real(freqs), persistent=False)   # [seq, rd/2, 2] cos, sin
-        self.compressor = Compressor(args, self.ratio, self.head_dim, rotate=False) if self.ratio else None
-        self.indexer = Indexer(args, tp) if self.ratio == 4 else None
+        self.compressor = Compressor(args, self.ratio, self.head_dim, rotate=False, ops=ops) if self.ratio else None
+        self.indexer = Indexer(args, tp, ops) if self.ratio == 4 else None
         n_max = cache_entries(args.max_seq_len, self.ratio) if self.ratio else 0
         self.register_buffer("kv_cache", torch.zeros(args.max_batch_size, self.window + n_max, self.head_dim,
                                                      dtype=dtype), persistent=False)
         self.stacked = None
 
-    def forward(self, x: torch.Tensor, start_pos) -> torch.Tensor:
-        """x [b, s, D] at positions start_pos .. start_pos+s-1 (start_pos an int), or one token per
-        row (start_pos a DecodeStep: the static-shape decode step)."""
-        if isinstance(start_pos, DecodeStep):
-            return self.decode(x, start_pos)
+    def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """x [b, s, D] at positions start_pos .. start_pos+s-1 (decode() takes one token per row)."""
         bsz, seqlen, _ = x.shape
         end, win = start_pos + seqlen, self.window
         pos = torch.arange(start_pos, end, device=x.device)
@@ -566,7 +452,7 @@ class Attention(nn.Module):
             cidx = torch.where(cidx < visible, cidx, -1)
             idx = torch.cat([idx, torch.where(cidx >= 0, cidx + keys.size(1), -1)], dim=-1)
             keys = torch.cat([keys, compressed[:bsz, :n]], dim=1)
-        o = sparse_attn(q, keys, self.attn_sink, idx, self.softmax_scale, self.backend)   # [b, s, h, d]
+        o = self.ops.sparse_attn(q, keys, self.attn_sink, idx, self.softmax_scale)   # [b, s, h, d]
         return self.output(o, self.freqs_cis[pos])
 
     def input_weights(self):
@@ -607,7 +493,7 @@ class Attention(nn.Module):
         elif self.ratio:
             self.compressor.decode(parts[2], parts[3], pos, self.freqs_cis, self.kv_cache[:, win:])
         idx = step.attended(self.ratio, n_entries, picks)                          # [b, win + entries]
-        o = sparse_attn(q, self.kv_cache[:bsz], self.attn_sink, idx.unsqueeze(1), self.softmax_scale, self.backend)
+        o = self.ops.sparse_attn(q, self.kv_cache[:bsz], self.attn_sink, idx.unsqueeze(1), self.softmax_scale)
         return self.output(o, freqs)
 
     def project(self, qa: torch.Tensor, kva: torch.Tensor, freqs: torch.Tensor, ring_slots=None):
@@ -616,18 +502,18 @@ class Attention(nn.Module):
         s = 1) kv goes straight to those slots of the window ring and None stands in for it."""
         qr = self.q_norm(qa)
         q = self.wq_b(qr).unflatten(-1, (self.n_local_heads, self.head_dim))
-        q = norm_rope(q, freqs, self.rope_head_dim, self.eps, backend=self.backend)
+        q = self.ops.norm_rope(q, freqs, self.rope_head_dim, self.eps)
         if ring_slots is not None:
-            norm_rope_into(kva, freqs, self.rope_head_dim, self.eps, self.kv_norm.weight, self.kv_cache, ring_slots,
-                           self.backend)
+            self.ops.norm_rope_into(kva, freqs, self.rope_head_dim, self.eps, self.kv_norm.weight, self.kv_cache,
+                                    ring_slots)
             return qr, q, None
-        kv = norm_rope(kva, freqs, self.rope_head_dim, self.eps, self.kv_norm.weight, backend=self.backend)
+        kv = self.ops.norm_rope(kva, freqs, self.rope_head_dim, self.eps, self.kv_norm.weight)
         return qr, q, kv
 
     def output(self, o: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         """Rotate the RoPE channels of o [b, s, h, d] back, then the grouped projection -> [b, s, D]."""
         bsz, seqlen = o.shape[:2]
-        o = norm_rope(o, freqs, self.rope_head_dim, inverse=True, backend=self.backend)
+        o = self.ops.norm_rope(o, freqs, self.rope_head_dim, inverse=True)
         if self.tp.pair_group is not None:   # gather the heads of this rank's output group
             parts = [torch.empty_like(o) for _ in range(dist.get_world_size(self.tp.pair_group))]
             dist.all_gather(parts, o.contiguous(), group=self.tp.pair_group)
@@ -643,12 +529,12 @@ class Attention(nn.Module):
 class Gate(nn.Module):
     """Router: hash layers take experts from the fixed tid2eid[token]; the others take the top k of
     score + bias. Weights are the scores of the chosen experts, normalised, times route_scale."""
-    def __init__(self, layer_id: int, args: ModelArgs):
+    def __init__(self, layer_id: int, args: ModelArgs, ops: Ops):
         super().__init__()
         self.topk, self.score_func, self.route_scale = args.n_activated_experts, args.score_func, args.route_scale
-        self.backend = args.backend
+        self.ops = ops
         self.hash = layer_id < args.n_hash_layers
-        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim, dtype=dtype_of(args)),
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim, dtype=dtype_of(args.dtype)),
                                    requires_grad=False)
         if self.hash:
             self.tid2eid = nn.Parameter(torch.empty(args.vocab_size, self.topk, dtype=torch.int32),
@@ -658,8 +544,8 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor):
         """x [T, D], ids [T] -> weights [T, k] float32, experts [T, k] int64 (kernel.route_torch)."""
-        return route(linear_fp32(x, self.weight), None if self.hash else self.bias, self.tid2eid if self.hash else None,
-                     ids, self.topk, self.score_func, self.route_scale, self.backend)
+        return self.ops.route(linear_fp32(x, self.weight), None if self.hash else self.bias,
+                              self.tid2eid if self.hash else None, ids, self.topk, self.score_func, self.route_scale)
 
 
 class Expert(nn.Module):
@@ -688,13 +574,13 @@ class MoE(nn.Module):
     are views (made once, after loading). Few tokens (decode) take the routed and shared experts
     together in three launches (kernel.moe_gemv_triton); more take grouped GEMMs over the tokens
     sorted by expert (kernel.moe_experts_triton)."""
-    def __init__(self, layer_id: int, args: ModelArgs, tp: Parallel):
+    def __init__(self, layer_id: int, args: ModelArgs, tp: Parallel, ops: Ops):
         super().__init__()
-        self.tp, self.backend, self.swiglu_limit = tp, args.backend, args.swiglu_limit
-        dtype = dtype_of(args)
+        self.tp, self.ops, self.swiglu_limit = tp, ops, args.swiglu_limit
+        dtype = dtype_of(args.dtype)
         n_local = args.n_routed_experts // tp.world_size
         self.local = range(tp.rank * n_local, (tp.rank + 1) * n_local)
-        self.gate = Gate(layer_id, args)
+        self.gate = Gate(layer_id, args, ops)
         self.experts = nn.ModuleList([
             Expert(args.dim, args.moe_inter_dim, dtype, args.swiglu_limit) if i in self.local else None
             for i in range(args.n_routed_experts)])
@@ -723,14 +609,15 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, experts = self.gate(x, ids.reshape(-1))
-        if use_triton(x, self.backend) and experts.numel() <= MOE_GEMV_MAX_ASSIGNMENTS:
+        path = self.ops.moe_path(experts.numel())
+        if path == "gemv":
             w13, w2, shared13 = self.stacked_weights()
             y = moe_gemv_triton(x, w13, w2, weights, experts, self.local.start, self.swiglu_limit,
                                 F.linear(x, shared13), self.shared_experts.w2.weight,
                                 torch.float32 if self.tp.world_size > 1 else x.dtype)
             return self.tp.all_reduce(y).to(x.dtype).view(shape)
         y = self.shared_experts(x)                                  # float32 [T, D]
-        if use_triton(x, self.backend):
+        if path == "grouped":
             w13, w2, _ = self.stacked_weights()
             y += moe_experts_triton(x, w13, w2, weights, experts, self.local.start, self.swiglu_limit)
         else:
@@ -751,15 +638,15 @@ class Block(nn.Module):
     sublayer's input; hc_post writes the output back with `post` and mixes the streams with the
     doubly stochastic `comb`.
     """
-    def __init__(self, layer_id: int, args: ModelArgs, tp: Parallel):
+    def __init__(self, layer_id: int, args: ModelArgs, tp: Parallel, ops: Ops):
         super().__init__()
         self.norm_eps, self.hc_mult = args.norm_eps, args.hc_mult
         self.hc_sinkhorn_iters, self.hc_eps = args.hc_sinkhorn_iters, args.hc_eps
-        self.backend = args.backend
-        self.attn = Attention(layer_id, args, tp)
-        self.ffn = MoE(layer_id, args, tp)
-        self.attn_norm = RMSNorm(args.dim, args.norm_eps, args.backend)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, args.backend)
+        self.ops = ops
+        self.attn = Attention(layer_id, args, tp, ops)
+        self.ffn = MoE(layer_id, args, tp, ops)
+        self.attn_norm = RMSNorm(args.dim, args.norm_eps, ops)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, ops)
         mix, width = (2 + args.hc_mult) * args.hc_mult, args.hc_mult * args.dim
         for site in ("attn", "ffn"):
             self.register_parameter(f"hc_{site}_fn", nn.Parameter(torch.empty(mix, width), requires_grad=False))
@@ -769,14 +656,22 @@ class Block(nn.Module):
     def hc_pre(self, x: torch.Tensor, fn, scale, base, norm: RMSNorm):
         """streams x [b, s, hc, D] -> the sublayer's input [b, s, D] through its norm, post [b, s, hc],
         comb [b, s, hc, hc]"""
-        return hc_pre(x, fn, scale, base, self.hc_mult, self.hc_sinkhorn_iters, self.norm_eps, self.hc_eps,
-                      norm.weight, self.backend)
+        return self.ops.hc_pre(x, fn, scale, base, self.hc_mult, self.hc_sinkhorn_iters, self.norm_eps, self.hc_eps,
+                               norm.weight)
 
     def forward(self, x: torch.Tensor, start_pos: int, ids: torch.Tensor) -> torch.Tensor:
+        """x [b, s, hc, D] streams at positions start_pos .. start_pos+s-1, ids [b, s] their tokens."""
+        return self.sublayers(x, lambda h: self.attn(h, start_pos), ids)
+
+    def decode(self, x: torch.Tensor, step: "DecodeStep", ids: torch.Tensor) -> torch.Tensor:
+        """x [b, 1, hc, D]: one token per row at step.pos, with static shapes."""
+        return self.sublayers(x, lambda h: self.attn.decode(h, step), ids)
+
+    def sublayers(self, x: torch.Tensor, attend, ids: torch.Tensor) -> torch.Tensor:
         h, post, comb = self.hc_pre(x, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, self.attn_norm)
-        x = hc_post(self.attn(h, start_pos), x, post, comb, self.backend)
+        x = self.ops.hc_post(attend(h), x, post, comb)
         h, post, comb = self.hc_pre(x, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, self.ffn_norm)
-        return hc_post(self.ffn(h, ids), x, post, comb, self.backend)
+        return self.ops.hc_post(self.ffn(h, ids), x, post, comb)
 
 
 def hc_head_params(module: nn.Module, args: ModelArgs) -> None:
@@ -786,87 +681,74 @@ def hc_head_params(module: nn.Module, args: ModelArgs) -> None:
     module.hc_head_scale = nn.Parameter(torch.empty(1), requires_grad=False)
 
 
-def hc_head(module: nn.Module, x: torch.Tensor, norm: RMSNorm, args: ModelArgs) -> torch.Tensor:
+def hc_head(module: nn.Module, x: torch.Tensor, norm: RMSNorm, args: ModelArgs, ops: Ops) -> torch.Tensor:
     """HC head: collapse the streams [b, s, hc, D] with sigmoid weights (no Sinkhorn), then the final
-    norm -> [b, s, D] (kernel.hc_pre with the head's hc_mult mixes)."""
-    return hc_pre(x, module.hc_head_fn, module.hc_head_scale, module.hc_head_base, args.hc_mult, 0, args.norm_eps,
-                  args.hc_eps, norm.weight, args.backend)[0]
-
-
-class ParallelHead(nn.Module):
-    """Output projection split along the vocabulary; logits gathered from all ranks.
-
-    The weight stays in the model dtype; logits are float32 sums of products of its values, as in
-    the reference (which upcasts a bf16 weight), without a float32 copy of the 129280 x D matrix."""
-    def __init__(self, args: ModelArgs, tp: Parallel):
-        super().__init__()
-        self.tp = tp
-        self.weight = nn.Parameter(torch.empty(args.vocab_size // tp.world_size, args.dim, dtype=dtype_of(args)),
-                                   requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [b, D] -> float32 logits [b, vocab]."""
-        logits = linear_fp32(x, self.weight)
-        if self.tp.world_size == 1:
-            return logits
-        parts = [torch.empty_like(logits) for _ in range(self.tp.world_size)]
-        dist.all_gather(parts, logits)
-        return torch.cat(parts, dim=-1)
+    norm -> [b, s, D] (ops.hc_pre with the head's hc_mult mixes)."""
+    return ops.hc_pre(x, module.hc_head_fn, module.hc_head_scale, module.hc_head_base, args.hc_mult, 0,
+                      args.norm_eps, args.hc_eps, norm.weight)[0]
 
 
 class MTPBlock(Block):
     """Multi-token prediction block: mixes the embedding of the next token with the main model's
     last streams, runs one more layer and predicts with the shared head. Loaded, not used to generate."""
-    def __init__(self, layer_id: int, args: ModelArgs, tp: Parallel):
-        super().__init__(layer_id, args, tp)
+    def __init__(self, layer_id: int, args: ModelArgs, tp: Parallel, ops: Ops):
+        super().__init__(layer_id, args, tp, ops)
         self.args = args
-        dtype = dtype_of(args)
+        dtype = dtype_of(args.dtype)
         self.e_proj = Linear(args.dim, args.dim, dtype)
         self.h_proj = Linear(args.dim, args.dim, dtype)
-        self.enorm = RMSNorm(args.dim, args.norm_eps, args.backend)
-        self.hnorm = RMSNorm(args.dim, args.norm_eps, args.backend)
-        self.norm = RMSNorm(args.dim, args.norm_eps, args.backend)
+        self.enorm = RMSNorm(args.dim, args.norm_eps, ops)
+        self.hnorm = RMSNorm(args.dim, args.norm_eps, ops)
+        self.norm = RMSNorm(args.dim, args.norm_eps, ops)
         hc_head_params(self, args)
 
     def predict(self, h: torch.Tensor, start_pos: int, ids: torch.Tensor, embed: nn.Module, head: ParallelHead):
         """h [b, s, hc, D] streams of the main model, ids [b, s] the next tokens -> logits [b, vocab]."""
         e = self.e_proj(self.enorm(embed(ids))).unsqueeze(2)
         x = self.forward(e + self.h_proj(self.hnorm(h)), start_pos, ids)
-        return head(hc_head(self, x[:, -1:], self.norm, self.args)[:, -1])
+        return head(hc_head(self, x[:, -1:], self.norm, self.args, self.ops)[:, -1])
 
 
 class Transformer(nn.Module):
     """embed -> hc streams -> blocks -> HC head -> norm -> logits of the last position."""
     def __init__(self, args: ModelArgs):
-        tp = Parallel.current(args)
+        tp = Parallel.current(args.o_groups if args.ogroups_comm else None)
         args.validate(tp.world_size)
         super().__init__()
         self.args, self.tp = args, tp
-        dtype = dtype_of(args)
+        self.ops = ops = Ops(args.backend)              # for tensors on torch's default device
+        dtype = dtype_of(args.dtype)
         self.embed = ParallelEmbedding(args.vocab_size, args.dim, dtype, tp)
-        self.layers = nn.ModuleList([Block(i, args, tp) for i in range(args.n_layers)])
-        self.norm = RMSNorm(args.dim, args.norm_eps, args.backend)
-        self.head = ParallelHead(args, tp)
-        self.mtp = nn.ModuleList([MTPBlock(args.n_layers + k, args, tp) for k in range(args.n_mtp_layers)])
+        self.layers = nn.ModuleList([Block(i, args, tp, ops) for i in range(args.n_layers)])
+        self.norm = RMSNorm(args.dim, args.norm_eps, ops)
+        self.head = ParallelHead(args.vocab_size, args.dim, dtype, tp)
+        self.mtp = nn.ModuleList([MTPBlock(args.n_layers + k, args, tp, ops) for k in range(args.n_mtp_layers)])
         hc_head_params(self, args)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, start_pos=0) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """input_ids [b, s] at positions start_pos .. start_pos+s-1 (caches hold the earlier ones)
-        -> float32 logits of the last position [b, vocab]. start_pos may also be a tensor [b] of
-        per-row positions for one token per row: the decode step, with static shapes (CUDA graphs)."""
+        -> float32 logits of the last position [b, vocab]."""
         bsz, seqlen = input_ids.shape
-        if isinstance(start_pos, torch.Tensor):
-            if seqlen != 1 or start_pos.shape != (bsz,):
-                raise ValueError("positions as a tensor [b] are for one token per row")
-            start_pos = DecodeStep.at(start_pos, self.args.window_size, self.args.backend)
-        elif bsz > self.args.max_batch_size or start_pos + seqlen > self.args.max_seq_len:
+        if bsz > self.args.max_batch_size or start_pos + seqlen > self.args.max_seq_len:
             raise ValueError(f"batch {bsz} x positions up to {start_pos + seqlen} exceed max_batch_size="
                              f"{self.args.max_batch_size} / max_seq_len={self.args.max_seq_len}")
         h = self.embed(input_ids).unsqueeze(2).repeat(1, 1, self.args.hc_mult, 1)   # [b, s, hc, D]
         for layer in self.layers:
             h = layer(h, start_pos, input_ids)
-        return self.head(hc_head(self, h[:, -1:], self.norm, self.args)[:, -1])
+        return self.head(hc_head(self, h[:, -1:], self.norm, self.args, self.ops)[:, -1])
+
+    @torch.inference_mode()
+    def decode(self, input_ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One token per row, input_ids [b, 1] at positions pos [b] -> float32 logits [b, vocab]: the
+        decode step, with static shapes and no host sync (CUDA graphs capture it)."""
+        if input_ids.size(1) != 1 or pos.shape != (input_ids.size(0),):
+            raise ValueError("decode takes one token per row and a position per row")
+        step = DecodeStep.at(pos, self.args.window_size, self.ops)
+        h = self.embed(input_ids).unsqueeze(2).repeat(1, 1, self.args.hc_mult, 1)   # [b, 1, hc, D]
+        for layer in self.layers:
+            h = layer.decode(h, step, input_ids)
+        return self.head(hc_head(self, h, self.norm, self.args, self.ops)[:, -1])
 
 
 class GraphedDecoder:
@@ -891,11 +773,11 @@ class GraphedDecoder:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):          # compiles the kernels and stacks the experts outside the graph
-                self.model(ids, pos)
+                self.model.decode(ids, pos)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.model(ids, pos)
+            logits = self.model.decode(ids, pos)
         return graph, ids, pos, logits
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

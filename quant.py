@@ -18,6 +18,16 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
                -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
+def fp8_scale_shape(rows: int, cols: int) -> tuple:
+    """The scale's shape for an FP8 weight [rows, cols]: one per 128x128 block, edge blocks partial."""
+    return -(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK)
+
+
+def fp4_scale_shape(rows: int, cols: int) -> tuple:
+    """The scale's shape for an MXFP4 weight of rows x cols values (cols / 2 bytes a row): one per 32 inputs."""
+    return rows, cols // FP4_BLOCK
+
+
 def dequant_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
     """weight [out, in] float8_e4m3fn, scale [ceil(out/128), ceil(in/128)] (ue8m0 or float32)
     -> [out, in] dtype: the product in float32, then rounded to dtype (as DeepSeek's fp8_cast_bf16).
@@ -25,7 +35,7 @@ def dequant_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16)
     With a ue8m0 scale the product is an e4m3 value times a power of two, exact in bf16 too.
     """
     out_f, in_f = weight.shape
-    rows, cols = -(-out_f // FP8_BLOCK), -(-in_f // FP8_BLOCK)
+    rows, cols = fp8_scale_shape(out_f, in_f)
     if tuple(scale.shape) != (rows, cols):
         raise ValueError(f"FP8 scale has shape {tuple(scale.shape)}, expected {(rows, cols)} "
                          f"for a weight of shape {(out_f, in_f)}")
@@ -43,8 +53,8 @@ def dequant_fp4(weight: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16)
     scale [out, in/32] ue8m0 -> [out, in] dtype, exactly."""
     out_f, half = weight.shape
     in_f = 2 * half
-    if in_f % FP4_BLOCK or tuple(scale.shape) != (out_f, in_f // FP4_BLOCK):
-        raise ValueError(f"FP4 scale has shape {tuple(scale.shape)}, expected {(out_f, in_f // FP4_BLOCK)} "
+    if in_f % FP4_BLOCK or tuple(scale.shape) != fp4_scale_shape(out_f, in_f):
+        raise ValueError(f"FP4 scale has shape {tuple(scale.shape)}, expected {fp4_scale_shape(out_f, in_f)} "
                          f"for a packed weight of shape {(out_f, half)}")
     values = torch.tensor(E2M1_VALUES, dtype=dtype, device=weight.device)
     byte = torch.arange(256, device=weight.device)

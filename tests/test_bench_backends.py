@@ -48,14 +48,14 @@ def argmin_boosted(module, inputs, logits):
 
 @pytest.mark.parametrize("dtype, hook", [("bf16", scaled), ("fp32", argmin_boosted)])
 def test_a_backend_that_differs_is_reported(tmp_path, monkeypatch, capsys, dtype, hook):
-    switch = bench.set_backend
+    switch = bench.use_backend
 
-    def set_backend(model, backend):
-        switch(model, backend)
+    def use_backend(model, backend, device):
+        switch(model, backend, device)
         if backend == "auto":
             model.head.register_forward_hook(hook)
 
-    monkeypatch.setattr(bench, "set_backend", set_backend)
+    monkeypatch.setattr(bench, "use_backend", use_backend)
     report = tmp_path / "backends.json"
     bench.main(TINY + ["--backends", "torch", "auto", "--batch", "2", "--dtype", dtype, "--report", str(report)])
     out = capsys.readouterr().out

@@ -16,9 +16,10 @@ import torch
 import check
 import convert
 import generate
-from fixtures import write_release
-import kernel
-from kernel import use_triton
+from random_release import write_release
+import flaggems
+import ops
+from ops import Ops
 from model import ModelArgs
 
 PROMPTS = ["Hello there", "Why is the sky blue? Answer in one sentence."]
@@ -146,7 +147,7 @@ def test_flaggems_on_cpu_is_refused(ckpt, tmp_path, capsys):
     with pytest.raises(generate.GenerateError, match=r"--backend flaggems needs a CUDA GPU and none is visible"):
         generate.enable_flaggems()
     with pytest.raises(RuntimeError, match="backend 'flaggems' needs a CUDA device"):
-        use_triton(torch.zeros(1), "flaggems")
+        Ops("flaggems", "cpu")
     assert generate.main(["--ckpt-path", ckpt[1], "--input-file", ckpt["prompts"], "--backend", "flaggems"]) == 1
     assert "generate.py: error: --backend flaggems needs a CUDA GPU" in capsys.readouterr().err
 
@@ -226,16 +227,16 @@ def test_flaggems_attention_adapter_pads_heads(monkeypatch):
         @staticmethod
         def sparse_attn_triton(q, kv, sink, idx, scale):
             seen.update(heads=q.size(2), idx=idx.dtype, sink=sink.dtype, pad_sink=sink[4:].abs().sum().item())
-            return kernel.sparse_attn_torch(q, kv, sink, idx, scale)
+            return ops.sparse_attn_torch(q, kv, sink, idx, scale)
 
-    monkeypatch.setattr(kernel, "flag_gems_module", lambda: FakeFlagGems)
+    monkeypatch.setattr(flaggems, "flag_gems_module", lambda: FakeFlagGems)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 3, 4, 32, generator=g).bfloat16()
     kv = torch.randn(2, 10, 32, generator=g).bfloat16()
     sink = torch.randn(4, generator=g)
     idx = torch.randint(-1, 10, (2, 3, 6), generator=g)
     idx[..., 0] = 0
-    out = kernel.sparse_attn_flaggems(q, kv, sink, idx, 32 ** -0.5)
+    out = flaggems.sparse_attn_flaggems(q, kv, sink, idx, 32 ** -0.5)
     assert seen == {"heads": 16, "idx": torch.int32, "sink": torch.float32, "pad_sink": 0.0}
     assert out.shape == q.shape and out.dtype == torch.bfloat16
-    assert torch.equal(out, kernel.sparse_attn_torch(q, kv, sink, idx, 32 ** -0.5))
+    assert torch.equal(out, ops.sparse_attn_torch(q, kv, sink, idx, 32 ** -0.5))

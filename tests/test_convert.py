@@ -19,8 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file
 
 import convert
-import fixtures
-from fixtures import hf_config, read_release, write_release
+import random_release
+from random_release import hf_config, read_release, write_release
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_EXPERTS, O_GROUPS = 8, 2
@@ -127,7 +127,7 @@ def test_bf16_release_gives_identical_shards(converted, tmp_path):
 
 
 def test_int64_tensors_keep_their_dtype(tmp_path, monkeypatch):
-    monkeypatch.setattr(fixtures, "TID2EID_DTYPE", torch.int64)
+    monkeypatch.setattr(random_release, "TID2EID_DTYPE", torch.int64)
     src, dst = str(tmp_path / "src"), str(tmp_path / "out")
     reference = write_release(src, config=hf_config(vocab_size=256), n_files=1)
     convert.convert(src, dst, 2, num_workers=1)

@@ -21,7 +21,7 @@ from safetensors.torch import load_model
 
 import generate
 from encoding import encode_messages
-from fixtures import write_release
+from random_release import write_release
 from model import ModelArgs, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

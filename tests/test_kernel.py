@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-import kernel
+import ops
 import quant
 
 
@@ -20,23 +20,23 @@ def test_hadamard_is_matrix_product_and_orthogonal(n):
     x = torch.randn(3, 5, n)
     h = sylvester(n)
     torch.testing.assert_close(h @ h.T, n * torch.eye(n))
-    y = kernel.hadamard_transform(x, n ** -0.5)
+    y = ops.hadamard_transform(x, n ** -0.5)
     torch.testing.assert_close(y, x @ h * n ** -0.5, rtol=1e-5, atol=1e-5)
     # the scaled transform is orthogonal: norms kept, applying it twice is the identity
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(kernel.hadamard_transform(y, n ** -0.5), x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.hadamard_transform(y, n ** -0.5), x, rtol=1e-5, atol=1e-5)
 
 
 def test_hadamard_rejects_other_sizes():
     with pytest.raises(ValueError, match="power-of-two"):
-        kernel.hadamard_transform(torch.randn(2, 12))
+        ops.hadamard_transform(torch.randn(2, 12))
 
 
 def test_hc_split_sinkhorn():
     hc, iters, eps = 4, 20, 1e-6
     mixes = torch.randn(2, 7, (2 + hc) * hc)
     scale, base = torch.rand(3) + 0.5, torch.randn((2 + hc) * hc)
-    pre, post, comb = kernel.hc_split_sinkhorn(mixes, scale, base, hc, iters, eps)
+    pre, post, comb = ops.hc_split_sinkhorn(mixes, scale, base, hc, iters, eps)
     assert pre.shape == (2, 7, hc) and post.shape == (2, 7, hc) and comb.shape == (2, 7, hc, hc)
     torch.testing.assert_close(pre, torch.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + eps)
     torch.testing.assert_close(post, 2 * torch.sigmoid(mixes[..., hc:2 * hc] * scale[1] + base[hc:2 * hc]))
@@ -44,12 +44,12 @@ def test_hc_split_sinkhorn():
     torch.testing.assert_close(comb.sum(-2), torch.ones(2, 7, hc), rtol=0, atol=1e-5)
     assert (comb > 0).all()
     # the row error never grows with more iterations (up to float noise once converged) and vanishes
-    row_err = [(kernel.hc_split_sinkhorn(mixes, scale, base, hc, n, eps)[2].sum(-1) - 1).abs().max().item()
+    row_err = [(ops.hc_split_sinkhorn(mixes, scale, base, hc, n, eps)[2].sum(-1) - 1).abs().max().item()
                for n in (1, 5, 20, 2000)]
     assert all(later <= earlier + 1e-6 for earlier, later in zip(row_err, row_err[1:])), row_err
     assert row_err[-1] < 1e-4 < row_err[0], row_err
     # one iteration is a row softmax (+eps) followed by a column normalisation
-    _, _, one = kernel.hc_split_sinkhorn(mixes, scale, base, hc, 1, eps)
+    _, _, one = ops.hc_split_sinkhorn(mixes, scale, base, hc, 1, eps)
     soft = (mixes[..., 2 * hc:].view(2, 7, hc, hc) * scale[2] + base[2 * hc:].view(hc, hc)).softmax(-1) + eps
     torch.testing.assert_close(one, soft / (soft.sum(-2, keepdim=True) + eps))
 
@@ -79,7 +79,7 @@ def test_sparse_attn_equals_dense_masked_attention():
     idx = torch.stack([torch.stack([torch.randperm(n)[:k] for _ in range(s)]) for _ in range(b)])
     idx[0, 1, 2:] = -1          # a query with few keys
     idx[1, 3, :] = -1           # a query with none: only the sink, output 0
-    out = kernel.sparse_attn(q, kv, sink, idx, d ** -0.5)
+    out = ops.sparse_attn_torch(q, kv, sink, idx, d ** -0.5)
     ref = dense_attention(q, kv, sink, idx, d ** -0.5)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     assert torch.equal(out[1, 3], torch.zeros(h, d))
@@ -90,8 +90,8 @@ def test_sparse_attn_bf16_close_to_fp32():
     torch.manual_seed(2)
     q, kv, sink = torch.randn(1, 4, 2, 64), torch.randn(1, 9, 64), torch.randn(2)
     idx = torch.randint(-1, 9, (1, 4, 5))
-    ref = kernel.sparse_attn(q, kv, sink, idx, 0.125)
-    out = kernel.sparse_attn(q.bfloat16(), kv.bfloat16(), sink, idx, 0.125)
+    ref = ops.sparse_attn_torch(q, kv, sink, idx, 0.125)
+    out = ops.sparse_attn_torch(q.bfloat16(), kv.bfloat16(), sink, idx, 0.125)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
 
@@ -134,24 +134,24 @@ def test_dequant_fp4_nibble_order_and_scale():
 def test_rms_norm_and_rotary():
     x = torch.randn(2, 3, 8)
     w = torch.randn(8)
-    torch.testing.assert_close(kernel.rms_norm(x, w, 1e-6), w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(ops.rms_norm_torch(x, w, 1e-6), w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6))
     angles = torch.rand(3, 4) * 6
     freqs = torch.polar(torch.ones_like(angles), angles)
-    y = kernel.apply_rotary(x, freqs)
+    y = ops.apply_rotary(x, freqs)
     c, s = torch.cos(angles), torch.sin(angles)
     a, b = x[..., 0::2], x[..., 1::2]
     torch.testing.assert_close(y[..., 0::2], a * c - b * s)
     torch.testing.assert_close(y[..., 1::2], a * s + b * c)
-    torch.testing.assert_close(kernel.apply_rotary(y, freqs, inverse=True), x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.apply_rotary(y, freqs, inverse=True), x, rtol=1e-5, atol=1e-5)
 
 
 def test_swiglu_clamps_gate_above_and_up_both_ways():
     gate = torch.tensor([-20.0, 0.5, 20.0])
     up = torch.tensor([-20.0, 0.5, 20.0])
-    got = kernel.swiglu(gate, up, 10.0)
+    got = ops.swiglu(gate, up, 10.0)
     want = torch.nn.functional.silu(torch.tensor([-20.0, 0.5, 10.0])) * torch.tensor([-10.0, 0.5, 10.0])
     torch.testing.assert_close(got, want)
-    torch.testing.assert_close(kernel.swiglu(gate, up, 0.0), torch.nn.functional.silu(gate) * up)
+    torch.testing.assert_close(ops.swiglu(gate, up, 0.0), torch.nn.functional.silu(gate) * up)
     assert math.isfinite(got.sum().item())
 
 
@@ -163,7 +163,7 @@ def test_topk_indices_picks_the_largest(n, k):
     scores = torch.randn(2, 3, n, generator=g)
     scores[0, 1, k // 2:] = float("-inf")                       # fewer than k finite entries
     scores[1, 2, : n // 2] = float("-inf")
-    got = kernel.topk_indices(scores, k)
+    got = ops.topk_torch(scores, k)
     assert got.shape == (2, 3, k)
     want = scores.topk(k, dim=-1).indices
     for row_got, row_want, row in zip(got.view(-1, k), want.view(-1, k), scores.view(-1, n)):
@@ -192,7 +192,7 @@ def test_compressor_decode_writes_an_entry_only_when_its_window_completes(ratio,
     kvs, scores = torch.randn(2 * ratio, width, generator=g), torch.randn(2 * ratio, width, generator=g)
     for p in range(2 * ratio):
         before = cache.clone()
-        kernel.compressor_decode_torch(kvs[p:p + 1], scores[p:p + 1], ape, torch.tensor([p]), kv_state, score_state,
+        ops.compressor_decode_torch(kvs[p:p + 1], scores[p:p + 1], ape, torch.tensor([p]), kv_state, score_state,
                                        *prev, w, 1e-6, freqs, rd, None, cache)
         window = p // ratio
         changed = (cache != before).any(dim=-1)[0]

@@ -11,9 +11,9 @@ import os
 import pytest
 import torch
 
-from fixtures import hf_config, write_release
+from random_release import hf_config, write_release
 from model import ModelArgs, Transformer
-from oracle import hf_model
+from peers import hf_model
 
 SEQ = 72
 TOL = 1e-3
@@ -69,8 +69,8 @@ def test_incremental_decode_matches_transformers(ours, prompts, oracle_logits, s
     static-shape decode path (whole-cache masks, no host sync) that CUDA graphs capture."""
     worst = (ours(prompts[:, :5]) - oracle_logits[:, 4]).abs().max().item()
     for pos in range(5, SEQ):
-        start = torch.full((prompts.size(0),), pos) if static else pos
-        got = ours(prompts[:, pos:pos + 1], start_pos=start)
+        ids = prompts[:, pos:pos + 1]
+        got = ours.decode(ids, torch.full((prompts.size(0),), pos)) if static else ours(ids, pos)
         worst = max(worst, (got - oracle_logits[:, pos]).abs().max().item())
     print(f"decode: max |logit diff| vs transformers over {SEQ - 5} steps = {worst:.2e}")
     assert worst < TOL
@@ -82,7 +82,7 @@ def test_decode_to_the_last_position_of_an_uneven_max_seq_len(release, prompts, 
     model = build(release, max_seq_len=37)
     worst = (model(prompts[:, :30]) - oracle_logits[:, 29]).abs().max().item()
     for pos in range(30, 37):
-        got = model(prompts[:, pos:pos + 1], start_pos=torch.full((prompts.size(0),), pos))
+        got = model.decode(prompts[:, pos:pos + 1], torch.full((prompts.size(0),), pos))
         worst = max(worst, (got - oracle_logits[:, pos]).abs().max().item())
     assert worst < TOL
 
@@ -95,13 +95,13 @@ def test_decode_projections_follow_reloaded_weights(release, prompts, tmp_path, 
     model = build(release)
     step = torch.full((prompts.size(0),), 9)
     model(prompts[:, :9])
-    model(prompts[:, 9:10], start_pos=step)                     # stacks the projections
+    model.decode(prompts[:, 9:10], step)                        # stacks the projections
     other = write_release(tmp_path, seed=1, n_files=1)
     model.load_state_dict({k: v.clone() for k, v in other.items()}, strict=True, assign=assign)
     fresh = build((str(tmp_path), None, other))
     for m in (model, fresh):
         m(prompts[:, :9])
-    torch.testing.assert_close(model(prompts[:, 9:10], start_pos=step), fresh(prompts[:, 9:10], start_pos=step),
+    torch.testing.assert_close(model.decode(prompts[:, 9:10], step), fresh.decode(prompts[:, 9:10], step),
                                rtol=0, atol=0)
 
 

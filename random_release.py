@@ -1,4 +1,5 @@
-"""Small random checkpoints laid out exactly like the official DeepSeek-V4 release, and helpers.
+"""Small random checkpoints laid out exactly like the official DeepSeek-V4 release (the demo's,
+the tests' and bench.py's), and the description of that layout.
 
 write_release() writes a directory a converter would find after downloading a V4 model from the
 Hugging Face Hub: sharded safetensors with FP8 (e4m3 + ue8m0 128x128 block scales) and FP4
@@ -10,18 +11,12 @@ import json
 import math
 import os
 import shutil
-import sys
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-try:
-    from quant import E2M1_VALUES, FP4_BLOCK, FP8_BLOCK, dequant_fp4, dequant_fp8
-except ImportError:  # imported from outside pytest: the flat scripts live one folder up
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from quant import E2M1_VALUES, FP4_BLOCK, FP8_BLOCK, dequant_fp4, dequant_fp8
-from model import ModelArgs, Transformer  # noqa: E402  (found where kernel was)
+from quant import E2M1_VALUES, FP4_BLOCK, FP8_BLOCK, dequant_fp4, dequant_fp8, fp8_scale_shape
 
 FP8_MAX = 448.0   # largest finite float8_e4m3fn
 FP4_MAX = 6.0     # largest e2m1 magnitude
@@ -133,7 +128,7 @@ def _e8m0(exponent: torch.Tensor) -> torch.Tensor:
 def quantize_fp8(w: torch.Tensor):
     """[out, in] float -> (float8_e4m3fn weight, ue8m0 scale [ceil(out/128), ceil(in/128)], exact float32 value)."""
     out_f, in_f = w.shape
-    rows, cols = -(-out_f // FP8_BLOCK), -(-in_f // FP8_BLOCK)
+    rows, cols = fp8_scale_shape(out_f, in_f)
     padded = w.new_zeros(rows * FP8_BLOCK, cols * FP8_BLOCK, dtype=torch.float32)
     padded[:out_f, :in_f] = w.float()
     amax = padded.view(rows, FP8_BLOCK, cols, FP8_BLOCK).abs().amax(dim=(1, 3))
@@ -354,18 +349,6 @@ def write_release(path, config: dict = None, seed: int = 0, n_files: int = 3,
     for fname in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(os.path.join(tokenizer_dir(), fname), os.path.join(path, fname))
     return reference
-
-
-def fixture_model(path, weights: dict, dtype: str, backend: str, device, max_seq_len: int,
-                  max_batch_size: int) -> Transformer:
-    """model.py built on `device` from the config.json of the release at path, loaded with the
-    state dict write_release returned."""
-    args = ModelArgs.from_file(os.path.join(path, "config.json"), dtype=dtype, backend=backend,
-                               max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    with torch.device(device):
-        model = Transformer(args)
-    model.load_state_dict(weights, strict=True)
-    return model
 
 
 # ----------------------------------------------------------------------------- reading

@@ -1,6 +1,6 @@
-"""FlagGems on a CUDA machine (not collected by pytest): run it as `python tests/flaggems_check.py`.
+"""FlagGems on a CUDA machine (not collected by pytest): run it as `python -m tools.flaggems_check`.
 
-1. Each FlagGems fused kernel that kernel.py calls for backend 'flaggems' (sparse attention,
+1. Each FlagGems fused kernel that ops.Ops calls for backend 'flaggems' (sparse attention,
    Hadamard transform, hc split + Sinkhorn) against our torch reference on random inputs of V4
    shapes (64 heads of 512, top-k up to 640, hc_mult 4): max abs and relative error, ok/FAIL; then
    its time against our Triton version (the torch reference where we have no Triton kernel).
@@ -19,14 +19,14 @@ import tempfile
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT, HERE]
+import flaggems
+import kernel
+import ops
+from bench import median_ms  # one timing method for every GPU figure
+from ops import Ops
 
-import kernel  # noqa: E402
-
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = (0, 1, 2)                           # fixture checkpoints of the bf16 comparison
-from bench import median_ms  # noqa: E402  (one timing method for every GPU figure)
 
 
 def errors(out, ref):
@@ -51,11 +51,11 @@ def attn_inputs(b, s, h, d, n, k, seed, dtype=torch.bfloat16, empty_row=False):
 
 def check_attn(name, b, s, h, d, n, k, seed, results, tol=2e-2):
     q, kv, sink, idx, scale = attn_inputs(b, s, h, d, n, k, seed)
-    ref = kernel.sparse_attn_torch(q.double(), kv.double(), sink.double(), idx, scale)
-    out = kernel.sparse_attn_flaggems(q, kv, sink, idx, scale)
+    ref = ops.sparse_attn_torch(q.double(), kv.double(), sink.double(), idx, scale)
+    out = flaggems.sparse_attn_flaggems(q, kv, sink, idx, scale)
     mine = kernel.sparse_attn_triton(q, kv, sink, idx, scale)
     report(f"sparse_attn {name}", errors(out, ref), tol, results,
-           median_ms(lambda: kernel.sparse_attn_flaggems(q, kv, sink, idx, scale)),
+           median_ms(lambda: flaggems.sparse_attn_flaggems(q, kv, sink, idx, scale)),
            median_ms(lambda: kernel.sparse_attn_triton(q, kv, sink, idx, scale)), "our Triton",
            extra=f"(our Triton: max abs {errors(mine, ref)[0]:.2e})")
 
@@ -64,12 +64,12 @@ def check_hadamard(name, shape, dtype, seed, results, tol):
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(*shape, generator=g, device="cuda").to(dtype)
     scale = shape[-1] ** -0.5
-    ref = kernel.hadamard_transform(x.double(), scale)
-    out = kernel.hadamard(x, scale, "flaggems")
+    ref = ops.hadamard_transform(x.double(), scale)
+    out = Ops("flaggems").hadamard(x, scale)
     ok_dtype = out.dtype == x.dtype and out.shape == x.shape
     report(f"hadamard {name} {str(dtype)[6:]}", errors(out, ref), tol, results,
-           median_ms(lambda: kernel.hadamard(x, scale, "flaggems")),
-           median_ms(lambda: kernel.hadamard_transform(x, scale)), "our torch", ok_extra=ok_dtype)
+           median_ms(lambda: Ops("flaggems").hadamard(x, scale)),
+           median_ms(lambda: ops.hadamard_transform(x, scale)), "our torch", ok_extra=ok_dtype)
 
 
 def check_hc_split(name, lead, seed, results, hc=4, iters=20, eps=1e-6, tol=1e-5):
@@ -77,16 +77,16 @@ def check_hc_split(name, lead, seed, results, hc=4, iters=20, eps=1e-6, tol=1e-5
     mixes = torch.randn(*lead, (2 + hc) * hc, generator=g, device="cuda")
     scale = torch.rand(3, generator=g, device="cuda") + 0.5
     base = torch.randn((2 + hc) * hc, generator=g, device="cuda")
-    ref = kernel.hc_split_sinkhorn(mixes.double(), scale.double(), base.double(), hc, iters, eps)
-    out = kernel.hc_split(mixes, scale, base, hc, iters, eps, "flaggems")
+    ref = ops.hc_split_sinkhorn(mixes.double(), scale.double(), base.double(), hc, iters, eps)
+    out = Ops("flaggems").hc_split(mixes, scale, base, hc, iters, eps)
     err = max((errors(o, r) for o, r in zip(out, ref)), key=lambda e: e[0])
     shapes_ok = all(o.shape == r.shape and o.dtype == torch.float32 for o, r in zip(out, ref))
     if hasattr(kernel, "hc_split_sinkhorn_triton"):
         baseline, label = (lambda: kernel.hc_split_sinkhorn_triton(mixes, scale, base, hc, iters, eps)), "our Triton"
     else:
-        baseline, label = (lambda: kernel.hc_split_sinkhorn(mixes, scale, base, hc, iters, eps)), "our torch"
+        baseline, label = (lambda: ops.hc_split_sinkhorn(mixes, scale, base, hc, iters, eps)), "our torch"
     report(f"hc_split_sinkhorn {name}", err, tol, results,
-           median_ms(lambda: kernel.hc_split(mixes, scale, base, hc, iters, eps, "flaggems")), median_ms(baseline), label,
+           median_ms(lambda: Ops("flaggems").hc_split(mixes, scale, base, hc, iters, eps)), median_ms(baseline), label,
            ok_extra=shapes_ok)
 
 
@@ -137,7 +137,7 @@ def main() -> int:
         print("flaggems_check.py needs a CUDA GPU")
         return 2
     try:
-        kernel.flag_gems_module()
+        flaggems.flag_gems_module()
     except Exception as e:
         print(f"flaggems_check.py: cannot import flag_gems: {e}")
         return 2
@@ -149,7 +149,7 @@ def main() -> int:
     check_attn("V4 prefill 512 h16 (mp4)", 1, 512, 16, 512, 1280, 384, 4, results)
     check_attn("fixture h4 d64", 2, 7, 4, 64, 40, 21, 5, results)
     q, kv, sink, idx, scale = attn_inputs(1, 2, 16, 64, 40, 8, 6, empty_row=True)
-    nan = kernel.sparse_attn_flaggems(q, kv, sink, idx, scale)[0, 0].isnan().any().item()
+    nan = flaggems.sparse_attn_flaggems(q, kv, sink, idx, scale)[0, 0].isnan().any().item()
     print(f"{'sparse_attn query with no valid key':40s} FlagGems gives {'NaN' if nan else 'finite values'} "
           f"(ours: 0); not reached by the model (INFO)")
     # Hadamard: indexer queries [tokens, 64 heads, 128] and compressed entries [tokens, 128]; 512 too
@@ -161,7 +161,7 @@ def main() -> int:
     check_hc_split("prefill 8192 tokens", (1, 8192), 11, results)
     check_hc_split("iters 5", (3, 37), 12, results, iters=5)
 
-    from fixtures import write_release
+    from random_release import write_release
     import convert
     with tempfile.TemporaryDirectory(prefix="flaggems-check-") as root:
         base, fused = [], []

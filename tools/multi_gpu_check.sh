@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Tensor parallelism over NCCL on a machine with 2 GPUs (not run by pytest):
-#   bash tests/multi_gpu_check.sh OUT_DIR
+#   bash tools/multi_gpu_check.sh OUT_DIR
 # 1. generate.py greedy on a fixture checkpoint: N = 1 vs N = 2 over NCCL, the two-node launch
 #    simulated by run_node_0.sh / run_node_1.sh (one GPU each, 127.0.0.1), and the o-groups layout
 #    (a fixture with o_groups 1, USE_OGROUPS_COMM=1): every completion identical to N = 1.
@@ -13,10 +13,9 @@ WORK="$(mktemp -d)"
 export USE_FLAGGEMS=0 PYTHONUNBUFFERED=1 NCCL_SOCKET_IFNAME=lo
 status=0
 
-python tests/fixtures.py "$WORK/release" >/dev/null
+python random_release.py "$WORK/release" >/dev/null
 python -c "
-import sys; sys.path.insert(0, 'tests')
-from fixtures import hf_config, write_release
+from random_release import hf_config, write_release
 write_release('$WORK/release_g1', config=hf_config(o_groups=1), seed=1)"
 python convert.py --hf-ckpt-path "$WORK/release" --save-path "$WORK/ckpt" --model-parallel 1
 python convert.py --hf-ckpt-path "$WORK/release" --save-path "$WORK/ckpt" --model-parallel 2

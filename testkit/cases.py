@@ -1,15 +1,14 @@
 """Triton kernels against their torch references on fresh random inputs.
 
 Run by tests/test_triton.py on the CPU through Triton's interpreter (TRITON_INTERPRET=1), and by
-tests/gpu_check.py natively on a GPU. Prints one line per case and exits non-zero on a mismatch."""
+tools/gpu_check.py natively on a GPU, as `python -m testkit.cases`. Prints one line per case and exits non-zero on a mismatch."""
 import os
 import sys
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]
-import kernel  # noqa: E402
+import kernel
+import ops
 
 
 def rel_err(out, ref):
@@ -25,7 +24,7 @@ def sparse_attn_case(device, dtype, b, s, h, d, n, k, seed):
     idx[0, 0] = -1                          # a query that sees only the sink
     idx = idx.to(device)
     out = kernel.sparse_attn_triton(q, kv, sink, idx, d ** -0.5)
-    ref = kernel.sparse_attn_torch(q.double(), kv.double(), sink.double(), idx, d ** -0.5)
+    ref = ops.sparse_attn_torch(q.double(), kv.double(), sink.double(), idx, d ** -0.5)
     assert not out.isnan().any()
     return rel_err(out, ref)
 
@@ -48,7 +47,7 @@ def moe_reference(x, w13, w2, weights, experts, first, limit):
     for e in range(n_local):
         token, slot = torch.where(experts == first + e)
         if token.numel():
-            h = kernel.swiglu(x[token].double() @ w13[e, :inter].double().T,
+            h = ops.swiglu(x[token].double() @ w13[e, :inter].double().T,
                               x[token].double() @ w13[e, inter:].double().T, limit).double()
             ref.index_add_(0, token, (h * weights[token, slot, None].double()) @ w2[e].double().T)
     return ref
@@ -59,7 +58,7 @@ def hc_split_case(device, dtype, n, hc, iters, seed):
     mixes = torch.randn(n, (2 + hc) * hc, generator=g).to(device)
     scale, base = (torch.rand(3, generator=g) + 0.5).to(device), torch.randn((2 + hc) * hc, generator=g).to(device)
     out = kernel.hc_split_sinkhorn_triton(mixes.view(1, n, -1), scale, base, hc, iters, 1e-6)
-    ref = kernel.hc_split_sinkhorn(mixes.view(1, n, -1).double(), scale.double(), base.double(), hc, iters, 1e-6)
+    ref = ops.hc_split_sinkhorn(mixes.view(1, n, -1).double(), scale.double(), base.double(), hc, iters, 1e-6)
     return max(rel_err(a, b) for a, b in zip(out, ref))
 
 
@@ -73,7 +72,7 @@ def hc_pre_case(device, dtype, t, hc, dim, seed, norm=False, head=False):
     base = torch.randn(mix, generator=g).to(device)
     w = (torch.rand(dim, generator=g) + 0.5).to(device) if norm else None
     out = kernel.hc_pre_triton(x, fn, scale, base, hc, 20, 1e-6, 1e-6, w)
-    ref = kernel.hc_pre_torch(x.double(), fn, scale.double(), base.double(), hc, 20, 1e-6, 1e-6,
+    ref = ops.hc_pre_torch(x.double(), fn, scale.double(), base.double(), hc, 20, 1e-6, 1e-6,
                               None if w is None else w.double())
     assert out[0].dtype == dtype and out[0].shape == (t, 1, dim)
     assert (out[1] is None) == head and (ref[1] is None) == head
@@ -87,7 +86,7 @@ def hc_post_case(device, dtype, t, hc, dim, seed):
     post, comb = torch.rand(t, 1, hc, generator=g).to(device), torch.rand(t, 1, hc, hc, generator=g).to(device)
     out = kernel.hc_post_triton(f, res, post, comb)
     assert out.dtype == dtype
-    return rel_err(out, kernel.hc_post_torch(f.double(), res.double(), post.double(), comb.double()))
+    return rel_err(out, ops.hc_post_torch(f.double(), res.double(), post.double(), comb.double()))
 
 
 def norm_rope_case(device, dtype, shape, rd, norm, weighted, inverse, per_row, seed, strided=False):
@@ -100,7 +99,7 @@ def norm_rope_case(device, dtype, shape, rd, norm, weighted, inverse, per_row, s
     w = (torch.rand(d, generator=g) + 0.5).to(device) if weighted else None
     eps = 1e-6 if norm else None
     out = kernel.norm_rope_triton(x, freqs, rd, eps, w, inverse)
-    ref = kernel.norm_rope_torch(x.double(), freqs.double(), rd, eps, None if w is None else w.double(), inverse)
+    ref = ops.norm_rope_torch(x.double(), freqs.double(), rd, eps, None if w is None else w.double(), inverse)
     return rel_err(out, ref)
 
 
@@ -116,7 +115,7 @@ def norm_rope_into_case(device, dtype, b, n, d, rd, seed):
     slots = torch.randperm(n, generator=g)[:b]
     mine, ref = cache.to(device, dtype), cache.double()
     kernel.norm_rope_triton(x, freqs, rd, 1e-6, w, cache=mine, slots=slots.to(device))
-    kernel.norm_rope_into(x.double().cpu(), freqs.double().cpu(), rd, 1e-6, w.double().cpu(), ref, slots, "torch")
+    ops.Ops("torch", "cpu").norm_rope_into(x.double().cpu(), freqs.double().cpu(), rd, 1e-6, w.double().cpu(), ref, slots)
     return rel_err(mine.cpu(), ref)
 
 
@@ -140,7 +139,7 @@ def hadamard_case(device, dtype, shape, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=g).to(device, dtype)
     n = shape[-1]
-    return rel_err(kernel.hadamard_triton(x, n ** -0.5), kernel.hadamard_transform(x.double(), n ** -0.5))
+    return rel_err(kernel.hadamard_triton(x, n ** -0.5), ops.hadamard_transform(x.double(), n ** -0.5))
 
 
 def index_scores_case(device, dtype, b, s, h, d, n, seed):
@@ -151,7 +150,7 @@ def index_scores_case(device, dtype, b, s, h, d, n, seed):
     limit = torch.randint(0, n + 1, (b, s), generator=g).to(device)
     limit[0, 0] = n                                                 # a query that sees every entry
     out = kernel.index_scores_triton(q, keys, w, limit, 0.37).cpu()
-    ref = kernel.index_scores_torch(q.double(), keys.double(), w.double(), limit, 0.37).cpu()
+    ref = ops.index_scores_torch(q.double(), keys.double(), w.double(), limit, 0.37).cpu()
     seen = ref > float("-inf")
     assert torch.equal(out > float("-inf"), seen), "entries past the limit must be -inf, the others finite"
     return rel_err(out[seen], ref[seen])
@@ -168,7 +167,7 @@ def rms_norm_case(device, dtype, shape, weighted, seed, strided=False):
     w = (torch.rand(shape[-1], generator=g) + 0.5).to(device) if weighted else None
     out = kernel.rms_norm_triton(x, w, 1e-6)
     assert out.dtype == dtype and out.shape == x.shape
-    return rel_err(out, kernel.rms_norm_torch(x.double(), None if w is None else w.double(), 1e-6))
+    return rel_err(out, ops.rms_norm_torch(x.double(), None if w is None else w.double(), 1e-6))
 
 
 def route_case(device, dtype, t, n, k, score_func, hashed, seed):
@@ -181,7 +180,7 @@ def route_case(device, dtype, t, n, k, score_func, hashed, seed):
     tid2eid = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(50)]).int().to(device) if hashed else None
     ids = torch.randint(0, 50, (t,), generator=g).to(device)
     w, e = kernel.route_triton(scores, None if hashed else bias, tid2eid, ids, k, score_func, 1.5)
-    rw, re = kernel.route_torch(scores.double(), None if hashed else bias.double(), tid2eid, ids, k, score_func, 1.5)
+    rw, re = ops.route_torch(scores.double(), None if hashed else bias.double(), tid2eid, ids, k, score_func, 1.5)
     order, ref_order = e.sort(-1), re.sort(-1)
     assert e.dtype == torch.long and torch.equal(order.values.cpu(), ref_order.values.cpu()), "other experts chosen"
     return rel_err(w.gather(1, order.indices), rw.gather(1, ref_order.indices))
@@ -202,7 +201,7 @@ def moe_gemv_case(device, dtype, t, k, dim, inter, n_local, first, n_total, limi
     if shared_inter:
         gu = torch.randn(t, 2 * shared_inter, generator=g, device=device).to(dtype)
         ws = (torch.randn(dim, shared_inter, generator=g, device=device) / shared_inter ** 0.5).to(dtype)
-        hs = kernel.swiglu(gu[:, :shared_inter], gu[:, shared_inter:], 0.0).to(dtype)
+        hs = ops.swiglu(gu[:, :shared_inter], gu[:, shared_inter:], 0.0).to(dtype)
         ref += hs.double() @ ws.double().T
     out = kernel.moe_gemv_triton(x, w13, w2, weights, experts, first, limit, gu, ws, torch.float32)
     assert out.dtype == torch.float32 and not out.isnan().any()
@@ -215,7 +214,7 @@ def decode_indices_case(device, dtype, window, ratio, n_entries, with_picks, see
     g = torch.Generator().manual_seed(seed)
     pos = torch.tensor([0, window - 2, window + 3, 5 * max(ratio, 1) + 7, 40 * max(ratio, 1) + 1])
     picks = torch.randint(-1, n_entries, (pos.numel(), 9), generator=g) if with_picks else None
-    ref = kernel.decode_indices_torch(pos, window, n_entries, ratio, picks)
+    ref = ops.decode_indices_torch(pos, window, n_entries, ratio, picks)
     out = kernel.decode_indices_triton(pos.to(device), window, n_entries, ratio,
                                        None if picks is None else picks.to(device))
     assert out.dtype == torch.long and torch.equal(out.cpu(), ref), "different slots"
@@ -246,7 +245,7 @@ def compressor_case(device, dtype, ratio, hd, rotate, seed, b=3, steps=11, strid
         scale = hd ** -0.5 if rotate else None
         kernel.compressor_decode_triton(kv_new.to(device), score_new.to(device), ape, pos.to(device), *mine[:4],
                                         w, 1e-6, freqs, rd, scale, mine[4])
-        kernel.compressor_decode_torch(kv_new.double(), score_new.double(), ape.double().cpu(), pos, *ref[:4],
+        ops.compressor_decode_torch(kv_new.double(), score_new.double(), ape.double().cpu(), pos, *ref[:4],
                                        w.double().cpu(), 1e-6, freqs.double().cpu(), rd, scale, ref[4])
         pos = pos + 1
     finite = [(a, r) for a, r in zip(mine, ref) if a is not None]
@@ -258,7 +257,8 @@ def model_case(device, dtype, seed):
     prefilled in two chunks, then decode steps at per-row positions crossing window and compression
     boundaries. Returns the worst relative logit error."""
     import tempfile
-    from fixtures import fixture_model, write_release
+    from random_release import write_release
+    from testkit.models import fixture_model
     path = tempfile.mkdtemp()
     weights = write_release(path, seed=seed, n_files=1)
     ref = fixture_model(path, weights, "fp32", "torch", "cpu", max_seq_len=64, max_batch_size=3)
@@ -271,7 +271,8 @@ def model_case(device, dtype, seed):
         worst = max(worst, rel_err(got.cpu(), want))
     pos = torch.tensor([21, 22, 27])        # rows 1 and 2 skip ahead (both models see the same unwritten slots)
     for step in range(9):
-        want, got = ref(ids[:, 21 + step:22 + step], pos), fast(ids[:, 21 + step:22 + step].to(device), pos.to(device))
+        want, got = ref.decode(ids[:, 21 + step:22 + step], pos), fast.decode(ids[:, 21 + step:22 + step].to(device),
+                                                                          pos.to(device))
         worst = max(worst, rel_err(got.cpu(), want))
         pos = pos + 1
     return worst
@@ -353,11 +354,12 @@ def run(device, dtypes, real_shapes):
                   ("compressor V4 csa", lambda dt: compressor_case(device, dt, 4, 512, False, 28)),
                   ("compressor V4 indexer", lambda dt: compressor_case(device, dt, 4, 128, True, 29)),
                   ("compressor V4 hca", lambda dt: compressor_case(device, dt, 128, 512, False, 30, steps=130))]
-    bad = 0
+    bad = total = 0
     # The whole model runs in float32 only: in bf16 its drift from float32 depends on the seed (rounding
     # flips top-k and routing choices), and gpu_check.py judges it against the torch path's over seeds.
     for name, case, *only in cases:
         for dt in [dt for dt in dtypes if not only or dt in only[0]]:
+            total += 1
             try:
                 err = case(dt)
             except Exception as e:          # noqa: BLE001 - reported as a failure, the other cases still run
@@ -367,6 +369,7 @@ def run(device, dtypes, real_shapes):
             ok = err < tol[dt]
             bad += not ok
             print(f"{name:22s} {str(dt):15s} rel err {err:.2e} {'ok' if ok else 'FAIL'}")
+    print(f"{total} checks, {bad} failed")
     return bad
 
 

@@ -1,19 +1,16 @@
 """GPU correctness, run on a CUDA machine (not by pytest): Triton kernels against the torch
 references, then the fixture model on the GPU (Triton path, CUDA-graph decode) against the CPU
 torch path: logits within bf16 tolerance and greedy tokens identical. Exits non-zero on a failure."""
-import os
 import subprocess
 import sys
 import tempfile
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]
-
-from fixtures import fixture_model, write_release  # noqa: E402
-from generate import generate  # noqa: E402
-from model import GraphedDecoder  # noqa: E402
+from generate import generate
+from model import GraphedDecoder
+from random_release import write_release
+from testkit.models import fixture_model
 
 
 def build(path, weights, dtype, backend, device):
@@ -42,12 +39,12 @@ class Reference:
         self.prompt = torch.randint(0, 129280, (3, 21), generator=torch.Generator().manual_seed(seed + 1))
         self.steps = steps
         self.cpu = build(self.path, self.weights, "fp32", "torch", "cpu")
-        self.tokens, self.logits = greedy(self.cpu, self.prompt, steps, lambda ids, pos: self.cpu(ids, pos))
+        self.tokens, self.logits = greedy(self.cpu, self.prompt, steps, self.cpu.decode)
 
     def forced_rel_err(self, dtype, backend):
         """Logits along the CPU's token path (teacher-forced) on the GPU, relative error against the CPU's."""
         model = build(self.path, self.weights, dtype, backend, "cuda")
-        step = GraphedDecoder(model) if backend != "torch" else model
+        step = GraphedDecoder(model) if model.ops.graphs else model.decode
         forced = [model(self.prompt.cuda(), 0)]
         for i in range(self.steps):
             pos = torch.full((3,), self.prompt.size(1) + i, device="cuda")
@@ -57,7 +54,7 @@ class Reference:
 
 
 def main() -> int:
-    failures = subprocess.run([sys.executable, os.path.join(HERE, "triton_cases.py")]).returncode != 0
+    failures = subprocess.run([sys.executable, "-m", "testkit.cases"]).returncode != 0
     with torch.no_grad():
         ref = first = Reference(seed=0)
         gpu = build(ref.path, ref.weights, "fp32", "triton", "cuda")

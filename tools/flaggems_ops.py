@@ -1,6 +1,6 @@
 """Which FlagGems aten operators the model can run on (CUDA machine, not collected by pytest).
 
-`python tests/flaggems_ops.py [--out report.json]`:
+`python -m tools.flaggems_ops [--out report.json]`:
 1. Runs the fixture model (float32, backend triton, eager: prefill of two prompts in two chunks,
    then decode steps at tensor positions) without FlagGems and records the aten operators it calls.
 2. For each FlagGems function that implements one of them, runs the same steps with only that
@@ -46,11 +46,11 @@ from typing import List
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from check import stop  # noqa: E402  (ends a child's process group: SIGTERM, then SIGKILL)
-from fixtures import fixture_model, write_release  # noqa: E402
+from check import stop  # ends a child's process group: SIGTERM, then SIGKILL
+from random_release import write_release
+from testkit.models import fixture_model
 
 TOL = {"fixture": 1e-3, "real": 5e-2}      # relative logit error: float32 fixture, bf16 real shapes
 DUMP_LINES = ("  File ", "Thread 0x", "Current thread 0x", "Fatal Python error", "Extension modules:")
@@ -77,14 +77,14 @@ def run_model(path, weights, ids):
     model = fixture_model(path, weights, "fp32", "triton", "cuda", max_seq_len=64, max_batch_size=2)
     out = [model(ids[:, :9], 0), model(ids[:, 9:14], 9)]
     for p in range(14, 20):
-        out.append(model(ids[:, p:p + 1], torch.full((2,), p, device="cuda")))
+        out.append(model.decode(ids[:, p:p + 1], torch.full((2,), p, device="cuda")))
     return torch.stack(out)
 
 
 def real_model():
     """4 real-shape V4-Flash layers, bf16, bench.py's random weights (fixed seed), batch 2, 256 positions."""
     from bench import build
-    return build(os.path.join(os.path.dirname(HERE), "configs", "config_flash.json"), 4, 2, 256, "triton")
+    return build(os.path.join(ROOT, "configs", "config_flash.json"), 4, 2, 256, "triton")
 
 
 def run_real(model, ids):

@@ -3,7 +3,7 @@
 # a few minutes: each step has its own time limit, writes its log to OUT (default ./gpu_logs) and
 # the script goes on after a failure. Prints a summary line per step; exit status 1 if any failed.
 # The limits add up to about 40 minutes: name steps to run a part (a device call is at most 10).
-#   bash tests/gpu_all.sh [OUT [STEP ...]]      steps: gpu_check bench backends bf16_drift flaggems_ops
+#   bash tools/gpu_all.sh [OUT [STEP ...]]      steps: gpu_check bench backends bf16_drift flaggems_ops
 #                                                      flaggems_real flaggems_check bench_flaggems
 # backends: torch vs triton vs flaggems on 4 V4-Flash layers (speed and logit agreement, OUT/backends.json).
 # FlagGems steps need flag-gems importable (see README); without it they report their failure.
@@ -26,12 +26,12 @@ step() {    # step NAME SECONDS COMMAND...
     [ "$rc" -eq 0 ] || status=1
 }
 
-step gpu_check 150 python tests/gpu_check.py
+step gpu_check 150 python -m tools.gpu_check
 step bench 240 python bench.py speed --compare hf --profile --batch 1 8 32 128 --context 1024 65536
 step backends 240 python bench.py backends --layers 4 --report "$OUT/backends.json"
-step bf16_drift 150 python tests/bf16_drift.py
-step flaggems_ops 580 python tests/flaggems_ops.py --timeout-per-function 40 --timeout-all 150 --out "$OUT/flaggems_ops.json"
-step flaggems_real 580 python tests/flaggems_ops.py --shapes real --bisect --exclude mm,mul,topk,cat,stack,sum_dim --timeout-all 120 --out "$OUT/flaggems_real.json"
-step flaggems_check 280 python tests/flaggems_check.py
+step bf16_drift 150 python -m tools.bf16_drift
+step flaggems_ops 580 python -m tools.flaggems_ops --timeout-per-function 40 --timeout-all 150 --out "$OUT/flaggems_ops.json"
+step flaggems_real 580 python -m tools.flaggems_ops --shapes real --bisect --exclude mm,mul,topk,cat,stack,sum_dim --timeout-all 120 --out "$OUT/flaggems_real.json"
+step flaggems_check 280 python -m tools.flaggems_check
 step bench_flaggems 240 env FLAGGEMS_EXCLUDE= python bench.py speed --backend flaggems --batch 1 32 --context 1024 --prefill 1024
 exit $status

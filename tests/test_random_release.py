@@ -1,4 +1,4 @@
-"""The release writer in fixtures.py encodes exactly what it claims, in the layout of the V4 release."""
+"""The release writer in random_release.py encodes exactly what it claims, in the layout of the V4 release."""
 import json
 import math
 import os
@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-import fixtures
-from fixtures import (TINY_HF_CONFIG, dequantize_release, hf_config, quantize_fp4, quantize_fp8,
+import random_release
+from random_release import (TINY_HF_CONFIG, dequantize_release, hf_config, quantize_fp4, quantize_fp8,
                       read_release, tokenizer_dir, write_release)
 from quant import E2M1_VALUES, dequant_fp4, dequant_fp8
 
@@ -169,7 +169,7 @@ def test_dequantize_release_equals_returned_dict(release, stored):
     for name, t in ref.items():
         assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
         if name.endswith("tid2eid"):
-            assert t.dtype == fixtures.TID2EID_DTYPE
+            assert t.dtype == random_release.TID2EID_DTYPE
         else:
             assert t.dtype == torch.float32, name
         if stored[name].dtype in (torch.bfloat16, torch.float32):

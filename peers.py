@@ -1,4 +1,6 @@
-"""transformers' DeepseekV4ForCausalLM built from a state dict in the release layout: the oracle."""
+"""transformers' DeepseekV4ForCausalLM as a peer: the oracle the tests compare our model with
+(hf_model, from a state dict in the release layout) and the implementation bench.py times beside
+ours (hf_twin, sharing a built model's GPU tensors)."""
 import re
 
 import torch
@@ -73,3 +75,43 @@ def hf_model(config: dict, release: dict, dtype=torch.float32):
     if missing or unexpected:
         raise KeyError(f"oracle load: missing {missing}, unexpected {unexpected}")
     return model
+
+
+def hf_twin(model):
+    """transformers' DeepseekV4ForCausalLM on the same GPU tensors (experts shared, not copied)."""
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf_mod
+
+    a = model.args
+    ratio_type = {0: "sliding_attention", 4: "compressed_sparse_attention"}
+    cfg = DeepseekV4Config(
+        vocab_size=a.vocab_size, hidden_size=a.dim, moe_intermediate_size=a.moe_inter_dim, num_hidden_layers=a.n_layers,
+        num_attention_heads=a.n_heads, head_dim=a.head_dim, qk_rope_head_dim=a.rope_head_dim, q_lora_rank=a.q_lora_rank,
+        o_groups=a.o_groups, o_lora_rank=a.o_lora_rank, sliding_window=a.window_size,
+        layer_types=[ratio_type.get(r, "heavily_compressed_attention") for r in a.compress_ratios[:a.n_layers]],
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
+        num_hash_layers=a.n_hash_layers, n_routed_experts=a.n_routed_experts, num_experts_per_tok=a.n_activated_experts,
+        routed_scaling_factor=a.route_scale, swiglu_limit=a.swiglu_limit, index_n_heads=a.index_n_heads,
+        index_head_dim=a.index_head_dim, index_topk=a.index_topk, hc_mult=a.hc_mult, rope_theta=a.rope_theta,
+        compress_rope_theta=a.compress_rope_theta, max_position_embeddings=a.max_seq_len,
+        rope_scaling={"type": "yarn", "factor": a.rope_factor, "original_max_position_embeddings": a.original_seq_len,
+                      "beta_fast": a.beta_fast, "beta_slow": a.beta_slow}, num_nextn_predict_layers=0)
+    with torch.device("meta"):
+        hf = DeepseekV4ForCausalLM(cfg).to(torch.bfloat16)
+    shapes = {k: v for k, v in hf.state_dict().items()}
+    ours = {k: v for k, v in model.state_dict().items() if ".experts." not in k}
+    state = {k: v.to(shapes[k].dtype) for k, v in hf_state_dict(ours).items()}
+    for i, layer in enumerate(model.layers):
+        w13, w2, _ = layer.ffn.stacked_weights()
+        state[f"model.layers.{i}.mlp.experts.gate_up_proj"] = w13
+        state[f"model.layers.{i}.mlp.experts.down_proj"] = w2
+    with torch.inference_mode():            # our stacked experts are inference tensors
+        hf.load_state_dict(state, strict=False, assign=True)
+    for name, module in hf.named_modules():
+        if isinstance(module, hf_mod.DeepseekV4RotaryEmbedding):
+            parent = hf.get_submodule(name.rsplit(".", 1)[0]) if "." in name else hf
+            setattr(parent, name.rsplit(".", 1)[-1], hf_mod.DeepseekV4RotaryEmbedding(cfg, device="cuda"))
+    leftovers = [n for n, t in list(hf.named_parameters()) + list(hf.named_buffers()) if t.is_meta]
+    if leftovers:
+        raise RuntimeError(f"transformers twin: tensors left on meta: {leftovers[:5]}")
+    return hf.eval()

@@ -1,0 +1,402 @@
+"""The operators of the models beyond plain torch, and the one place that picks how each one runs.
+
+Every operator has a pure-PyTorch version here (`<op>_torch`, or the plain name where there is no
+other version), which runs on CPU and GPU and is the reference the faster versions are tested
+against: our Triton kernels (kernel.py) and FlagGems' fused kernels (flaggems.py). An `Ops` object
+is that choice, made once for a model from the backend name and the device; every module of the
+model holds the same object, so switching a built model to another backend is one call,
+`model.ops.use(name, device)`.
+
+Shapes use: b batch, s query tokens, h heads, d head dim, n key slots, k selected keys per query.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+import flaggems
+import kernel
+
+BACKENDS = ("auto", "torch", "triton", "flaggems")
+
+
+def hadamard_transform(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """x @ H * scale along the last dim, H the Sylvester Hadamard matrix; size a power of two."""
+    n = x.size(-1)
+    if n & (n - 1):
+        raise ValueError(f"Hadamard transform needs a power-of-two size, got {n}")
+    shape, dtype = x.shape, x.dtype
+    y = x.float().reshape(-1, n)
+    h = 1
+    while h < n:
+        y = y.view(-1, n // (2 * h), 2, h)
+        y = torch.stack([y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]], dim=2)
+        h *= 2
+    return (y.reshape(shape) * scale).to(dtype)
+
+
+def hc_split_sinkhorn(mixes: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor,
+                      hc_mult: int, iters: int, eps: float):
+    """Split the hyper-connection mixes into pre [.., hc], post [.., hc] and comb [.., hc, hc].
+
+    pre and post are sigmoid gates; comb is projected towards a doubly stochastic matrix by
+    Sinkhorn-Knopp: a row softmax, then alternating column and row normalisation.
+    """
+    hc = hc_mult
+    m = mixes.float()
+    base = hc_base.float()
+    pre = torch.sigmoid(m[..., :hc] * hc_scale[0] + base[:hc]) + eps
+    post = 2 * torch.sigmoid(m[..., hc:2 * hc] * hc_scale[1] + base[hc:2 * hc])
+    logits = m[..., 2 * hc:].unflatten(-1, (hc, hc)) * hc_scale[2] + base[2 * hc:].view(hc, hc)
+    comb = logits.softmax(-1) + eps
+    comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    return pre, post, comb
+
+
+def sparse_attn_torch(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor,
+                      topk_idxs: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """Attention of each query over its own selected keys, with a per-head sink.
+
+    q [b, s, h, d]; kv [b, n, d] (one shared head, keys equal values); attn_sink [h];
+    topk_idxs [b, s, k] indices into n, -1 for an empty slot. Returns [b, s, h, d] in q's dtype.
+    The sink adds exp(sink) to each softmax denominator and contributes no value.
+    """
+    valid = topk_idxs >= 0                                          # [b, s, k]
+    idx = topk_idxs.clamp(min=0).long()
+    b, s, k = idx.shape
+    keys = torch.gather(kv.float(), 1, idx.view(b, s * k, 1).expand(-1, -1, kv.size(-1)))
+    keys = keys.view(b, s, k, -1)                                   # [b, s, k, d]
+    scores = torch.einsum("bshd,bskd->bshk", q.float(), keys) * softmax_scale
+    scores = scores.masked_fill(~valid.unsqueeze(2), float("-inf"))
+    sink = attn_sink.float().view(1, 1, -1, 1).expand(b, s, -1, 1)
+    probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
+    return torch.einsum("bshk,bskd->bshd", probs, keys).to(q.dtype)
+
+
+def rms_norm_torch(x: torch.Tensor, weight, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32, returned in x's dtype; weight None means unweighted."""
+    w = None if weight is None else weight.float()
+    return F.rms_norm(x.float(), (x.size(-1),), w, eps).to(x.dtype)   # one fused kernel on CUDA
+
+
+def apply_rotary(x: torch.Tensor, freqs: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Interleaved RoPE on the last dim of x: each pair (2i, 2i+1) turned by its angle.
+
+    x [b, s, (h,) r]; freqs [s, r/2] complex, or its view_as_real [s, r/2, 2] (cos, sin) (or with a
+    leading b). Real arithmetic only, so that operator libraries without complex kernels run it.
+    Returns a new tensor in x's dtype.
+    """
+    if freqs.is_complex():
+        freqs = torch.view_as_real(freqs)
+    if freqs.dim() == 3:
+        freqs = freqs.unsqueeze(0)
+    if x.dim() == 4:
+        freqs = freqs.unsqueeze(2)
+    cos, sin = freqs[..., 0], freqs[..., 1]
+    if inverse:
+        sin = -sin
+    pair = x.float().unflatten(-1, (-1, 2))
+    a, b = pair[..., 0], pair[..., 1]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """silu(gate) * up in float32, with the V4 clamp when limit > 0 (gate from above, up both ways)."""
+    gate, up = gate.float(), up.float()
+    if limit > 0:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+    return F.silu(gate) * up
+
+
+def norm_rope_torch(x: torch.Tensor, freqs: torch.Tensor, rope_dim: int, eps=None, weight=None,
+                    inverse: bool = False) -> torch.Tensor:
+    """RMSNorm over x's last dim when eps is given (weight None: unweighted), then RoPE on its last
+    rope_dim channels, the others kept. x [b, s, (h,) d]; freqs as for apply_rotary."""
+    if eps is not None:
+        x = rms_norm_torch(x, weight, eps)
+    return torch.cat([x[..., :-rope_dim], apply_rotary(x[..., -rope_dim:], freqs, inverse)], dim=-1)
+
+
+def hc_mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hyper-connection mixes: the flattened streams x [.., hc, D], RMS-normalised, times fn^T [mix, hc*D]."""
+    flat = x.flatten(-2).float()
+    return F.linear(flat, fn) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
+
+
+def hc_pre_torch(x, fn, hc_scale, hc_base, hc_mult: int, iters: int, norm_eps: float, hc_eps: float,
+                 norm_weight=None, split=hc_split_sinkhorn):
+    """Enter a sublayer: x [.., hc, D] streams -> (input [.., D] in x's dtype, post [.., hc], comb [.., hc, hc]),
+    the input being the streams weighted by `pre`, then RMS-normalised with norm_weight when it is given
+    (the sublayer's input norm). split: hc_split_sinkhorn or a version of it.
+
+    fn [hc, hc * D] (hc_mult rows) is the HC head instead: y = sum_k (sigmoid(mix_k * scale[0] + base_k)
+    + hc_eps) x_k, the same pre gate with no post and comb (returned as None)."""
+    mixes = hc_mixes(x, fn, norm_eps)
+    if fn.size(0) == hc_mult:
+        pre, post, comb = torch.sigmoid(mixes * hc_scale[0] + hc_base) + hc_eps, None, None
+    else:
+        pre, post, comb = split(mixes, hc_scale, hc_base, hc_mult, iters, hc_eps)
+    y = (pre.unsqueeze(-1) * x.to(pre.dtype)).sum(dim=-2).to(x.dtype)
+    return (y if norm_weight is None else rms_norm_torch(y, norm_weight, norm_eps)), post, comb
+
+
+def hc_post_torch(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """Leave a sublayer: stream k of the result = post[k] * f + sum_j comb[j, k] * residual[j].
+    f [.., D], residual [.., hc, D] -> [.., hc, D] in f's dtype."""
+    y = post.unsqueeze(-1) * f.to(comb.dtype).unsqueeze(-2) + torch.einsum("...jk,...jd->...kd", comb,
+                                                                            residual.to(comb.dtype))
+    return y.to(f.dtype)
+
+
+def index_scores_torch(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, limit: torch.Tensor,
+                       scale: float = 1.0) -> torch.Tensor:
+    """Lightning Indexer scores sum_h (scale * weights[h]) * relu(q[h] . key) in float32, -inf for the
+    entries a query may not see yet (index >= limit).
+
+    q [b, s, h, d], keys [b, n, d], weights [b, s, h], limit [b or 1, s] -> [b, s, n]. Eight heads
+    at a time bound the [b, s, 8, n] temporary."""
+    b, s, h, _ = q.shape
+    weights = weights.float() * scale
+    scores = torch.zeros(b, s, keys.size(1), device=q.device)
+    for h0 in range(0, h, 8):
+        part = torch.einsum("bshd,bnd->bshn", q[:, :, h0:h0 + 8].float(), keys.float()).relu_()
+        scores += (part * weights[:, :, h0:h0 + 8].float().unsqueeze(-1)).sum(dim=2)
+    entry = torch.arange(keys.size(1), device=q.device)
+    return scores.masked_fill(entry >= limit.unsqueeze(-1), float("-inf"))
+
+
+def route_torch(scores: torch.Tensor, bias, tid2eid, ids: torch.Tensor, k: int, score_func: str,
+                route_scale: float):
+    """MoE routing from the gate's float32 logits scores [T, E]: the experts' scores (softmax, sigmoid
+    or sqrt(softplus)); the k experts of each token, fixed by tid2eid[ids] [T, k] on hash layers (bias
+    None), else the top k of score + bias; their scores as weights, normalised to sum 1 (not after a
+    softmax), times route_scale. -> weights [T, k] float32, experts [T, k] int64."""
+    if score_func == "softmax":
+        scores = scores.softmax(dim=-1)
+    elif score_func == "sigmoid":
+        scores = scores.sigmoid()
+    else:
+        scores = F.softplus(scores).sqrt()
+    if tid2eid is not None:
+        experts = tid2eid[ids].long()
+    else:
+        experts = (scores + bias).topk(k, dim=-1).indices
+    weights = scores.gather(1, experts)
+    if score_func != "softmax":
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights * route_scale, experts
+
+
+def topk_torch(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [.., k] of the k largest scores [.., n] along the last dim, in no particular order
+    (all n of them when n <= k).
+
+    torch.topk gives a row to one thread block: an H100 took 85 us for one row of 16640 (the indexer's
+    scores at a 64K context). A long row (n >= 8k) goes in two rounds instead: the top k of each chunk
+    of about sqrt(n k) entries, many blocks at once, then the top k of those candidates. Both rounds
+    keep the same set (ties aside); padding entries are -inf, so they come back only when fewer than
+    k entries are finite, as -inf entries do from a single round."""
+    n = scores.size(-1)
+    if n < 8 * k:
+        return scores.topk(min(k, n), dim=-1, sorted=False).indices
+    chunk = max(2 * k, 1 << math.ceil(math.log2(math.sqrt(n * k))))
+    n_chunks = -(-n // chunk)
+    if n_chunks * chunk != n:
+        scores = F.pad(scores, (0, n_chunks * chunk - n), value=float("-inf"))
+    values, idx = scores.unflatten(-1, (n_chunks, chunk)).topk(k, dim=-1, sorted=False)       # [.., chunks, k]
+    idx = idx + torch.arange(0, n_chunks * chunk, chunk, device=scores.device).unsqueeze(-1)
+    best = values.flatten(-2).topk(k, dim=-1, sorted=False).indices
+    return idx.flatten(-2).gather(-1, best)
+
+
+def decode_indices_torch(pos: torch.Tensor, window: int, n_entries: int, ratio: int, picks=None) -> torch.Tensor:
+    """The key slots each decode query attends in a layer's cache [window ring, compressed entries]:
+    pos [b] -> [b, window + n_entries] (n_entries = picks' width when picks is given).
+
+    Slot c < window holds position pos - (pos - c) % window, -1 while that is negative. Then the
+    compressed entries, window + j: the indexer's picks [b, k] (CSA), or every entry (HCA); -1 for
+    one the query may not see yet (j >= (pos + 1) // ratio) or a pick of -1."""
+    slot = torch.arange(window, device=pos.device)
+    ring = torch.where(pos.unsqueeze(1) - (pos.unsqueeze(1) - slot) % window >= 0, slot, -1)
+    if not ratio:
+        return ring
+    entry = picks if picks is not None else torch.arange(n_entries, device=pos.device).expand(pos.size(0), -1)
+    seen = (entry >= 0) & (entry < ((pos + 1) // ratio).unsqueeze(1))
+    return torch.cat([ring, torch.where(seen, entry + window, -1)], dim=1)
+
+
+def compressed_entries(kv: torch.Tensor, score: torch.Tensor, freqs: torch.Tensor, rope_dim: int, norm_weight,
+                       eps: float, rotate_scale, dtype: torch.dtype, ops: "Ops") -> torch.Tensor:
+    """Compressed KV entries: kv [.., slots, hd] pooled with softmax(score) over the slots, rounded to
+    dtype, RMSNorm-ed, RoPE at the window's start (freqs), then, when rotate_scale is given, the
+    Hadamard rotation of the indexer's keys."""
+    entries = (kv * score.softmax(dim=-2)).sum(dim=-2).to(dtype)
+    entries = ops.norm_rope(entries, freqs, rope_dim, eps, norm_weight)
+    return entries if rotate_scale is None else ops.hadamard(entries, rotate_scale)
+
+
+def compressor_decode_torch(kv_new, score_new, ape, pos, kv_state, score_state, prev_kv, prev_score,
+                            norm_weight, eps: float, freqs_cis, rope_dim: int, rotate_scale, cache) -> None:
+    """One token per row of a compressor (model.Compressor) with static shapes.
+
+    kv_new, score_new [b, width] are this token's projections (score before the ape bias). They go
+    to slot pos % ratio of kv_state / score_state [B, ratio, width]. A row whose token completes its
+    window (pos % ratio == ratio - 1) writes that window's entry pos // ratio to cache [B, n_max, hd];
+    the others leave the cache as it is (an entry is attended only once its window is complete).
+    With prev_kv / prev_score [B, ratio, hd] (ratio 4, overlapping windows) the entry pools the
+    previous window's first series with this window's second one, and a completed window becomes
+    the previous one."""
+    bsz, ratio = kv_new.size(0), kv_state.size(1)
+    hd = cache.size(-1)
+    rows, slot = torch.arange(bsz, device=kv_new.device), pos % ratio
+    kv_state[rows, slot] = kv_new
+    score_state[rows, slot] = score_new + ape[slot]
+    kv, score = kv_state[:bsz], score_state[:bsz]                                  # [b, ratio, width]
+    done = (slot == ratio - 1).view(-1, 1, 1)
+    if prev_kv is not None:
+        pooled_kv = torch.cat([prev_kv[:bsz], kv[..., hd:]], dim=1)                # [b, 2 * ratio, hd]
+        pooled_score = torch.cat([prev_score[:bsz], score[..., hd:]], dim=1)
+        prev_kv[:bsz] = torch.where(done, kv[..., :hd], prev_kv[:bsz])
+        prev_score[:bsz] = torch.where(done, score[..., :hd], prev_score[:bsz])
+        kv, score = pooled_kv, pooled_score
+    entries = compressed_entries(kv.unsqueeze(1), score.unsqueeze(1), freqs_cis[(pos - slot).unsqueeze(1)],
+                                 rope_dim, norm_weight, eps, rotate_scale, cache.dtype, Ops("torch"))   # [b, 1, hd]
+    cache[rows, pos // ratio] = torch.where(done[:, 0], entries[:, 0], cache[rows, pos // ratio])
+
+
+# ---------------------------------------------------------------- the choice
+
+class Ops:
+    """The operators as one backend runs them.
+
+    'torch': the references above. 'triton': our Triton kernels where there is one (CUDA, or CPU
+    tensors under TRITON_INTERPRET=1). 'flaggems': FlagGems' fused kernels where it has one, our
+    Triton kernels for the rest (CUDA). 'auto': Triton on CUDA when it is installed, else torch."""
+
+    # Few-token MoE (decode): up to this many (token, expert) assignments go through one program per
+    # assignment (kernel.moe_gemv_triton); more through grouped GEMMs over tokens sorted by expert.
+    MOE_GEMV_MAX_ASSIGNMENTS = 96
+
+    def __init__(self, backend: str = "auto", device=None):
+        self.use(backend, device)
+
+    def use(self, backend: str, device=None) -> None:
+        """Choose the backend for tensors on device (default: torch's default device). Raises
+        ValueError for an unknown name, RuntimeError for one the device cannot run."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        cuda = torch.device(device if device is not None else torch.get_default_device()).type == "cuda"
+        if backend == "auto":
+            backend = "triton" if cuda and kernel.triton is not None else "torch"
+        if backend != "torch" and (kernel.triton is None
+                                   or not (cuda or (kernel.INTERPRETED and backend == "triton"))):
+            raise RuntimeError(f"backend {backend!r} needs a CUDA device and the triton package")
+        self.backend = backend
+        self.triton = backend != "torch"
+        self.flaggems = backend == "flaggems"
+
+    @property
+    def graphs(self) -> bool:
+        """Whether decode steps should be replayed from CUDA graphs: where the kernels are ours or FlagGems'."""
+        return self.triton and not kernel.INTERPRETED
+
+    def moe_path(self, assignments: int) -> str:
+        """How the routed experts run for this many (token, expert) assignments: 'gemv' (few tokens,
+        with the shared expert, kernel.moe_gemv_triton), 'grouped' (kernel.moe_experts_triton) or
+        'loop' (the torch reference: each expert on its tokens)."""
+        if not self.triton:
+            return "loop"
+        return "gemv" if assignments <= self.MOE_GEMV_MAX_ASSIGNMENTS else "grouped"
+
+    def sparse_attn(self, q, kv, attn_sink, topk_idxs, softmax_scale):
+        """Attention of each query over its selected keys with a per-head sink: q [b, s, h, d],
+        kv [b, n, d], attn_sink [h], topk_idxs [b, s, k] (-1 = empty slot) -> [b, s, h, d]."""
+        if self.flaggems:
+            return flaggems.sparse_attn_flaggems(q, kv, attn_sink, topk_idxs, softmax_scale)
+        if self.triton:
+            return kernel.sparse_attn_triton(q, kv, attn_sink, topk_idxs, softmax_scale)
+        return sparse_attn_torch(q, kv, attn_sink, topk_idxs, softmax_scale)
+
+    def hadamard(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """hadamard_transform: FlagGems' kernel with backend 'flaggems', ours for sizes 16 .. 256."""
+        n = x.size(-1)
+        if self.flaggems:
+            return flaggems.hadamard_flaggems(x, scale)
+        if self.triton and 16 <= n <= 256 and n & (n - 1) == 0:
+            return kernel.hadamard_triton(x, scale)
+        return hadamard_transform(x, scale)
+
+    def hc_split(self, mixes, hc_scale, hc_base, hc_mult: int, iters: int, eps: float):
+        """hc_split_sinkhorn: our Triton kernel, or FlagGems' fused one with backend 'flaggems'."""
+        if self.flaggems:
+            return flaggems.hc_split_flaggems(mixes, hc_scale, hc_base, hc_mult, iters, eps)
+        if self.triton:
+            return kernel.hc_split_sinkhorn_triton(mixes, hc_scale, hc_base, hc_mult, iters, eps)
+        return hc_split_sinkhorn(mixes, hc_scale, hc_base, hc_mult, iters, eps)
+
+    def hc_pre(self, x, fn, hc_scale, hc_base, hc_mult: int, iters: int, norm_eps: float, hc_eps: float,
+               norm_weight=None):
+        """hc_pre_torch; fused into two Triton launches, or around FlagGems' split + Sinkhorn."""
+        if self.flaggems and fn.size(0) != hc_mult:
+            return hc_pre_torch(x, fn, hc_scale, hc_base, hc_mult, iters, norm_eps, hc_eps, norm_weight,
+                                split=self.hc_split)
+        if self.triton:
+            return kernel.hc_pre_triton(x, fn, hc_scale, hc_base, hc_mult, iters, norm_eps, hc_eps, norm_weight)
+        return hc_pre_torch(x, fn, hc_scale, hc_base, hc_mult, iters, norm_eps, hc_eps, norm_weight)
+
+    def hc_post(self, f, residual, post, comb):
+        if self.triton:
+            return kernel.hc_post_triton(f, residual, post, comb)
+        return hc_post_torch(f, residual, post, comb)
+
+    def norm_rope(self, x, freqs, rope_dim: int, eps=None, weight=None, inverse: bool = False):
+        if self.triton:
+            return kernel.norm_rope_triton(x, freqs, rope_dim, eps, weight, inverse)
+        return norm_rope_torch(x, freqs, rope_dim, eps, weight, inverse)
+
+    def norm_rope_into(self, x, freqs, rope_dim: int, eps: float, weight, cache, slots) -> None:
+        """norm_rope of one token per row, x [b, 1, d], written to cache[i, slots[i]] (cache [B, n, d],
+        slots [b]): the decode step's new key/value to its window ring slot."""
+        if self.triton:
+            kernel.norm_rope_triton(x, freqs, rope_dim, eps, weight, cache=cache, slots=slots)
+        else:
+            cache[torch.arange(x.size(0), device=x.device), slots] = norm_rope_torch(x, freqs, rope_dim, eps,
+                                                                                     weight)[:, 0]
+
+    def index_scores(self, q, keys, weights, limit, scale: float = 1.0):
+        if self.triton:
+            return kernel.index_scores_triton(q, keys, weights, limit, scale)
+        return index_scores_torch(q, keys, weights, limit, scale)
+
+    def topk(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+        """topk_torch; rows longer than k through kernel.topk_triton."""
+        if self.triton and scores.size(-1) > k:
+            return kernel.topk_triton(scores, k)
+        return topk_torch(scores, k)
+
+    def rms_norm(self, x, weight, eps: float):
+        if self.triton:
+            return kernel.rms_norm_triton(x, weight, eps)
+        return rms_norm_torch(x, weight, eps)
+
+    def route(self, scores, bias, tid2eid, ids, k: int, score_func: str, route_scale: float):
+        if self.triton:
+            return kernel.route_triton(scores, bias, tid2eid, ids, k, score_func, route_scale)
+        return route_torch(scores, bias, tid2eid, ids, k, score_func, route_scale)
+
+    def decode_indices(self, pos, window: int, n_entries: int, ratio: int, picks=None):
+        if self.triton:
+            return kernel.decode_indices_triton(pos, window, n_entries, ratio, picks)
+        return decode_indices_torch(pos, window, n_entries, ratio, picks)
+
+    def compressor_decode(self, kv_new, score_new, ape, pos, kv_state, score_state, prev_kv, prev_score,
+                          norm_weight, eps: float, freqs_cis, rope_dim: int, rotate_scale, cache) -> None:
+        """compressor_decode_torch; one Triton launch for head dims that are powers of two."""
+        hd = cache.size(-1)
+        fn = kernel.compressor_decode_triton if self.triton and hd & (hd - 1) == 0 else compressor_decode_torch
+        fn(kv_new, score_new, ape, pos, kv_state, score_state, prev_kv, prev_score, norm_weight, eps, freqs_cis,
+           rope_dim, rotate_scale, cache)
