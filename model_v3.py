@@ -27,6 +27,8 @@ from kernel import BACKENDS, apply_rotary
 from model import (ColumnParallelLinear, Expert, Linear, MoE as V4MoE, Parallel, ParallelEmbedding, ParallelHead,
                    RMSNorm, RowParallelLinear, dtype_of, linear_fp32, precompute_freqs_cis)
 
+from kernel_mla import mla_decode
+
 # ---------------------------------------------------------------- checkpoint names and layout
 
 # One dotted part of a Hugging Face name -> ours; parts not listed are kept as they are.
@@ -295,7 +297,8 @@ class MLA(nn.Module):
       absorb   fold wkv_b into the query and the output: q_nope wkv_b_k [c] meets the latent
                directly, and the attention-weighted latent goes through wkv_b_v (~ 2c + r per pair)
     attn_impl "auto" takes the absorbed path, except for calls of more than NAIVE_MIN_TOKENS new
-    tokens a row, where expanding the keys once costs less than the absorbed products.
+    tokens a row, where expanding the keys once costs less than the absorbed products. One token a
+    row on the absorbed path goes through kernel_mla.mla_decode (a Triton kernel on CUDA).
     Since only the latent is cached, the path may change from one call to the next. (DeepSeek's
     naive path caches the expanded k and v instead; those are a function of the cached latent,
     which is already in the model dtype there too, so the results are the same.)
@@ -305,7 +308,7 @@ class MLA(nn.Module):
     """
     def __init__(self, args: ModelArgs, tp: Parallel):
         super().__init__()
-        self.tp, self.impl = tp, args.attn_impl
+        self.tp, self.impl, self.backend = tp, args.attn_impl, args.backend
         dtype = dtype_of(args)
         self.n_local_heads = args.n_heads // tp.world_size
         self.q_lora_rank, self.kv_lora_rank = args.q_lora_rank, args.kv_lora_rank
@@ -354,6 +357,14 @@ class MLA(nn.Module):
 
         naive = self.impl == "naive" or (self.impl == "auto" and seqlen > NAIVE_MIN_TOKENS)
         wkv_b = self.wkv_b.weight.view(self.n_local_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        if not naive and seqlen == 1:                                             # decode: kernel_mla
+            if not isinstance(start_pos, torch.Tensor):
+                start_pos = torch.full((bsz,), start_pos, device=x.device)
+            q_lat = torch.einsum("bhn,hnc->bhc", q_nope[:, 0], wkv_b[:, :self.nope])          # [b, h, c]
+            o = mla_decode(q_lat, q_pe[:, 0], self.kv_cache, self.pe_cache, start_pos, self.softmax_scale,
+                           self.backend).to(x.dtype)
+            o = torch.einsum("bhc,hvc->bhv", o, wkv_b[:, self.nope:])                           # [b, h, v]
+            return self.tp.all_reduce(self.wo(o.flatten(1))).unsqueeze(1)
         if naive:
             k_nope, v = self.wkv_b(kv).unflatten(-1, (self.n_local_heads, -1)).split([self.nope, self.v_dim], -1)
             scores = torch.einsum("bshn,bthn->bsht", q_nope, k_nope)

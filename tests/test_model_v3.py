@@ -6,6 +6,7 @@ Prompts of 80 tokens run past YaRN's original 64 positions; the fixture has 2 de
 """
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -29,8 +30,8 @@ def release(request, tmp_path_factory):
 
 def build(release, impl="absorb", **kw):
     path, _, _, state = release
-    sizes = {"max_seq_len": 96, "max_batch_size": 4, **kw}
-    model = Transformer(ModelArgs.from_file(path, dtype="fp32", backend="torch", attn_impl=impl, **sizes))
+    kw = {"max_seq_len": 96, "max_batch_size": 4, "dtype": "fp32", "backend": "torch", **kw}
+    model = Transformer(ModelArgs.from_file(path, attn_impl=impl, **kw))
     model.load_state_dict(state, strict=True)
     return model
 
@@ -332,3 +333,71 @@ def test_layout_fits_the_model_shapes(release):
     ours = {k: v.shape for k, v in model.state_dict().items()}
     cut = {k: v.shape for k, v in shard(state, 1, 2, config["n_routed_experts"]).items()}
     assert cut == ours
+
+
+# ---------------------------------------------------------------- Triton: absorbed MLA decode (kernel_mla)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton = pytest.mark.skipif(not (INTERPRETED or torch.cuda.is_available()),
+                                  reason="runs in Triton's interpreter (test_triton_cases_in_the_interpreter) or on CUDA")
+DEVICE = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
+
+
+# bf16 on CUDA only: Triton's interpreter (3.9 here) computes bf16 tl.dot wrongly (model.py's kernels
+# too; tests/triton_cases.py runs float32 in it).
+DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("b,h,c,r,positions,splits", [
+    (3, 4, 32, 16, 70, None),        # few heads (masked to a block of 16), default shares
+    (2, 20, 64, 16, 200, 3),         # two head blocks, three shares (the last ones partly empty)
+    (1, 16, 96, 32, 50, 1),          # c not a power of two, one share
+])
+def test_mla_decode_triton_matches_reference(dtype, b, h, c, r, positions, splits):
+    from kernel_mla import mla_decode_torch, mla_decode_triton
+    g = torch.Generator().manual_seed(b * 1000 + h)
+    kv = torch.randn(b + 1, positions, c, generator=g).to(DEVICE, dtype)        # a spare cache row
+    pe = torch.randn(b + 1, positions, r, generator=g).to(DEVICE, dtype)
+    q_lat = torch.randn(b, h, c, generator=g).to(DEVICE, dtype)
+    q_pe = torch.randn(b, h, r, generator=g).to(DEVICE, dtype)
+    pos = torch.tensor([37, positions - 1, 0][:b]).to(DEVICE)                   # a middle one, last, first
+    scale = 0.7 * (c + r) ** -0.5
+    got = mla_decode_triton(q_lat, q_pe, kv, pe, pos, scale, splits)
+    want = mla_decode_torch(q_lat.double(), q_pe.double(), kv.double(), pe.double(), pos, scale)
+    err = ((got.double() - want).norm() / want.norm()).item()
+    print(f"mla decode {dtype} b{b} h{h} c{c} splits {splits}: relative error {err:.1e}")
+    assert got.dtype == torch.float32 and err < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@needs_triton
+def test_model_decode_on_the_triton_path(release, prompts):
+    """The model with backend triton (kernel_mla's decode kernel; model.py's Triton RMSNorm and MoE)
+    against backend torch: a prefill, then decode steps at per-row positions."""
+    ref = build(release, "absorb")
+    fast = build(release, "absorb", backend="triton").to(DEVICE)
+    worst = (fast(prompts[:, :9].to(DEVICE)).cpu() - ref(prompts[:, :9])).abs().max().item()
+    pos = torch.tensor([9, 9, 9])
+    for step in range(3):
+        want = ref(prompts[:, 9 + step:10 + step], start_pos=pos)
+        got = fast(prompts[:, 9 + step:10 + step].to(DEVICE), start_pos=pos.to(DEVICE)).cpu()
+        worst = max(worst, (got - want).abs().max().item())
+        pos = pos + 1
+    print(f"triton-path decode vs torch path: max |logit diff| = {worst:.2e}")
+    assert worst < 1e-4
+
+
+@pytest.mark.skipif(INTERPRETED, reason="already in the interpreter")
+def test_triton_cases_in_the_interpreter():
+    """The @needs_triton tests above, in a child with TRITON_INTERPRET=1 (kernels run on the CPU)."""
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__,
+                          "-k", "mla_decode_triton or triton_path"],
+                         env=dict(os.environ, TRITON_INTERPRET="1"), cwd=os.path.dirname(here),
+                         capture_output=True, text=True, timeout=900)
+    print(run.stdout[-3000:])
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-3000:]
+    assert re.search(r"\b5 passed", run.stdout)
