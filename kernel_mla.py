@@ -82,26 +82,28 @@ if triton is not None:
         tl.store(stat_ptr + row * 2 + 1, den, mask=live)
 
 
-MLA_BLOCK_H, MLA_BLOCK_N = 16, 32
+MLA_BLOCK_H = 16
+MLA_TILES = (64, 8, 3)        # BLOCK_N positions a step, warps, pipeline stages (best of 4 on an H100)
 
 
-def mla_splits(b: int, h: int, positions: int, device: torch.device) -> int:
+def mla_splits(b: int, h: int, positions: int, device: torch.device, block_n: int) -> int:
     """How many shares the cache positions are cut into: enough programs for about two per
     multiprocessor, no share under 4 blocks of positions. Shapes only, so a captured graph keeps it."""
     programs = b * triton.cdiv(h, MLA_BLOCK_H)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(positions, 4 * MLA_BLOCK_N)))
+    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(positions, 4 * block_n)))
 
 
-def mla_decode_triton(q_lat, q_pe, kv_cache, pe_cache, pos, scale: float, splits=None) -> torch.Tensor:
+def mla_decode_triton(q_lat, q_pe, kv_cache, pe_cache, pos, scale: float, splits=None, tiles=None) -> torch.Tensor:
     """mla_decode_torch in one launch plus a merge of the shares (torch, no host sync)."""
     b, h, c = q_lat.shape
     r, positions = q_pe.size(-1), kv_cache.size(1)
     if kv_cache.stride(-1) != 1 or pe_cache.stride(-1) != 1:
         raise ValueError("mla_decode_triton: caches need unit stride in their last dim")
+    block_n, warps, stages = tiles or MLA_TILES
     q_lat, q_pe = q_lat.contiguous(), q_pe.contiguous()
-    splits = splits or mla_splits(b, h, positions, q_lat.device)
-    per_split = triton.cdiv(triton.cdiv(positions, splits), MLA_BLOCK_N) * MLA_BLOCK_N
+    splits = splits or mla_splits(b, h, positions, q_lat.device, block_n)
+    per_split = triton.cdiv(triton.cdiv(positions, splits), block_n) * block_n
     splits = triton.cdiv(positions, per_split)
     part = torch.empty(b, splits, h, c, dtype=torch.float32, device=q_lat.device)
     stat = torch.empty(b, splits, h, 2, dtype=torch.float32, device=q_lat.device)
@@ -110,8 +112,8 @@ def mla_decode_triton(q_lat, q_pe, kv_cache, pe_cache, pos, scale: float, splits
                              q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
                              kv_cache.stride(0), kv_cache.stride(1), pe_cache.stride(0), pe_cache.stride(1),
                              C=c, R=r, BC=triton.next_power_of_2(c), BR=triton.next_power_of_2(r),
-                             BLOCK_H=MLA_BLOCK_H, BLOCK_N=MLA_BLOCK_N, PRECISION=_precision(kv_cache),
-                             num_warps=4, num_stages=2)
+                             BLOCK_H=MLA_BLOCK_H, BLOCK_N=block_n, PRECISION=_precision(kv_cache),
+                             num_warps=warps, num_stages=stages)
     m, den = stat.unbind(-1)                                      # [b, splits, h]; share 0 always sees position 0
     weight = torch.exp(m - m.amax(dim=1, keepdim=True))           # 0 for the empty shares (max -inf)
     return (part * weight.unsqueeze(-1)).sum(dim=1) / (den * weight).sum(dim=1).unsqueeze(-1)

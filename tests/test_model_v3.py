@@ -131,6 +131,20 @@ def test_batch_rows_equal_single_sequences(release, prompts):
         torch.testing.assert_close(model(prompts[i:i + 1, :40]), batch[i:i + 1], rtol=0, atol=1e-5)
 
 
+def test_bf16_close_to_fp32(release, prompts, oracle_logits):
+    """bf16 weights, activations and caches against fp32, next to transformers' own bf16-vs-fp32 error
+    on the same weights (a rounding can flip an expert on random weights)."""
+    ref = build(release)(prompts)
+    got = build(release, dtype="bf16")(prompts)
+    with torch.no_grad():       # the fixture's weights again (same seed), in bf16
+        theirs = hf_random_model(release[1], seed=0).to(torch.bfloat16)(prompts).logits[:, -1].float()
+    rel = ((got - ref).norm() / ref.norm()).item()
+    rel_theirs = ((theirs - oracle_logits[:, -1]).norm() / oracle_logits[:, -1].norm()).item()
+    print(f"bf16 vs fp32: relative logit error {rel:.3f} (transformers: {rel_theirs:.3f})")
+    assert got.dtype == torch.float32
+    assert rel < 0.1 and rel < 1.5 * rel_theirs
+
+
 def test_yarn_applied_whenever_the_config_has_it(release, tmp_path):
     """max_seq_len 48 is below rope_scaling's original 64 positions. DeepSeek's own inference code
     (inference/model.py: precompute_freqs_cis and MLA's softmax_scale) would then skip YaRN, both
