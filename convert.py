@@ -1,12 +1,19 @@
-"""Convert the official DeepSeek-V4 release to BF16 model-parallel shards in one streaming pass.
+"""Convert the official DeepSeek-V4 or DeepSeek-R1 / V3 release to BF16 model-parallel shards in one streaming pass.
 
     python convert.py --hf-ckpt-path SRC --save-path DST --n-experts 256 --model-parallel 8
 
-SRC is the release as published (FP8 e4m3 weights with one ue8m0 scale per 128x128 block, MXFP4
-routed experts with one ue8m0 scale per 32 inputs, each scale stored as `<prefix>.scale` beside
-`<prefix>.weight`) or a BF16 copy of it. DST receives model{rank}-mp{N}.safetensors for every rank,
-config.json and the tokenizer files. Quantised weights become BF16 (exactly: a small float times a
-power of two); every other tensor keeps its dtype.
+SRC is a release as published, or a BF16 copy of it; its config.json says which (architecture()):
+- DeepSeek-V4 (model_type deepseek_v4, or no config.json): FP8 e4m3 weights with one ue8m0 scale
+  per 128x128 block, MXFP4 routed experts with one ue8m0 scale per 32 inputs, each scale stored as
+  `<prefix>.scale` beside `<prefix>.weight`. Quantised weights become BF16 exactly (a small float
+  times a power of two). The shards follow model.py's layout.
+- DeepSeek-R1 / V3 (model_type deepseek_v3): Hugging Face names (`model.layers.N.self_attn...`),
+  FP8 e4m3 weights with one float32 scale per 128x128 block in `<name>_scale_inv`. Each weight
+  becomes the product of its values and scales in float32, rounded to BF16 (as DeepSeek's
+  fp8_cast_bf16.py). The shards hold model_v3.py's names and layout. The multi-token-prediction
+  module (layer num_hidden_layers) is dropped: the model does not use it.
+DST receives model{rank}-mp{N}.safetensors for every rank, config.json and the tokenizer files.
+Every tensor that is not quantised keeps its dtype.
 
 Nothing is held whole. Every output header is computed from the input headers alone; then a pool
 of workers takes one input tensor at a time, dequantises it and writes each rank's piece at its
@@ -23,12 +30,13 @@ import shutil
 import signal
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from tqdm import tqdm
 
 from model import EXPERT, OUTPUT_PROJ, SPLIT_COLS, SPLIT_ROWS, VOCAB
+from model_v3 import expert_index, expert_rank, release_name, split_dim
 from quant import dequant_fp4, dequant_fp8, fp4_scale_shape, fp8_scale_shape
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -41,8 +49,10 @@ DTYPES = {
     "F8_E4M3": (torch.float8_e4m3fn, 1), "I8": (torch.int8, 1), "F8_E8M0": (torch.float8_e8m0fnu, 1),
 }
 KEPT = ("BF16", "F32", "I32", "I64")        # copied as they are
-QUANTISED = {"F8_E4M3": "FP8", "I8": "FP4"}  # need a .scale; become BF16
-SCALE_DTYPE = "F8_E8M0"
+QUANTISED = {"F8_E4M3": "FP8", "I8": "FP4"}  # need a scale; become BF16
+
+# config.json's model_type -> its architectures entry, for the two models this project runs.
+ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v4": "DeepseekV4ForCausalLM"}
 
 
 
@@ -140,19 +150,54 @@ def layout(tensors: List[OutTensor]) -> Tuple[bytes, Dict[str, int]]:
     return len(text).to_bytes(8, "little") + text, {name: start + b for name, b in begins.items()}
 
 
-# ----------------------------------------------------------------------------- sharding rules
+# ----------------------------------------------------------------------------- architectures
+
+def architecture(config: dict) -> str:
+    """'deepseek_v3' or 'deepseek_v4' for the contents of a config.json: its model_type, else its
+    architectures, else deepseek_v4 (our configs/*.json, or no config.json at all). Raises ValueError
+    for another model, or a model_type and architectures that disagree."""
+    by_type = config.get("model_type")
+    listed = config.get("architectures") or []
+    by_class = {t for t, cls in ARCHITECTURES.items() if cls in listed}
+    if by_type is not None and by_type not in ARCHITECTURES:
+        raise ValueError(f"model_type {by_type!r} is not one of {', '.join(ARCHITECTURES)}")
+    if not by_class and listed and by_type is None:
+        raise ValueError(f"architectures {listed} names none of {', '.join(ARCHITECTURES.values())}")
+    if len(by_class) > 1 or (by_type is not None and by_class and by_class != {by_type}):
+        raise ValueError(f"model_type {by_type!r} and architectures {listed} name different models")
+    return by_type or (by_class.pop() if by_class else "deepseek_v4")
+
+
+# Each release class below is what the planner knows of one architecture, for n ranks: which tensors
+# are block scales and of which weight, the quantised dtypes it holds, the names written, and
+# targets(name): None to drop the tensor, else (dim, parts, [(rank, part)]): the tensor is cut into
+# `parts` equal chunks along dim and each listed rank takes chunk `part`; dim None means whole copies.
+Targets = Optional[Tuple[Optional[int], int, List[Tuple[int, int]]]]
+
 
 @dataclass(frozen=True)
-class Sharding:
-    """Which rank gets which part of each tensor, for n ranks."""
+class V4Release:
+    """DeepSeek-V4: a ue8m0 `<prefix>.scale` beside `<prefix>.weight`, FP8 and FP4 weights, model.py's layout."""
     n: int
     n_experts: int
     o_groups: int
     ogroups_comm: bool
+    scale_dtype = "F8_E8M0"
+    quantised = ("F8_E4M3", "I8")
 
-    def targets(self, name: str) -> Optional[Tuple[Optional[int], int, List[Tuple[int, int]]]]:
-        """None to drop the tensor, else (dim, parts, [(rank, part)]): the tensor is cut into `parts`
-        equal chunks along dim and each listed rank takes chunk `part`; dim None means whole copies."""
+    def is_scale(self, name: str, dtype: str) -> bool:
+        return dtype == self.scale_dtype
+
+    def weight_of(self, scale: str) -> Optional[str]:
+        return scale[:-len("scale")] + "weight" if scale.endswith(".scale") else None
+
+    def scale_of(self, weight: str) -> Optional[str]:
+        return weight[:-len("weight")] + "scale" if weight.endswith(".weight") else None
+
+    def our_name(self, name: str) -> Optional[str]:
+        return name[len("model."):] if name.startswith("model.") else name
+
+    def targets(self, name: str) -> Targets:
         everyone = range(self.n)
         if name.startswith("mtp.") and ("emb" in name or name.endswith("head.weight")):
             return None                                     # MTP copies of the shared embedding / head
@@ -173,6 +218,46 @@ class Sharding:
         if any(name.endswith("." + s) for s in SPLIT_COLS):
             return 1, self.n, [(r, r) for r in everyone]
         return None, 1, [(r, 0) for r in everyone]
+
+
+@dataclass(frozen=True)
+class V3Release:
+    """DeepSeek-R1 / V3: Hugging Face names, a float32 `<name>_scale_inv` beside each FP8 weight,
+    model_v3.py's names and layout; the MTP module (layers n_layers and up) is dropped."""
+    n: int
+    n_experts: int
+    n_layers: int
+    scale_dtype = "F32"
+    quantised = ("F8_E4M3",)
+
+    def is_scale(self, name: str, dtype: str) -> bool:
+        return name.endswith("_scale_inv")
+
+    def weight_of(self, scale: str) -> Optional[str]:
+        return scale[:-len("_scale_inv")]
+
+    def scale_of(self, weight: str) -> Optional[str]:
+        return weight + "_scale_inv"
+
+    def our_name(self, name: str) -> Optional[str]:
+        try:
+            return release_name(name, self.n_layers)
+        except ValueError as e:
+            raise ConvertError(str(e)) from None
+
+    def targets(self, name: str) -> Targets:
+        expert = expert_index(name)
+        if expert is not None:
+            if expert >= self.n_experts:
+                raise ConvertError(f"tensor {name}: expert {expert} is out of range for {self.n_experts} experts")
+            return None, 1, [(expert_rank(name, self.n_experts, self.n), 0)]
+        dim = split_dim(name)
+        if dim is None:
+            return None, 1, [(r, 0) for r in range(self.n)]
+        return dim, self.n, [(r, r) for r in range(self.n)]
+
+
+Release = Union[V4Release, V3Release]
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -220,7 +305,7 @@ def out_tensor(job: Job, piece: Piece) -> OutTensor:
 
 
 def plan(src: str, weight_map: Dict[str, str], headers: Dict[str, Dict[str, Stored]],
-         sharding: Sharding) -> Tuple[List[Tuple[bytes, int]], List[Job]]:
+         release: Release) -> Tuple[List[Tuple[bytes, int]], List[Job]]:
     """Check every tensor and place it: (header, size) of each rank's file, and the jobs in file order.
 
     headers maps each file named in the index to its parsed header."""
@@ -234,28 +319,35 @@ def plan(src: str, weight_map: Dict[str, str], headers: Dict[str, Dict[str, Stor
     jobs, seen = [], set()
     for name in sorted(weight_map):
         w = stored(name)
-        if w.dtype == SCALE_DTYPE:
-            if not name.endswith(".scale") or name[:-len("scale")] + "weight" not in weight_map:
-                raise ConvertError(f"{w.path}: tensor {name}: a {SCALE_DTYPE} scale without a weight")
+        if release.is_scale(name, w.dtype):
+            if release.weight_of(name) not in weight_map:
+                raise ConvertError(f"{w.path}: tensor {name}: a {w.dtype} scale without a weight")
             continue
-        out_name = name[len("model."):] if name.startswith("model.") else name
-        where = sharding.targets(out_name)
+        try:
+            out_name = release.our_name(name)
+            where = None if out_name is None else release.targets(out_name)
+        except ConvertError as e:
+            raise ConvertError(f"{w.path}: {e}") from None
         if where is None:
             continue
-        scale = None
-        if w.dtype in QUANTISED:
-            scale_name = name[:-len("weight")] + "scale" if name.endswith(".weight") else None
+        scale, scale_name = None, release.scale_of(name)
+        if w.dtype in release.quantised:
             if scale_name not in weight_map:
                 raise ConvertError(f"{w.path}: tensor {name}: {w.dtype} weight without its scale "
                                    f"tensor {scale_name or '(no .weight suffix)'}")
             scale = stored(scale_name)
-            if len(w.shape) != 2 or scale.dtype != SCALE_DTYPE or scale.shape != expected_scale_shape(w):
+            if len(w.shape) != 2 or scale.dtype != release.scale_dtype or scale.shape != expected_scale_shape(w):
                 raise ConvertError(f"{scale.path}: tensor {scale_name}: {scale.dtype} scale of shape "
                                    f"{list(scale.shape)} does not fit the {QUANTISED[w.dtype]} weight of shape "
-                                   f"{list(w.shape)} (expected {SCALE_DTYPE} {list(expected_scale_shape(w))})")
+                                   f"{list(w.shape)} (expected {release.scale_dtype} "
+                                   f"{list(expected_scale_shape(w))})")
         elif w.dtype not in KEPT:
+            kinds = " / ".join(QUANTISED[d] for d in release.quantised)
             raise ConvertError(f"{w.path}: tensor {name}: dtype {w.dtype} is not converted "
-                               f"(expected one of {', '.join(KEPT)}, or FP8 / FP4 with a scale)")
+                               f"(expected one of {', '.join(KEPT)}, or {kinds} with a scale)")
+        elif scale_name in weight_map:
+            raise ConvertError(f"{w.path}: tensor {name}: a {w.dtype} weight with a scale tensor {scale_name} "
+                               f"(only {' / '.join(release.quantised)} weights are scaled)")
         if out_name in seen:
             raise ConvertError(f"{w.path}: tensor {name}: {out_name} appears twice in the checkpoint")
         seen.add(out_name)
@@ -271,7 +363,7 @@ def plan(src: str, weight_map: Dict[str, str], headers: Dict[str, Dict[str, Stor
                                f"{parts} equal parts along dim {dim}")
         jobs.append(Job(out_name, w, scale, dim, pieces))
 
-    per_rank = [[] for _ in range(sharding.n)]
+    per_rank = [[] for _ in range(release.n)]
     for job in jobs:
         for piece in job.pieces:
             per_rank[piece.rank].append(out_tensor(job, piece))
@@ -374,9 +466,8 @@ def _read_json(path: str, what: str) -> dict:
     return data
 
 
-def check_parallel(config: dict, n: int, n_experts: Optional[int], o_groups: Optional[int],
-                   ogroups_comm: bool) -> Sharding:
-    """Settle the expert count and o_groups, and refuse layouts the model cannot run."""
+def _expert_count(config: dict, n: int, n_experts: Optional[int]) -> int:
+    """The routed experts: config.json's n_routed_experts, which --n-experts must match, else --n-experts."""
     if n < 1:
         raise ConvertError(f"--model-parallel must be at least 1, got {n}")
     if "n_routed_experts" in config:
@@ -386,10 +477,22 @@ def check_parallel(config: dict, n: int, n_experts: Optional[int], o_groups: Opt
         n_experts = config["n_routed_experts"]
     if n_experts is None:
         raise ConvertError("--n-experts is needed: the checkpoint has no config.json giving n_routed_experts")
-    for key, value in (("n_routed_experts", n_experts), ("num_attention_heads", config.get("num_attention_heads")),
-                       ("index_n_heads", config.get("index_n_heads")), ("vocab_size", config.get("vocab_size"))):
+    return n_experts
+
+
+def _check_divisible(config: dict, n: int, keys: Tuple[str, ...]) -> None:
+    for key in keys:
+        value = config.get(key)
         if value is not None and value % n:
             raise ConvertError(f"{key}={value} is not divisible by --model-parallel {n}")
+
+
+def check_parallel(config: dict, n: int, n_experts: Optional[int], o_groups: Optional[int],
+                   ogroups_comm: bool) -> V4Release:
+    """DeepSeek-V4: settle the expert count and o_groups, and refuse layouts the model cannot run."""
+    n_experts = _expert_count(config, n, n_experts)
+    _check_divisible({**config, "n_routed_experts": n_experts}, n,
+                     ("n_routed_experts", "num_attention_heads", "index_n_heads", "vocab_size"))
     g = o_groups if o_groups is not None else config.get("o_groups", 8)
     if ogroups_comm:
         if n <= g or n % g:
@@ -400,7 +503,35 @@ def check_parallel(config: dict, n: int, n_experts: Optional[int], o_groups: Opt
                            f"for the o-groups layout (and run the model with it)")
     elif g % n:
         raise ConvertError(f"o_groups={g} is not divisible by --model-parallel {n}")
-    return Sharding(n, n_experts, g, ogroups_comm)
+    return V4Release(n, n_experts, g, ogroups_comm)
+
+
+def check_parallel_v3(config: dict, n: int, n_experts: Optional[int], o_groups: Optional[int],
+                      ogroups_comm: bool) -> V3Release:
+    """DeepSeek-R1 / V3: settle the expert count and the layer count, and refuse layouts model_v3.py cannot run."""
+    if o_groups is not None or ogroups_comm:
+        raise ConvertError(f"{'--o-groups' if o_groups is not None else 'USE_OGROUPS_COMM=1'} is a DeepSeek-V4 "
+                           f"setting; this release is DeepSeek-R1 / V3 (model_type deepseek_v3), which has none")
+    n_experts = _expert_count(config, n, n_experts)
+    _check_divisible({**config, "n_routed_experts": n_experts}, n,
+                     ("n_routed_experts", "num_attention_heads", "vocab_size", "intermediate_size",
+                      "moe_intermediate_size"))
+    n_layers = config.get("num_hidden_layers")
+    if not isinstance(n_layers, int) or n_layers < 1:
+        raise ConvertError(f"config.json: num_hidden_layers must be a positive integer, got {n_layers!r} "
+                           f"(it tells the model's layers from the MTP module)")
+    return V3Release(n, n_experts, n_layers)
+
+
+def check_release(config: dict, n: int, n_experts: Optional[int], o_groups: Optional[int],
+                  ogroups_comm: bool) -> Release:
+    """What the planner needs for the release that config.json (possibly {}) describes."""
+    try:
+        kind = architecture(config)
+    except ValueError as e:
+        raise ConvertError(f"config.json: {e}") from None
+    check = check_parallel_v3 if kind == "deepseek_v3" else check_parallel
+    return check(config, n, n_experts, o_groups, ogroups_comm)
 
 
 def convert(hf_ckpt_path: str, save_path: str, model_parallel: int, n_experts: Optional[int] = None,
@@ -413,7 +544,7 @@ def convert(hf_ckpt_path: str, save_path: str, model_parallel: int, n_experts: O
     config = _read_json(config_path, "config") if os.path.exists(config_path) else {}
     if ogroups_comm is None:
         ogroups_comm = _truthy(os.environ.get("USE_OGROUPS_COMM"))
-    sharding = check_parallel(config, model_parallel, n_experts, o_groups, ogroups_comm)
+    release = check_release(config, model_parallel, n_experts, o_groups, ogroups_comm)
 
     index_path = os.path.join(hf_ckpt_path, INDEX_FILE)
     weight_map = _read_json(index_path, "index").get("weight_map")
@@ -425,13 +556,13 @@ def convert(hf_ckpt_path: str, save_path: str, model_parallel: int, n_experts: O
         if not os.path.isfile(path):
             raise ConvertError(f"{path}: file named in {INDEX_FILE} not found")
         headers[fname] = read_header(path)
-    files, jobs = plan(hf_ckpt_path, weight_map, headers, sharding)
+    files, jobs = plan(hf_ckpt_path, weight_map, headers, release)
 
     os.makedirs(save_path, exist_ok=True)
     need, free = sum(size for _, size in files), shutil.disk_usage(save_path).free
     if need > free:
         raise ConvertError(f"{save_path}: the shards need {need / 2**30:.1f} GiB, only {free / 2**30:.1f} GiB free")
-    n = sharding.n
+    n = release.n
     finals = [os.path.join(save_path, f"model{r}-mp{n}.safetensors") for r in range(n)]
     temps = [os.path.join(save_path, f".model{r}-mp{n}.safetensors.partial") for r in range(n)]
     workers = max(1, min(num_workers or min(n, os.cpu_count() or 1), len(jobs)))
@@ -493,7 +624,8 @@ def main() -> None:
     parser.add_argument("--save-path", required=True, help="output folder")
     parser.add_argument("--n-experts", type=int, help="routed experts (default: n_routed_experts of config.json)")
     parser.add_argument("--model-parallel", type=int, required=True, help="number of ranks N")
-    parser.add_argument("--o-groups", type=int, help="output projection groups (default: config.json, else 8)")
+    parser.add_argument("--o-groups", type=int,
+                        help="DeepSeek-V4's output projection groups (default: config.json, else 8)")
     parser.add_argument("--num-workers", type=int, help="worker processes (default: min(N, CPU count))")
     args = parser.parse_args()
     try:

@@ -1,4 +1,4 @@
-"""DeepSeek-V4 chat format: messages -> prompt text, and a completion -> reasoning and answer.
+"""DeepSeek-V4 and DeepSeek-R1 chat formats: messages -> prompt text, and a completion -> reasoning and answer.
 
 A conversation is rendered as
 
@@ -12,6 +12,18 @@ and the answer. Earlier answers are rendered without their reasoning, after </th
 
 Covered: system, user and assistant messages. Not covered: tools, developer messages, quick
 instruction tasks and the reasoning-effort preamble of the full V4 format.
+
+DeepSeek-R1 (encode_messages_r1, parse_completion_r1) follows the chat template of R1's
+tokenizer_config.json:
+
+    <｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜>{answer}<｜end▁of▁sentence｜>
+    <｜User｜>{user}<｜Assistant｜>                  (one string, as above)
+
+All system texts, joined by a blank line, stand right after BOS wherever they occur. An earlier
+answer keeps only what follows its last </think>. R1 always reasons: it opens its reply with
+<think>, writes its reasoning, then </think> and the answer. In chat mode the prompt ends at
+<｜Assistant｜> as the template has it; thinking mode adds "<think>\n" there, which R1's model card
+recommends so that the model cannot skip its reasoning. Tools are not covered.
 """
 from typing import Dict, List, Tuple
 
@@ -21,6 +33,7 @@ USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
 THINK_START = "<think>"
 THINK_END = "</think>"
+R1_THINK_OPEN = THINK_START + "\n"   # what R1's thinking mode puts after <｜Assistant｜>
 
 MODES = ("chat", "thinking")
 ROLES = ("system", "user", "assistant")
@@ -74,3 +87,37 @@ def parse_completion(text: str, mode: str = "chat") -> Tuple[str, str]:
         return "", text
     reasoning, found, answer = text.partition(THINK_END)
     return (reasoning, answer) if found else (text, "")
+
+
+def encode_messages_r1(messages: List[Dict], mode: str = "chat") -> str:
+    """Render a conversation that ends with a user message into DeepSeek-R1's prompt text for the reply."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_messages(messages)
+    parts = [BOS, "\n\n".join(m["content"] for m in messages if m["role"] == "system")]
+    for m in messages:
+        if m["role"] == "user":
+            parts.append(USER + m["content"])
+        elif m["role"] == "assistant":
+            parts.append(ASSISTANT + m["content"].rpartition(THINK_END)[2] + EOS)
+    parts.append(ASSISTANT + (R1_THINK_OPEN if mode == "thinking" else ""))
+    return "".join(parts)
+
+
+def parse_completion_r1(text: str, mode: str = "chat") -> Tuple[str, str]:
+    """Split DeepSeek-R1's text (after the prompt, without EOS) into (reasoning, answer).
+
+    The reasoning is what stands between <think> (written by the model in chat mode, by the prompt in
+    thinking mode) and the first </think>; a completion cut off before </think> is all reasoning. A
+    chat-mode reply that does not open with <think> has no reasoning. The whitespace R1 puts around
+    its reasoning and before its answer is removed.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    opened = mode == "thinking" or text.lstrip().startswith(THINK_START)
+    if opened and mode == "chat":
+        text = text.lstrip()[len(THINK_START):]
+    reasoning, found, answer = text.partition(THINK_END)
+    if found:
+        return reasoning.strip(), answer.lstrip()
+    return (text.strip(), "") if opened else ("", text)

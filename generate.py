@@ -1,15 +1,19 @@
-"""Generate text with DeepSeek-V4, the model split over the ranks of torch.distributed.
+"""Generate text with DeepSeek-V4 or DeepSeek-R1 / V3, the model split over the ranks of torch.distributed.
 
     torchrun --nproc-per-node N generate.py --ckpt-path DST --input-file prompts.txt [--output-file out.jsonl]
     torchrun --nproc-per-node N generate.py --ckpt-path DST --interactive
 
 DST is a folder written by convert.py with --model-parallel N: model{rank}-mp{N}.safetensors,
-config.json and the tokenizer. Plain `python generate.py ...` runs on one process.
+config.json and the tokenizer. Plain `python generate.py ...` runs on one process. The config's
+model_type picks the model and its chat format (checkpoint_family): deepseek_v3 (R1, V3) runs
+model_v3.py with R1's format, whose replies always carry reasoning; deepseek_v4, and our
+configs/*.json, run model.py with V4's format.
 
 Input files hold prompts separated by blank lines, or one JSON object a line (a .jsonl file, or a
 file whose first line is such an object): {"prompt": "..."} or {"messages": [{"role": ..., "content": ...}]}.
 Prompts are grouped by length into batches of at most --max-batch-size; completions come back in
-input order, printed or written to --output-file as JSON lines.
+input order, printed or written to --output-file as JSON lines: the answer as completion, the
+reasoning (thinking mode, and always for R1) as reasoning, the new token ids as completion_ids.
 
 Rank 0 reads and checks the input, tokenizes, prints and writes; the other ranks get the token ids
 from it. Before any work, the ranks exchange what each of them found wrong (missing shard, bad
@@ -29,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import List, Optional, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -37,8 +41,10 @@ from safetensors import safe_open
 from safetensors.torch import load_model
 from tqdm import tqdm
 
+import model_v3
+from convert import architecture
 from encoding import (ASSISTANT, BOS, EOS, THINK_END, THINK_START, USER, check_messages, encode_messages,
-                      parse_completion)
+                      encode_messages_r1, parse_completion, parse_completion_r1)
 from ops import BACKENDS
 from model import GraphedDecoder, ModelArgs, Transformer
 
@@ -51,6 +57,41 @@ class GenerateError(Exception):
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+# ---------------------------------------------------------------- architectures
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture generate.py runs: its model classes and its chat format."""
+    title: str
+    args_class: type                                      # ModelArgs, with from_file and validate
+    model_class: type                                     # Transformer(args)
+    encode: Callable[[List[dict], str], str]              # (messages, mode) -> prompt text
+    parse: Callable[[str, str], Tuple[str, str]]          # (completion text, mode) -> (reasoning, answer)
+    always_reasons: bool                                  # its records carry reasoning in chat mode too
+
+
+FAMILIES = {
+    "deepseek_v4": Family("DeepSeek-V4", ModelArgs, Transformer, encode_messages, parse_completion, False),
+    "deepseek_v3": Family("DeepSeek-R1 / V3", model_v3.ModelArgs, model_v3.Transformer, encode_messages_r1,
+                          parse_completion_r1, True),
+}
+V4 = FAMILIES["deepseek_v4"]
+
+
+def checkpoint_family(config_path: str) -> Family:
+    """The architecture a config file describes (convert.architecture: model_type deepseek_v3 or
+    deepseek_v4, our configs/*.json being V4). A missing file is left to ModelArgs.from_file to report."""
+    try:
+        return FAMILIES[architecture(read_json(config_path))]
+    except ValueError as e:
+        raise GenerateError(f"config {config_path}: {e}") from None
+
+
+def family_of(args) -> Family:
+    """The family whose ModelArgs args is."""
+    return next(f for f in FAMILIES.values() if isinstance(args, f.args_class))
 
 
 # ---------------------------------------------------------------- generation
@@ -287,19 +328,19 @@ def read_jsonl(text: str, path: str) -> List[Prompt]:
     return prompts
 
 
-def prompt_text(prompt: Prompt, mode: str, raw: bool) -> str:
-    """The text the model reads: BOS and the prompt as it is with --raw, else the chat format."""
+def prompt_text(prompt: Prompt, mode: str, raw: bool, family: Family = V4) -> str:
+    """The text the model reads: BOS and the prompt as it is with --raw, else the family's chat format."""
     if raw:
         if not isinstance(prompt, str):
             raise GenerateError("--raw takes plain prompts, not messages")
         return BOS + prompt
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    return encode_messages(messages, mode)
+    return family.encode(messages, mode)
 
 
 def tokenize(prompts: List[Prompt], tokenizer: Tokenizer, mode: str, raw: bool,
-             max_seq_len: int) -> List[List[int]]:
-    ids = [tokenizer.encode(prompt_text(p, mode, raw)) for p in prompts]
+             max_seq_len: int, family: Family = V4) -> List[List[int]]:
+    ids = [tokenizer.encode(prompt_text(p, mode, raw, family)) for p in prompts]
     for number, t in enumerate(ids, 1):
         if len(t) >= max_seq_len:
             raise GenerateError(f"prompt {number} has {len(t)} tokens, which leaves no room for a reply "
@@ -309,17 +350,21 @@ def tokenize(prompts: List[Prompt], tokenizer: Tokenizer, mode: str, raw: bool,
 
 # ---------------------------------------------------------------- checkpoint and model
 
-def load_args(opts: argparse.Namespace, world: int) -> ModelArgs:
+def load_args(opts: argparse.Namespace, world: int) -> Union[ModelArgs, model_v3.ModelArgs]:
+    """The ModelArgs of the checkpoint's architecture (checkpoint_family), checked for world ranks."""
     config = opts.config or os.path.join(opts.ckpt_path, "config.json")
+    family = checkpoint_family(config)
     overrides = {k: v for k, v in (("max_batch_size", opts.max_batch_size), ("max_seq_len", opts.max_seq_len),
                                    ("dtype", opts.dtype), ("backend", getattr(opts, "backend", None)))
                  if v is not None}
     if opts.interactive:
         overrides["max_batch_size"] = 1
     if env_flag("USE_OGROUPS_COMM"):
+        if family is not V4:
+            raise GenerateError(f"USE_OGROUPS_COMM=1 is DeepSeek-V4's o-groups layout; {config} is {family.title}")
         overrides["ogroups_comm"] = True
     try:
-        args = ModelArgs.from_file(config, **overrides)
+        args = family.args_class.from_file(config, **overrides)
         args.validate(world)
     except FileNotFoundError:
         raise GenerateError(f"config {config} not found") from None
@@ -353,17 +398,19 @@ def shard_path(ckpt: str, rank: int, world: int, vocab_size: int) -> str:
     return path
 
 
-def build_model(args: ModelArgs, path: str, device: torch.device, world: int) -> Transformer:
+def build_model(args: Union[ModelArgs, model_v3.ModelArgs], path: str, device: torch.device,
+                world: int) -> Transformer:
+    """The Transformer of args' family, with this rank's shard loaded."""
     with torch.device(device):
-        model = Transformer(args)
+        built = family_of(args).model_class(args)
     try:
-        load_model(model, path, device=str(device))
+        load_model(built, path, device=str(device))
     except RuntimeError as e:
         lines = str(e).splitlines()
         detail = "; ".join(line.strip() for line in lines[1:4]) + (" ..." if len(lines) > 4 else "")
-        layout = ", o-groups layout" if args.ogroups_comm else ""
+        layout = ", o-groups layout" if getattr(args, "ogroups_comm", False) else ""
         raise GenerateError(f"{path} does not fit this model ({world} ranks{layout}): {detail}") from None
-    return model.eval()
+    return built.eval()
 
 
 # Backend flaggems runs FlagGems' fused V4 kernels. Routing torch's aten ops through FlagGems too is
@@ -485,14 +532,15 @@ class Ranks:
 # ---------------------------------------------------------------- modes
 
 def record(index: int, prompt: Prompt, prompt_ids: List[int], new: List[int], tokenizer: Tokenizer,
-           eos_id: int, mode: str) -> dict:
-    """The output line of one prompt."""
+           eos_id: int, mode: str, family: Family = V4) -> dict:
+    """The output line of one prompt; completion_ids are the new tokens without the final EOS."""
     stopped = new[-1:] == [eos_id]
-    reasoning, answer = parse_completion(tokenizer.decode(new[:-1] if stopped else new), mode)
+    ids = new[:-1] if stopped else new
+    reasoning, answer = family.parse(tokenizer.decode(ids), mode)
     out = {"index": index, "prompt": prompt, "completion": answer}
-    if mode == "thinking":
+    if mode == "thinking" or family.always_reasons:
         out["reasoning"] = reasoning
-    out.update(prompt_tokens=len(prompt_ids), completion_tokens=len(new) - stopped,
+    out.update(prompt_tokens=len(prompt_ids), completion_tokens=len(ids), completion_ids=ids,
                finish_reason="stop" if stopped else "length")
     return out
 
@@ -530,23 +578,25 @@ def run_interactive(opts: argparse.Namespace, ranks: Ranks, model: Transformer, 
     The other ranks wait for each turn without a time limit: a person may take a while to type."""
     waiting = dist.new_group(backend="gloo", timeout=timedelta(days=7)) if ranks.world > 1 else None
     mode = "thinking" if opts.thinking else "chat"
+    family = family_of(model.args)
     messages: List[dict] = []
     while True:
-        ids = next_turn(messages, tokenizer, mode, model.args.max_seq_len) if ranks.rank == 0 else None
+        ids = next_turn(messages, tokenizer, mode, model.args.max_seq_len, family) if ranks.rank == 0 else None
         ids = ranks.share(ids, waiting)
         if ids is None:
             return
         new = generate(model, [ids], opts.max_new_tokens, eos_id, opts.temperature, opts.top_p, generator,
                        decoder=decoder)[0]
         if ranks.rank == 0:
-            reasoning, answer = parse_completion(tokenizer.decode(new[:-1] if new[-1:] == [eos_id] else new), mode)
+            reasoning, answer = family.parse(tokenizer.decode(new[:-1] if new[-1:] == [eos_id] else new), mode)
             if reasoning:
                 print(f"[thinking] {reasoning}")
             print(answer, flush=True)
             messages.append({"role": "assistant", "content": answer})
 
 
-def next_turn(messages: List[dict], tokenizer: Tokenizer, mode: str, max_seq_len: int) -> Optional[List[int]]:
+def next_turn(messages: List[dict], tokenizer: Tokenizer, mode: str, max_seq_len: int,
+              family: Family = V4) -> Optional[List[int]]:
     """Read lines until one asks for a reply; its prompt ids, or None to quit."""
     while True:
         try:
@@ -561,7 +611,7 @@ def next_turn(messages: List[dict], tokenizer: Tokenizer, mode: str, max_seq_len
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        ids = tokenizer.encode(encode_messages(messages, mode))
+        ids = tokenizer.encode(family.encode(messages, mode))
         if len(ids) < max_seq_len:
             return ids
         messages.pop()
@@ -572,7 +622,8 @@ def next_turn(messages: List[dict], tokenizer: Tokenizer, mode: str, max_seq_len
 # ---------------------------------------------------------------- main
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Generate completions with a converted DeepSeek-V4 checkpoint.")
+    p = argparse.ArgumentParser(description="Generate completions with a converted DeepSeek-V4 or DeepSeek-R1 / V3 "
+                                            "checkpoint.")
     p.add_argument("--ckpt-path", required=True, help="folder written by convert.py")
     p.add_argument("--config", help="model config (default: CKPT_PATH/config.json)")
     p.add_argument("--input-file", help="prompts: blank-line separated text, or JSON lines")
@@ -589,7 +640,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="kernels (default: the config's, else auto = Triton on CUDA); flaggems = FlagGems' fused "
                         "kernels (CUDA; USE_FLAGGEMS=1 is the same; FLAGGEMS_EXCLUDE set also routes the aten "
                         "operators through FlagGems except the names it lists)")
-    p.add_argument("--thinking", action="store_true", help="V4 thinking mode: the model reasons before it answers")
+    p.add_argument("--thinking", action="store_true",
+                   help="thinking mode: V4 reasons before it answers; R1, which always reasons, gets its reply opened "
+                        "with <think>")
     p.add_argument("--raw", action="store_true", help="feed prompts as they are after BOS, without the chat format")
     p.add_argument("--timeout", type=float, default=600, help="seconds a rank waits for the others before failing")
     opts = p.parse_args(argv)
@@ -621,7 +674,7 @@ def run(opts: argparse.Namespace, ranks: Ranks) -> None:
                 if opts.output_file and not os.path.isdir(os.path.dirname(os.path.abspath(opts.output_file))):
                     raise GenerateError(f"the folder of --output-file {opts.output_file} does not exist")
                 prompts = read_prompts(opts.input_file)
-                ids = tokenize(prompts, tokenizer, mode, opts.raw, args.max_seq_len)
+                ids = tokenize(prompts, tokenizer, mode, opts.raw, args.max_seq_len, family_of(args))
         return args, path, tokenizer, prompts, ids
 
     args, path, tokenizer, prompts, ids = ranks.checked(prepare)
@@ -642,7 +695,7 @@ def run(opts: argparse.Namespace, ranks: Ranks) -> None:
                                max_new_tokens=opts.max_new_tokens, eos_id=eos_id, temperature=opts.temperature,
                                top_p=opts.top_p, generator=generator, stats=stats, decoder=decoder)
     if ranks.rank == 0:
-        report(opts, [record(i, p, t, c, tokenizer, eos_id, mode)
+        report(opts, [record(i, p, t, c, tokenizer, eos_id, mode, family_of(args))
                       for i, (p, t, c) in enumerate(zip(prompts, ids, completions))])
         print(f"generate.py: {stats.summary()}", file=sys.stderr, flush=True)
 

@@ -573,18 +573,21 @@ class MoE(nn.Module):
     and w2 [E, D, I], and the shared expert's w1 and w3 in one [2Is, D], of which the parameters
     are views (made once, after loading). Few tokens (decode) take the routed and shared experts
     together in three launches (kernel.moe_gemv_triton); more take grouped GEMMs over the tokens
-    sorted by expert (kernel.moe_experts_triton)."""
-    def __init__(self, layer_id: int, args: ModelArgs, tp: Parallel, ops: Ops):
+    sorted by expert (kernel.moe_experts_triton).
+
+    The gate maps (x [T, D], token ids [T]) to (weights [T, k], experts [T, k]); shared_inter is the
+    shared expert's width. DeepSeek-V3/R1 (model_v3.py) passes its own gate and width."""
+    def __init__(self, args, tp: Parallel, ops: Ops, gate: nn.Module, shared_inter: int):
         super().__init__()
         self.tp, self.ops, self.swiglu_limit = tp, ops, args.swiglu_limit
         dtype = dtype_of(args.dtype)
         n_local = args.n_routed_experts // tp.world_size
         self.local = range(tp.rank * n_local, (tp.rank + 1) * n_local)
-        self.gate = Gate(layer_id, args, ops)
+        self.gate = gate
         self.experts = nn.ModuleList([
             Expert(args.dim, args.moe_inter_dim, dtype, args.swiglu_limit) if i in self.local else None
             for i in range(args.n_routed_experts)])
-        self.shared_experts = Expert(args.dim, args.moe_inter_dim, dtype, parts=tp.world_size)
+        self.shared_experts = Expert(args.dim, shared_inter, dtype, parts=tp.world_size)
         self.stacked = None
 
     def stacked_weights(self):
@@ -644,7 +647,7 @@ class Block(nn.Module):
         self.hc_sinkhorn_iters, self.hc_eps = args.hc_sinkhorn_iters, args.hc_eps
         self.ops = ops
         self.attn = Attention(layer_id, args, tp, ops)
-        self.ffn = MoE(layer_id, args, tp, ops)
+        self.ffn = MoE(args, tp, ops, Gate(layer_id, args, ops), args.moe_inter_dim)
         self.attn_norm = RMSNorm(args.dim, args.norm_eps, ops)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, ops)
         mix, width = (2 + args.hc_mult) * args.hc_mult, args.hc_mult * args.dim

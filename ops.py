@@ -268,6 +268,23 @@ def compressor_decode_torch(kv_new, score_new, ape, pos, kv_state, score_state, 
     cache[rows, pos // ratio] = torch.where(done[:, 0], entries[:, 0], cache[rows, pos // ratio])
 
 
+def mla_decode_torch(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
+                     pos: torch.Tensor, scale: float) -> torch.Tensor:
+    """q_lat [b, h, c] (q_nope through wkv_b's key part), q_pe [b, h, r] (rotated), kv_cache [B, S, c]
+    (normalised latents), pe_cache [B, S, r] (rotated shared keys), pos [b] (row i sees positions
+    0 .. pos[i]) -> the attention-weighted latents [b, h, c], float32.
+
+    Products are summed in float32 (as tl.dot does); the probabilities, a float32 softmax, are rounded
+    to the cache dtype before they weigh the latents, as DeepSeek's code rounds them to the model's."""
+    b = q_lat.size(0)
+    kv, pe = kv_cache[:b].float(), pe_cache[:b].float()
+    scores = torch.einsum("bhc,btc->bht", q_lat.float(), kv) + torch.einsum("bhr,btr->bht", q_pe.float(), pe)
+    scores = scores * scale
+    unseen = torch.arange(kv.size(1), device=kv.device) > pos.view(b, 1, 1)
+    probs = scores.masked_fill(unseen, float("-inf")).softmax(dim=-1).to(kv_cache.dtype).float()
+    return torch.einsum("bht,btc->bhc", probs, kv)
+
+
 # ---------------------------------------------------------------- the choice
 
 class Ops:
@@ -392,6 +409,12 @@ class Ops:
         if self.triton:
             return kernel.decode_indices_triton(pos, window, n_entries, ratio, picks)
         return decode_indices_torch(pos, window, n_entries, ratio, picks)
+
+    def mla_decode(self, q_lat, q_pe, kv_cache, pe_cache, pos, scale: float) -> torch.Tensor:
+        """The attention-weighted latents [b, h, c] float32 of one token per row (mla_decode_torch)."""
+        if self.triton:
+            return kernel.mla_decode_triton(q_lat, q_pe, kv_cache, pe_cache, pos, scale)
+        return mla_decode_torch(q_lat, q_pe, kv_cache, pe_cache, pos, scale)
 
     def compressor_decode(self, kv_new, score_new, ape, pos, kv_state, score_state, prev_kv, prev_score,
                           norm_weight, eps: float, freqs_cis, rope_dim: int, rotate_scale, cache) -> None:
