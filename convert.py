@@ -35,8 +35,8 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from tqdm import tqdm
 
-from model import EXPERT, OUTPUT_PROJ, SPLIT_COLS, SPLIT_ROWS, VOCAB
-from model_v3 import expert_index, expert_rank, release_name, split_dim
+from model import EXPERT, OUTPUT_PROJ, SPLIT_COLS, SPLIT_ROWS, VOCAB, ModelArgs
+from model_v3 import ModelArgs as V3Args, expert_index, expert_rank, release_name, split_dim
 from quant import dequant_fp4, dequant_fp8, fp4_scale_shape, fp8_scale_shape
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -477,32 +477,28 @@ def _expert_count(config: dict, n: int, n_experts: Optional[int]) -> int:
         n_experts = config["n_routed_experts"]
     if n_experts is None:
         raise ConvertError("--n-experts is needed: the checkpoint has no config.json giving n_routed_experts")
+    if not config and n_experts % n:   # experts go whole to ranks by index (with config.json, the model's rules say so)
+        raise ConvertError(f"n_routed_experts={n_experts} is not divisible by --model-parallel {n}")
     return n_experts
 
 
-def _check_divisible(config: dict, n: int, keys: Tuple[str, ...]) -> None:
-    for key in keys:
-        value = config.get(key)
-        if value is not None and value % n:
-            raise ConvertError(f"{key}={value} is not divisible by --model-parallel {n}")
+def _check_runs(model_args, config: dict, n: int, **overrides) -> None:
+    """Refuse a release the model (model_args: model.ModelArgs or model_v3.ModelArgs) cannot run on
+    n ranks, with the model's own rules; a release without config.json is checked by the loader."""
+    if not config:
+        return
+    try:
+        model_args.from_config(config, "config.json", **overrides).validate(n)
+    except (ValueError, TypeError) as e:
+        raise ConvertError(f"config.json with --model-parallel {n}: {e}") from None
 
 
 def check_parallel(config: dict, n: int, n_experts: Optional[int], o_groups: Optional[int],
                    ogroups_comm: bool) -> V4Release:
     """DeepSeek-V4: settle the expert count and o_groups, and refuse layouts the model cannot run."""
     n_experts = _expert_count(config, n, n_experts)
-    _check_divisible({**config, "n_routed_experts": n_experts}, n,
-                     ("n_routed_experts", "num_attention_heads", "index_n_heads", "vocab_size"))
     g = o_groups if o_groups is not None else config.get("o_groups", 8)
-    if ogroups_comm:
-        if n <= g or n % g:
-            raise ConvertError(f"USE_OGROUPS_COMM=1 needs --model-parallel above o_groups={g} and a multiple "
-                               f"of it, got {n}; unset it for {n} ranks")
-    elif n > g:
-        raise ConvertError(f"--model-parallel {n} is above o_groups={g}: set USE_OGROUPS_COMM=1 to convert "
-                           f"for the o-groups layout (and run the model with it)")
-    elif g % n:
-        raise ConvertError(f"o_groups={g} is not divisible by --model-parallel {n}")
+    _check_runs(ModelArgs, config, n, n_routed_experts=n_experts, o_groups=g, ogroups_comm=ogroups_comm)
     return V4Release(n, n_experts, g, ogroups_comm)
 
 
@@ -513,9 +509,7 @@ def check_parallel_v3(config: dict, n: int, n_experts: Optional[int], o_groups: 
         raise ConvertError(f"{'--o-groups' if o_groups is not None else 'USE_OGROUPS_COMM=1'} is a DeepSeek-V4 "
                            f"setting; this release is DeepSeek-R1 / V3 (model_type deepseek_v3), which has none")
     n_experts = _expert_count(config, n, n_experts)
-    _check_divisible({**config, "n_routed_experts": n_experts}, n,
-                     ("n_routed_experts", "num_attention_heads", "vocab_size", "intermediate_size",
-                      "moe_intermediate_size"))
+    _check_runs(V3Args, config, n, n_routed_experts=n_experts)
     n_layers = config.get("num_hidden_layers")
     if not isinstance(n_layers, int) or n_layers < 1:
         raise ConvertError(f"config.json: num_hidden_layers must be a positive integer, got {n_layers!r} "

@@ -97,6 +97,11 @@ class ModelArgs:
                 raw = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_config(raw, path, **overrides)
+
+    @classmethod
+    def from_config(cls, raw: dict, path: str, **overrides) -> "ModelArgs":
+        """The contents of a config file (path names it in messages)."""
         if "hidden_size" in raw or raw.get("model_type") == "deepseek_v4":
             values = _from_hf_config(raw, path)
         else:
@@ -142,7 +147,7 @@ class ModelArgs:
                  f"{name}={getattr(self, name)} is not divisible by the world size {world_size}")
         if self.ogroups_comm:
             need(world_size > self.o_groups and world_size % self.o_groups == 0,
-                 f"USE_OGROUPS_COMM needs a world size above o_groups={self.o_groups} and a multiple of it, "
+                 f"USE_OGROUPS_COMM=1 needs a world size above o_groups={self.o_groups} and a multiple of it, "
                  f"got {world_size}")
         else:
             need(self.o_groups % world_size == 0,

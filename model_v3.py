@@ -162,6 +162,11 @@ class ModelArgs:
                 raw = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_config(raw, path, **overrides)
+
+    @classmethod
+    def from_config(cls, raw: dict, path: str, **overrides) -> "ModelArgs":
+        """The contents of a config.json (path names it in messages)."""
         values = _from_hf_config(raw, path)
         unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
         if unknown:
