@@ -17,6 +17,8 @@ the float32 sums.
 Shapes: M rows (tokens), K inputs, N outputs; T tokens, k experts a token, E local experts,
 D model dim, I expert width, Is the shared expert's width.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -81,20 +83,21 @@ if triton is not None:
         return ((e + bias) << 23).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _fp8_scale(ptr, mask, UE8M0: tl.constexpr):
-        # An FP8 block scale as float32: a ue8m0 byte (read through a uint8 view) or a float32.
+    def _fp8_scale(raw, UE8M0: tl.constexpr):
+        # FP8 block scales as loaded (ue8m0 bytes through a uint8 view, or float32) -> float32.
         if UE8M0:
-            return _pow2(tl.load(ptr, mask=mask, other=127).to(tl.int32), 0)
-        return tl.load(ptr, mask=mask, other=1.0)
+            s = _pow2(raw.to(tl.int32), 0)
+        else:
+            s = raw
+        return s
 
     @triton.jit
     def _rounded(v, dtype: tl.constexpr):
         # float32 v in dtype (float32 or bf16), rounded to nearest even.
-        if dtype == tl.float32:
-            return v
-        if INTERP:
-            bits = v.to(tl.int32, bitcast=True)
-            v = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        if dtype == tl.bfloat16:
+            if INTERP:
+                bits = v.to(tl.int32, bitcast=True)
+                v = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
         return v.to(dtype)
 
     @triton.jit
@@ -108,8 +111,10 @@ if triton is not None:
     def _dot(a, b, acc):
         # acc + a b (bf16 operands) in float32.
         if INTERP:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        return tl.dot(a, b, acc)
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        return acc
 
     @triton.jit
     def _fp8_row(x_row, w_base, s_row, sw_n, K, cols, cmask, BN: tl.constexpr, BK: tl.constexpr,
@@ -122,7 +127,7 @@ if triton is not None:
             ks = k0 + tl.arange(0, BK)
             kmask = ks < K
             x = tl.load(x_row + ks, mask=kmask, other=0.0).to(tl.float32)
-            s = _fp8_scale(s_row + ks // B8, kmask, UE8M0)
+            s = _fp8_scale(tl.load(s_row + ks // B8, mask=kmask, other=0), UE8M0)
             w = tl.load(w_base + cols[:, None] * sw_n + ks[None, :], mask=cmask[:, None] & kmask[None, :],
                         other=0.0).to(tl.float32)
             if UE8M0:
@@ -143,18 +148,14 @@ if triton is not None:
         tl.store(o_ptr + m * so + cols, _rounded(out, o_ptr.dtype.element_ty), mask=cmask)
 
     @triton.jit
-    def _fp8_tile(w_ptr, s_ptr, x, n0, k0, N, K, sw, ss, BN: tl.constexpr, BK: tl.constexpr,
-                  UE8M0: tl.constexpr):
-        # (x', W'^T) with x' W'^T = x W[n0:n0+BN, k0:k0+BK]^T dequantised, both bf16 for tl.dot: a ue8m0
-        # scale goes on x [BM, BK] (exact), a float32 one on the weight (rounded to bf16, as the
-        # reference). BN and BK divide 128, so one scale covers the tile.
+    def _fp8_tile(w_ptr, s_ptr, n0, k0, N, K, sw, ss, BN: tl.constexpr, BK: tl.constexpr, UE8M0: tl.constexpr):
+        # W[n0:n0+BN, k0:k0+BK]^T dequantised to bf16 [BK, BN] for tl.dot: the product with its block scale
+        # (BN and BK divide 128, so one covers the tile) in float32, rounded (exact for a ue8m0 scale).
         cols = n0 + tl.arange(0, BN)
         ks = k0 + tl.arange(0, BK)
         w = tl.load(w_ptr + cols[None, :] * sw + ks[:, None], mask=(cols < N)[None, :] & (ks < K)[:, None], other=0.0)
-        s = _fp8_scale(s_ptr + (n0 // B8) * ss + k0 // B8, k0 < K, UE8M0)
-        if UE8M0:
-            return (x.to(tl.float32) * s).to(tl.bfloat16), w.to(tl.bfloat16)
-        return x, _rounded(w.to(tl.float32) * s, tl.bfloat16)
+        s = _fp8_scale(tl.load(s_ptr + (n0 // B8) * ss + k0 // B8), UE8M0)
+        return _rounded(w.to(tl.float32) * s, tl.bfloat16)
 
     @triton.jit
     def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, M, N, K, sx, sw, ss, so,
@@ -176,8 +177,7 @@ if triton is not None:
             ks = k0 + tl.arange(0, BK)
             x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * sx + ks[None, :], mask=rmask[:, None] & (ks < K)[None, :],
                         other=0.0)
-            a, b = _fp8_tile(w_ptr, s_ptr, x, nb * BN, k0, N, K, sw, ss, BN, BK, UE8M0)
-            acc = _dot(a, b, acc)
+            acc = _dot(x, _fp8_tile(w_ptr, s_ptr, nb * BN, k0, N, K, sw, ss, BN, BK, UE8M0), acc)
         cols = nb * BN + tl.arange(0, BN)
         tl.store(o_ptr + rows.to(tl.int64)[:, None] * so + cols[None, :], _rounded(acc, o_ptr.dtype.element_ty),
                  mask=rmask[:, None] & (cols < N)[None, :])
@@ -342,23 +342,31 @@ if triton is not None:
 
 # ---------------------------------------------------------------- launchers and dispatch
 
-# FP8 linear: up to FP8_ROW_MAX_M rows one row a program on CUDA cores (BN, BK, warps, stages), up to
-# FP8_GEMV_MAX_M rows all in one tl.dot tile of 16-64 rows (BN, BK, warps, stages), more in GEMM tiles
-# (BM, BN, BK, GROUP, warps, stages). BN and BK of the tl.dot kernels divide 128 (one scale a tile).
+# FP8 linear: up to FP8_ROW_MAX_M rows one row a program on CUDA cores, up to FP8_GEMV_MAX_M rows all
+# in one tl.dot tile of 16-64 rows, more in GEMM tiles (BM, BN, BK, GROUP, warps, stages). The GEMV
+# kernels' columns a program shrink (to 4, or 16 for tl.dot) while that leaves fewer than two
+# programs an SM; BN and BK of the tl.dot kernels divide 128 (one scale a tile).
 FP8_ROW_MAX_M = 4
-FP8_ROW_TILES = (16, 512, 4, 3)
+FP8_ROW_TILES = (16, 256, 4, 3)          # (BN, BK, warps, stages), BN x BK kept as BN shrinks
 FP8_GEMV_MAX_M = 64
-FP8_GEMV_TILES = (32, 128, 4, 4)
-FP8_GEMM_TILES = (128, 128, 128, 8, 8, 3)
+FP8_GEMV_TILES = (32, 128, 4, 4)         # (BN, BK, warps, stages)
+FP8_GEMM_TILES = (128, 128, 64, 8, 8, 3)
 
 # MXFP4 MoE: the few-token kernels' (BN, G scale groups a step, warps, stages), the FP8 shared down
 # projection's step, the most assignments they take; the grouped GEMMs' (BM, BN, BK, warps, stages)
-# for few and for many assignments.
-MOE_FP4_GEMV_TILES = (32, 8, 4, 2)
+# for few and for many assignments. Not yet timed on a GPU: chosen so that, compiled for sm_90 with
+# Triton 3.9, no kernel spills registers (tests/test_kernel_lowp.py checks) and the grouped GEMMs'
+# and the FP8 GEMM's loads are pipelined.
+MOE_FP4_GEMV_TILES = (32, 8, 4, 3)
 MOE_FP4_SHARED_BK = 256
 MOE_FP4_GEMV_MAX_ASSIGNMENTS = 96
 MOE_FP4_TILES_SMALL = (16, 64, 64, 4, 3)
 MOE_FP4_TILES_LARGE = (64, 128, 64, 8, 3)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 def fp8_scale_arg(scale: torch.Tensor):
@@ -377,19 +385,28 @@ def fp4_scale_arg(scale: torch.Tensor) -> torch.Tensor:
     return scale.view(torch.uint8)
 
 
-def fp8_tiles(m: int) -> tuple:
-    """Tiles of _fp8_gemm_kernel for m rows: one row tile of 16-64 (a GEMV) or FP8_GEMM_TILES."""
-    if m > FP8_GEMV_MAX_M:
-        return FP8_GEMM_TILES
-    bn, bk, warps, stages = FP8_GEMV_TILES
-    return max(16, triton.next_power_of_2(m)), bn, bk, 1, warps, stages
+def fp8_tiles(m: int, n: int, device: torch.device) -> tuple:
+    """Tiles for m rows of an FP8 linear with n outputs: (BN, BK, warps, stages) of the row kernel, or
+    (BM, BN, BK, GROUP, warps, stages) of the tl.dot kernel (one row tile of 16-64 rows: a GEMV)."""
+    sms = _sm_count(device)
+    if m <= FP8_ROW_MAX_M:
+        bn, bk, warps, stages = FP8_ROW_TILES
+        while bn > 4 and m * triton.cdiv(n, bn) < 2 * sms:
+            bn, bk = bn // 2, bk * 2
+        return bn, bk, warps, stages
+    if m <= FP8_GEMV_MAX_M:
+        bn, bk, warps, stages = FP8_GEMV_TILES
+        if triton.cdiv(n, bn) < 2 * sms:
+            bn = 16
+        return max(16, triton.next_power_of_2(m)), bn, bk, 1, warps, stages
+    return FP8_GEMM_TILES
 
 
 def linear_fp8_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype=torch.bfloat16,
                       tiles=None) -> torch.Tensor:
     """x [..., K] bf16 (rows may lie apart), weight [N, K] float8_e4m3fn (unit column stride), scale
-    [ceil(N/128), ceil(K/128)] ue8m0 or float32 -> [..., N] out_dtype (bf16 or float32). tiles: the
-    GEMM's (BM, BN, BK, GROUP, warps, stages) for every row count; by default by the rows (see above)."""
+    [ceil(N/128), ceil(K/128)] ue8m0 or float32 -> [..., N] out_dtype (bf16 or float32). tiles: 4 numbers
+    run the row kernel with them, 6 the tl.dot kernel; by default fp8_tiles."""
     n, k = weight.shape
     if weight.stride(1) != 1 or x.size(-1) != k:
         raise ValueError(f"linear_fp8: weight {tuple(weight.shape)} (strides {weight.stride()}) and x {tuple(x.shape)}")
@@ -399,13 +416,14 @@ def linear_fp8_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0:
         return out.view(*x.shape[:-1], n)
-    if tiles is None and m <= FP8_ROW_MAX_M:
-        bn, bk, warps, stages = FP8_ROW_TILES
+    tiles = tiles or fp8_tiles(m, n, x.device)
+    if len(tiles) == 4:
+        bn, bk, warps, stages = tiles
         _fp8_gemv_row_kernel[(m, triton.cdiv(n, bn))](
             rows, weight, s, out, n, k, rows.stride(0), weight.stride(0), s.stride(0), out.stride(0),
             BN=bn, BK=bk, UE8M0=ue8m0, num_warps=warps, num_stages=stages)
     else:
-        bm, bn, bk, group, warps, stages = tiles or fp8_tiles(m)
+        bm, bn, bk, group, warps, stages = tiles
         _fp8_gemm_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
             rows, weight, s, out, m, n, k, rows.stride(0), weight.stride(0), s.stride(0), out.stride(0),
             BM=bm, BN=bn, BK=bk, GROUP=group, UE8M0=ue8m0, num_warps=warps, num_stages=stages)
@@ -423,12 +441,13 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_d
 
 
 def moe_gemv_fp4_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float, shared_gu=None,
-                        shared_w2=None, out_dtype=torch.float32):
+                        shared_w2=None, out_dtype=torch.float32, tiles=None):
     """kernel.moe_gemv_triton for MXFP4 experts, three launches, no host sync: x [T, D] bf16;
     w13 = (packed int8 [E, 2I, D/2], scale [E, 2I, D/32]), w2 = (packed [E, D, I/2], scale [E, D, I/32]);
     weights, experts [T, k] (global ids; those outside first_expert .. +E are skipped); with shared_gu
     [T, 2 Is] (x times the shared expert's [W1; W3]^T, bf16) and shared_w2 = (float8_e4m3fn [D, Is],
-    block scale [ceil(D/128), ceil(Is/128)]) the shared expert is added in. Returns out_dtype [T, D]."""
+    block scale [ceil(D/128), ceil(Is/128)]) the shared expert is added in; tiles (BN, G, warps, stages),
+    by default MOE_FP4_GEMV_TILES. Returns out_dtype [T, D]."""
     (w13p, w13s), (w2p, w2s) = w13, w2
     w13s, w2s = fp4_scale_arg(w13s), fp4_scale_arg(w2s)
     n_local, two_i, half_d = w13p.shape
@@ -440,7 +459,7 @@ def moe_gemv_fp4_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_
     ws, wss, ue8m0 = (shared_w2[0], *fp8_scale_arg(shared_w2[1])) if shared else (w2p, w2s, True)
     inter_s = gu.size(1) // 2 if shared else 0
     rows = t * k + (t if shared else 0)
-    bn, g, warps, stages = MOE_FP4_GEMV_TILES
+    bn, g, warps, stages = tiles or MOE_FP4_GEMV_TILES
     h = torch.empty(rows, max(inter, inter_s), dtype=x.dtype, device=x.device)
     _moe_fp4_gemv_up_kernel[(rows, triton.cdiv(max(inter, inter_s), bn))](
         x, w13p, w13s, gu, h, experts, weights, first_expert, n_local, t * k, k, dim, inter, inter_s, swiglu_limit,

@@ -6,6 +6,7 @@ process, as tests/test_triton.py does) and, where CUDA is available, natively, o
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -91,6 +92,8 @@ CASES = {
     "fp8 row m1": lambda d: linear_case(d, 1, 200, 320, E8, BF, 1),
     "fp8 row m3 f32 scale": lambda d: linear_case(d, 3, 200, 320, F32, BF, 2),
     "fp8 row m3 fp32 out": lambda d: linear_case(d, 3, 200, 320, E8, F32, 3, strided=True),
+    "fp8 row tiles 8x128 f32 scale": lambda d: linear_case(d, 2, 200, 320, F32, F32, 10, (8, 128, 4, 1)),
+    "fp8 row tiles 16x256": lambda d: linear_case(d, 1, 200, 320, E8, BF, 15, (16, 256, 4, 1)),
     "fp8 gemv m17": lambda d: linear_case(d, 17, 200, 320, E8, BF, 4),
     "fp8 gemv m17 f32 scale": lambda d: linear_case(d, 17, 200, 320, F32, F32, 5, lead=(1,)),
     "fp8 gemv m64 fp32 out": lambda d: linear_case(d, 64, 200, 320, E8, F32, 9),
@@ -128,6 +131,58 @@ def test_lowp_kernels_match_torch_references_in_the_interpreter():
     print(run.stdout)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count(" ok") == len(CASES)
+
+
+def sm90_builds():
+    """(kernel, argument types, constexprs, warps, stages) of every kernel at its default tiles."""
+    kl, i32 = kernel_lowp, "i32"
+    lin = dict(x_ptr="*bf16", w_ptr="*fp8e4nv", o_ptr="*bf16", N=i32, K=i32, sx=i32, sw=i32, ss=i32, so=i32)
+    bn, bk, w, st = kl.FP8_ROW_TILES
+    builds = [(kl._fp8_gemv_row_kernel, dict(lin, s_ptr="*u8" if ue else "*fp32"), dict(BN=bn, BK=bk, UE8M0=ue), w, st)
+              for ue in (True, False)]
+    for bm, bn, bk, group, w, st in (kl.fp8_tiles(64, 4096, torch.device("cpu")), kl.FP8_GEMM_TILES):
+        builds += [(kl._fp8_gemm_kernel, dict(lin, M=i32, s_ptr="*u8" if ue else "*fp32"),
+                    dict(BM=bm, BN=bn, BK=bk, GROUP=group, UE8M0=ue), w, st) for ue in (True, False)]
+    moe = dict(w_ptr="*i8", s_ptr="*u8", h_ptr="*bf16", D=i32, I=i32, sw_e=i32, sw_n=i32, ss_e=i32, ss_n=i32, sh=i32)
+    gemv = dict(moe, experts_ptr="*i64", first=i32, n_local=i32, A=i32, IS=i32)
+    bn, g, w, st = kl.MOE_FP4_GEMV_TILES
+    builds += [(kl._moe_fp4_gemv_up_kernel, dict(gemv, x_ptr="*bf16", gu_ptr="*bf16", weights_ptr="*fp32", K=i32,
+                                                  limit="fp32", sx=i32, sgu=i32), dict(BN=bn, G=g, CLAMP=True), w, st),
+               (kl._moe_fp4_gemv_down_kernel, dict(gemv, ws_ptr="*fp8e4nv", wss_ptr="*u8", part_ptr="*fp32", sws_n=i32,
+                                                    swss_n=i32, sp=i32),
+                dict(BN=bn, G=g, BK8=kl.MOE_FP4_SHARED_BK, UE8M0=True), w, st)]
+    tiles = dict(moe, tile_expert_ptr="*i64", tile_start_ptr="*i64", tile_end_ptr="*i64")
+    for bm, bn, bk, w, st in (kl.MOE_FP4_TILES_SMALL, kl.MOE_FP4_TILES_LARGE):
+        builds += [(kl._moe_fp4_up_kernel, dict(tiles, x_ptr="*bf16", token_ptr="*i64", weight_ptr="*fp32", limit="fp32",
+                                                sx=i32), dict(BM=bm, BN=bn, BK=bk, CLAMP=True), w, st),
+                   (kl._moe_fp4_down_kernel, dict(tiles, out_ptr="*fp32", assign_ptr="*i64", so=i32),
+                    dict(BM=bm, BN=bn, BK=bk), w, st)]
+    return builds
+
+
+@pytest.mark.skipif(kernel_lowp.triton is None, reason="needs triton")
+def test_lowp_kernels_compile_for_hopper_without_spills():
+    """The compiler's path, which the interpreter skips: each kernel at its default tiles built for
+    sm_90 (no GPU needed), pointers and sizes marked divisible by 16 as Triton specialises V4's
+    shapes (top-k, expert ids and row counts not); no register spills."""
+    triton = kernel_lowp.triton
+    from triton.backends.compiler import GPUTarget
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    unhinted = {"first", "n_local", "A", "M", "limit"}
+    for fn, types, consts, warps, stages in sm90_builds():
+        if fn is kernel_lowp._moe_fp4_gemv_up_kernel:
+            unhinted = unhinted | {"K"}               # there: experts a token
+        signature = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                 if name not in consts and name not in unhinted}
+        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+        built = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+        if os.path.exists(cuobjdump):
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(built.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+            assert "STACK:0 " in usage, f"{fn.__name__} {consts}: {usage}"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or kernel_lowp.triton is None, reason="needs CUDA and triton")
