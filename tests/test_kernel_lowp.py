@@ -1,0 +1,196 @@
+"""kernel_lowp.py's Triton kernels against their torch references, on fresh random inputs.
+
+pytest runs every case on the CPU through Triton's interpreter (TRITON_INTERPRET=1, in one child
+process, as tests/test_triton.py does) and, where CUDA is available, natively, one test a case.
+`python tests/test_kernel_lowp.py` runs them all on the device it finds and prints one line a case."""
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
+import kernel_lowp  # noqa: E402
+
+
+def fp8_weight(n: int, k: int, scale_dtype, g: torch.Generator, device):
+    """Random e4m3 codes [n, k] with block scales [ceil(n/128), ceil(k/128)] around 2^-4 / sqrt(k)."""
+    w = (torch.randn(n, k, generator=g) * 8).to(torch.float8_e4m3fn)
+    shape = (-(-n // 128), -(-k // 128))
+    exp = torch.randint(-1, 2, shape, generator=g) + round(-4 - 0.5 * torch.log2(torch.tensor(k)).item())
+    if scale_dtype == torch.float8_e8m0fnu:
+        scale = (exp + 127).to(torch.uint8).view(torch.float8_e8m0fnu)
+    else:
+        scale = torch.exp2(exp.float()) * (1 + torch.rand(shape, generator=g))
+    return w.to(device), scale.to(device)
+
+
+def fp4_weight(e: int, n: int, k: int, g: torch.Generator, device):
+    """Random MXFP4 experts: packed codes [e, n, k/2] int8 and ue8m0 scales [e, n, k/32] around 2^-2 / sqrt(k)."""
+    packed = torch.randint(-128, 128, (e, n, k // 2), generator=g, dtype=torch.int8)
+    exp = torch.randint(-1, 2, (e, n, k // 32), generator=g) + round(-2 - 0.5 * torch.log2(torch.tensor(k)).item())
+    return packed.to(device), (exp + 127).to(torch.uint8).view(torch.float8_e8m0fnu).to(device)
+
+
+def rel_err(out, ref) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def linear_case(device, m, n, k, scale_dtype, out_dtype, seed, tiles=None, lead=(), strided=False):
+    """linear_fp8 on x [*lead, m, k] (rows lying apart when strided) against linear_fp8_torch."""
+    g = torch.Generator().manual_seed(seed)
+    w, scale = fp8_weight(n, k, scale_dtype, g, device)
+    x = torch.randn(*lead, m, k + 8 * strided, generator=g).to(device, torch.bfloat16)[..., :k]
+    out = kernel_lowp.linear_fp8_triton(x, w, scale, out_dtype, tiles)
+    ref = kernel_lowp.linear_fp8_torch(x, w, scale, out_dtype)
+    assert out.dtype == out_dtype and out.shape == (*lead, m, n)
+    tol = 1e-2 if out_dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+    return rel_err(out, ref)
+
+
+def moe_case(device, t, k, dim, inter, n_local, first, n_total, limit, shared_inter, out_dtype, seed,
+             grouped=False, tiles=None, unused=0):
+    """The MXFP4 experts (few-token kernels, or the grouped GEMMs when grouped; the dispatcher
+    moe_fp4 when grouped is None) against moe_fp4_torch. `unused` local experts get no token."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, dim, generator=g).to(device, torch.bfloat16)
+    w13 = fp4_weight(n_local, 2 * inter, dim, g, device)
+    w2 = fp4_weight(n_local, dim, inter, g, device)
+    chosen = torch.cat([torch.arange(first + unused, first + n_local), torch.arange(first)])
+    chosen = torch.cat([chosen, torch.arange(first + n_local, n_total)])
+    experts = torch.stack([chosen[torch.randperm(chosen.numel(), generator=g)[:k]] for _ in range(t)])
+    experts[0, 0] = first + n_local - 1                                  # at least one local assignment
+    experts = experts.to(device)
+    weights = torch.rand(t, k, generator=g).to(device)
+    gu = ws = None
+    if shared_inter:
+        gu = (torch.randn(t, 2 * shared_inter, generator=g) * 2).to(device, torch.bfloat16)
+        ws = fp8_weight(dim, shared_inter, torch.float8_e8m0fnu, g, device)
+    ref = kernel_lowp.moe_fp4_torch(x, w13, w2, weights, experts, first, limit, gu, ws, out_dtype)
+    if grouped is None:
+        out = kernel_lowp.moe_fp4(x, w13, w2, weights, experts, first, limit, gu, ws, out_dtype, backend="triton")
+    elif grouped:
+        out = kernel_lowp.moe_experts_fp4_triton(x, w13, w2, weights, experts, first, limit, tiles).to(out_dtype)
+    else:
+        out = kernel_lowp.moe_gemv_fp4_triton(x, w13, w2, weights, experts, first, limit, gu, ws, out_dtype)
+    assert out.dtype == out_dtype and out.shape == (t, dim) and not out.isnan().any()
+    if limit > 0:      # the clamp bites: token 0's gate or up sum of expert first + n_local - 1 passes the limit
+        gate_up = x[:1].float() @ kernel_lowp.dequant_fp4(w13[0][n_local - 1], w13[1][n_local - 1]).float().T
+        assert max(gate_up[:, :inter].max(), gate_up[:, inter:].abs().max()) > limit
+    err = rel_err(out, ref)
+    assert err < (1e-2 if out_dtype == torch.bfloat16 else 1e-5), err
+    return err
+
+
+E8, F32, BF = torch.float8_e8m0fnu, torch.float32, torch.bfloat16
+CASES = {
+    "fp8 row m1": lambda d: linear_case(d, 1, 200, 320, E8, BF, 1),
+    "fp8 row m3 f32 scale": lambda d: linear_case(d, 3, 200, 320, F32, BF, 2),
+    "fp8 row m3 fp32 out": lambda d: linear_case(d, 3, 200, 320, E8, F32, 3, strided=True),
+    "fp8 row tiles 8x128 f32 scale": lambda d: linear_case(d, 2, 200, 320, F32, F32, 10, (8, 128, 4, 1)),
+    "fp8 row tiles 16x256": lambda d: linear_case(d, 1, 200, 320, E8, BF, 15, (16, 256, 4, 1)),
+    "fp8 gemv m17": lambda d: linear_case(d, 17, 200, 320, E8, BF, 4),
+    "fp8 gemv m17 f32 scale": lambda d: linear_case(d, 17, 200, 320, F32, F32, 5, lead=(1,)),
+    "fp8 gemv m64 fp32 out": lambda d: linear_case(d, 64, 200, 320, E8, F32, 9),
+    "fp8 gemm m150": lambda d: linear_case(d, 150, 200, 320, E8, BF, 6),
+    "fp8 gemm grouped tiles": lambda d: linear_case(d, 75, 200, 320, F32, F32, 7, (32, 64, 64, 2, 4, 1), (2,)),
+    "fp8 gemm grouped e8 fp32": lambda d: linear_case(d, 150, 130, 192, E8, F32, 8, (32, 64, 64, 3, 4, 1)),
+    "moe gemv + shared + clamp": lambda d: moe_case(d, 1, 4, 192, 64, 6, 2, 8, 0.5, 96, F32, 11),
+    "moe gemv some local bf16": lambda d: moe_case(d, 3, 2, 192, 64, 4, 4, 12, 0.0, 0, BF, 12),
+    "moe grouped clamp": lambda d: moe_case(d, 40, 3, 96, 64, 5, 1, 6, 0.5, 0, F32, 13, True,
+                                            (16, 32, 64, 4, 1), unused=2),
+    "moe dispatch grouped + shared": lambda d: moe_case(d, 40, 3, 96, 64, 5, 0, 6, 0.5, 96, BF, 14, None,
+                                                        unused=1),
+}
+
+
+def run_all(device: str) -> int:
+    """Every case on device, one line each; the number of failures."""
+    bad = 0
+    for name, case in CASES.items():
+        start = time.perf_counter()
+        try:
+            err = case(device)
+        except Exception as e:          # noqa: BLE001 - reported as a failure, the other cases still run
+            bad += 1
+            print(f"{name:32s} FAIL {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            continue
+        print(f"{name:32s} rel err {err:.2e} ok ({time.perf_counter() - start:.1f} s)")
+    return bad
+
+
+def test_lowp_kernels_match_torch_references_in_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    run = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    print(run.stdout)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count(" ok") == len(CASES)
+
+
+def sm90_builds():
+    """(kernel, argument types, constexprs, warps, stages) of every kernel at its default tiles."""
+    kl, i32 = kernel_lowp, "i32"
+    lin = dict(x_ptr="*bf16", w_ptr="*fp8e4nv", o_ptr="*bf16", N=i32, K=i32, sx=i32, sw=i32, ss=i32, so=i32)
+    bn, bk, w, st = kl.FP8_ROW_TILES
+    builds = [(kl._fp8_gemv_row_kernel, dict(lin, s_ptr="*u8" if ue else "*fp32"), dict(BN=bn, BK=bk, UE8M0=ue), w, st)
+              for ue in (True, False)]
+    for bm, bn, bk, group, w, st in (kl.fp8_tiles(64, 4096, torch.device("cpu")), kl.FP8_GEMM_TILES):
+        builds += [(kl._fp8_gemm_kernel, dict(lin, M=i32, s_ptr="*u8" if ue else "*fp32"),
+                    dict(BM=bm, BN=bn, BK=bk, GROUP=group, UE8M0=ue), w, st) for ue in (True, False)]
+    moe = dict(w_ptr="*i8", s_ptr="*u8", h_ptr="*bf16", D=i32, I=i32, sw_e=i32, sw_n=i32, ss_e=i32, ss_n=i32, sh=i32)
+    gemv = dict(moe, experts_ptr="*i64", first=i32, n_local=i32, A=i32, IS=i32)
+    bn, g, w, st = kl.MOE_FP4_GEMV_TILES
+    builds += [(kl._moe_fp4_gemv_up_kernel, dict(gemv, x_ptr="*bf16", gu_ptr="*bf16", weights_ptr="*fp32", K=i32,
+                                                  limit="fp32", sx=i32, sgu=i32), dict(BN=bn, G=g, CLAMP=True), w, st),
+               (kl._moe_fp4_gemv_down_kernel, dict(gemv, ws_ptr="*fp8e4nv", wss_ptr="*u8", part_ptr="*fp32", sws_n=i32,
+                                                    swss_n=i32, sp=i32),
+                dict(BN=bn, G=g, BK8=kl.MOE_FP4_SHARED_BK, UE8M0=True), w, st)]
+    tiles = dict(moe, tile_expert_ptr="*i64", tile_start_ptr="*i64", tile_end_ptr="*i64")
+    for bm, bn, bk, w, st in (kl.MOE_FP4_TILES_SMALL, kl.MOE_FP4_TILES_LARGE):
+        builds += [(kl._moe_fp4_up_kernel, dict(tiles, x_ptr="*bf16", token_ptr="*i64", weight_ptr="*fp32", limit="fp32",
+                                                sx=i32), dict(BM=bm, BN=bn, BK=bk, CLAMP=True), w, st),
+                   (kl._moe_fp4_down_kernel, dict(tiles, out_ptr="*fp32", assign_ptr="*i64", so=i32),
+                    dict(BM=bm, BN=bn, BK=bk), w, st)]
+    return builds
+
+
+@pytest.mark.skipif(kernel_lowp.triton is None, reason="needs triton")
+def test_lowp_kernels_compile_for_hopper_without_spills():
+    """The compiler's path, which the interpreter skips: each kernel at its default tiles built for
+    sm_90 (no GPU needed), pointers and sizes marked divisible by 16 as Triton specialises V4's
+    shapes (top-k, expert ids and row counts not); no register spills."""
+    triton = kernel_lowp.triton
+    from triton.backends.compiler import GPUTarget
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    unhinted = {"first", "n_local", "A", "M", "limit"}
+    for fn, types, consts, warps, stages in sm90_builds():
+        if fn is kernel_lowp._moe_fp4_gemv_up_kernel:
+            unhinted = unhinted | {"K"}               # there: experts a token
+        signature = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                 if name not in consts and name not in unhinted}
+        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+        built = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+        if os.path.exists(cuobjdump):
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(built.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+            assert "STACK:0 " in usage, f"{fn.__name__} {consts}: {usage}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or kernel_lowp.triton is None, reason="needs CUDA and triton")
+@pytest.mark.parametrize("name", list(CASES))
+def test_lowp_kernel_on_cuda(name):
+    CASES[name]("cuda")
+
+
+if __name__ == "__main__":
+    on_gpu = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+    sys.exit(1 if run_all("cuda" if on_gpu else "cpu") else 0)

@@ -1,0 +1,220 @@
+"""Micro-benchmark of kernel_lowp.py on a CUDA GPU at DeepSeek-V4-Flash shapes, against the BF16 path.
+
+    python tools/bench_lowp.py --out $OUT/lowp.json
+
+- FP8 linear: F.linear on the bf16 weight vs linear_fp8 on the e4m3 weight with ue8m0 block scales,
+  for wq_a (4096 -> 1024), wq_b (1024 -> 64 x 512) and wo_b (8192 -> 4096) at 1, 8, 32, 128, 4096 rows.
+- MoE decode (256 experts of 4096 x 2048, top-6, random routing, one shared expert of 2048, clamp 10):
+  the shared expert's up projection then kernel.moe_gemv_triton (bf16) vs linear_fp8 then
+  moe_gemv_fp4_triton (MXFP4 routed, FP8 shared) at batch 1 and 32.
+- MoE prefill: kernel.moe_experts_triton vs moe_experts_fp4_triton (routed experts) at 4096 tokens.
+
+The BF16 weights are the low-precision ones dequantised, so both sides compute the same function; each
+output's max abs error is against the float32 torch reference (kernel_lowp's *_torch). Times are CUDA
+graph replays (median of reps after warm-up), each graph calling the op once per weight copy where
+copies are needed to keep the weights out of L2 (as a decode step meets them: once, after the other
+layers' weights). GB/s counts the bytes a call must read from memory (weights and scales of the
+matrices, or of the distinct experts, it touches, plus its activations); % BW is that against a
+large device-to-device copy. Prints a table and writes it, with the device and settings, as JSON.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import kernel  # noqa: E402
+import kernel_lowp  # noqa: E402
+from quant import dequant_fp4, dequant_fp8  # noqa: E402
+
+DIM, INTER, EXPERTS, TOPK, SHARED_INTER, LIMIT = 4096, 2048, 256, 6, 2048, 10.0
+LINEARS = {"wq_a": (1024, 4096), "wq_b": (64 * 512, 1024), "wo_b": (4096, 8192)}    # name: (out, in)
+ROWS = (1, 8, 32, 128, 4096)
+MOE_DECODE_BATCHES = (1, 32)
+MOE_PREFILL_TOKENS = 4096
+L2_SPAN = 256 << 20         # weight copies cycled per graph span at least this many bytes
+
+
+def graph_ms(calls, reps: int = 30, warmup: int = 3) -> float:
+    """Median ms of one call: `calls` (one per weight copy) captured in one CUDA graph, replayed."""
+    for call in calls:
+        call()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    for _ in range(warmup):
+        graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(calls))
+    return statistics.median(times)
+
+
+def copy_gbps() -> float:
+    """Device-to-device copy of 2 GiB: bytes read plus written per second, in GB/s."""
+    a = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = graph_ms([lambda: b.copy_(a)], reps=20)
+    return 2 * a.numel() / ms / 1e6
+
+
+def nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def fp8_weight(n: int, k: int, g: torch.Generator):
+    """Random e4m3 weight [n, k] and ue8m0 block scales [n/128, k/128] giving entries about 1/sqrt(k)."""
+    w = (torch.randn(n, k, device="cuda", generator=g) * 64).to(torch.float8_e4m3fn)
+    exp = torch.randint(-1, 2, (-(-n // 128), -(-k // 128)), device="cuda", generator=g) - 6 - (k.bit_length() - 1) // 2
+    return w, (exp + 127).to(torch.uint8).view(torch.float8_e8m0fnu)
+
+
+def fp4_weight(e: int, n: int, k: int, g: torch.Generator):
+    """Random MXFP4 experts: packed [e, n, k/2] int8 and ue8m0 scales [e, n, k/32] (entries about 1/sqrt(k))."""
+    packed = torch.randint(-128, 128, (e, n, k // 2), device="cuda", generator=g, dtype=torch.int8)
+    exp = torch.randint(-1, 2, (e, n, k // 32), device="cuda", generator=g) - 2 - (k.bit_length() - 1) // 2
+    return packed, (exp + 127).to(torch.uint8).view(torch.float8_e8m0fnu)
+
+
+def fp4_as_bf16(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """[e, n, k] bf16 of stacked MXFP4 experts, one expert at a time (a whole dequantisation at once
+    would need several times the bf16 size)."""
+    out = torch.empty(packed.size(0), packed.size(1), 2 * packed.size(2), dtype=torch.bfloat16, device="cuda")
+    for e in range(packed.size(0)):
+        out[e] = dequant_fp4(packed[e], scale[e])
+    return out
+
+
+def max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return (out.float() - ref.float()).abs().max().item()
+
+
+def row(op: str, size: int, bf16_ms: float, lowp_ms: float, bf16_bytes: int, lowp_bytes: int, bw: float,
+        bf16_err: float, lowp_err: float, flops: float) -> dict:
+    return {"op": op, "rows": size, "bf16_ms": bf16_ms, "lowp_ms": lowp_ms, "speedup": bf16_ms / lowp_ms,
+            "bf16_gbps": bf16_bytes / bf16_ms / 1e6, "lowp_gbps": lowp_bytes / lowp_ms / 1e6,
+            "bf16_bw_pct": 100 * bf16_bytes / bf16_ms / 1e6 / bw, "lowp_bw_pct": 100 * lowp_bytes / lowp_ms / 1e6 / bw,
+            "bf16_tflops": flops / bf16_ms / 1e9, "lowp_tflops": flops / lowp_ms / 1e9,
+            "bf16_max_err": bf16_err, "lowp_max_err": lowp_err}
+
+
+def bench_linears(bw: float, g: torch.Generator, say) -> list:
+    rows = []
+    for name, (n, k) in LINEARS.items():
+        w, s = fp8_weight(n, k, g)
+        wb = dequant_fp8(w, s)
+        copies = max(1, min(16, L2_SPAN // nbytes(w)))
+        fp8 = [(w.clone(), s.clone()) for _ in range(copies)]
+        bf16 = [wb.clone() for _ in range(max(1, min(16, L2_SPAN // nbytes(wb))))]
+        for m in ROWS:
+            x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+            ref = kernel_lowp.linear_fp8_torch(x, w, s, torch.float32)
+            lowp_err = max_err(kernel_lowp.linear_fp8(x, w, s), ref)
+            bf16_err = max_err(F.linear(x, wb), ref)
+            reps = 10 if m >= 4096 else 30
+            bf16_ms = graph_ms([lambda c=c: F.linear(x, c) for c in bf16], reps)
+            lowp_ms = graph_ms([lambda c=c: kernel_lowp.linear_fp8(x, *c) for c in fp8], reps)
+            rows.append(row(f"linear {name} {k}->{n}", m, bf16_ms, lowp_ms, nbytes(wb, x), nbytes(w, s, x), bw,
+                            bf16_err, lowp_err, 2.0 * m * n * k))
+            say(rows[-1])
+        del fp8, bf16
+    return rows
+
+
+def bench_moe(bw: float, g: torch.Generator, say) -> list:
+    w13, w2 = fp4_weight(EXPERTS, 2 * INTER, DIM, g), fp4_weight(EXPERTS, DIM, INTER, g)
+    s13, sw2 = fp8_weight(2 * SHARED_INTER, DIM, g), fp8_weight(DIM, SHARED_INTER, g)
+    b13, b2 = fp4_as_bf16(*w13), fp4_as_bf16(*w2)
+    bs13, bsw2 = dequant_fp8(*s13), dequant_fp8(*sw2)
+    expert_bf16, expert_lowp = nbytes(b13[0], b2[0]), nbytes(w13[0][0], w13[1][0], w2[0][0], w2[1][0])
+    rows = []
+    for t in MOE_DECODE_BATCHES:
+        x = torch.randn(t, DIM, device="cuda", generator=g).bfloat16()
+        experts = torch.rand(t, EXPERTS, device="cuda", generator=g).topk(TOPK, dim=-1).indices
+        weights = torch.rand(t, TOPK, device="cuda", generator=g)
+        distinct = experts.unique().numel()
+
+        def bf16_call():
+            return kernel.moe_gemv_triton(x, b13, b2, weights, experts, 0, LIMIT, F.linear(x, bs13), bsw2,
+                                          torch.bfloat16)
+
+        def lowp_call():
+            return kernel_lowp.moe_gemv_fp4_triton(x, w13, w2, weights, experts, 0, LIMIT,
+                                                   kernel_lowp.linear_fp8(x, *s13), sw2, torch.bfloat16)
+
+        ref = kernel_lowp.moe_fp4_torch(x, w13, w2, weights, experts, 0, LIMIT,
+                                        kernel_lowp.linear_fp8_torch(x, *s13), sw2)
+        flops = 2.0 * t * (TOPK * 3 * DIM * INTER + 3 * DIM * SHARED_INTER)
+        rows.append(row(f"moe decode ({distinct} experts + shared)", t, graph_ms([bf16_call]), graph_ms([lowp_call]),
+                        distinct * expert_bf16 + nbytes(bs13, bsw2, x), distinct * expert_lowp + nbytes(*s13, *sw2, x),
+                        bw, max_err(bf16_call(), ref), max_err(lowp_call(), ref), flops))
+        say(rows[-1])
+    t = MOE_PREFILL_TOKENS
+    x = torch.randn(t, DIM, device="cuda", generator=g).bfloat16()
+    experts = torch.rand(t, EXPERTS, device="cuda", generator=g).topk(TOPK, dim=-1).indices
+    weights = torch.rand(t, TOPK, device="cuda", generator=g)
+    ref = kernel_lowp.moe_fp4_torch(x, w13, w2, weights, experts, 0, LIMIT)
+    bf16_out = kernel.moe_experts_triton(x, b13, b2, weights, experts, 0, LIMIT)
+    lowp_out = kernel_lowp.moe_experts_fp4_triton(x, w13, w2, weights, experts, 0, LIMIT)
+    bf16_ms = graph_ms([lambda: kernel.moe_experts_triton(x, b13, b2, weights, experts, 0, LIMIT)], reps=10)
+    lowp_ms = graph_ms([lambda: kernel_lowp.moe_experts_fp4_triton(x, w13, w2, weights, experts, 0, LIMIT)], reps=10)
+    distinct = experts.unique().numel()
+    rows.append(row(f"moe prefill grouped ({distinct} experts)", t, bf16_ms, lowp_ms,
+                    distinct * expert_bf16 + nbytes(x), distinct * expert_lowp + nbytes(x), bw,
+                    max_err(bf16_out, ref), max_err(lowp_out, ref), 2.0 * t * TOPK * 3 * DIM * INTER))
+    say(rows[-1])
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="where to write the results as JSON")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available() or kernel.triton is None:
+        raise SystemExit("bench_lowp.py needs a CUDA GPU and triton")
+    began = time.time()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bw = copy_gbps()
+    device = torch.cuda.get_device_name()
+    print(f"{device}: device-to-device copy {bw:.0f} GB/s (read + write)")
+    head = (f"{'op':40s} {'rows':>5s} {'bf16 ms':>9s} {'lowp ms':>9s} {'speedup':>7s} {'bf16 GB/s':>9s} "
+            f"{'lowp GB/s':>9s} {'lowp %BW':>8s} {'lowp TF/s':>9s} {'bf16 err':>9s} {'lowp err':>9s}")
+    print(head)
+
+    def say(r):
+        print(f"{r['op']:40s} {r['rows']:5d} {r['bf16_ms']:9.4f} {r['lowp_ms']:9.4f} {r['speedup']:7.2f} "
+              f"{r['bf16_gbps']:9.0f} {r['lowp_gbps']:9.0f} {r['lowp_bw_pct']:7.1f}% {r['lowp_tflops']:9.1f} "
+              f"{r['bf16_max_err']:9.2e} {r['lowp_max_err']:9.2e}", flush=True)
+
+    rows = bench_linears(bw, g, say) + bench_moe(bw, g, say)
+    result = {"device": device, "copy_gbps": bw, "torch": torch.__version__, "triton": kernel.triton.__version__,
+              "settings": {"fp8_row_max_m": kernel_lowp.FP8_ROW_MAX_M, "fp8_row_tiles": kernel_lowp.FP8_ROW_TILES,
+                           "fp8_gemv_tiles": kernel_lowp.FP8_GEMV_TILES, "fp8_gemm_tiles": kernel_lowp.FP8_GEMM_TILES,
+                           "moe_fp4_gemv_tiles": kernel_lowp.MOE_FP4_GEMV_TILES,
+                           "moe_fp4_tiles_large": kernel_lowp.MOE_FP4_TILES_LARGE},
+              "rows": rows, "elapsed_s": time.time() - began}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {args.out} ({result['elapsed_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
