@@ -22,7 +22,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from kernel import INTERPRETED, moe_schedule, rows_view, swiglu, triton, use_triton
+from kernel import INTERPRETED, moe_schedule, rows_view, triton
+from ops import Ops, swiglu
 from quant import FP4_BLOCK, FP8_BLOCK, dequant_fp4, dequant_fp8
 
 if triton is not None:
@@ -435,7 +436,7 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_d
     """x [..., K] W^T for an FP8 weight [N, K] with its block scale -> [..., N] out_dtype (default x's):
     the Triton kernels for bf16 x where use_triton says so, else linear_fp8_torch."""
     out_dtype = out_dtype or x.dtype
-    if x.dtype == torch.bfloat16 and out_dtype in (torch.bfloat16, torch.float32) and use_triton(x, backend):
+    if x.dtype == torch.bfloat16 and out_dtype in (torch.bfloat16, torch.float32) and Ops(backend, x.device).triton:
         return linear_fp8_triton(x, weight, scale, out_dtype)
     return linear_fp8_torch(x, weight, scale, out_dtype)
 
@@ -521,7 +522,7 @@ def moe_fp4(x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float
     moe_gemv_fp4_triton: for bf16 x where use_triton says so, up to MOE_FP4_GEMV_MAX_ASSIGNMENTS
     assignments moe_gemv_fp4_triton, more the grouped GEMMs (and linear_fp8 for the shared expert);
     else moe_fp4_torch. Returns out_dtype [T, D]."""
-    if x.dtype != torch.bfloat16 or not use_triton(x, backend):
+    if x.dtype != torch.bfloat16 or not Ops(backend, x.device).triton:
         return moe_fp4_torch(x, w13, w2, weights, experts, first_expert, swiglu_limit, shared_gu, shared_w2,
                              out_dtype)
     if experts.numel() <= MOE_FP4_GEMV_MAX_ASSIGNMENTS:

@@ -2,7 +2,7 @@
 
 pytest runs every case on the CPU through Triton's interpreter (TRITON_INTERPRET=1, in one child
 process, as tests/test_triton.py does) and, where CUDA is available, natively, one test a case.
-`python tests/test_kernel_lowp.py` runs them all on the device it finds and prints one line a case."""
+`PYTHONPATH=. python tests/test_kernel_lowp.py` runs them all on the device it finds and prints one line a case."""
 import os
 import subprocess
 import sys
@@ -12,9 +12,7 @@ import time
 import pytest
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]
-import kernel_lowp  # noqa: E402
+import kernel_lowp
 
 
 def fp8_weight(n: int, k: int, scale_dtype, g: torch.Generator, device):
@@ -125,7 +123,8 @@ def run_all(device: str) -> int:
 
 
 def test_lowp_kernels_match_torch_references_in_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=root)
     run = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
                          timeout=600)
     print(run.stdout)

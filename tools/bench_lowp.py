@@ -1,6 +1,6 @@
 """Micro-benchmark of kernel_lowp.py on a CUDA GPU at DeepSeek-V4-Flash shapes, against the BF16 path.
 
-    python tools/bench_lowp.py --out $OUT/lowp.json
+    python -m tools.bench_lowp --out $OUT/lowp.json
 
 - FP8 linear: F.linear on the bf16 weight vs linear_fp8 on the e4m3 weight with ue8m0 block scales,
   for wq_a (4096 -> 1024), wq_b (1024 -> 64 x 512) and wo_b (8192 -> 4096) at 1, 8, 32, 128, 4096 rows.
@@ -21,16 +21,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kernel  # noqa: E402
-import kernel_lowp  # noqa: E402
-from quant import dequant_fp4, dequant_fp8  # noqa: E402
+import kernel
+import kernel_lowp
+from quant import dequant_fp4, dequant_fp8
 
 DIM, INTER, EXPERTS, TOPK, SHARED_INTER, LIMIT = 4096, 2048, 256, 6, 2048, 10.0
 LINEARS = {"wq_a": (1024, 4096), "wq_b": (64 * 512, 1024), "wo_b": (4096, 8192)}    # name: (out, in)
