@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import List, Optional, Union
+from typing import Callable, List, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -80,19 +80,22 @@ class Stats:
     decode_s: float = 0.0
 
     def summary(self) -> str:
+        """One line. A batch's prefill reads its prompts up to the shortest one's length; the rest of
+        the longer prompts goes through the decode steps, so prefill tokens can be fewer than prompt tokens."""
         def rate(n, s):
             return f"{n / s:.1f}" if s > 0 else "n/a"
-        return (f"{self.prompts} prompts, {self.tokens_in} tokens in, {self.tokens_out} tokens out; "
-                f"prefill {self.prefill_tokens} tokens in {self.prefill_s:.2f} s "
-                f"({rate(self.prefill_tokens, self.prefill_s)} tokens/s), "
-                f"decode {self.tokens_out} tokens in {self.decode_s:.2f} s "
-                f"({rate(self.tokens_out, self.decode_s)} tokens/s)")
+        return (f"{self.prompts} prompts, {self.tokens_in} prompt tokens "
+                f"({self.prefill_tokens} in the prefill, which stops at each batch's shortest prompt; "
+                f"{self.tokens_in - self.prefill_tokens} with the decode steps), {self.tokens_out} new tokens; "
+                f"prefill {self.prefill_s:.2f} s ({rate(self.prefill_tokens, self.prefill_s)} tokens/s), "
+                f"decode {self.decode_s:.2f} s ({rate(self.tokens_out, self.decode_s)} new tokens/s)")
 
 
 @torch.inference_mode()
 def generate(model: Transformer, prompts: List[List[int]], max_new_tokens: int, eos_id: int,
              temperature: float = 0.0, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
-             stats: Optional[Stats] = None, decoder: Optional[GraphedDecoder] = None) -> List[List[int]]:
+             stats: Optional[Stats] = None, decoder: Optional[GraphedDecoder] = None,
+             on_step: Optional[Callable[[int], None]] = None) -> List[List[int]]:
     """Complete a batch of tokenized prompts; returns the new tokens of each, ending with eos_id
     where the model stopped by itself.
 
@@ -102,6 +105,7 @@ def generate(model: Transformer, prompts: List[List[int]], max_new_tokens: int, 
     max_new_tokens new tokens; the batch stops when all are done or at max_seq_len.
     Stats, if given, gets the prefill (first pass) and decode (later passes) times and the counts.
     A decoder (CUDA graphs of the model's one-token step) runs the later passes when given.
+    on_step, if given, is called after each pass with the number of new tokens it produced.
     """
     lens = [len(p) for p in prompts]
     max_seq_len = model.args.max_seq_len
@@ -127,8 +131,11 @@ def generate(model: Transformer, prompts: List[List[int]], max_new_tokens: int, 
             logits = model(tokens[:, prev:cur], prev)
         chosen = torch.where(in_prompt[:, cur], tokens[:, cur], sample(logits, temperature, top_p, generator))
         tokens[:, cur] = chosen
+        produced = ~in_prompt[:, cur] & ~done
         done |= (~in_prompt[:, cur] & (chosen == eos_id)) | (last_step <= cur)
         finished = bool(done.all())                               # waits for the device
+        if on_step is not None:
+            on_step(int(produced.sum()))
         if stats is not None:
             if prev == 0:
                 stats.prefill_s += time.perf_counter() - start
@@ -152,15 +159,19 @@ def generate(model: Transformer, prompts: List[List[int]], max_new_tokens: int, 
 
 def generate_all(model: Transformer, prompts: List[List[int]], batch_size: int, progress: bool,
                  **kw) -> List[List[int]]:
-    """Generate for any number of prompts: batches of similar lengths, results in input order."""
+    """Generate for any number of prompts: batches of similar lengths, results in input order.
+    The progress bar counts new tokens (with their rate) as they come and the prompts finished, so
+    a batch of long completions shows that it is moving."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: List[Optional[List[int]]] = [None] * len(prompts)
-    with tqdm(total=len(prompts), unit="prompt", disable=not progress, file=sys.stderr) as bar:
+    with tqdm(desc="generate", unit="token", disable=not progress, file=sys.stderr,
+              postfix=f"0/{len(prompts)} prompts") as bar:
         for first in range(0, len(order), batch_size):
             batch = order[first:first + batch_size]
-            for i, completion in zip(batch, generate(model, [prompts[i] for i in batch], **kw)):
+            step = bar.update if progress else None
+            for i, completion in zip(batch, generate(model, [prompts[i] for i in batch], on_step=step, **kw)):
                 results[i] = completion
-            bar.update(len(batch))
+            bar.set_postfix_str(f"{min(first + batch_size, len(order))}/{len(prompts)} prompts")
     return results
 
 
@@ -310,6 +321,8 @@ def tokenize(prompts: List[Prompt], tokenizer: Tokenizer, mode: str, raw: bool,
 # ---------------------------------------------------------------- checkpoint and model
 
 def load_args(opts: argparse.Namespace, world: int) -> ModelArgs:
+    if not os.path.isdir(opts.ckpt_path):
+        raise GenerateError(f"checkpoint folder {opts.ckpt_path} not found")
     config = opts.config or os.path.join(opts.ckpt_path, "config.json")
     overrides = {k: v for k, v in (("max_batch_size", opts.max_batch_size), ("max_seq_len", opts.max_seq_len),
                                    ("dtype", opts.dtype), ("backend", getattr(opts, "backend", None)))
@@ -511,6 +524,23 @@ def report(opts: argparse.Namespace, records: List[dict]) -> None:
         print(flush=True)
 
 
+def check_writable(path: str) -> None:
+    """Refuse an output path that write_jsonl could not fill, before any work: a folder, a missing
+    folder, or one where no file can be created (tried with a file of the temporary name, removed)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise GenerateError(f"--output-file {path} is a folder: give a file name")
+    if not os.path.isdir(folder):
+        raise GenerateError(f"the folder of --output-file {path} does not exist")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8"):
+            pass
+        os.remove(tmp)
+    except OSError as e:
+        raise GenerateError(f"--output-file {path} cannot be written: {e.strerror}") from None
+
+
 def write_jsonl(path: str, records: List[dict]) -> None:
     """Write under a temporary name, then rename: an interrupted run leaves no complete-looking file."""
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -530,6 +560,9 @@ def run_interactive(opts: argparse.Namespace, ranks: Ranks, model: Transformer, 
     The other ranks wait for each turn without a time limit: a person may take a while to type."""
     waiting = dist.new_group(backend="gloo", timeout=timedelta(days=7)) if ranks.world > 1 else None
     mode = "thinking" if opts.thinking else "chat"
+    if ranks.rank == 0:
+        print(f"generate.py: chat ({mode} mode) with {opts.ckpt_path}: type a message and press Enter; /clear starts "
+              f"a new conversation, /exit (or Ctrl-D) quits", file=sys.stderr, flush=True)
     messages: List[dict] = []
     while True:
         ids = next_turn(messages, tokenizer, mode, model.args.max_seq_len) if ranks.rank == 0 else None
@@ -618,8 +651,8 @@ def run(opts: argparse.Namespace, ranks: Ranks) -> None:
         if ranks.rank == 0:
             tokenizer = Tokenizer(opts.ckpt_path)
             if not opts.interactive:
-                if opts.output_file and not os.path.isdir(os.path.dirname(os.path.abspath(opts.output_file))):
-                    raise GenerateError(f"the folder of --output-file {opts.output_file} does not exist")
+                if opts.output_file:
+                    check_writable(opts.output_file)
                 prompts = read_prompts(opts.input_file)
                 ids = tokenize(prompts, tokenizer, mode, opts.raw, args.max_seq_len)
         return args, path, tokenizer, prompts, ids

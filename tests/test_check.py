@@ -125,7 +125,7 @@ def test_bf16_differs_more_than_fp32_and_a_tight_threshold_fails(ckpt, fp32_mp1_
     ("mp=1", "device", r"--b: 'device' in spec 'device' is not key=value"),
     ("mp=1", "mp=1,mp=2", r"--b: key 'mp' given twice"),
     ("mp=1", "mp=2", r"--b: .*model0-mp2\.safetensors not found: .*present in .*: mp1"),
-    ("ckpt=/nonexistent/ckpt", "mp=1", r"--a: config /nonexistent/ckpt/config\.json not found"),
+    ("ckpt=/nonexistent/ckpt", "mp=1", r"--a: checkpoint folder /nonexistent/ckpt not found"),
     ("mp=1", "backend=triton,device=cpu", r"--b: backend=triton needs a CUDA GPU"),
 ])
 def test_bad_spec_exits_2_naming_the_key(ckpt, tmp_path, capsys, a, b, match):

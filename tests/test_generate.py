@@ -135,9 +135,12 @@ def test_batched_greedy_equals_stepwise_argmax_of_each_prompt_alone(model):
     # 40 new tokens: the 20-token prompt runs into max_seq_len=48 after 28
     expected = [stepwise(model, p, 40, eos_id=-1) for p in prompts]
     assert [len(e) for e in expected] == [40, 37, 28]
-    stats = generate.Stats()
-    assert generate.generate(model, prompts, 40, eos_id=-1, temperature=0.0, stats=stats) == expected
+    stats, steps = generate.Stats(), []
+    assert generate.generate(model, prompts, 40, eos_id=-1, temperature=0.0, stats=stats, on_step=steps.append) == expected
     assert (stats.prompts, stats.tokens_in, stats.tokens_out, stats.prefill_tokens) == (3, 34, 105, 9)
+    assert sum(steps) == 105 and len(steps) == 45           # one call a pass: positions 3 .. 47 (max_seq_len 48)
+    assert "34 prompt tokens (9 in the prefill, which stops at each batch's shortest prompt; 25 with the decode steps)" \
+        in stats.summary()
 
     eos = expected[1][4]       # a token the model emits: every sequence stops at its first one
     cut = [e[:e.index(eos) + 1] if eos in e else e[:10] for e in expected]
@@ -218,6 +221,7 @@ def test_interactive_on_two_ranks(ckpt, reference, tmp_path):
     done = launch(torchrun(2, "--ckpt-path", ckpt[2], "--interactive", *GREEDY),
                   stdin="hello\n/clear\nhi again\nsecond\n/exit\nnever read\n")
     assert done.returncode == 0, done.stderr
+    assert done.stderr.count("/clear starts a new conversation, /exit (or Ctrl-D) quits") == 1, done.stderr
     turns = done.stdout.split(">>> ")
     assert len(turns) == 6 and turns[2] == "" and turns[5] == ""     # /clear and /exit print nothing
     first = turns[3][:-1]
@@ -275,6 +279,9 @@ def broken(ckpt, tmp_path_factory):
     ("no_tokenizer", r"no tokenizer in .*: expected tokenizer\.json or tokenizer\.model"),
     ("no_config", r"config .*config\.json not found"),
     ("no_output_folder", r"the folder of --output-file .* does not exist"),
+    ("output_is_a_folder", r"--output-file .* is a folder: give a file name"),
+    ("output_not_writable", r"--output-file /proc/out\.jsonl cannot be written: "),
+    ("no_ckpt_folder", r"checkpoint folder .*absent not found"),
     ("flaggems_on_cpu", r"USE_FLAGGEMS=1 needs a CUDA GPU"),
 ])
 def test_bad_input_is_refused_with_a_clear_message(case, match, ckpt, broken, inputs, tmp_path, capsys, monkeypatch):
@@ -296,6 +303,12 @@ def test_bad_input_is_refused_with_a_clear_message(case, match, ckpt, broken, in
         argv["--ckpt-path"] = broken[case]
     elif case == "no_output_folder":
         argv["--output-file"] = str(tmp_path / "nowhere" / "out.jsonl")
+    elif case == "output_is_a_folder":
+        argv["--output-file"] = str(tmp_path)
+    elif case == "output_not_writable":
+        argv["--output-file"] = "/proc/out.jsonl"      # no file can be made there, even by root
+    elif case == "no_ckpt_folder":
+        argv["--ckpt-path"] = str(tmp_path / "absent")
     elif case == "flaggems_on_cpu":
         if torch.cuda.is_available():
             pytest.skip("this machine has a GPU")
