@@ -326,10 +326,6 @@ def bench_speed(args) -> None:
         say(f"| {r['ctx']} | {r['batch']} | {r['decode_ms']:.3f} | {r['batch'] / r['decode_ms'] * 1e3:.0f} | "
             f"{r['decode_floor']:.0%} | {r['prefill_tok_s']:.0f} | {r['prefill_floor']:.0%} |"
             + (f" {r['comm_ms']:.3f} of {r['eager_ms']:.3f} |" if world > 1 else ""))
-    if dist.is_initialized():
-        torch.cuda.synchronize()
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def add_speed(commands) -> None:
@@ -778,7 +774,13 @@ def main(argv=None) -> None:
     add_attn_tiles(commands)
     add_convert(commands)
     args = parser.parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    finally:
+        # speed's process group goes here, after success or failure, once the command's CUDA graphs are
+        # gone: destroyed while they live (as it was at the end of bench_speed), NCCL waited for them
+        from generate import end_process_groups
+        end_process_groups()
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -194,18 +194,26 @@ def decode(model, ids: List[int], steps: int, device: torch.device, forced: Opti
     return torch.stack(rows), tokens
 
 
-def run_side(job: dict, rank: int, world: int, device: torch.device) -> Optional[dict]:
+def run_side(job: dict, rank: int, world: int, device: torch.device,
+             checked: Callable = lambda step: step()) -> Optional[dict]:
     """Build the side's model and decode every prompt; the results on rank 0 (None elsewhere).
-    job: spec, prompts (token ids), steps, max_seq_len, teacher (A's tokens per prompt, or None)."""
+    job: spec, prompts (token ids), steps, max_seq_len, teacher (A's tokens per prompt, or None).
+    Each step that can fail on one rank alone (a missing shard, weights that do not fit) goes
+    through checked, Ranks.checked on several ranks: all ranks stop there together, where a rank
+    that went on to decode would wait in a collective for the one that stopped."""
     spec = job["spec"]
     opts = load_opts(spec, job["max_seq_len"])
-    args = generate.load_args(opts, world)
-    path = generate.shard_path(spec["ckpt"], rank, world, args.vocab_size)
+
+    def locate():
+        args = generate.load_args(opts, world)
+        return args, generate.shard_path(spec["ckpt"], rank, world, args.vocab_size)
+
+    args, path = checked(locate)
     scope = contextlib.nullcontext()
     if spec["backend"] == "flaggems":
-        scope = generate.enable_flaggems(scoped=True, what="backend=flaggems")
+        scope = checked(lambda: generate.enable_flaggems(scoped=True, what="backend=flaggems"))
     with scope:
-        model = generate.build_model(args, path, device, world)
+        model = checked(lambda: generate.build_model(args, path, device, world))
         out = {"logits": [], "tokens": [], "greedy_logits": [], "greedy_tokens": []}
         for i, ids in enumerate(job["prompts"]):
             if job["teacher"] is None:
@@ -243,20 +251,21 @@ def worker_main(job_path: str, out_path: str) -> int:
     job = torch.load(job_path, weights_only=False)
     if job["spec"]["device"] == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""     # before Ranks looks for a GPU (only at the first CUDA call)
-    ranks = generate.Ranks(job["timeout"])
+    ranks = generate.Ranks()
     if job["spec"]["device"] == "cpu" and ranks.device.type != "cpu":
         ranks.device = torch.device("cpu")
     try:
-        result = ranks.checked(lambda: run_side(job, ranks.rank, ranks.world, ranks.device))
+        ranks.connect(job["timeout"])
+        result = run_side(job, ranks.rank, ranks.world, ranks.device, ranks.checked)
+        if ranks.rank == 0:
+            save_atomic(result, out_path)
+        return 0
     except GenerateError as e:
         if ranks.rank == 0:
             print(f"check.py worker: error: {e}", file=sys.stderr, flush=True)
         return 1
-    if ranks.rank == 0:
-        save_atomic(result, out_path)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    return 0
+    finally:
+        generate.end_process_groups()     # on every rank, after success or failure: no rank is left waiting
 
 
 def launch(job: dict, name: str, workdir: str, timeout: float) -> dict:

@@ -29,8 +29,9 @@ import os
 import shutil
 import signal
 import sys
+import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from tqdm import tqdm
@@ -530,10 +531,14 @@ def check_release(config: dict, n: int, n_experts: Optional[int], o_groups: Opti
 
 def convert(hf_ckpt_path: str, save_path: str, model_parallel: int, n_experts: Optional[int] = None,
             o_groups: Optional[int] = None, num_workers: Optional[int] = None,
-            ogroups_comm: Optional[bool] = None) -> List[str]:
-    """Write the shards and side files; the shard paths. ogroups_comm None reads USE_OGROUPS_COMM."""
+            ogroups_comm: Optional[bool] = None, log: Callable[[str], None] = lambda line: None) -> List[str]:
+    """Write the shards and side files; the shard paths. ogroups_comm None reads USE_OGROUPS_COMM.
+    log gets a line once everything is checked and before the writing starts, and one at the end."""
     if not os.path.isdir(hf_ckpt_path):
         raise ConvertError(f"{hf_ckpt_path}: checkpoint folder not found")
+    if os.path.isdir(save_path) and os.path.samefile(hf_ckpt_path, save_path):
+        raise ConvertError(f"--save-path {save_path} is the release folder {hf_ckpt_path}: the shards and "
+                           f"config.json need a folder of their own")
     config_path = os.path.join(hf_ckpt_path, "config.json")
     config = _read_json(config_path, "config") if os.path.exists(config_path) else {}
     if ogroups_comm is None:
@@ -560,6 +565,9 @@ def convert(hf_ckpt_path: str, save_path: str, model_parallel: int, n_experts: O
     finals = [os.path.join(save_path, f"model{r}-mp{n}.safetensors") for r in range(n)]
     temps = [os.path.join(save_path, f".model{r}-mp{n}.safetensors.partial") for r in range(n)]
     workers = max(1, min(num_workers or min(n, os.cpu_count() or 1), len(jobs)))
+    log(f"{len(jobs)} tensors of {len(headers)} files in {hf_ckpt_path} -> {n} shards in {save_path} "
+        f"({need / 2**30:.2f} GiB), {workers} worker(s)")
+    start = time.perf_counter()
     try:
         for temp, (header, size) in zip(temps, files):
             with open(temp, "wb") as f:
@@ -574,10 +582,15 @@ def convert(hf_ckpt_path: str, save_path: str, model_parallel: int, n_experts: O
         for temp in temps:
             if os.path.exists(temp):
                 os.remove(temp)
+    copied = []
     for fname in SIDE_FILES:
         src = os.path.join(hf_ckpt_path, fname)
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(save_path, fname))
+            copied.append(fname)
+    shards = " .. ".join(dict.fromkeys(os.path.basename(path) for path in (finals[0], finals[-1])))
+    log(f"wrote {shards} and {', '.join(copied) or 'no side files'} to {save_path} "
+        f"in {time.perf_counter() - start:.1f} s")
     return finals
 
 
@@ -624,7 +637,7 @@ def main() -> None:
     args = parser.parse_args()
     try:
         convert(args.hf_ckpt_path, args.save_path, args.model_parallel, args.n_experts, args.o_groups,
-                args.num_workers)
+                args.num_workers, log=lambda line: print(f"convert.py: {line}", file=sys.stderr, flush=True))
     except (ConvertError, OSError) as e:
         print(f"convert.py: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -1,12 +1,14 @@
 """Generate text with DeepSeek-V4 or DeepSeek-R1 / V3, the model split over the ranks of torch.distributed.
 
-    torchrun --nproc-per-node N generate.py --ckpt-path DST --input-file prompts.txt [--output-file out.jsonl]
-    torchrun --nproc-per-node N generate.py --ckpt-path DST --interactive
+    python generate.py --nproc-per-node N --ckpt-path DST --input-file prompts.txt [--output-file out.jsonl]
+    python generate.py --nproc-per-node N --ckpt-path DST --interactive
 
 DST is a folder written by convert.py with --model-parallel N: model{rank}-mp{N}.safetensors,
-config.json and the tokenizer. Plain `python generate.py ...` runs on one process. The config's
-model_type picks the model and its chat format (checkpoint_family): deepseek_v3 (R1, V3) runs
-model_v3.py with R1's format, whose replies always carry reasoning; deepseek_v4, and our
+config.json and the tokenizer. --nproc-per-node starts the ranks through torchrun's launcher in this
+process (see launch()), so that a failure ends in one line; `torchrun --nproc-per-node N generate.py
+...` works too, with torchrun's own report after a failure. Without either it runs on one process.
+The config's model_type picks the model and its chat format (checkpoint_family): deepseek_v3 (R1,
+V3) runs model_v3.py with R1's format, whose replies always carry reasoning; deepseek_v4, and our
 configs/*.json, run model.py with V4's format.
 
 Input files hold prompts separated by blank lines, or one JSON object a line (a .jsonl file, or a
@@ -18,7 +20,8 @@ reasoning (thinking mode, and always for R1) as reasoning, the new token ids as 
 Rank 0 reads and checks the input, tokenizes, prints and writes; the other ranks get the token ids
 from it. Before any work, the ranks exchange what each of them found wrong (missing shard, bad
 config, bad input ...), and all exit with status 1 if any rank found a problem. A rank that dies
-later makes the others fail in their next collective, and torchrun stops the job.
+later makes the others fail in their next collective, and torchrun stops the job. Every rank
+destroys its process groups on the way out, after success or failure.
 
 Environment: USE_OGROUPS_COMM=1 runs the o-groups layout (more ranks than o_groups; convert with it
 too); USE_FLAGGEMS=1 is --backend flaggems: FlagGems' fused V4 kernels (CUDA only); with
@@ -26,9 +29,12 @@ FLAGGEMS_EXCLUDE set, also every aten operator except the ones it names and FLAG
 """
 import argparse
 import contextlib
+import gc
 import json
+import logging
 import os
 import re
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -121,19 +127,22 @@ class Stats:
     decode_s: float = 0.0
 
     def summary(self) -> str:
+        """One line. A batch's prefill reads its prompts up to the shortest one's length; the rest of
+        the longer prompts goes through the decode steps, so prefill tokens can be fewer than prompt tokens."""
         def rate(n, s):
             return f"{n / s:.1f}" if s > 0 else "n/a"
-        return (f"{self.prompts} prompts, {self.tokens_in} tokens in, {self.tokens_out} tokens out; "
-                f"prefill {self.prefill_tokens} tokens in {self.prefill_s:.2f} s "
-                f"({rate(self.prefill_tokens, self.prefill_s)} tokens/s), "
-                f"decode {self.tokens_out} tokens in {self.decode_s:.2f} s "
-                f"({rate(self.tokens_out, self.decode_s)} tokens/s)")
+        return (f"{self.prompts} prompts, {self.tokens_in} prompt tokens "
+                f"({self.prefill_tokens} in the prefill, which stops at each batch's shortest prompt; "
+                f"{self.tokens_in - self.prefill_tokens} with the decode steps), {self.tokens_out} new tokens; "
+                f"prefill {self.prefill_s:.2f} s ({rate(self.prefill_tokens, self.prefill_s)} tokens/s), "
+                f"decode {self.decode_s:.2f} s ({rate(self.tokens_out, self.decode_s)} new tokens/s)")
 
 
 @torch.inference_mode()
 def generate(model: Transformer, prompts: List[List[int]], max_new_tokens: int, eos_id: int,
              temperature: float = 0.0, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
-             stats: Optional[Stats] = None, decoder: Optional[GraphedDecoder] = None) -> List[List[int]]:
+             stats: Optional[Stats] = None, decoder: Optional[GraphedDecoder] = None,
+             on_step: Optional[Callable[[int], None]] = None) -> List[List[int]]:
     """Complete a batch of tokenized prompts; returns the new tokens of each, ending with eos_id
     where the model stopped by itself.
 
@@ -143,6 +152,7 @@ def generate(model: Transformer, prompts: List[List[int]], max_new_tokens: int, 
     max_new_tokens new tokens; the batch stops when all are done or at max_seq_len.
     Stats, if given, gets the prefill (first pass) and decode (later passes) times and the counts.
     A decoder (CUDA graphs of the model's one-token step) runs the later passes when given.
+    on_step, if given, is called after each pass with the number of new tokens it produced.
     """
     lens = [len(p) for p in prompts]
     max_seq_len = model.args.max_seq_len
@@ -168,8 +178,11 @@ def generate(model: Transformer, prompts: List[List[int]], max_new_tokens: int, 
             logits = model(tokens[:, prev:cur], prev)
         chosen = torch.where(in_prompt[:, cur], tokens[:, cur], sample(logits, temperature, top_p, generator))
         tokens[:, cur] = chosen
+        produced = ~in_prompt[:, cur] & ~done
         done |= (~in_prompt[:, cur] & (chosen == eos_id)) | (last_step <= cur)
         finished = bool(done.all())                               # waits for the device
+        if on_step is not None:
+            on_step(int(produced.sum()))
         if stats is not None:
             if prev == 0:
                 stats.prefill_s += time.perf_counter() - start
@@ -193,15 +206,19 @@ def generate(model: Transformer, prompts: List[List[int]], max_new_tokens: int, 
 
 def generate_all(model: Transformer, prompts: List[List[int]], batch_size: int, progress: bool,
                  **kw) -> List[List[int]]:
-    """Generate for any number of prompts: batches of similar lengths, results in input order."""
+    """Generate for any number of prompts: batches of similar lengths, results in input order.
+    The progress bar counts new tokens (with their rate) as they come and the prompts finished, so
+    a batch of long completions shows that it is moving."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: List[Optional[List[int]]] = [None] * len(prompts)
-    with tqdm(total=len(prompts), unit="prompt", disable=not progress, file=sys.stderr) as bar:
+    with tqdm(desc="generate", unit="token", disable=not progress, file=sys.stderr,
+              postfix=f"0/{len(prompts)} prompts") as bar:
         for first in range(0, len(order), batch_size):
             batch = order[first:first + batch_size]
-            for i, completion in zip(batch, generate(model, [prompts[i] for i in batch], **kw)):
+            step = bar.update if progress else None
+            for i, completion in zip(batch, generate(model, [prompts[i] for i in batch], on_step=step, **kw)):
                 results[i] = completion
-            bar.update(len(batch))
+            bar.set_postfix_str(f"{min(first + batch_size, len(order))}/{len(prompts)} prompts")
     return results
 
 
@@ -352,6 +369,8 @@ def tokenize(prompts: List[Prompt], tokenizer: Tokenizer, mode: str, raw: bool,
 
 def load_args(opts: argparse.Namespace, world: int) -> Union[ModelArgs, model_v3.ModelArgs]:
     """The ModelArgs of the checkpoint's architecture (checkpoint_family), checked for world ranks."""
+    if not os.path.isdir(opts.ckpt_path):
+        raise GenerateError(f"checkpoint folder {opts.ckpt_path} not found")
     config = opts.config or os.path.join(opts.ckpt_path, "config.json")
     family = checkpoint_family(config)
     overrides = {k: v for k, v in (("max_batch_size", opts.max_batch_size), ("max_seq_len", opts.max_seq_len),
@@ -481,7 +500,7 @@ def resolve_backend(backend: Optional[str]) -> Optional[str]:
 class Ranks:
     """This process's place in the job and the collectives the driver needs (objects over gloo)."""
 
-    def __init__(self, timeout_s: float):
+    def __init__(self):
         self.rank = int(os.environ.get("RANK", "0"))
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         if torch.cuda.is_available():
@@ -490,6 +509,10 @@ class Ranks:
         else:
             self.device = torch.device("cpu")
         self.group = None
+
+    def connect(self, timeout_s: float) -> None:
+        """Join the other ranks: the default process group (NCCL on CUDA, else gloo), and a gloo
+        group for objects beside NCCL. end_process_groups() undoes it."""
         if self.world > 1:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
@@ -529,6 +552,16 @@ class Ranks:
         return result
 
 
+def end_process_groups() -> None:
+    """Destroy this process's process groups, if any, so that it can exit at once after success or
+    failure: a process that exits with gloo's threads alive can abort ("terminate called without an
+    active exception"), and NCCL's communicator is not destroyed while CUDA graphs that captured
+    its collectives live (pytorch issue 115388), so garbage is collected first."""
+    if dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------- modes
 
 def record(index: int, prompt: Prompt, prompt_ids: List[int], new: List[int], tokenizer: Tokenizer,
@@ -559,6 +592,23 @@ def report(opts: argparse.Namespace, records: List[dict]) -> None:
         print(flush=True)
 
 
+def check_writable(path: str) -> None:
+    """Refuse an output path that write_jsonl could not fill, before any work: a folder, a missing
+    folder, or one where no file can be created (tried with a file of the temporary name, removed)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise GenerateError(f"--output-file {path} is a folder: give a file name")
+    if not os.path.isdir(folder):
+        raise GenerateError(f"the folder of --output-file {path} does not exist")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8"):
+            pass
+        os.remove(tmp)
+    except OSError as e:
+        raise GenerateError(f"--output-file {path} cannot be written: {e.strerror}") from None
+
+
 def write_jsonl(path: str, records: List[dict]) -> None:
     """Write under a temporary name, then rename: an interrupted run leaves no complete-looking file."""
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -579,6 +629,9 @@ def run_interactive(opts: argparse.Namespace, ranks: Ranks, model: Transformer, 
     waiting = dist.new_group(backend="gloo", timeout=timedelta(days=7)) if ranks.world > 1 else None
     mode = "thinking" if opts.thinking else "chat"
     family = family_of(model.args)
+    if ranks.rank == 0:
+        print(f"generate.py: chat ({mode} mode) with {opts.ckpt_path}: type a message and press Enter; /clear starts "
+              f"a new conversation, /exit (or Ctrl-D) quits", file=sys.stderr, flush=True)
     messages: List[dict] = []
     while True:
         ids = next_turn(messages, tokenizer, mode, model.args.max_seq_len, family) if ranks.rank == 0 else None
@@ -621,9 +674,17 @@ def next_turn(messages: List[dict], tokenizer: Tokenizer, mode: str, max_seq_len
 
 # ---------------------------------------------------------------- main
 
+class ArgumentParser(argparse.ArgumentParser):
+    """Every rank parses the same command line under torchrun: only rank 0 reports a usage error."""
+
+    def error(self, message):
+        if os.environ.get("RANK", "0") != "0":
+            self.exit(2)
+        super().error(message)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Generate completions with a converted DeepSeek-V4 or DeepSeek-R1 / V3 "
-                                            "checkpoint.")
+    p = ArgumentParser(description="Generate completions with a converted DeepSeek-V4 or DeepSeek-R1 / V3 checkpoint.")
     p.add_argument("--ckpt-path", required=True, help="folder written by convert.py")
     p.add_argument("--config", help="model config (default: CKPT_PATH/config.json)")
     p.add_argument("--input-file", help="prompts: blank-line separated text, or JSON lines")
@@ -645,6 +706,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "with <think>")
     p.add_argument("--raw", action="store_true", help="feed prompts as they are after BOS, without the chat format")
     p.add_argument("--timeout", type=float, default=600, help="seconds a rank waits for the others before failing")
+    ranks = p.add_argument_group("ranks", "start N ranks on this node (on each node, the same command with its "
+                                          "--node-rank) through torchrun's launcher, reporting a failure in one line")
+    ranks.add_argument("--nproc-per-node", type=int, metavar="N", help="ranks on this node, one a GPU")
+    ranks.add_argument("--nnodes", type=int, default=1, help="nodes of the job (default 1)")
+    ranks.add_argument("--node-rank", type=int, default=0, help="this node's number, 0 .. nnodes-1")
+    ranks.add_argument("--master-addr", help="address of node 0 that every node reaches (needed for several nodes)")
+    ranks.add_argument("--master-port", type=int, help="port on node 0 (default: any free one on one node, "
+                                                       "29500 across nodes)")
     opts = p.parse_args(argv)
     if not opts.input_file and not opts.interactive:
         p.error("give --input-file or --interactive")
@@ -654,6 +723,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--max-new-tokens must be at least 1")
     if opts.temperature < 0 or not 0 < opts.top_p <= 1:
         p.error("--temperature must be >= 0 and --top-p in (0, 1]")
+    if opts.nproc_per_node is not None and opts.nproc_per_node < 1:
+        p.error("--nproc-per-node must be at least 1")
+    if opts.nnodes < 1 or not 0 <= opts.node_rank < opts.nnodes:
+        p.error(f"--node-rank must be in 0 .. {opts.nnodes - 1} (--nnodes {opts.nnodes})")
+    if opts.nnodes > 1 and not opts.master_addr:
+        p.error("--nnodes above 1 needs --master-addr, the address of node 0")
     return opts
 
 
@@ -671,8 +746,8 @@ def run(opts: argparse.Namespace, ranks: Ranks) -> None:
         if ranks.rank == 0:
             tokenizer = Tokenizer(opts.ckpt_path)
             if not opts.interactive:
-                if opts.output_file and not os.path.isdir(os.path.dirname(os.path.abspath(opts.output_file))):
-                    raise GenerateError(f"the folder of --output-file {opts.output_file} does not exist")
+                if opts.output_file:
+                    check_writable(opts.output_file)
                 prompts = read_prompts(opts.input_file)
                 ids = tokenize(prompts, tokenizer, mode, opts.raw, args.max_seq_len, family_of(args))
         return args, path, tokenizer, prompts, ids
@@ -700,18 +775,112 @@ def run(opts: argparse.Namespace, ranks: Ranks) -> None:
         print(f"generate.py: {stats.summary()}", file=sys.stderr, flush=True)
 
 
+# Exit status of a rank that lost contact with the others. Under torchrun's agent the ranks say
+# nothing of it: the agent stops the rest at once (SIGTERM), perhaps while rank 0 is on its way out,
+# and the launcher's failure_line() names the cause, a killed rank or this status.
+LOST = 3
+
+
+def lost_contact(e: BaseException) -> bool:
+    """Whether e is a collective that failed because another rank stopped or did not answer within
+    the timeout: NCCL raises a DistError, gloo a RuntimeError from its transport."""
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and "gloo" in str(e))
+
+
+def brief(e: BaseException) -> str:
+    """The first sentence of an error, without the source location gloo puts before it."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    return re.split(r"(?<=\.) ", re.sub(r"^\[[^\]]*\] ", "", text.splitlines()[0]))[0]
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     opts = parse_args(argv)
-    ranks = Ranks(opts.timeout)
+    if opts.nproc_per_node is not None and "RANK" not in os.environ:
+        return launch(opts, argv)
+    ranks = Ranks()
     try:
+        ranks.connect(opts.timeout)
         run(opts, ranks)
+        return 0
     except GenerateError as e:
         if ranks.rank == 0:
             print(f"generate.py: error: {e}", file=sys.stderr, flush=True)
         return 1
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
+    except KeyboardInterrupt:
+        if ranks.world == 1:         # several ranks: the launcher says it once
+            print("generate.py: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except RuntimeError as e:
+        if ranks.world == 1 or not lost_contact(e):
+            raise
+        if ranks.rank == 0 and "TORCHELASTIC_RUN_ID" not in os.environ:
+            print(f"generate.py: error: rank 0 lost contact with the other ranks (one stopped, or did not answer "
+                  f"within --timeout {opts.timeout:g} s): {brief(e)}", file=sys.stderr, flush=True)
+        return LOST
+    finally:
+        end_process_groups()
+
+
+# ---------------------------------------------------------------- launcher
+
+def launch(opts: argparse.Namespace, argv: List[str]) -> int:
+    """Run this command line on --nproc-per-node ranks of this node through torchrun's launcher, in
+    this process, and end with one line at most.
+
+    torchrun logs its agent's steps, and after a failed job prints a ChildFailedError traceback and
+    report of some 35 lines, below the line in which rank 0 already said what was wrong. Here the
+    agent's logging is off and its report is replaced by failure_line(). The ranks get the same
+    command line; they ignore the launch options, since torchrun sets RANK."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    launcher = ["--nnodes", str(opts.nnodes), "--node-rank", str(opts.node_rank),
+                "--nproc-per-node", str(opts.nproc_per_node)]
+    if opts.master_addr:
+        launcher += ["--master-addr", opts.master_addr]
+    if opts.master_port is not None:
+        launcher += ["--master-port", str(opts.master_port)]
+    # torchrun would set 1 thread a rank, with a warning; give each rank its share of the cores
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // opts.nproc_per_node)))
+    logging.disable(logging.CRITICAL)
+    try:
+        torchrun.run(torchrun.parse_args([*launcher, os.path.abspath(__file__), *argv]))
+        return 0
+    except ChildFailedError as e:
+        line = failure_line(e.failures)
+        if line:
+            print(f"generate.py: error: {line}", file=sys.stderr, flush=True)
+        return 1
+    except SignalException as e:     # the agent has stopped the ranks
+        print("generate.py: interrupted" if e.sigval == signal.SIGINT else f"generate.py: stopped by {e.sigval.name}",
+              file=sys.stderr, flush=True)
+        return 128 + int(e.sigval)
+    except Exception as e:           # the ranks never started: a rendezvous that timed out, a port in use
+        print(f"generate.py: error: starting the ranks failed: {type(e).__name__}: {brief(e)}", file=sys.stderr,
+              flush=True)
+        return 1
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def failure_line(failures: dict) -> Optional[str]:
+    """What the launcher adds about a failed job (failures: {rank: torch's ProcessFailure}), or None
+    where a rank has said it: exit status 1 follows rank 0's message (or a traceback). The agent stops
+    the other ranks with SIGTERM, so a rank killed by another signal is the cause."""
+    if any(f.exitcode == 1 for f in failures.values()):
+        return None
+    for rank, f in sorted(failures.items()):
+        if f.exitcode < 0 and -f.exitcode != signal.SIGTERM:
+            return f"rank {rank} was killed by {signal.Signals(-f.exitcode).name}"
+    for rank, f in sorted(failures.items()):
+        if f.exitcode == LOST:
+            return f"rank {rank} lost contact with the other ranks (one stopped, or did not answer within --timeout)"
+    rank, f = min(failures.items())
+    return f"rank {rank} ended with exit status {f.exitcode}"
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 #   CKPT_PATH    the converted checkpoint, at the same path on every node (required)
 #   CONFIG       model config (default CKPT_PATH/config.json); INPUT_FILE (prompt.txt)
 # The o-groups layout (USE_OGROUPS_COMM) and FlagGems (USE_FLAGGEMS) are on by default: set them
-# to 0 for world sizes up to o_groups, or on a CPU. Arguments are passed on to generate.py.
+# to 0 for world sizes up to o_groups, or on a CPU. Arguments are passed on to generate.py, and
+# only those (generation settings keep generate.py's defaults).
 set -euo pipefail
 
 export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-eth0}"
@@ -16,15 +17,13 @@ export USE_OGROUPS_COMM="${USE_OGROUPS_COMM:-1}"
 : "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}"
 : "${CKPT_PATH:?set CKPT_PATH to the folder written by convert.py}"
 
-exec torchrun \
+exec python "$(dirname "$0")/generate.py" \
     --nnodes "${NNODES:-2}" \
     --nproc-per-node "${NPROC_PER_NODE:-8}" \
     --node-rank "${NODE_RANK:-0}" \
     --master-addr "$MASTER_ADDR" \
     --master-port "${MASTER_PORT:-29500}" \
-    "$(dirname "$0")/generate.py" \
     --ckpt-path "$CKPT_PATH" \
     ${CONFIG:+--config "$CONFIG"} \
     --input-file "${INPUT_FILE:-prompt.txt}" \
-    --max-new-tokens 48 \
     "$@"

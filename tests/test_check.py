@@ -8,6 +8,9 @@ numbers are checked against the saved logits and against compare() on logits wit
 import json
 import os
 import re
+import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -74,6 +77,7 @@ def fp32_mp1_vs_mp2(ckpt, tmp_path_factory):
     return rc, report, str(keep)
 
 
+@pytest.mark.slow
 def test_mp1_and_mp2_agree_in_fp32(fp32_mp1_vs_mp2, capsys):
     rc, report, _ = fp32_mp1_vs_mp2
     assert rc == 0 and report["ok"] and report["failures"] == []
@@ -87,6 +91,7 @@ def test_mp1_and_mp2_agree_in_fp32(fp32_mp1_vs_mp2, capsys):
     assert report["summary"]["max_abs"] == max(r["max_abs"] for r in report["prompts"])
 
 
+@pytest.mark.slow
 def test_report_numbers_match_the_saved_logits(fp32_mp1_vs_mp2):
     _, report, keep = fp32_mp1_vs_mp2
     a = torch.load(os.path.join(keep, "a.pt"), weights_only=False)
@@ -104,6 +109,7 @@ def test_report_numbers_match_the_saved_logits(fp32_mp1_vs_mp2):
     assert b["tokens"][1] == lb.argmax(-1).tolist()
 
 
+@pytest.mark.slow
 def test_bf16_differs_more_than_fp32_and_a_tight_threshold_fails(ckpt, fp32_mp1_vs_mp2, tmp_path, capsys):
     _, fp32, _ = fp32_mp1_vs_mp2
     rc, report = run_check(ckpt, "backend=torch,dtype=fp32,device=cpu", "backend=torch,dtype=bf16,device=cpu",
@@ -126,7 +132,7 @@ def test_bf16_differs_more_than_fp32_and_a_tight_threshold_fails(ckpt, fp32_mp1_
     ("mp=1", "device", r"--b: 'device' in spec 'device' is not key=value"),
     ("mp=1", "mp=1,mp=2", r"--b: key 'mp' given twice"),
     ("mp=1", "mp=2", r"--b: .*model0-mp2\.safetensors not found: .*present in .*: mp1"),
-    ("ckpt=/nonexistent/ckpt", "mp=1", r"--a: config /nonexistent/ckpt/config\.json not found"),
+    ("ckpt=/nonexistent/ckpt", "mp=1", r"--a: checkpoint folder /nonexistent/ckpt not found"),
     ("mp=1", "backend=triton,device=cpu", r"--b: backend=triton needs a CUDA GPU"),
 ])
 def test_bad_spec_exits_2_naming_the_key(ckpt, tmp_path, capsys, a, b, match):
@@ -178,6 +184,55 @@ def test_a_side_past_its_timeout_is_stopped(ckpt, tmp_path, capsys):
     assert rc == 3 and report is None
     assert "check.py: error: b: mp=2 run did not finish within --timeout 0.5 s" in capsys.readouterr().err
     assert time.monotonic() - start < 30
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outcome", ["success", "failure"])
+def test_a_worker_ends_promptly_on_every_rank(outcome, ckpt, tmp_path):
+    """check.py --worker, the torchrun entry point of an mp=2 side, started as torchrun starts it but
+    with no agent to stop a rank left waiting: after success (rank 0 wrote the results) and after a
+    failure (rank 1's shard is missing; rank 0 said so) every rank destroys its process group and
+    exits within seconds, with its own status. Before, rank 0 went on to decode and waited for rank 1
+    in a collective until the timeout."""
+    folder = ckpt[2]
+    if outcome == "failure":
+        folder = str(tmp_path / "rank0_only")
+        os.mkdir(folder)
+        for name in ("model0-mp2.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
+            os.symlink(os.path.join(ckpt[2], name), os.path.join(folder, name))
+    spec = check.parse_spec(f"mp=2,backend=torch,dtype=fp32,device=cpu,ckpt={folder}", "--b", None)
+    job, out = str(tmp_path / "job.pt"), tmp_path / "out.pt"
+    torch.save({"spec": spec, "prompts": [[0, 100, 200]], "steps": 2, "max_seq_len": 64, "timeout": 600,
+                "teacher": None}, job)
+    env = {k: v for k, v in os.environ.items() if k not in ("USE_FLAGGEMS", "USE_OGROUPS_COMM")}
+    env.update(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, os.path.join(check.HERE, "check.py"), "--worker", job, str(out)],
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        deadline = time.monotonic() + 240
+        while not out.exists() and not all(p.poll() is not None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        done = time.monotonic()
+        errs = [p.communicate(timeout=240)[1] for p in procs]
+        seconds = time.monotonic() - done
+        assert [p.returncode for p in procs] == ([0, 0] if outcome == "success" else [1, 1]), errs
+        assert out.exists() == (outcome == "success")
+        assert seconds < 15, errs
+        if outcome == "failure":
+            assert "check.py worker: error: rank 1: " in errs[0] and errs[1] == "", errs
+        assert not any("terminate called" in e for e in errs), errs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def test_compare_on_known_differences():

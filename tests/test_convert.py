@@ -280,6 +280,22 @@ def test_bad_input_is_refused(release, tmp_path, monkeypatch, capsys, case):
     assert finished_outputs(dst) == [] and os.listdir(dst) == []
 
 
+@pytest.mark.parametrize("how", ["same", "trailing_slash", "symlink", "dot_dot"])
+def test_save_path_that_is_the_release_is_refused(release, tmp_path, how):
+    """Refused before any work: converting into the release folder wrote every shard there, then
+    failed copying config.json onto itself."""
+    src = str(tmp_path / "release")
+    shutil.copytree(release[0], src)
+    os.symlink(src, tmp_path / "link")
+    dst = {"same": src, "trailing_slash": src + "/", "symlink": str(tmp_path / "link"),
+           "dot_dot": os.path.join(src, "..", "release", ".")}[how]
+    before = sorted(os.listdir(src))
+    with pytest.raises(convert.ConvertError, match=r"--save-path .* is the release folder .*: the shards and config\.json "
+                                                   r"need a folder of their own"):
+        convert.convert(src, dst, 2, num_workers=1)
+    assert sorted(os.listdir(src)) == before
+
+
 def _cli(src, dst, args, env):
     base = {k: v for k, v in os.environ.items() if k != "USE_OGROUPS_COMM"}
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "convert.py"), *_argv(src, dst, args)],
@@ -316,5 +332,12 @@ def test_command_line_exits_non_zero(cli_runs, case):
 def test_worker_pool_matches_in_process(cli_runs, converted):
     rc, err, dst = cli_runs["workers"]
     assert rc == 0, err
+    # stderr is no terminal here (no progress bar), as in a log file: it still says what was done
+    lines = err.splitlines()
+    assert len(lines) == 2, err
+    assert re.fullmatch(r"convert\.py: \d+ tensors of 3 files in .* -> 4 shards in .*good \([\d.]+ GiB\), 2 worker\(s\)",
+                        lines[0]), err
+    assert re.fullmatch(r"convert\.py: wrote model0-mp4\.safetensors \.\. model3-mp4\.safetensors and config\.json, "
+                        r"tokenizer\.json, tokenizer_config\.json to .*good in [\d.]+ s", lines[1]), err
     for ours, theirs in zip(shard_paths(dst, 4), shard_paths(converted[4], 4)):
         assert filecmp.cmp(ours, theirs, shallow=False)

@@ -1,19 +1,24 @@
 """generate.py end to end on CPU.
 
 A random fixture release is converted once for 1, 2 and 4 ranks (4 in the o-groups layout). Greedy
-runs through torchrun (run_mp8.sh, and run_node_0.sh + run_node_1.sh as two nodes on localhost)
+runs of several ranks (run_mp8.sh, and run_node_0.sh + run_node_1.sh as two nodes on localhost)
 must give the completions of a single-process run, which itself must equal a step-by-step argmax
-of Transformer.forward. Single-process cases run in this process through generate.main.
+of Transformer.forward. Single-process cases run in this process through generate.main. A failure
+of several ranks started by generate.py --nproc-per-node (as the README documents) must show one
+line; every rank must end by itself, promptly, after success and after failure. Tests that start
+several ranks are marked slow.
 """
 import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -58,6 +63,16 @@ def free_port() -> int:
 
 def torchrun(n: int, *args: str) -> list:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), GENERATE, *args]
+
+
+def ranks(n: int, *args: str) -> list:
+    """The README's command for n ranks: generate.py starts them itself."""
+    return [sys.executable, GENERATE, "--nproc-per-node", str(n), *args]
+
+
+def said(stderr: str) -> list:
+    """The lines of stderr a user reads, less the progress bar's redraws (text mode splits at \r)."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("generate: ")]
 
 
 def launch(cmd, extra_env=None, stdin=None) -> subprocess.CompletedProcess:
@@ -135,9 +150,12 @@ def test_batched_greedy_equals_stepwise_argmax_of_each_prompt_alone(model):
     # 40 new tokens: the 20-token prompt runs into max_seq_len=48 after 28
     expected = [stepwise(model, p, 40, eos_id=-1) for p in prompts]
     assert [len(e) for e in expected] == [40, 37, 28]
-    stats = generate.Stats()
-    assert generate.generate(model, prompts, 40, eos_id=-1, temperature=0.0, stats=stats) == expected
+    stats, steps = generate.Stats(), []
+    assert generate.generate(model, prompts, 40, eos_id=-1, temperature=0.0, stats=stats, on_step=steps.append) == expected
     assert (stats.prompts, stats.tokens_in, stats.tokens_out, stats.prefill_tokens) == (3, 34, 105, 9)
+    assert sum(steps) == 105 and len(steps) == 45           # one call a pass: positions 3 .. 47 (max_seq_len 48)
+    assert "34 prompt tokens (9 in the prefill, which stops at each batch's shortest prompt; 25 with the decode steps)" \
+        in stats.summary()
 
     eos = expected[1][4]       # a token the model emits: every sequence stops at its first one
     cut = [e[:e.index(eos) + 1] if eos in e else e[:10] for e in expected]
@@ -168,6 +186,7 @@ def test_reference_records(ckpt, reference):
     assert len({r["completion"] for r in reference}) > 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [2, 4])
 def test_greedy_is_the_same_on_2_and_4_ranks(n, ckpt, inputs, reference, tmp_path):
     out = tmp_path / "out.jsonl"
@@ -182,6 +201,7 @@ def test_greedy_is_the_same_on_2_and_4_ranks(n, ckpt, inputs, reference, tmp_pat
     assert done.stdout == ""
 
 
+@pytest.mark.slow
 def test_two_nodes_match_one(ckpt, inputs, reference, tmp_path):
     out = tmp_path / "out.jsonl"
     extra = env(NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
@@ -200,6 +220,7 @@ def test_plain_text_input_matches_jsonl(ckpt, inputs, reference, tmp_path):
     assert completions(out) == [r["completion"] for r in reference[:len(PROMPTS)]]
 
 
+@pytest.mark.slow
 def test_sampling_is_the_same_on_one_and_two_ranks(ckpt, inputs, reference, tmp_path):
     sampling = ["--max-new-tokens", "6", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3", "--dtype", "fp32",
                 "--max-batch-size", "3", "--max-seq-len", "256"]
@@ -212,12 +233,14 @@ def test_sampling_is_the_same_on_one_and_two_ranks(ckpt, inputs, reference, tmp_
     assert completions(one) != [r["completion"] for r in reference[:len(PROMPTS)]]
 
 
+@pytest.mark.slow
 def test_interactive_on_two_ranks(ckpt, reference, tmp_path):
     """hello, /clear, then a two-turn chat: the turn after /clear is the single prompt's greedy
     completion, and the next one is that of the whole conversation given as messages."""
     done = launch(torchrun(2, "--ckpt-path", ckpt[2], "--interactive", *GREEDY),
                   stdin="hello\n/clear\nhi again\nsecond\n/exit\nnever read\n")
     assert done.returncode == 0, done.stderr
+    assert done.stderr.count("/clear starts a new conversation, /exit (or Ctrl-D) quits") == 1, done.stderr
     turns = done.stdout.split(">>> ")
     assert len(turns) == 6 and turns[2] == "" and turns[5] == ""     # /clear and /exit print nothing
     first = turns[3][:-1]
@@ -275,6 +298,9 @@ def broken(ckpt, tmp_path_factory):
     ("no_tokenizer", r"no tokenizer in .*: expected tokenizer\.json or tokenizer\.model"),
     ("no_config", r"config .*config\.json not found"),
     ("no_output_folder", r"the folder of --output-file .* does not exist"),
+    ("output_is_a_folder", r"--output-file .* is a folder: give a file name"),
+    ("output_not_writable", r"--output-file /proc/out\.jsonl cannot be written: "),
+    ("no_ckpt_folder", r"checkpoint folder .*absent not found"),
     ("flaggems_on_cpu", r"USE_FLAGGEMS=1 needs a CUDA GPU"),
 ])
 def test_bad_input_is_refused_with_a_clear_message(case, match, ckpt, broken, inputs, tmp_path, capsys, monkeypatch):
@@ -296,6 +322,12 @@ def test_bad_input_is_refused_with_a_clear_message(case, match, ckpt, broken, in
         argv["--ckpt-path"] = broken[case]
     elif case == "no_output_folder":
         argv["--output-file"] = str(tmp_path / "nowhere" / "out.jsonl")
+    elif case == "output_is_a_folder":
+        argv["--output-file"] = str(tmp_path)
+    elif case == "output_not_writable":
+        argv["--output-file"] = "/proc/out.jsonl"      # no file can be made there, even by root
+    elif case == "no_ckpt_folder":
+        argv["--ckpt-path"] = str(tmp_path / "absent")
     elif case == "flaggems_on_cpu":
         if torch.cuda.is_available():
             pytest.skip("this machine has a GPU")
@@ -307,24 +339,60 @@ def test_bad_input_is_refused_with_a_clear_message(case, match, ckpt, broken, in
     assert re.search(match, err), err
 
 
-@pytest.mark.parametrize("case", ["rank1_missing", "too_long"])
-def test_a_problem_on_one_rank_stops_every_rank(case, ckpt, broken, inputs, tmp_path):
-    """A shard missing on rank 1 only, or a prompt rank 0 refuses: both ranks exit 1, one message."""
-    if case == "too_long":
-        args = ["--ckpt-path", ckpt[2], "--input-file", inputs["text"], "--max-seq-len", "8"]
-    else:
-        args = ["--ckpt-path", broken["rank1_missing"], "--input-file", inputs["text"]]
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["rank1_missing", "too_long", "missing_file", "no_tokenizer"])
+def test_a_clean_error_of_several_ranks_is_one_line(case, ckpt, broken, inputs, tmp_path):
+    """A shard missing on rank 1 only, a prompt rank 0 refuses, a missing input file, no tokenizer:
+    every rank exits, with status 1, and the user reads one line (torchrun itself adds some 35 lines
+    of report, and a rank exiting with gloo's threads alive added an abort message)."""
+    args = {"rank1_missing": ["--ckpt-path", broken["rank1_missing"], "--input-file", inputs["text"]],
+            "too_long": ["--ckpt-path", ckpt[2], "--input-file", inputs["text"], "--max-seq-len", "8"],
+            "missing_file": ["--ckpt-path", ckpt[2], "--input-file", str(tmp_path / "absent.txt")],
+            "no_tokenizer": ["--ckpt-path", str(tmp_path / "mp2"), "--input-file", inputs["text"]]}[case]
+    if case == "no_tokenizer":
+        shutil.copytree(ckpt[2], tmp_path / "mp2", ignore=shutil.ignore_patterns("tokenizer*"))
     start = time.monotonic()
-    done = launch(torchrun(2, *args, "--timeout", "30"))
-    assert done.returncode != 0
+    done = launch(ranks(2, *args, "--timeout", "30"))
     assert time.monotonic() - start < 60
-    errors = [line for line in done.stderr.splitlines() if line.startswith("generate.py: error: ")]
-    assert len(errors) == 1, done.stderr
-    if case == "too_long":
-        assert errors[0].startswith("generate.py: error: rank 0: prompt 2 has 10 tokens")
-    else:
-        assert errors[0].startswith("generate.py: error: rank 1: ") and "model1-mp2.safetensors not found" in errors[0]
-        assert not any(line.startswith("rank 0:") for line in done.stderr.splitlines())
+    assert done.returncode == 1 and done.stdout == ""
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    line = done.stderr.strip()
+    assert {"rank1_missing": "generate.py: error: rank 1: ", "too_long": "generate.py: error: rank 0: prompt 2 has 10 tokens",
+            "missing_file": "generate.py: error: rank 0: input file ", "no_tokenizer": "generate.py: error: rank 0: no tokenizer"
+            }[case] in line, line
+    if case == "rank1_missing":
+        assert "model1-mp2.safetensors not found" in line
+
+
+@pytest.mark.slow
+def test_a_usage_error_is_said_once(ckpt):
+    """Under the README's command the command line is checked before any rank starts; under plain
+    torchrun every rank checks it, and only rank 0 says what is wrong."""
+    for cmd in (ranks(2, "--ckpt-path", ckpt[2]), torchrun(2, "--ckpt-path", ckpt[2])):
+        done = launch(cmd)
+        assert done.returncode != 0
+        assert done.stderr.count("generate.py: error: give --input-file or --interactive") == 1, done.stderr
+        assert done.stderr.count("usage: generate.py") == 1, done.stderr
+
+
+def test_launch_scripts_pass_only_what_the_user_sets(tmp_path):
+    """run_mp8.sh and run_node_*.sh hand generate.py the launch settings, the checkpoint and the
+    input file, then the user's arguments: no generation setting of their own."""
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_FILE"\n')
+    stub.chmod(0o755)
+    base = env(PATH=f"{tmp_path}:{os.environ['PATH']}", ARGS_FILE=str(tmp_path / "args"), CKPT_PATH="/ckpt",
+               INPUT_FILE="p.txt", MASTER_ADDR="10.0.0.1")
+    generation = re.compile(r"--(max-new-tokens|temperature|top-p|seed|max-batch-size|max-seq-len|dtype|backend)$")
+    for script in ("run_mp8.sh", "run_node_0.sh", "run_node_1.sh"):
+        subprocess.run([os.path.join(ROOT, script), "--temperature", "0"], env=base, check=True, timeout=30)
+        args = (tmp_path / "args").read_text().split("\n")[:-1]
+        assert args[0] == GENERATE or args[0].endswith("/generate.py")
+        assert args[-2:] == ["--temperature", "0"]
+        assert not [a for a in args[:-2] if generation.match(a)], (script, args)
+        assert args[args.index("--ckpt-path") + 1] == "/ckpt" and args[args.index("--input-file") + 1] == "p.txt"
+        if script != "run_mp8.sh":
+            assert args[args.index("--node-rank") + 1] == script[-4] and args[args.index("--master-addr") + 1] == "10.0.0.1"
 
 
 # ---------------------------------------------------------------- a rank that dies
@@ -347,28 +415,115 @@ def children(pid: int) -> dict:
     return found
 
 
-def test_a_killed_rank_ends_the_job(ckpt, inputs, tmp_path):
-    log = tmp_path / "stderr.txt"
+def start_long_job(ckpt, inputs, log):
+    """A job of 2 ranks with a long generation ahead, once every rank holds its weights: the Popen of
+    generate.py (in a session of its own, as a shell's foreground job is), its stderr so far."""
     with open(log, "w") as err:
-        job = subprocess.Popen(torchrun(2, "--ckpt-path", ckpt[2], "--input-file", inputs["jsonl"], "--max-new-tokens",
-                                        "500", "--max-batch-size", "1", "--temperature", "0", "--max-seq-len", "600"),
+        job = subprocess.Popen(ranks(2, "--ckpt-path", ckpt[2], "--input-file", inputs["jsonl"], "--max-new-tokens",
+                                     "500", "--max-batch-size", "1", "--temperature", "0", "--max-seq-len", "600"),
                                env=env(), stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT, start_new_session=True)
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while "generate.py: loaded" not in log.read_text():
+        if job.poll() is not None or time.monotonic() > deadline:
+            os.killpg(job.pid, signal.SIGKILL)
+            pytest.fail(log.read_text())
+        time.sleep(0.2)
+    return job, log.read_text()
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_job_with_one_line(ckpt, inputs, tmp_path):
+    job, before = start_long_job(ckpt, inputs, tmp_path / "stderr.txt")
     try:
-        deadline = time.monotonic() + LAUNCH_TIMEOUT
-        while "generate.py: loaded" not in log.read_text():       # every rank holds its weights
-            assert job.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
         workers = children(job.pid)
         assert sorted(workers) == [0, 1]
         os.kill(workers[1], signal.SIGKILL)
         killed = time.monotonic()
-        assert job.wait(timeout=60) != 0
+        assert job.wait(timeout=60) == 1
         assert time.monotonic() - killed < 60
         assert not os.path.exists(f"/proc/{workers[0]}")          # rank 0 did not outlive the job
+        after = said((tmp_path / "stderr.txt").read_text()[len(before):])
+        assert after == ["generate.py: error: rank 1 was killed by SIGKILL"]
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_job_with_one_line(ckpt, inputs, tmp_path):
+    """Ctrl-C reaches the foreground job's process group: generate.py, not its ranks, which the
+    launcher stops. Before, each rank and torchrun printed a traceback (77 lines)."""
+    job, before = start_long_job(ckpt, inputs, tmp_path / "stderr.txt")
+    try:
+        workers = children(job.pid)
+        os.killpg(job.pid, signal.SIGINT)
+        assert job.wait(timeout=60) == 130
+        assert not any(os.path.exists(f"/proc/{pid}") for pid in workers.values())
+        assert said((tmp_path / "stderr.txt").read_text()[len(before):]) == ["generate.py: interrupted"]
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+
+
+def test_failure_line_names_what_no_rank_said():
+    def failures(**codes):
+        return {int(rank[1:]): types.SimpleNamespace(exitcode=code) for rank, code in codes.items()}
+    assert generate.failure_line(failures(r0=1, r1=-signal.SIGTERM)) is None              # rank 0 said it
+    assert generate.failure_line(failures(r0=-signal.SIGTERM, r1=1)) is None
+    assert generate.failure_line(failures(r0=-signal.SIGTERM, r1=-signal.SIGKILL, r2=generate.LOST)) == \
+        "rank 1 was killed by SIGKILL"
+    assert generate.failure_line(failures(r0=-signal.SIGTERM, r1=generate.LOST)).startswith(
+        "rank 1 lost contact with the other ranks")
+    assert generate.failure_line(failures(r3=-signal.SIGTERM)) == "rank 3 ended with exit status -15"
+
+
+def ranks_by_hand(n: int, cmd: list) -> list:
+    """n ranks of cmd started as torchrun starts them (RANK, WORLD_SIZE, MASTER_*), but with no agent
+    that would stop the others once one exits: each one's own exit can be timed."""
+    port = str(free_port())
+    return [subprocess.Popen(cmd, env=env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1",
+                                          MASTER_PORT=port), cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+            for r in range(n)]
+
+
+def exit_after(procs: list, marker: str) -> tuple:
+    """Read rank 0's stderr until a line holding marker; (seconds from it until the last rank has
+    exited, exit statuses, rank 0's stderr)."""
+    seen, lines = None, []
+    for line in procs[0].stderr:
+        lines.append(line)
+        if marker in line:
+            seen = time.monotonic()
+            break
+    statuses = [p.wait(timeout=LAUNCH_TIMEOUT) for p in procs]
+    lines += procs[0].stderr.readlines()
+    assert seen is not None, "".join(lines)
+    return time.monotonic() - seen, statuses, "".join(lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outcome", ["success", "failure"])
+def test_every_rank_ends_promptly(outcome, ckpt, inputs, tmp_path):
+    """Every rank destroys its process groups and returns, after success (rank 0 wrote the output and
+    the summary) and after a failure (rank 0 said what was wrong), within seconds and with its own
+    exit status, while --timeout (600 s) is what a rank left waiting would take."""
+    args = ["--ckpt-path", ckpt[2], "--input-file", inputs["text"], *GREEDY, "--output-file", str(tmp_path / "o.jsonl")]
+    if outcome == "failure":
+        args[args.index("--input-file") + 1] = str(tmp_path / "absent.txt")
+    procs = ranks_by_hand(2, [sys.executable, GENERATE, *args])
+    try:
+        seconds, statuses, err = exit_after(procs, "generate.py: 7 prompts" if outcome == "success" else "error: ")
+        assert statuses == ([0, 0] if outcome == "success" else [1, 1]), err
+        assert seconds < 15, err
+        assert "terminate called" not in err and "destroy_process_group() was not called" not in err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 # ---------------------------------------------------------------- pieces
