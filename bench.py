@@ -49,9 +49,10 @@ import torch
 import torch.distributed as dist
 
 import convert
-from model import GraphedDecoder, ModelArgs, Transformer
+from model import ModelArgs, Transformer
 from ops import BACKENDS
 from peers import hf_twin
+from runtime import GraphedDecoder, SetupError, end_process_groups, greedy, ready_flaggems, write_atomically
 from quant import fp4_scale_shape, fp8_scale_shape
 from random_release import hf_config, release_specs
 
@@ -266,8 +267,7 @@ def bench_speed(args) -> None:
 
     ceil = ceilings()                      # the device's, measured before FlagGems may take over copies
     if args.backend == "flaggems":
-        from generate import enable_flaggems
-        enable_flaggems(what="bench.py speed --backend flaggems")
+        ready_flaggems("bench.py speed --backend flaggems")
     say(f"device {torch.cuda.get_device_name()} x{world}, {args.layers} layers of {args.config}, backend "
         f"{args.backend}: copy {ceil['bandwidth'] / 1e12:.2f} TB/s, bf16 matmul {ceil['matmul'] / 1e12:.0f} TFLOP/s")
     chunk = args.chunk
@@ -439,24 +439,19 @@ def use_backend(model: Transformer, name: str, device: str) -> None:
 
 
 def greedy_run(model: Transformer, prompt: torch.Tensor, steps: int, forced: Optional[torch.Tensor] = None):
-    """Prefill prompt [b, s] from position 0, then steps - 1 eager one-token passes at tensor
-    positions [b] (the decode step). Returns float32 logits [b, steps, vocab] of the last position at
-    each pass (on the CPU), their argmax tokens [b, steps], and the seconds of the prefill and of a
-    one-token pass (mean). The token fed after pass i is the argmax, or forced[:, i] when
-    teacher-forcing (as check.py does)."""
-    b, s = prompt.shape
+    """runtime.greedy (eager one-token passes at tensor positions), timed: float32 logits
+    [b, steps, vocab] (on the CPU), their argmax tokens [b, steps], and the seconds of the prefill
+    (a separate pass before) and of a one-token pass (the rest of the run, a mean)."""
     sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
     start = time.perf_counter()
-    rows = [model(prompt, 0).float().cpu()]
+    model(prompt, 0)
     sync()
-    prefilled = time.perf_counter()
-    for i in range(1, steps):
-        nxt = forced[:, i - 1] if forced is not None else rows[-1].argmax(-1)
-        pos = torch.full((b,), s + i - 1, device=prompt.device)
-        rows.append(model.decode(nxt.to(prompt.device).view(b, 1), pos).float().cpu())
+    prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    logits, _ = greedy(model, prompt, steps, forced)
     sync()
-    logits = torch.stack(rows, dim=1)
-    return logits, logits.argmax(-1), prefilled - start, (time.perf_counter() - prefilled) / (steps - 1)
+    step_s = max(time.perf_counter() - start - prefill_s, 0.0) / (steps - 1)
+    return logits, logits.argmax(-1), prefill_s, step_s
 
 
 def run_backend(model: Transformer, name: str, prompt: torch.Tensor, steps: int, ref: Optional[tuple]):
@@ -501,7 +496,6 @@ def backend_cells(row: dict) -> list:
 
 def bench_backends(args) -> None:
     from check import DEFINITIONS, sanitize
-    from generate import GenerateError, enable_flaggems
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench.py backends: --device cuda but no CUDA GPU is visible (--device cpu runs backend torch)")
@@ -527,14 +521,14 @@ def bench_backends(args) -> None:
         try:
             scope = contextlib.nullcontext()
             if name == "flaggems":          # FLAGGEMS_EXCLUDE set: aten ops routed too, for this backend only
-                scope = enable_flaggems(scoped=True, what="bench.py backends: backend flaggems")
+                scope = ready_flaggems("bench.py backends: backend flaggems", scoped=True)
             with scope:
                 use_backend(model, name, args.device)
                 numbers, logits, tokens = run_backend(model, name, prompt, args.steps, ref)
             row.update(numbers)
             if i == 0:
                 ref = (logits, tokens)
-        except GenerateError as e:
+        except SetupError as e:
             row["error"] = str(e)
         except Exception as e:              # noqa: BLE001 - a backend that fails: its row says why, the others run
             row["error"] = f"{type(e).__name__}: {e}"
@@ -549,8 +543,8 @@ def bench_backends(args) -> None:
                   + (f"vs A: max_abs {cells[2]}, max_rel {cells[3]}, top-1 {cells[4]}, divergence {cells[5]}"
                      if "vs_reference" in row else "reference A" if i == 0 else "no reference"), flush=True)
         if args.report:                     # after each backend: a run stopped by a time limit keeps the rows done
-            with open(args.report, "w") as f:
-                f.write(json.dumps(sanitize(report), indent=1, allow_nan=False) + "\n")
+            text = json.dumps(sanitize(report), indent=1, allow_nan=False) + "\n"
+            write_atomically(args.report, lambda f: f.write(text))
     print("\n| backend | prefill ms (tok/s) | decode ms/step | max_abs vs A | max_rel vs A | top-1 vs A "
           "| first greedy divergence |\n|---|---|---|---|---|---|---|")
     for row in rows:
@@ -779,7 +773,6 @@ def main(argv=None) -> None:
     finally:
         # speed's process group goes here, after success or failure, once the command's CUDA graphs are
         # gone: destroyed while they live (as it was at the end of bench_speed), NCCL waited for them
-        from generate import end_process_groups
         end_process_groups()
 
 

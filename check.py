@@ -54,9 +54,9 @@ from typing import Callable, List, Optional
 
 import torch
 
-import generate
-from generate import GenerateError
+import runtime
 from ops import BACKENDS
+from runtime import SetupError, greedy, write_atomically
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SPEC_KEYS = ("ckpt", "mp", "backend", "device", "dtype", "ogroups")
@@ -150,48 +150,31 @@ def check_spec(spec: dict, name: str, max_seq_len: Optional[int]):
             raise UsageError(f"{name}: backend=flaggems but FlagGems is not installed: "
                              f"pip install --no-deps flag-gems==5.0.2 && "
                              f"pip install PyYAML sqlalchemy packaging typing_extensions (see README)")
-    old = os.environ.get("USE_OGROUPS_COMM")
-    os.environ["USE_OGROUPS_COMM"] = "1" if spec["ogroups"] else "0"
     try:
-        args = generate.load_args(load_opts(spec, max_seq_len), spec["mp"])
+        args = side_args(spec, max_seq_len, spec["mp"])
         for rank in range(spec["mp"]):
-            generate.shard_path(spec["ckpt"], rank, spec["mp"], args.vocab_size)
-    except GenerateError as e:
+            runtime.shard_path(spec["ckpt"], rank, spec["mp"], args.vocab_size)
+    except SetupError as e:
         raise UsageError(f"{name}: " + str(e).replace("set USE_OGROUPS_COMM=1", "give ogroups=1")) from None
-    finally:
-        if old is None:
-            del os.environ["USE_OGROUPS_COMM"]
-        else:
-            os.environ["USE_OGROUPS_COMM"] = old
     spec["dtype"] = args.dtype
     return args
 
 
-def load_opts(spec: dict, max_seq_len: Optional[int]) -> argparse.Namespace:
-    """What generate.load_args reads, for one side."""
-    return argparse.Namespace(config=None, ckpt_path=spec["ckpt"], max_batch_size=1, max_seq_len=max_seq_len,
-                              dtype=spec["dtype"], backend=spec["backend"], interactive=False)
+def side_args(spec: dict, max_seq_len: Optional[int], world: int):
+    """The ModelArgs of one side, checked for world ranks (runtime.load_args)."""
+    return runtime.load_args(spec["ckpt"], world, ogroups_comm=spec["ogroups"], max_batch_size=1,
+                             max_seq_len=max_seq_len, dtype=spec["dtype"], backend=spec["backend"])
 
 
 # ---------------------------------------------------------------- one side
 
-@torch.inference_mode()
 def decode(model, ids: List[int], steps: int, device: torch.device, forced: Optional[List[int]] = None):
-    """Prefill ids, then steps - 1 more one-token passes: float32 logits [steps, vocab] of the last
-    position at each pass (on CPU) and the argmax token of each. The token fed after pass i is the
-    argmax, or forced[i] when teacher-forcing."""
-    logits = model(torch.tensor([ids], dtype=torch.long, device=device), 0)
-    rows, tokens = [], []
-    pos = len(ids)
-    for i in range(steps):
-        rows.append(logits[0].float().cpu())
-        tokens.append(int(logits[0].argmax()))
-        if i == steps - 1:
-            break
-        nxt = forced[i] if forced is not None else tokens[-1]
-        logits = model(torch.tensor([[nxt]], dtype=torch.long, device=device), pos)
-        pos += 1
-    return torch.stack(rows), tokens
+    """Prefill ids, then steps - 1 more one-token passes (runtime.greedy): float32 logits [steps, vocab]
+    of the last position at each pass (on CPU) and the argmax token of each. The token fed after
+    pass i is the argmax, or forced[i] when teacher-forcing."""
+    teacher = None if forced is None else torch.tensor([forced[:steps - 1]], device=device)
+    logits, _ = greedy(model, torch.tensor([ids], dtype=torch.long, device=device), steps, teacher)
+    return logits[0], logits[0].argmax(-1).tolist()
 
 
 def run_side(job: dict, rank: int, world: int, device: torch.device,
@@ -202,18 +185,17 @@ def run_side(job: dict, rank: int, world: int, device: torch.device,
     through checked, Ranks.checked on several ranks: all ranks stop there together, where a rank
     that went on to decode would wait in a collective for the one that stopped."""
     spec = job["spec"]
-    opts = load_opts(spec, job["max_seq_len"])
 
     def locate():
-        args = generate.load_args(opts, world)
-        return args, generate.shard_path(spec["ckpt"], rank, world, args.vocab_size)
+        args = side_args(spec, job["max_seq_len"], world)
+        return args, runtime.shard_path(spec["ckpt"], rank, world, args.vocab_size)
 
     args, path = checked(locate)
     scope = contextlib.nullcontext()
     if spec["backend"] == "flaggems":
-        scope = checked(lambda: generate.enable_flaggems(scoped=True, what="backend=flaggems"))
+        scope = checked(lambda: runtime.ready_flaggems("backend=flaggems", scoped=True))
     with scope:
-        model = checked(lambda: generate.build_model(args, path, device, world))
+        model = checked(lambda: runtime.build_model(args, path, device, world))
         out = {"logits": [], "tokens": [], "greedy_logits": [], "greedy_tokens": []}
         for i, ids in enumerate(job["prompts"]):
             if job["teacher"] is None:
@@ -236,14 +218,8 @@ def run_side(job: dict, rank: int, world: int, device: torch.device,
 
 
 def save_atomic(obj, path: str) -> None:
-    """torch.save under a temporary name, then rename: no half-written result is ever seen."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """torch.save into a file that appears only once complete."""
+    write_atomically(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def worker_main(job_path: str, out_path: str) -> int:
@@ -251,7 +227,7 @@ def worker_main(job_path: str, out_path: str) -> int:
     job = torch.load(job_path, weights_only=False)
     if job["spec"]["device"] == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""     # before Ranks looks for a GPU (only at the first CUDA call)
-    ranks = generate.Ranks()
+    ranks = runtime.Ranks()
     if job["spec"]["device"] == "cpu" and ranks.device.type != "cpu":
         ranks.device = torch.device("cpu")
     try:
@@ -260,12 +236,12 @@ def worker_main(job_path: str, out_path: str) -> int:
         if ranks.rank == 0:
             save_atomic(result, out_path)
         return 0
-    except GenerateError as e:
+    except SetupError as e:
         if ranks.rank == 0:
             print(f"check.py worker: error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
-        generate.end_process_groups()     # on every rank, after success or failure: no rank is left waiting
+        runtime.end_process_groups()      # on every rank, after success or failure: no rank is left waiting
 
 
 def launch(job: dict, name: str, workdir: str, timeout: float) -> dict:
@@ -275,7 +251,7 @@ def launch(job: dict, name: str, workdir: str, timeout: float) -> dict:
         device = torch.device("cuda", 0) if spec["device"] == "cuda" else torch.device("cpu")
         try:
             return run_side(job, 0, 1, device)
-        except GenerateError as e:
+        except SetupError as e:
             raise RunError(f"{name}: {e}") from None
         except Exception as e:      # a backend that fails: report which side, keep the type of error
             raise RunError(f"{name}: {type(e).__name__}: {e}") from e
@@ -412,11 +388,11 @@ def run(opts: argparse.Namespace) -> int:
     if args_a.vocab_size != args_b.vocab_size:
         raise UsageError(f"--a has a vocabulary of {args_a.vocab_size}, --b of {args_b.vocab_size}: not one model")
     try:
-        tokenizer = generate.Tokenizer(spec_a["ckpt"])
-        prompts = generate.read_prompts(opts.input_file)
-        ids = generate.tokenize(prompts, tokenizer, "thinking" if opts.thinking else "chat", opts.raw,
-                                max_seq_len - opts.steps + 1)
-    except GenerateError as e:
+        tokenizer = runtime.Tokenizer(spec_a["ckpt"])
+        prompts = runtime.read_prompts(opts.input_file)
+        ids = runtime.tokenize(prompts, tokenizer, "thinking" if opts.thinking else "chat", opts.raw,
+                               max_seq_len - opts.steps + 1, runtime.family_of(args_a))
+    except SetupError as e:
         raise UsageError(f"{e} (with --steps {opts.steps})" if "max_seq_len" in str(e) else str(e)) from None
 
     with tempfile.TemporaryDirectory(prefix="check-") as workdir:
@@ -450,14 +426,7 @@ def run(opts: argparse.Namespace) -> int:
               "summary": summary, "prompts": rows, "failures": failures, "ok": not failures}
     if opts.report:
         text = json.dumps(sanitize(report), indent=1, ensure_ascii=False, allow_nan=False)
-        tmp = f"{opts.report}.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-            os.replace(tmp, opts.report)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        write_atomically(opts.report, lambda f: f.write(text + "\n"))
     print(f"A: {spec_text(spec_a)}  ({a_s:.1f} s)\nB: {spec_text(spec_b)}  ({b_s:.1f} s)")
     print(table(rows))
     print(f"worst: max_abs {summary['max_abs']:.3g}, max_rel {summary['max_rel']:.3g}, "

@@ -28,8 +28,6 @@ too); USE_FLAGGEMS=1 is --backend flaggems: FlagGems' fused V4 kernels (CUDA onl
 FLAGGEMS_EXCLUDE set, also every aten operator except the ones it names and FLAGGEMS_BROKEN.
 """
 import argparse
-import contextlib
-import gc
 import json
 import logging
 import os
@@ -39,65 +37,17 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import load_model
 from tqdm import tqdm
 
-import model_v3
-from convert import architecture
-from encoding import (ASSISTANT, BOS, EOS, THINK_END, THINK_START, USER, check_messages, encode_messages,
-                      encode_messages_r1, parse_completion, parse_completion_r1)
 from ops import BACKENDS
-from model import GraphedDecoder, ModelArgs, Transformer
+from runtime import (V4, Family, GraphedDecoder, Prompt, Ranks, SetupError, Tokenizer, build_model,
+                     end_process_groups, env_flag, family_of, load_args, read_prompts, ready_flaggems,
+                     requested_backend, shard_path, tokenize, write_atomically)
 
-Prompt = Union[str, List[dict]]   # a user prompt, or a conversation ending with a user message
-
-
-class GenerateError(Exception):
-    """A problem with the setup or the inputs: reported as a message, exit status 1."""
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-# ---------------------------------------------------------------- architectures
-
-@dataclass(frozen=True)
-class Family:
-    """One architecture generate.py runs: its model classes and its chat format."""
-    title: str
-    args_class: type                                      # ModelArgs, with from_file and validate
-    model_class: type                                     # Transformer(args)
-    encode: Callable[[List[dict], str], str]              # (messages, mode) -> prompt text
-    parse: Callable[[str, str], Tuple[str, str]]          # (completion text, mode) -> (reasoning, answer)
-    always_reasons: bool                                  # its records carry reasoning in chat mode too
-
-
-FAMILIES = {
-    "deepseek_v4": Family("DeepSeek-V4", ModelArgs, Transformer, encode_messages, parse_completion, False),
-    "deepseek_v3": Family("DeepSeek-R1 / V3", model_v3.ModelArgs, model_v3.Transformer, encode_messages_r1,
-                          parse_completion_r1, True),
-}
-V4 = FAMILIES["deepseek_v4"]
-
-
-def checkpoint_family(config_path: str) -> Family:
-    """The architecture a config file describes (convert.architecture: model_type deepseek_v3 or
-    deepseek_v4, our configs/*.json being V4). A missing file is left to ModelArgs.from_file to report."""
-    try:
-        return FAMILIES[architecture(read_json(config_path))]
-    except ValueError as e:
-        raise GenerateError(f"config {config_path}: {e}") from None
-
-
-def family_of(args) -> Family:
-    """The family whose ModelArgs args is."""
-    return next(f for f in FAMILIES.values() if isinstance(args, f.args_class))
 
 
 # ---------------------------------------------------------------- generation
@@ -139,7 +89,7 @@ class Stats:
 
 
 @torch.inference_mode()
-def generate(model: Transformer, prompts: List[List[int]], max_new_tokens: int, eos_id: int,
+def generate(model, prompts: List[List[int]], max_new_tokens: int, eos_id: int,
              temperature: float = 0.0, top_p: float = 1.0, generator: Optional[torch.Generator] = None,
              stats: Optional[Stats] = None, decoder: Optional[GraphedDecoder] = None,
              on_step: Optional[Callable[[int], None]] = None) -> List[List[int]]:
@@ -204,7 +154,7 @@ def generate(model: Transformer, prompts: List[List[int]], max_new_tokens: int, 
     return completions
 
 
-def generate_all(model: Transformer, prompts: List[List[int]], batch_size: int, progress: bool,
+def generate_all(model, prompts: List[List[int]], batch_size: int, progress: bool,
                  **kw) -> List[List[int]]:
     """Generate for any number of prompts: batches of similar lengths, results in input order.
     The progress bar counts new tokens (with their rate) as they come and the prompts finished, so
@@ -220,346 +170,6 @@ def generate_all(model: Transformer, prompts: List[List[int]], batch_size: int, 
                 results[i] = completion
             bar.set_postfix_str(f"{min(first + batch_size, len(order))}/{len(prompts)} prompts")
     return results
-
-
-# ---------------------------------------------------------------- tokenizer
-
-class Tokenizer:
-    """The checkpoint's tokenizer: tokenizer.json through `tokenizers`, else tokenizer.model
-    through sentencepiece. Special tokens are never added implicitly (the chat text carries BOS)."""
-    SPECIAL = (BOS, EOS, USER, ASSISTANT, THINK_START, THINK_END)   # kept whole when sentencepiece encodes
-
-    def __init__(self, folder: str):
-        if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-            from tokenizers import Tokenizer as HFTokenizer
-            self.hf = HFTokenizer.from_file(os.path.join(folder, "tokenizer.json"))
-            self.sp = None
-        elif os.path.isfile(os.path.join(folder, "tokenizer.model")):
-            import sentencepiece
-            self.hf = None
-            self.sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(folder, "tokenizer.model"))
-            self.special = {s: self.sp.piece_to_id(s) for s in self.SPECIAL
-                            if self.sp.piece_to_id(s) != self.sp.unk_id()}
-        else:
-            raise GenerateError(f"no tokenizer in {folder}: expected tokenizer.json or tokenizer.model")
-        self.eos_id = self._eos_id(folder)
-
-    def token_id(self, text: str) -> Optional[int]:
-        if self.hf is not None:
-            return self.hf.token_to_id(text)
-        i = self.sp.piece_to_id(text)
-        return None if i == self.sp.unk_id() else i
-
-    def encode(self, text: str) -> List[int]:
-        if self.hf is not None:
-            return self.hf.encode(text, add_special_tokens=False).ids
-        if not self.special:
-            return self.sp.encode(text)
-        ids = []
-        for piece in re.split("(" + "|".join(map(re.escape, self.special)) + ")", text):
-            ids += [self.special[piece]] if piece in self.special else self.sp.encode(piece) if piece else []
-        return ids
-
-    def decode(self, ids: List[int]) -> str:
-        if self.hf is not None:
-            return self.hf.decode(ids, skip_special_tokens=False)
-        return self.sp.decode(ids)
-
-    def _eos_id(self, folder: str) -> int:
-        """EOS from tokenizer_config.json's eos_token, else config.json's eos_token_id, else the
-        sentencepiece model's own."""
-        found = read_json(os.path.join(folder, "tokenizer_config.json")).get("eos_token")
-        if isinstance(found, dict):
-            found = found.get("content")
-        if isinstance(found, str) and self.token_id(found) is not None:
-            return self.token_id(found)
-        found = read_json(os.path.join(folder, "config.json")).get("eos_token_id")
-        if isinstance(found, list) and found:
-            found = found[0]
-        if isinstance(found, int):
-            return found
-        if self.sp is not None and self.sp.eos_id() >= 0:
-            return self.sp.eos_id()
-        raise GenerateError(f"no EOS token id in {folder}: give eos_token in tokenizer_config.json "
-                            f"or eos_token_id in config.json")
-
-
-def read_json(path: str) -> dict:
-    """A JSON object from path, {} if the file is absent."""
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise GenerateError(f"cannot read {path}: {e}") from None
-    return data if isinstance(data, dict) else {}
-
-
-# ---------------------------------------------------------------- inputs
-
-def read_prompts(path: str) -> List[Prompt]:
-    """Prompts of an input file: blank-line separated text, or JSON lines (by extension or content)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise GenerateError(f"input file {path} not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise GenerateError(f"cannot read input file {path}: {e}") from None
-    if not text.strip():
-        raise GenerateError(f"input file {path} is empty: no prompts")
-    if path.endswith(".jsonl") or looks_like_jsonl(text):
-        return read_jsonl(text, path)
-    return [p.strip() for p in re.split(r"\n[ \t]*\n", text) if p.strip()]
-
-
-def looks_like_jsonl(text: str) -> bool:
-    first = next(line for line in text.splitlines() if line.strip())
-    try:
-        record = json.loads(first)
-    except ValueError:
-        return False
-    return isinstance(record, dict) and ("prompt" in record or "messages" in record)
-
-
-def read_jsonl(text: str, path: str) -> List[Prompt]:
-    prompts: List[Prompt] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise GenerateError(f"{path} line {number}: not valid JSON ({e})") from None
-        if isinstance(record, dict) and isinstance(record.get("prompt"), str):
-            prompts.append(record["prompt"])
-        elif isinstance(record, dict) and "messages" in record:
-            try:
-                check_messages(record["messages"])
-            except ValueError as e:
-                raise GenerateError(f"{path} line {number}: {e}") from None
-            prompts.append(record["messages"])
-        else:
-            raise GenerateError(f'{path} line {number}: expected {{"prompt": "..."}} or {{"messages": [...]}}')
-    return prompts
-
-
-def prompt_text(prompt: Prompt, mode: str, raw: bool, family: Family = V4) -> str:
-    """The text the model reads: BOS and the prompt as it is with --raw, else the family's chat format."""
-    if raw:
-        if not isinstance(prompt, str):
-            raise GenerateError("--raw takes plain prompts, not messages")
-        return BOS + prompt
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    return family.encode(messages, mode)
-
-
-def tokenize(prompts: List[Prompt], tokenizer: Tokenizer, mode: str, raw: bool,
-             max_seq_len: int, family: Family = V4) -> List[List[int]]:
-    ids = [tokenizer.encode(prompt_text(p, mode, raw, family)) for p in prompts]
-    for number, t in enumerate(ids, 1):
-        if len(t) >= max_seq_len:
-            raise GenerateError(f"prompt {number} has {len(t)} tokens, which leaves no room for a reply "
-                                f"within max_seq_len={max_seq_len} (see --max-seq-len)")
-    return ids
-
-
-# ---------------------------------------------------------------- checkpoint and model
-
-def load_args(opts: argparse.Namespace, world: int) -> Union[ModelArgs, model_v3.ModelArgs]:
-    """The ModelArgs of the checkpoint's architecture (checkpoint_family), checked for world ranks."""
-    if not os.path.isdir(opts.ckpt_path):
-        raise GenerateError(f"checkpoint folder {opts.ckpt_path} not found")
-    config = opts.config or os.path.join(opts.ckpt_path, "config.json")
-    family = checkpoint_family(config)
-    overrides = {k: v for k, v in (("max_batch_size", opts.max_batch_size), ("max_seq_len", opts.max_seq_len),
-                                   ("dtype", opts.dtype), ("backend", getattr(opts, "backend", None)))
-                 if v is not None}
-    if opts.interactive:
-        overrides["max_batch_size"] = 1
-    if env_flag("USE_OGROUPS_COMM"):
-        if family is not V4:
-            raise GenerateError(f"USE_OGROUPS_COMM=1 is DeepSeek-V4's o-groups layout; {config} is {family.title}")
-        overrides["ogroups_comm"] = True
-    try:
-        args = family.args_class.from_file(config, **overrides)
-        args.validate(world)
-    except FileNotFoundError:
-        raise GenerateError(f"config {config} not found") from None
-    except (OSError, ValueError, TypeError) as e:
-        raise GenerateError(f"config {config}: {e}") from None
-    return args
-
-
-def shard_path(ckpt: str, rank: int, world: int, vocab_size: int) -> str:
-    """This rank's weights file, checked to exist and to be split for `world` ranks."""
-    if not os.path.isdir(ckpt):
-        raise GenerateError(f"checkpoint folder {ckpt} not found")
-    path = os.path.join(ckpt, f"model{rank}-mp{world}.safetensors")
-    if not os.path.isfile(path):
-        sizes = sorted({int(m.group(1)) for name in os.listdir(ckpt)
-                        if (m := re.fullmatch(r"model\d+-mp(\d+)\.safetensors", name))})
-        present = ", ".join(f"mp{n}" for n in sizes) or "none"
-        raise GenerateError(f"{path} not found: {world} ranks need model0-mp{world} .. model{world - 1}-mp{world}; "
-                            f"present in {ckpt}: {present} (convert.py --model-parallel {world} makes them)")
-    try:
-        with safe_open(path, "pt") as f:
-            rows = f.get_slice("embed.weight").get_shape()[0] if "embed.weight" in f.keys() else None
-    except Exception as e:   # safetensors reports a damaged file with its own error type
-        raise GenerateError(f"cannot read {path}: {e}") from None
-    if rows is None:
-        raise GenerateError(f"{path} has no embed.weight: not a shard written by convert.py")
-    if rows * world != vocab_size:
-        made_for = f"mp{vocab_size // rows}" if rows and vocab_size % rows == 0 else "another model"
-        raise GenerateError(f"{path} holds {rows} of the {vocab_size} vocabulary rows: it was made for {made_for}, "
-                            f"not for mp{world}")
-    return path
-
-
-def build_model(args: Union[ModelArgs, model_v3.ModelArgs], path: str, device: torch.device,
-                world: int) -> Transformer:
-    """The Transformer of args' family, with this rank's shard loaded."""
-    with torch.device(device):
-        built = family_of(args).model_class(args)
-    try:
-        load_model(built, path, device=str(device))
-    except RuntimeError as e:
-        lines = str(e).splitlines()
-        detail = "; ".join(line.strip() for line in lines[1:4]) + (" ..." if len(lines) > 4 else "")
-        layout = ", o-groups layout" if getattr(args, "ogroups_comm", False) else ""
-        raise GenerateError(f"{path} does not fit this model ({world} ranks{layout}): {detail}") from None
-    return built.eval()
-
-
-# Backend flaggems runs FlagGems' fused V4 kernels. Routing torch's aten ops through FlagGems too is
-# slower on an H100 (flag-gems 5.0.2, 4 real-shape layers, bench.py backends: decode 2.40 against
-# 1.61 ms a step, prefill of 512 tokens 102.6 against 26.0 ms), so it is off unless FLAGGEMS_EXCLUDE
-# is set. When it is on, these FlagGems functions stay with torch whatever FLAGGEMS_EXCLUDE says,
-# each for what tests/flaggems_ops.py measured (BENCHMARKS.md):
-FLAGGEMS_BROKEN = {
-    "mm": "gave no result within 140 s on the fixture model (slow compilation or a hang)",
-    "mul": "returns a wrong shape for the broadcast [b, s, 4, 1] * [b, s, 4, D]",
-    "topk": "picks other entries: the fixture model's logits 6.1e-2 off torch's with it routed (float32)",
-    "cat": "illegal memory access at real shapes: outputs past 2^31 elements (the stacked experts)",
-    "stack": "illegal memory access at real shapes (the stacked experts, as cat)",
-    "sum_dim": "logits 5.6e-2 off torch at real shapes with it routed, 0 without it (bf16)",
-}
-
-
-def flaggems_exclude() -> List[str]:
-    """FLAGGEMS_EXCLUDE unset: ["*"] (no aten op goes to FlagGems). Set: its comma-separated FlagGems
-    function names (possibly none), then those of FLAGGEMS_BROKEN not among them."""
-    if "FLAGGEMS_EXCLUDE" not in os.environ:
-        return ["*"]
-    names = [name.strip() for name in os.environ["FLAGGEMS_EXCLUDE"].split(",") if name.strip()]
-    return names + [name for name in FLAGGEMS_BROKEN if name not in names]
-
-
-def enable_flaggems(exclude: Optional[List[str]] = None, scoped: bool = False, what: str = "--backend flaggems"):
-    """Get FlagGems ready for backend 'flaggems': check for CUDA and the flag_gems package, then route
-    torch's aten operators through FlagGems except the op names in exclude (default: flaggems_exclude();
-    ["*"] patches none, leaving only the fused kernels that kernel.py calls).
-
-    The patching lasts for the whole process; with scoped=True it is undone when the returned context
-    (flag_gems.use_gems) exits, so one process can also run a configuration without FlagGems.
-    `what` names the request in messages. Raises GenerateError."""
-    if exclude is None:
-        exclude = flaggems_exclude()
-    if not torch.cuda.is_available():
-        raise GenerateError(f"{what} needs a CUDA GPU and none is visible"
-                            + ("; set USE_FLAGGEMS=0 to run without FlagGems" if what.startswith("USE_") else
-                               "; use --backend torch or triton"))
-    try:
-        import flag_gems
-    except ImportError:
-        raise GenerateError(f"{what} but FlagGems is not installed: pip install --no-deps flag-gems==5.0.2 && "
-                            f"pip install PyYAML sqlalchemy packaging typing_extensions (see README)") from None
-    except Exception as e:   # flag_gems raises RuntimeError at import when it finds no device it supports
-        raise GenerateError(f"{what}: importing flag_gems failed: {e}") from None
-    if "*" in exclude:
-        return contextlib.nullcontext()
-    if scoped:
-        return flag_gems.use_gems(exclude=exclude)
-    flag_gems.enable(unused=exclude)
-    return contextlib.nullcontext()
-
-
-def resolve_backend(backend: Optional[str]) -> Optional[str]:
-    """--backend, with USE_FLAGGEMS=1 standing for --backend flaggems; None keeps the config's."""
-    if env_flag("USE_FLAGGEMS"):
-        if backend not in (None, "flaggems"):
-            raise GenerateError(f"USE_FLAGGEMS=1 asks for backend flaggems but --backend is {backend}: "
-                                f"drop one of them")
-        return "flaggems"
-    return backend
-
-
-# ---------------------------------------------------------------- ranks
-
-class Ranks:
-    """This process's place in the job and the collectives the driver needs (objects over gloo)."""
-
-    def __init__(self):
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        if torch.cuda.is_available():
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
-        self.group = None
-
-    def connect(self, timeout_s: float) -> None:
-        """Join the other ranks: the default process group (NCCL on CUDA, else gloo), and a gloo
-        group for objects beside NCCL. end_process_groups() undoes it."""
-        if self.world > 1:
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-            if backend != "gloo":
-                self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-
-    def agree(self, error: Optional[str]) -> None:
-        """Raise GenerateError on every rank if any rank has an error (a message shared by all
-        ranks is said once, others with their rank)."""
-        errors = [error]
-        if self.world > 1:
-            errors = [None] * self.world
-            dist.all_gather_object(errors, error, group=self.group)
-        found = [(r, e) for r, e in enumerate(errors) if e]
-        if not found:
-            return
-        if len(found) == len(errors) and len({e for _, e in found}) == 1:
-            raise GenerateError(error)
-        raise GenerateError("\n".join(f"rank {r}: {e}" for r, e in found))
-
-    def share(self, obj, group=None):
-        """rank 0's obj, on every rank."""
-        if self.world == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=group or self.group)
-        return box[0]
-
-    def checked(self, step):
-        """Run step() on every rank; all raise if any one fails with a GenerateError."""
-        result, error = None, None
-        try:
-            result = step()
-        except GenerateError as e:
-            error = str(e)
-        self.agree(error)
-        return result
-
-
-def end_process_groups() -> None:
-    """Destroy this process's process groups, if any, so that it can exit at once after success or
-    failure: a process that exits with gloo's threads alive can abort ("terminate called without an
-    active exception"), and NCCL's communicator is not destroyed while CUDA graphs that captured
-    its collectives live (pytorch issue 115388), so garbage is collected first."""
-    if dist.is_initialized():
-        gc.collect()
-        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- modes
@@ -597,32 +207,24 @@ def check_writable(path: str) -> None:
     folder, or one where no file can be created (tried with a file of the temporary name, removed)."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        raise GenerateError(f"--output-file {path} is a folder: give a file name")
+        raise SetupError(f"--output-file {path} is a folder: give a file name")
     if not os.path.isdir(folder):
-        raise GenerateError(f"the folder of --output-file {path} does not exist")
+        raise SetupError(f"the folder of --output-file {path} does not exist")
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "w", encoding="utf-8"):
             pass
         os.remove(tmp)
     except OSError as e:
-        raise GenerateError(f"--output-file {path} cannot be written: {e.strerror}") from None
+        raise SetupError(f"--output-file {path} cannot be written: {e.strerror}") from None
 
 
 def write_jsonl(path: str, records: List[dict]) -> None:
-    """Write under a temporary name, then rename: an interrupted run leaves no complete-looking file."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """One JSON line a record, in a file that appears only once complete."""
+    write_atomically(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-def run_interactive(opts: argparse.Namespace, ranks: Ranks, model: Transformer, tokenizer: Optional[Tokenizer],
+def run_interactive(opts: argparse.Namespace, ranks: Ranks, model, tokenizer: Optional[Tokenizer],
                     eos_id: int, generator: torch.Generator, decoder: Optional[GraphedDecoder]) -> None:
     """A conversation typed on rank 0's stdin; /clear forgets it, /exit (or end of input) quits.
     The other ranks wait for each turn without a time limit: a person may take a while to type."""
@@ -737,10 +339,12 @@ def run(opts: argparse.Namespace, ranks: Ranks) -> None:
 
     def prepare():
         """Everything checked before the model is built; rank 0 also reads and tokenizes the input."""
-        opts.backend = resolve_backend(opts.backend)
-        args = load_args(opts, ranks.world)
+        opts.backend = requested_backend(opts.backend)
+        args = load_args(opts.ckpt_path, ranks.world, opts.config, env_flag("USE_OGROUPS_COMM"),
+                         max_batch_size=1 if opts.interactive else opts.max_batch_size,
+                         max_seq_len=opts.max_seq_len, dtype=opts.dtype, backend=opts.backend)
         if args.backend == "flaggems":
-            enable_flaggems(what="USE_FLAGGEMS=1" if env_flag("USE_FLAGGEMS") else "--backend flaggems")
+            ready_flaggems("USE_FLAGGEMS=1" if env_flag("USE_FLAGGEMS") else "--backend flaggems")
         path = shard_path(opts.ckpt_path, ranks.rank, ranks.world, args.vocab_size)
         tokenizer, prompts, ids = None, None, None
         if ranks.rank == 0:
@@ -805,7 +409,7 @@ def main(argv=None) -> int:
         ranks.connect(opts.timeout)
         run(opts, ranks)
         return 0
-    except GenerateError as e:
+    except SetupError as e:
         if ranks.rank == 0:
             print(f"generate.py: error: {e}", file=sys.stderr, flush=True)
         return 1

@@ -12,7 +12,6 @@ Classes follow the sections of the V4 paper:
   Block                            manifold-constrained hyper-connections (mHC) around both sublayers
   MTPBlock, Transformer            the multi-token prediction block (loaded, unused) and the whole model:
                                    forward() for prompts and chunks, decode() for one token a row
-  GraphedDecoder                   decode steps replayed from CUDA graphs
 
 Shapes: b batch, s new tokens, hc hyper-connection streams, D model dim.
 """
@@ -757,44 +756,3 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h = layer.decode(h, step, input_ids)
         return self.head(hc_head(self, h, self.norm, self.args, self.ops)[:, -1])
-
-
-class GraphedDecoder:
-    """Decode steps replayed from CUDA graphs, one per batch-size bucket (powers of two up to
-    max_batch_size), all captured up front: capturing writes to cache rows, so it must happen
-    before any sequence lives there.
-
-    A call with b rows replays the smallest bucket >= b; rows b .. bucket-1 are scratch rows whose
-    caches get overwritten, so live sequences must occupy rows 0 .. b-1."""
-    def __init__(self, model: Transformer):
-        self.model = model
-        top = model.args.max_batch_size
-        self.buckets = sorted({min(1 << i, top) for i in range(top.bit_length() + 1)})
-        self.pool = torch.cuda.graph_pool_handle()
-        self.graphs = {bb: self._capture(bb) for bb in reversed(self.buckets)}
-
-    def _capture(self, bb: int):
-        device = self.model.embed.weight.device
-        ids = torch.zeros(bb, 1, dtype=torch.long, device=device)
-        pos = torch.zeros(bb, dtype=torch.long, device=device)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):          # compiles the kernels and stacks the experts outside the graph
-                self.model.decode(ids, pos)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.model.decode(ids, pos)
-        return graph, ids, pos, logits
-
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """ids [b, 1], pos [b] -> float32 logits [b, vocab] (a copy, safe to keep)."""
-        b = ids.size(0)
-        bb = next(x for x in self.buckets if x >= b)
-        graph, ids_buf, pos_buf, logits = self.graphs[bb]
-        ids_buf[:b].copy_(ids)
-        pos_buf[:b].copy_(pos)
-        pos_buf[b:].zero_()
-        graph.replay()
-        return logits[:b].clone()       # the graph's output buffer is overwritten by the next replay

@@ -19,6 +19,7 @@ import torch
 import check
 import convert
 import generate
+import runtime
 from random_release import write_release
 import flaggems
 import ops
@@ -150,8 +151,8 @@ def test_flaggems_on_cpu_is_refused(ckpt, tmp_path, capsys):
     rc, _ = run_check(ckpt, "mp=1", "backend=flaggems", tmp_path)
     assert rc == 2
     assert re.search(r"--b: backend=flaggems needs a CUDA GPU .*none is visible", capsys.readouterr().err)
-    with pytest.raises(generate.GenerateError, match=r"--backend flaggems needs a CUDA GPU and none is visible"):
-        generate.enable_flaggems()
+    with pytest.raises(runtime.SetupError, match=r"--backend flaggems needs a CUDA GPU and none is visible"):
+        runtime.ready_flaggems("--backend flaggems")
     with pytest.raises(RuntimeError, match="backend 'flaggems' needs a CUDA device"):
         Ops("flaggems", "cpu")
     assert generate.main(["--ckpt-path", ckpt[1], "--input-file", ckpt["prompts"], "--backend", "flaggems"]) == 1
@@ -163,19 +164,19 @@ def test_backend_choice_and_use_flaggems(monkeypatch):
     args.validate(1)
     with pytest.raises(ValueError, match="backend must be one of auto, torch, triton, flaggems, got 'gems'"):
         ModelArgs(n_layers=1, compress_ratios=[0], backend="gems").validate(1)
-    assert generate.resolve_backend(None) is None and generate.resolve_backend("torch") == "torch"
+    assert runtime.requested_backend(None) is None and runtime.requested_backend("torch") == "torch"
     monkeypatch.setenv("USE_FLAGGEMS", "1")
-    assert generate.resolve_backend(None) == "flaggems"
-    with pytest.raises(generate.GenerateError, match="USE_FLAGGEMS=1 asks for backend flaggems but --backend is torch"):
-        generate.resolve_backend("torch")
-    broken = list(generate.FLAGGEMS_BROKEN)
+    assert runtime.requested_backend(None) == "flaggems"
+    with pytest.raises(runtime.SetupError, match="USE_FLAGGEMS=1 asks for backend flaggems but --backend is torch"):
+        runtime.requested_backend("torch")
+    broken = list(flaggems.FLAGGEMS_BROKEN)
     assert {"mm", "mul", "topk", "cat", "stack", "sum_dim"} <= set(broken)
     monkeypatch.setenv("FLAGGEMS_EXCLUDE", " mul, ,masked_fill ")
-    assert generate.flaggems_exclude() == ["mul", "masked_fill"] + [n for n in broken if n != "mul"]
+    assert flaggems.flaggems_exclude() == ["mul", "masked_fill"] + [n for n in broken if n != "mul"]
     monkeypatch.setenv("FLAGGEMS_EXCLUDE", "")
-    assert generate.flaggems_exclude() == broken
+    assert flaggems.flaggems_exclude() == broken
     monkeypatch.delenv("FLAGGEMS_EXCLUDE")
-    assert generate.flaggems_exclude() == ["*"]
+    assert flaggems.flaggems_exclude() == ["*"]
 
 
 def test_a_side_past_its_timeout_is_stopped(ckpt, tmp_path, capsys):

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_model
 
 import generate
+import runtime
 from encoding import encode_messages
 from random_release import write_release
 from model import ModelArgs, Transformer
@@ -177,7 +178,7 @@ def test_sample():
 def test_reference_records(ckpt, reference):
     assert [r["index"] for r in reference] == list(range(8))
     assert [r["prompt"] for r in reference] == PROMPTS + [MESSAGES]
-    tok = generate.Tokenizer(ckpt[1])
+    tok = runtime.Tokenizer(ckpt[1])
     for r in reference:
         messages = [{"role": "user", "content": r["prompt"]}] if isinstance(r["prompt"], str) else r["prompt"]
         assert r["prompt_tokens"] == len(tok.encode(encode_messages(messages)))
@@ -531,13 +532,13 @@ def test_every_rank_ends_promptly(outcome, ckpt, inputs, tmp_path):
 def test_read_prompts(tmp_path):
     text = tmp_path / "p.txt"
     text.write_text("first\nstill first\n\n \n\n  second  \n\n\n")
-    assert generate.read_prompts(str(text)) == ["first\nstill first", "second"]
+    assert runtime.read_prompts(str(text)) == ["first\nstill first", "second"]
     looks_json = tmp_path / "q.txt"
     looks_json.write_text('{"prompt": "a"}\n{"messages": [{"role": "user", "content": "b"}]}\n')
-    assert generate.read_prompts(str(looks_json)) == ["a", [{"role": "user", "content": "b"}]]
+    assert runtime.read_prompts(str(looks_json)) == ["a", [{"role": "user", "content": "b"}]]
     not_json = tmp_path / "r.txt"
     not_json.write_text("{curly} text\n\nmore")
-    assert generate.read_prompts(str(not_json)) == ["{curly} text", "more"]
+    assert runtime.read_prompts(str(not_json)) == ["{curly} text", "more"]
 
 
 def test_output_is_written_atomically(tmp_path):
@@ -554,11 +555,11 @@ def test_sentencepiece_tokenizer(tmp_path):
     model = io.BytesIO()
     corpus = ["the quick brown fox jumps over the lazy dog", "hello world, how are you today"] * 20
     spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, vocab_size=40,
-                                   user_defined_symbols=list(generate.Tokenizer.SPECIAL), minloglevel=2)
+                                   user_defined_symbols=list(runtime.Tokenizer.SPECIAL), minloglevel=2)
     (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<｜end▁of▁sentence｜>"}))
-    tok = generate.Tokenizer(str(tmp_path))
-    special = {s: tok.token_id(s) for s in generate.Tokenizer.SPECIAL}
+    tok = runtime.Tokenizer(str(tmp_path))
+    special = {s: tok.token_id(s) for s in runtime.Tokenizer.SPECIAL}
     assert tok.eos_id == special["<｜end▁of▁sentence｜>"]
     ids = tok.encode(encode_messages([{"role": "user", "content": "hello fox"}]))
     assert ids[:2] == [special["<｜begin▁of▁sentence｜>"], special["<｜User｜>"]]

@@ -17,6 +17,7 @@ import torch
 
 import convert
 import generate
+import runtime
 from encoding import encode_messages_r1, parse_completion_r1
 from random_release import write_release
 from testkit.release_v3 import r1_config, without_mtp, write_release_v3
@@ -125,7 +126,7 @@ def oracle_greedy(model, prompt: list) -> list:
 @pytest.fixture(scope="module")
 def expected(release, oracle):
     """{mode: [(prompt ids, transformers' greedy continuation)] for the input file's prompts}."""
-    tok = generate.Tokenizer(release[2][1])
+    tok = runtime.Tokenizer(release[2][1])
     out = {}
     for mode in ("chat", "thinking"):
         prompts = [tok.encode(encode_messages_r1(m, mode)) for m in conversations()]
@@ -159,7 +160,7 @@ def test_one_rank_matches_transformers(release, inputs, expected, tmp_path, mode
                           *GREEDY, *thinking]) == 0
     records = read_records(out)
     assert [r["prompt"] for r in records] == PROMPTS + [CONVERSATION]
-    check_records(records, expected[mode], generate.Tokenizer(release[2][1]), mode)
+    check_records(records, expected[mode], runtime.Tokenizer(release[2][1]), mode)
 
 
 def test_two_ranks_match_transformers(release, inputs, expected, tmp_path):
@@ -169,29 +170,29 @@ def test_two_ranks_match_transformers(release, inputs, expected, tmp_path):
     done = subprocess.run(cmd, env=env(MASTER_PORT=str(free_port())), capture_output=True, text=True,
                           timeout=LAUNCH_TIMEOUT, cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    check_records(read_records(out), expected["chat"], generate.Tokenizer(release[2][2]), "chat")
+    check_records(read_records(out), expected["chat"], runtime.Tokenizer(release[2][2]), "chat")
     assert "5 prompts" in done.stderr and done.stdout == ""
 
 
 # ---------------------------------------------------------------- pieces
 
 def test_the_config_picks_the_family(release, tmp_path):
-    assert generate.checkpoint_family(os.path.join(release[2][1], "config.json")) is generate.FAMILIES["deepseek_v3"]
-    assert generate.checkpoint_family(os.path.join(ROOT, "configs", "config_flash.json")) is generate.V4
-    assert generate.checkpoint_family(str(tmp_path / "absent.json")) is generate.V4
+    assert runtime.checkpoint_family(os.path.join(release[2][1], "config.json")) is runtime.FAMILIES["deepseek_v3"]
+    assert runtime.checkpoint_family(os.path.join(ROOT, "configs", "config_flash.json")) is runtime.V4
+    assert runtime.checkpoint_family(str(tmp_path / "absent.json")) is runtime.V4
     other = tmp_path / "other.json"
     other.write_text(json.dumps(r1_config(model_type="mixtral")))
-    with pytest.raises(generate.GenerateError, match="model_type 'mixtral' is not one of"):
-        generate.checkpoint_family(str(other))
+    with pytest.raises(runtime.SetupError, match="model_type 'mixtral' is not one of"):
+        runtime.checkpoint_family(str(other))
 
 
 def test_v4_records_carry_completion_ids_and_no_reasoning_in_chat_mode(release):
-    tok = generate.Tokenizer(release[2][1])
+    tok = runtime.Tokenizer(release[2][1])
     new = tok.encode("<think>\nHmm.\n</think>\n\nFour.") + [EOS]
     v4 = generate.record(0, "p", [0, 5], new, tok, EOS, "chat")
     assert v4["completion_ids"] == new[:-1] and v4["completion_tokens"] == len(new) - 1
     assert "reasoning" not in v4 and v4["finish_reason"] == "stop"
-    r1 = generate.record(0, "p", [0, 5], new[:-1], tok, EOS, "chat", generate.FAMILIES["deepseek_v3"])
+    r1 = generate.record(0, "p", [0, 5], new[:-1], tok, EOS, "chat", runtime.FAMILIES["deepseek_v3"])
     assert (r1["reasoning"], r1["completion"], r1["finish_reason"]) == ("Hmm.", "Four.", "length")
 
 

@@ -3,7 +3,7 @@
 bench.py speed (CUDA) printed its table and then did not exit: it destroyed its NCCL group while its
 CUDA graphs, which captured the model's collectives, were alive, and NCCL waits for those (seen on
 two H100s: destroy_process_group() hung; after the graphs were collected it took 0.4 s). bench.py's
-main() now ends the group after the command returns, through generate.end_process_groups(), which
+main() now ends the group after the command returns, through runtime.end_process_groups(), which
 collects garbage first; generate.py and check.py's workers end theirs with it too.
 """
 import gc
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import bench
-import generate
+import runtime
 
 
 @pytest.fixture
@@ -54,8 +54,8 @@ def test_end_process_groups_collects_garbage_first(one_rank_group):
         graph = Graph()
         graph.cycle = graph
         del graph
-        generate.end_process_groups()
+        runtime.end_process_groups()
     finally:
         gc.enable()
     assert seen == [True] and not dist.is_initialized()
-    generate.end_process_groups()              # nothing left to end: no error
+    runtime.end_process_groups()              # nothing left to end: no error

@@ -7,7 +7,7 @@
 2. check.py on fixture checkpoints of three seeds: in bf16 torch vs triton (the baseline) and
    triton vs flaggems (its fused kernels; aten ops stay in torch by default), judged on the means
    over the seeds; on the last one, torch vs flaggems with the aten ops routed through FlagGems but
-   generate.FLAGGEMS_BROKEN (reported only), and in fp32 torch vs flaggems to 1e-3 with identical
+   flaggems.FLAGGEMS_BROKEN (reported only), and in fp32 torch vs flaggems to 1e-3 with identical
    tokens.
 Prints PASS or FAIL last; exit status 0 when everything passed, 1 on a failure, 2 when it cannot run.
 """
@@ -191,7 +191,7 @@ def main() -> int:
             results.append(ok)
             print(f"bf16 over seeds {list(SEEDS)}: mean max_rel torch vs triton {mean_base:.3g}, triton vs flaggems "
                   f"{mean_fused:.3g} (bound {bound:.3g}), min top1 {top1} (>= 0.75): {'ok' if ok else 'FAIL'}")
-        # every aten op through FlagGems too, but FLAGGEMS_BROKEN (generate.py): reported, not counted
+        # every aten op through FlagGems too, but FLAGGEMS_BROKEN (flaggems.py): reported, not counted
         everything = run_check(ckpt, "backend=torch,dtype=bf16,device=cuda", "backend=flaggems,dtype=bf16,device=cuda",
                                "", root)
         print("torch vs flaggems with the aten ops routed (bf16): "

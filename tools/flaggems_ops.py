@@ -90,7 +90,7 @@ def real_model():
 def run_real(model, ids):
     """Float32 logits [5, b, vocab] of real_model(): decode graphs captured, a prefill of 64 tokens,
     then 4 graphed decode steps. Each call starts afresh: the caches are rewritten from position 0."""
-    from model import GraphedDecoder
+    from runtime import GraphedDecoder
     decoder = GraphedDecoder(model)
     out = [model(ids[:, :64], 0).float()]
     for p in range(64, 68):

@@ -8,27 +8,13 @@ import tempfile
 import torch
 
 from generate import generate
-from model import GraphedDecoder
 from random_release import write_release
+from runtime import GraphedDecoder, greedy
 from testkit.models import fixture_model
 
 
 def build(path, weights, dtype, backend, device):
     return fixture_model(path, weights, dtype, backend, device, max_seq_len=256, max_batch_size=4)
-
-
-def greedy(model, prompt, steps, step_fn):
-    """Prefill the prompt [b, s], then `steps` greedy tokens; returns tokens [b, steps] and logits."""
-    logits = model(prompt, 0)
-    tokens, all_logits = [], [logits]
-    pos = prompt.size(1)
-    for _ in range(steps):
-        nxt = logits.argmax(-1, keepdim=True)
-        tokens.append(nxt)
-        logits = step_fn(nxt, torch.full((prompt.size(0),), pos, device=prompt.device))
-        all_logits.append(logits)
-        pos += 1
-    return torch.cat(tokens, 1), torch.stack(all_logits, 1)
 
 
 class Reference:
@@ -39,17 +25,13 @@ class Reference:
         self.prompt = torch.randint(0, 129280, (3, 21), generator=torch.Generator().manual_seed(seed + 1))
         self.steps = steps
         self.cpu = build(self.path, self.weights, "fp32", "torch", "cpu")
-        self.tokens, self.logits = greedy(self.cpu, self.prompt, steps, self.cpu.decode)
+        self.logits, self.tokens = greedy(self.cpu, self.prompt, steps + 1)     # [3, steps + 1, vocab], [3, steps]
 
     def forced_rel_err(self, dtype, backend):
         """Logits along the CPU's token path (teacher-forced) on the GPU, relative error against the CPU's."""
         model = build(self.path, self.weights, dtype, backend, "cuda")
         step = GraphedDecoder(model) if model.ops.graphs else model.decode
-        forced = [model(self.prompt.cuda(), 0)]
-        for i in range(self.steps):
-            pos = torch.full((3,), self.prompt.size(1) + i, device="cuda")
-            forced.append(step(self.tokens[:, i:i + 1].cuda(), pos))
-        forced = torch.stack(forced, 1).cpu()
+        forced, _ = greedy(model, self.prompt.cuda(), self.steps + 1, self.tokens.cuda(), step)
         return ((forced - self.logits).norm() / self.logits.norm()).item()
 
 
@@ -58,7 +40,7 @@ def main() -> int:
     with torch.no_grad():
         ref = first = Reference(seed=0)
         gpu = build(ref.path, ref.weights, "fp32", "triton", "cuda")
-        tokens, _ = greedy(gpu, ref.prompt.cuda(), ref.steps, GraphedDecoder(gpu))
+        _, tokens = greedy(gpu, ref.prompt.cuda(), ref.steps + 1, step=GraphedDecoder(gpu))
         rel = ref.forced_rel_err("fp32", "triton")
         same = torch.equal(tokens.cpu(), ref.tokens)
         first_diff = (tokens.cpu() != ref.tokens).any(0).nonzero()
