@@ -15,7 +15,6 @@ Classes follow the sections of the V4 paper:
 
 Shapes: b batch, s new tokens, hc hyper-connection streams, D model dim.
 """
-import json
 import re
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
@@ -27,8 +26,8 @@ from torch import nn
 
 from kernel import moe_experts_triton, moe_gemv_triton
 from ops import BACKENDS, Ops, compressed_entries, swiglu
-from parallel import (ColumnParallelLinear, Linear, Parallel, ParallelEmbedding, ParallelHead, RMSNorm,
-                      RowParallelLinear, dtype_of, linear_fp32, precompute_freqs_cis)
+from parallel import (ColumnParallelLinear, ConfigFile, Linear, Parallel, ParallelEmbedding, ParallelHead,
+                      RMSNorm, RowParallelLinear, dtype_of, linear_fp32, precompute_freqs_cis)
 
 
 # How the checkpoint's tensors are split over the ranks (convert.py cuts them so; the layers below are
@@ -44,7 +43,7 @@ EXPERT = re.compile(r"\.ffn\.experts\.(\d+)\.w[123]\.weight$")   # routed expert
 
 
 @dataclass
-class ModelArgs:
+class ModelArgs(ConfigFile):
     """Hyper-parameters. Field names are the keys of our configs/*.json."""
     max_batch_size: int = 4
     max_seq_len: int = 4096
@@ -89,18 +88,8 @@ class ModelArgs:
     RUNTIME_KEYS = ("max_batch_size", "max_seq_len", "dtype", "ogroups_comm", "backend")
 
     @classmethod
-    def from_file(cls, path: str, **overrides) -> "ModelArgs":
-        """Read our configs/*.json or a release's Hugging Face config.json (model_type deepseek_v4)."""
-        with open(path) as f:
-            try:
-                raw = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_config(raw, path, **overrides)
-
-    @classmethod
     def from_config(cls, raw: dict, path: str, **overrides) -> "ModelArgs":
-        """The contents of a config file (path names it in messages)."""
+        """The contents of our configs/*.json or a release's Hugging Face config.json (model_type deepseek_v4) (path names it in messages)."""
         if "hidden_size" in raw or raw.get("model_type") == "deepseek_v4":
             values = _from_hf_config(raw, path)
         else:

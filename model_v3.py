@@ -11,7 +11,6 @@ Sections, top to bottom:
 Shapes: b batch, s new tokens, t cached positions, h local heads, D model dim, c kv_lora_rank,
 r qk_rope_head_dim, n qk_nope_head_dim, v v_head_dim.
 """
-import json
 import math
 import re
 from dataclasses import dataclass, fields
@@ -22,8 +21,8 @@ from torch import nn
 
 from model import Expert, MoE as V4MoE         # the expert machinery shared with DeepSeek-V4
 from ops import BACKENDS, Ops, apply_rotary
-from parallel import (ColumnParallelLinear, Linear, Parallel, ParallelEmbedding, ParallelHead, RMSNorm,
-                      RowParallelLinear, dtype_of, linear_fp32, precompute_freqs_cis)
+from parallel import (ColumnParallelLinear, ConfigFile, Linear, Parallel, ParallelEmbedding, ParallelHead,
+                      RMSNorm, RowParallelLinear, dtype_of, linear_fp32, precompute_freqs_cis)
 
 # ---------------------------------------------------------------- checkpoint names and layout
 
@@ -112,7 +111,7 @@ def expert_rank(name: str, n_routed_experts: int, world_size: int) -> Optional[i
 # ---------------------------------------------------------------- hyper-parameters
 
 @dataclass
-class ModelArgs:
+class ModelArgs(ConfigFile):
     """Hyper-parameters. Field names follow model.py's (and DeepSeek's own inference code); from_file
     reads them from a release's Hugging Face config.json. Defaults are DeepSeek-R1's."""
     max_batch_size: int = 4
@@ -154,19 +153,9 @@ class ModelArgs:
     RUNTIME_KEYS = ("max_batch_size", "max_seq_len", "dtype", "backend", "attn_impl")
 
     @classmethod
-    def from_file(cls, path: str, **overrides) -> "ModelArgs":
-        """Read a release's config.json (model_type deepseek_v3); overrides set runtime keys
-        (RUNTIME_KEYS) or any field."""
-        with open(path) as f:
-            try:
-                raw = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_config(raw, path, **overrides)
-
-    @classmethod
     def from_config(cls, raw: dict, path: str, **overrides) -> "ModelArgs":
-        """The contents of a config.json (path names it in messages)."""
+        """The contents of a release's config.json (model_type deepseek_v3); overrides set runtime keys
+        (RUNTIME_KEYS) or any field (path names it in messages)."""
         values = _from_hf_config(raw, path)
         unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
         if unknown:

@@ -1,4 +1,5 @@
-"""Tensor parallelism over torch.distributed, and the layers the models share.
+"""Tensor parallelism over torch.distributed, and what the models share: the layers, and reading
+their config files (ConfigFile).
 
   Parallel                                  this process's place in the world (and the o-groups layout)
   Linear, ColumnParallelLinear, RowParallelLinear, ParallelEmbedding, ParallelHead
@@ -8,6 +9,7 @@
 Which tensor of a checkpoint is split along which dim is each model's SPLITS table (model.py,
 model_v3.py); convert.py cuts the release by it and these layers hold the pieces.
 """
+import json
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -18,6 +20,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ops import Ops
+
+
+class ConfigFile:
+    """What a model's ModelArgs shares: from_file reads a JSON config and hands it to the class's
+    from_config(raw, path, **overrides)."""
+
+    @classmethod
+    def from_file(cls, path: str, **overrides):
+        """The ModelArgs a config file describes; overrides set fields (runtime keys first of all)."""
+        with open(path) as f:
+            try:
+                raw = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_config(raw, path, **overrides)
 
 
 @dataclass
