@@ -116,6 +116,26 @@ def test_prefill_in_query_blocks_equals_one_block(release, prompts, monkeypatch,
     assert worst < 1e-5
 
 
+def test_stacked_experts_hold_the_experts_and_share_their_memory(release, prompts):
+    """model.MoE.stacked_weights (the Triton path's expert weights), filled expert by expert: every
+    expert's values at its index, its parameters views into the stacks, the logits unchanged."""
+    model = build(release)
+    want = model(prompts[:, :9])
+    moe = model.layers[2].ffn
+    before = {name: p.clone() for name, p in moe.named_parameters()}
+    w13, w2, shared13 = moe.stacked_weights()
+    inter = moe.experts[0].w1.weight.size(0)
+    for i, e in enumerate(moe.experts):
+        parts = {"w1": w13[i, :inter], "w3": w13[i, inter:], "w2": w2[i]}
+        for name, part in parts.items():
+            assert torch.equal(part, before[f"experts.{i}.{name}.weight"])
+            assert getattr(e, name).weight.data_ptr() == part.data_ptr()
+    assert torch.equal(shared13, torch.cat([before["shared_experts.w1.weight"], before["shared_experts.w3.weight"]]))
+    assert all(torch.equal(p, before[name]) for name, p in moe.named_parameters())
+    assert moe.stacked_weights()[0] is w13
+    assert torch.equal(model(prompts[:, :9]), want)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_batch_of_different_lengths_matches_single_sequences(release, impl):
     """Three sequences of 84, 45 and 17 tokens in one batch: a prefill of the shortest length, then
