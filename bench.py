@@ -20,9 +20,9 @@ transformers' DeepseekV4ForCausalLM on the same weights (experts shared, not cop
 
 The config's model_type picks the architecture (convert.architecture, as convert.py and generate.py
 do). A DeepSeek-R1 / V3 config (configs/config_r1.json) runs model_v3.py at R1's shapes: by default
-3 layers, the first --dense-layers 1 of them dense and the others MoE (a MoE layer is 22.6 GB in
-bf16, so 1 + 2 fit one 80 GB GPU with caches for batch 32 at 32K positions), batches 1 and 32,
-contexts 1K and 32K; the floors count the latent cache (576 values a position) and MLA's cheaper
+3 layers, the first --dense-layers 1 of them dense and the others MoE (a MoE layer is 23.0 GB in
+bf16, so 1 + 2 fit one 80 GB GPU with caches for batch 32 at 32K positions: about 70 GB at the
+peak), batches 1 and 32, contexts 1K and 32K; the floors count the latent cache (576 values a position) and MLA's cheaper
 form; --compare hf times transformers' DeepseekV3ForCausalLM on the same tensors (peers.hf_twin_v3);
 the run ends with issue 16's targets against its figures (targets_v3).
 
@@ -249,11 +249,12 @@ def resolve(args, keys) -> None:
 
 def build_v3(config: str, layers: int, dense_layers: int, max_batch: int, max_seq: int, backend: str,
              device: str, dtype: str) -> "model_v3.Transformer":
-    """An R1 / V3 config cut to `layers` layers, the first dense_layers dense (the release has
-    first_k_dense_replace of them, 3 for R1) and the others MoE; random weights made on `device`."""
+    """An R1 / V3 config cut to `layers` layers, the first dense_layers dense (None: the config's
+    first_k_dense_replace, 3 for R1) and the others MoE; random weights made on `device`."""
+    dense = {} if dense_layers is None else {"n_dense_layers": dense_layers}
     try:
-        args = model_v3.ModelArgs.from_file(config, n_layers=layers, n_dense_layers=dense_layers,
-                                            max_batch_size=max_batch, max_seq_len=max_seq, backend=backend, dtype=dtype)
+        args = model_v3.ModelArgs.from_file(config, n_layers=layers, max_batch_size=max_batch, max_seq_len=max_seq,
+                                            backend=backend, dtype=dtype, **dense)
         with torch.device(device):
             model = model_v3.Transformer(args)
     except ValueError as e:
