@@ -6,7 +6,6 @@ greedy tokens are generate.py's completion; float32 mp=1 and mp=2 must agree to 
 an R1 side against a V4 side is refused (same vocabulary size, not one model).
 """
 import json
-import os
 
 import pytest
 import torch
