@@ -1,6 +1,7 @@
 """Benchmarks of the toolkit, one subcommand each; results go into BENCHMARKS.md by hand.
 
     python bench.py speed [--layers 4] [--batch 1 8 32 128] [--context 1024 16384 65536] [--compare hf]
+    python bench.py speed --config configs/config_r1.json [--layers 3 --dense-layers 1] [--compare hf]
     torchrun --nproc-per-node 2 bench.py speed --batch 1 32
     python bench.py backends [--layers 4] [--backends torch triton flaggems] [--prompt-len 512] [--steps 16]
     python bench.py moe-tiles [--tokens 4096] [--decode-tokens 1 4 8 16]
@@ -16,6 +17,14 @@ prefill = matmul FLOPs over the bf16 matmul rate. A decode step's time is the me
 positions from C (see decode_step_ms). Under torchrun each rank holds its share, and the
 time spent in collectives per decode step is measured with the profiler. --compare hf runs
 transformers' DeepseekV4ForCausalLM on the same weights (experts shared, not copied) side by side.
+
+The config's model_type picks the architecture (convert.architecture, as convert.py and generate.py
+do). A DeepSeek-R1 / V3 config (configs/config_r1.json) runs model_v3.py at R1's shapes: by default
+3 layers, the first --dense-layers 1 of them dense and the others MoE (a MoE layer is 23.0 GB in
+bf16, so 1 + 2 fit one 80 GB GPU with caches for batch 32 at 32K positions: about 70 GB at the
+peak), batches 1 and 32, contexts 1K and 32K; the floors count the latent cache (576 values a position) and MLA's cheaper
+form; --compare hf times transformers' DeepseekV3ForCausalLM on the same tensors (peers.hf_twin_v3);
+the run ends with issue 16's targets against its figures (targets_v3).
 
 backends: one model as speed builds it (--dtype bf16 by default), switched in place from backend to
 backend; the first of --backends is the reference A. Each prefills the same random prompt from
@@ -49,9 +58,10 @@ import torch
 import torch.distributed as dist
 
 import convert
+import model_v3
 from model import ModelArgs, Transformer
 from ops import BACKENDS
-from peers import hf_twin
+from peers import hf_twin, hf_twin_v3
 from runtime import GraphedDecoder, SetupError, end_process_groups, greedy, ready_flaggems, write_atomically
 from quant import fp4_scale_shape, fp8_scale_shape
 from random_release import hf_config, release_specs
@@ -131,7 +141,7 @@ def fill_caches(model: Transformer) -> None:
     """Random cache entries and compressor states: stand-ins for an already processed context."""
     for m in model.modules():
         for name, buf in m.named_buffers(recurse=False):
-            if name in ("kv_cache", "kv_state", "prev_kv"):
+            if name in ("kv_cache", "pe_cache", "kv_state", "prev_kv"):
                 buf.normal_()
             elif name in ("score_state", "prev_score"):
                 buf.normal_(0, 0.1)
@@ -141,10 +151,16 @@ def param_bytes(module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
+def param_count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 def decode_bytes(model: Transformer, batch: int, ctx: int) -> float:
     """Bytes one rank must read in a decode step: its weights of attention, shared expert and gate,
     of the local experts routed to (expected distinct count for `batch` tokens under uniform
     routing), its slice of the head, and the cache entries each row attends to or scores."""
+    if isinstance(model, model_v3.Transformer):
+        return decode_bytes_v3(model, batch, ctx)
     args = model.args
     total = param_bytes(model.head) + param_bytes(model.norm)
     e, k = args.n_routed_experts, args.n_activated_experts
@@ -162,10 +178,13 @@ def decode_bytes(model: Transformer, batch: int, ctx: int) -> float:
     return total
 
 
-def prefill_flops(model: Transformer, tokens: int, ctx: int) -> float:
+def prefill_flops(model: Transformer, tokens: int, ctx: int, rows: int = 1) -> float:
     """Matmul FLOPs of one rank for `tokens` new tokens at context ctx: its share of the active
     weights (attention, shared expert, gate, k routed experts on average) plus attention and indexer
-    scores of its heads; the head for the last token of each row is left out."""
+    scores of its heads; the head for the last token of each row is left out. rows: how many rows
+    the tokens are in (R1 / V3, see prefill_flops_v3)."""
+    if isinstance(model, model_v3.Transformer):
+        return prefill_flops_v3(model, tokens, ctx, rows)
     args = model.args
     heads = args.n_heads // model.tp.world_size
     index_heads = args.index_n_heads // model.tp.world_size
@@ -186,8 +205,11 @@ def prefill_flops(model: Transformer, tokens: int, ctx: int) -> float:
 
 
 def build(config: str, layers: int, max_batch: int, max_seq: int, backend: str, device: str = "cuda",
-          dtype: str = "bf16") -> Transformer:
-    """The config cut to `layers` layers (no MTP), random weights made on `device`."""
+          dtype: str = "bf16", dense_layers: Optional[int] = None) -> Transformer:
+    """The config cut to `layers` layers (no MTP), random weights made on `device`; for an R1 / V3
+    config, the model_v3 Transformer with the first dense_layers of them dense (build_v3)."""
+    if config_architecture(config) == "deepseek_v3":
+        return build_v3(config, layers, dense_layers, max_batch, max_seq, backend, device, dtype)
     args = ModelArgs.from_file(config, n_layers=layers, n_mtp_layers=0, max_batch_size=max_batch,
                                max_seq_len=max_seq, backend=backend, dtype=dtype)
     args.compress_ratios = args.compress_ratios[:layers]
@@ -196,6 +218,134 @@ def build(config: str, layers: int, max_batch: int, max_seq: int, backend: str, 
     with torch.no_grad():
         random_weights(model)
     return model
+
+
+# What speed and backends run when --layers, --batch, --context or --dense-layers are not given, by
+# the config's architecture (R1 / V3: see the module docstring).
+DEFAULTS = {
+    "deepseek_v4": {"layers": 4, "batch": [1, 8, 32, 128], "context": [1024, 16384, 65536]},
+    "deepseek_v3": {"layers": 3, "batch": [1, 32], "context": [1024, 32768], "dense_layers": 1},
+}
+
+
+def config_architecture(path: str) -> str:
+    """'deepseek_v3' or 'deepseek_v4': convert.architecture of the config file (SystemExit if unreadable)."""
+    try:
+        with open(path) as f:
+            return convert.architecture(json.load(f))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"bench.py: config {path}: {e}") from None
+
+
+def resolve(args, keys) -> None:
+    """Fill in the options among keys left unset (None) with the defaults of the config's
+    architecture; --dense-layers is refused for a V4 config."""
+    defaults = DEFAULTS[config_architecture(args.config)]
+    if args.dense_layers is not None and "dense_layers" not in defaults:
+        raise SystemExit("bench.py: --dense-layers is for DeepSeek-R1 / V3 configs")
+    for key in keys:
+        if getattr(args, key) is None:
+            setattr(args, key, defaults.get(key))
+
+
+def build_v3(config: str, layers: int, dense_layers: int, max_batch: int, max_seq: int, backend: str,
+             device: str, dtype: str) -> "model_v3.Transformer":
+    """An R1 / V3 config cut to `layers` layers, the first dense_layers dense (None: the config's
+    first_k_dense_replace, 3 for R1) and the others MoE; random weights made on `device`."""
+    dense = {} if dense_layers is None else {"n_dense_layers": dense_layers}
+    try:
+        args = model_v3.ModelArgs.from_file(config, n_layers=layers, max_batch_size=max_batch, max_seq_len=max_seq,
+                                            backend=backend, dtype=dtype, **dense)
+        with torch.device(device):
+            model = model_v3.Transformer(args)
+    except ValueError as e:
+        raise SystemExit(f"bench.py: {config} with --layers {layers} --dense-layers {dense_layers}: {e}") from None
+    with torch.no_grad():
+        random_weights(model)
+    return model
+
+
+def describe_v3(model: "model_v3.Transformer", config: str) -> str:
+    """Which layers of the R1 / V3 config the model holds, and their size."""
+    a = model.args
+    total = model_v3.ModelArgs.from_file(config).n_layers
+    moe = a.n_layers - a.n_dense_layers
+    return (f"{a.n_layers} of the {total} layers of {config}: {a.n_dense_layers} dense + {moe} MoE "
+            f"({a.n_routed_experts} experts, top-{a.n_activated_experts}); change with --layers and --dense-layers. "
+            f"Weights {param_bytes(model) / GB:.1f} GB on this rank, caches "
+            f"{sum(b.numel() * b.element_size() for b in model.buffers()) / GB:.1f} GB")
+
+
+def routed(layer) -> list:
+    """The local routed experts of an R1 / V3 layer (none in a dense one)."""
+    return [x for x in getattr(layer.ffn, "experts", []) if x is not None]
+
+
+def decode_bytes_v3(model: "model_v3.Transformer", batch: int, ctx: int) -> float:
+    """decode_bytes of R1 / V3: the head's slice and the final norm; each layer's weights but its
+    routed experts, of which the expected number of distinct local ones `batch` tokens route to
+    under uniform routing; and each row's ctx cached latents and rotary keys in every layer
+    (kv_lora_rank + qk_rope_head_dim values a position, what the absorbed decode reads)."""
+    a = model.args
+    total = param_bytes(model.head) + param_bytes(model.norm)
+    e, k = a.n_routed_experts, a.n_activated_experts
+    position = (a.kv_lora_rank + a.qk_rope_head_dim) * model.embed.weight.element_size()
+    for layer in model.layers:
+        local = routed(layer)
+        total += param_bytes(layer) - sum(param_bytes(x) for x in local)
+        if local:
+            total += len(local) * (1 - (1 - k / e) ** batch) * param_bytes(local[0])
+        total += batch * ctx * position
+    return total
+
+
+def prefill_flops_v3(model: "model_v3.Transformer", tokens: int, ctx: int, rows: int) -> float:
+    """prefill_flops of R1 / V3: `tokens` new tokens in `rows` rows, each attending to ctx keys. The
+    weights a token uses (attention but wkv_b, the dense MLP or the gate, shared expert and k routed
+    experts on average), and attention over the latent cache by the cheaper of MLA's two forms:
+    naive, each row's ctx latents expanded by wkv_b into keys and values of its heads, then
+    (n + r) + v products per key and head; absorbed, wkv_b folded into each query and output
+    (n + v) c products per head, then (c + r) + c per key and head. The head is left out."""
+    a = model.args
+    h = a.n_heads // model.tp.world_size
+    c, r, n, v = a.kv_lora_rank, a.qk_rope_head_dim, a.qk_nope_head_dim, a.v_head_dim
+    flops = 0.0
+    for layer in model.layers:
+        local = routed(layer)
+        weights = sum(p.numel() for name, p in layer.named_parameters()
+                      if ".experts." not in name and p.dim() == 2 and not name.endswith("wkv_b.weight"))
+        if local:
+            weights += a.n_activated_experts * len(local) / a.n_routed_experts * param_count(local[0])
+        naive = 2 * rows * ctx * h * c * (n + v) + 2 * tokens * ctx * h * (n + r + v)
+        absorbed = 2 * tokens * h * c * (n + v) + 2 * tokens * ctx * h * (2 * c + r)
+        flops += 2 * tokens * weights + min(naive, absorbed)
+    return flops
+
+
+def targets_v3(rows: list, versus: dict) -> list:
+    """Issue 16's decode targets for R1 / V3, each line with its figure from this run: at batch 1 (its
+    shortest context) at least 70% of the bandwidth floor and 10x transformers' step (versus: batch ->
+    transformers' ms / ours at ctx 1024); at each batch the step at the longest context at most 1.3x
+    the shortest's."""
+    def verdict(ok):
+        return "met" if ok else "NOT met"
+    lines = []
+    first = [r for r in rows if r["batch"] == 1]
+    if first:
+        r = min(first, key=lambda r: r["ctx"])
+        lines.append(f"decode, batch 1, ctx {r['ctx']}: {r['decode_floor']:.0%} of its bandwidth floor "
+                     f"(target >= 70%: {verdict(r['decode_floor'] >= 0.7)})")
+    if 1 in versus:
+        lines.append(f"decode, batch 1, ctx 1024: {versus[1]:.1f}x transformers' step "
+                     f"(target >= 10x: {verdict(versus[1] >= 10)})")
+    contexts = sorted({r["ctx"] for r in rows})
+    if len(contexts) > 1:
+        for b in sorted({r["batch"] for r in rows}):
+            ms = {r["ctx"]: r["decode_ms"] for r in rows if r["batch"] == b}
+            ratio = ms[contexts[-1]] / ms[contexts[0]]
+            lines.append(f"decode, batch {b}: ctx {contexts[-1]} takes {ratio:.2f}x ctx {contexts[0]} "
+                         f"(target <= 1.3x: {verdict(ratio <= 1.3)})")
+    return lines
 
 
 def hf_decode_ms(hf, batch: int, ctx: int, steps: int = 8) -> float:
@@ -255,6 +405,7 @@ def print_profile(label: str, fn, steps: int = 3, rows: int = 60) -> None:
 def bench_speed(args) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench.py speed: needs a CUDA GPU")
+    resolve(args, ("layers", "batch", "context", "dense_layers"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -272,8 +423,10 @@ def bench_speed(args) -> None:
         f"{args.backend}: copy {ceil['bandwidth'] / 1e12:.2f} TB/s, bf16 matmul {ceil['matmul'] / 1e12:.0f} TFLOP/s")
     chunk = args.chunk
     model = build(args.config, args.layers, max(args.batch), max(max(args.context) + chunk, args.prefill),
-                  args.backend)
-    rows = []
+                  args.backend, dense_layers=args.dense_layers)
+    if isinstance(model, model_v3.Transformer):
+        say(describe_v3(model, args.config))
+    rows, versus = [], {}
     with torch.no_grad():
         fill_caches(model)
         decoder = GraphedDecoder(model) if model.ops.graphs else model.decode
@@ -285,7 +438,7 @@ def bench_speed(args) -> None:
                 rows_pre = max(1, min(b, args.prefill_tokens // chunk))
                 pids = torch.randint(0, model.args.vocab_size, (rows_pre, chunk), device="cuda")
                 pre_ms = median_ms(lambda: model(pids, ctx - chunk), reps=3, warmup=1)
-                pre_floor = prefill_flops(model, rows_pre * chunk, ctx) / ceil["matmul"] * 1e3
+                pre_floor = prefill_flops(model, rows_pre * chunk, ctx, rows_pre) / ceil["matmul"] * 1e3
                 comm = collective_ms(model, b, ctx) if world > 1 else (0.0, 0.0)
                 rows.append(dict(ctx=ctx, batch=b, decode_ms=ms, decode_floor=floor_ms / ms,
                                  prefill_rows=rows_pre, prefill_tok_s=rows_pre * chunk / pre_ms * 1e3,
@@ -311,7 +464,7 @@ def bench_speed(args) -> None:
         if args.compare == "hf":
             if world > 1:
                 raise SystemExit("bench.py speed: --compare hf runs on one GPU only")
-            hf = hf_twin(model)
+            hf = (hf_twin_v3 if isinstance(model, model_v3.Transformer) else hf_twin)(model)
             for b in (1, 8):
                 ctx = 1024
                 theirs = hf_decode_ms(hf, b, ctx)
@@ -319,6 +472,7 @@ def bench_speed(args) -> None:
                 ours = decode_step_ms(decoder, ids, ctx)
                 say(f"decode vs transformers, ctx {ctx} batch {b}: ours {ours:.3f} ms/step, transformers "
                     f"{theirs:.3f} ms/step -> {theirs / ours:.1f}x")
+                versus[b] = theirs / ours
     say("\n| context | batch | decode ms/step | decode tok/s | of floor | prefill tok/s | of floor |"
         + (" NCCL of all kernel ms, eager step |" if world > 1 else ""))
     say("|---|---|---|---|---|---|---|" + ("---|" if world > 1 else ""))
@@ -326,18 +480,24 @@ def bench_speed(args) -> None:
         say(f"| {r['ctx']} | {r['batch']} | {r['decode_ms']:.3f} | {r['batch'] / r['decode_ms'] * 1e3:.0f} | "
             f"{r['decode_floor']:.0%} | {r['prefill_tok_s']:.0f} | {r['prefill_floor']:.0%} |"
             + (f" {r['comm_ms']:.3f} of {r['eager_ms']:.3f} |" if world > 1 else ""))
+    if isinstance(model, model_v3.Transformer):
+        say("\nissue 16's targets for R1 / V3:\n" + "\n".join(targets_v3(rows, versus)))
 
 
 def add_speed(commands) -> None:
-    p = commands.add_parser("speed", help="model.py on one GPU (or torchrun ranks) with real V4-Flash layer shapes")
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "config_flash.json"))
-    p.add_argument("--layers", type=int, default=4, help="layers kept from the config")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 128])
-    p.add_argument("--context", type=int, nargs="+", default=[1024, 16384, 65536])
+    p = commands.add_parser("speed", help="the model on one GPU (or torchrun ranks) with real V4-Flash (or R1) "
+                                          "layer shapes")
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "config_flash.json"),
+                   help="model config; its model_type picks the architecture (configs/config_r1.json: DeepSeek-R1)")
+    p.add_argument("--layers", type=int, help="layers kept from the config (default 4; 3 for R1 / V3)")
+    p.add_argument("--dense-layers", type=int, help="R1 / V3: how many of the layers kept are dense (default 1)")
+    p.add_argument("--batch", type=int, nargs="+", help="default 1 8 32 128; 1 32 for R1 / V3")
+    p.add_argument("--context", type=int, nargs="+", help="default 1024 16384 65536; 1024 32768 for R1 / V3")
     p.add_argument("--backend", default="triton", choices=["torch", "triton", "flaggems"],
                    help="kernels; flaggems = FlagGems' fused kernels (FLAGGEMS_EXCLUDE set also routes the aten "
                         "ops through FlagGems, minus those it names)")
-    p.add_argument("--compare", choices=["hf"], help="also time transformers' DeepseekV4 on the same weights")
+    p.add_argument("--compare", choices=["hf"], help="also time transformers' DeepseekV4 (or V3) on the same "
+                                                     "weights")
     p.add_argument("--chunk", type=int, default=1024, help="prefill chunk length measured at each context")
     p.add_argument("--prefill-tokens", type=int, default=4096, help="tokens per prefill chunk measurement, at most")
     p.add_argument("--prefill", type=int, default=4096, help="length of the prefill measured from position 0")
@@ -505,8 +665,9 @@ def bench_backends(args) -> None:
                 raise SystemExit(f"bench.py backends: backend {name} needs a CUDA GPU; --device cpu runs backend torch")
     if args.steps < 2 or args.prompt_len < 1:
         raise SystemExit("bench.py backends: --steps must be at least 2 and --prompt-len at least 1")
+    resolve(args, ("layers", "dense_layers"))
     model = build(args.config, args.layers, args.batch, args.prompt_len + args.steps, args.backends[0], args.device,
-                  args.dtype)
+                  args.dtype, args.dense_layers)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.args.vocab_size, (args.batch, args.prompt_len), generator=g).to(device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -559,7 +720,8 @@ def bench_backends(args) -> None:
 def add_backends(commands) -> None:
     p = commands.add_parser("backends", help="torch vs triton vs flaggems on one model: speed and logit agreement")
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "config_flash.json"))
-    p.add_argument("--layers", type=int, default=4, help="layers kept from the config")
+    p.add_argument("--layers", type=int, help="layers kept from the config (default 4; 3 for R1 / V3)")
+    p.add_argument("--dense-layers", type=int, help="R1 / V3: how many of the layers kept are dense (default 1)")
     p.add_argument("--backends", nargs="+", default=["torch", "triton", "flaggems"], choices=list(BACKENDS),
                    help="the first is the reference A; flaggems with FLAGGEMS_EXCLUDE set also routes aten ops")
     p.add_argument("--prompt-len", type=int, default=512, help="random prompt prefilled from position 0")

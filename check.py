@@ -16,9 +16,10 @@ A configuration (a spec) is comma-separated key=value pairs:
     dtype    fp32 | bf16 (default: the checkpoint config's)
     ogroups  0 | 1: the o-groups layout (USE_OGROUPS_COMM=1; mp above o_groups, converted with it)
 
-For each prompt (encoded as generate.py does, one prompt at a time), A runs the prefill and then
-greedy steps: `--steps` forward passes, recording the float32 logits of the last position at each
-step and their argmax tokens. B runs (i) its own greedy decoding and (ii) the same positions
+For each prompt (encoded as generate.py does, in the chat format of the checkpoint's family: V4's,
+or R1's for a deepseek_v3 config.json; one prompt at a time), A runs the prefill and then greedy
+steps: `--steps` forward passes, recording the float32 logits of the last position at each step
+and their argmax tokens. B runs (i) its own greedy decoding and (ii) the same positions
 teacher-forced with A's tokens, so that logits are compared on the same token path. Per prompt:
 
     max_abs      max over steps and vocabulary of |a - b| (teacher-forced logits)
@@ -350,8 +351,8 @@ def table(rows: List[dict]) -> str:
 # ---------------------------------------------------------------- main
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Compare two configurations of a converted DeepSeek-V4 checkpoint "
-                                            "on the same prompts.")
+    p = argparse.ArgumentParser(description="Compare two configurations of a converted DeepSeek-V4 or DeepSeek-R1 / "
+                                            "V3 checkpoint on the same prompts.")
     p.add_argument("--ckpt-path", help="default checkpoint folder of both specs (ckpt= in a spec overrides it)")
     p.add_argument("--input-file", required=True, help="prompts: blank-line separated text, or JSON lines")
     p.add_argument("--a", required=True, help='the reference spec, e.g. "mp=1,backend=torch,dtype=fp32,device=cpu"')
@@ -385,13 +386,16 @@ def run(opts: argparse.Namespace) -> int:
     args_a = check_spec(spec_a, "--a", opts.max_seq_len)
     max_seq_len = opts.max_seq_len or args_a.max_seq_len
     args_b = check_spec(spec_b, "--b", max_seq_len)
+    family = runtime.family_of(args_a)
+    if runtime.family_of(args_b) is not family:
+        raise UsageError(f"--a is {family.title}, --b is {runtime.family_of(args_b).title}: not one model")
     if args_a.vocab_size != args_b.vocab_size:
         raise UsageError(f"--a has a vocabulary of {args_a.vocab_size}, --b of {args_b.vocab_size}: not one model")
     try:
         tokenizer = runtime.Tokenizer(spec_a["ckpt"])
         prompts = runtime.read_prompts(opts.input_file)
         ids = runtime.tokenize(prompts, tokenizer, "thinking" if opts.thinking else "chat", opts.raw,
-                               max_seq_len - opts.steps + 1, runtime.family_of(args_a))
+                               max_seq_len - opts.steps + 1, family)
     except SetupError as e:
         raise UsageError(f"{e} (with --steps {opts.steps})" if "max_seq_len" in str(e) else str(e)) from None
 

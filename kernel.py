@@ -1021,6 +1021,9 @@ if triton is not None:
 
 MLA_BLOCK_H = 16
 MLA_TILES = (64, 8, 3)        # BLOCK_N positions a step, warps, pipeline stages (best of 4 on an H100)
+# float32 caches: R1's 512-wide latents in 3 stages of 64 positions need 336 KB of shared memory, more
+# than an H100 has (232 KB; seen there), so fewer positions a step and no pipelining.
+MLA_TILES_FP32 = (32, 8, 1)
 
 
 def mla_splits(b: int, h: int, positions: int, device: torch.device, block_n: int) -> int:
@@ -1039,7 +1042,7 @@ def mla_decode_triton(q_lat, q_pe, kv_cache, pe_cache, pos, scale: float, splits
     r, positions = q_pe.size(-1), kv_cache.size(1)
     if kv_cache.stride(-1) != 1 or pe_cache.stride(-1) != 1:
         raise ValueError("mla_decode_triton: caches need unit stride in their last dim")
-    block_n, warps, stages = tiles or MLA_TILES
+    block_n, warps, stages = tiles or (MLA_TILES if kv_cache.element_size() == 2 else MLA_TILES_FP32)
     q_lat, q_pe = q_lat.contiguous(), q_pe.contiguous()
     splits = splits or mla_splits(b, h, positions, q_lat.device, block_n)
     per_split = triton.cdiv(triton.cdiv(positions, splits), block_n) * block_n

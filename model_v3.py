@@ -266,6 +266,10 @@ def _from_hf_config(raw: dict, path: str) -> dict:
 # ---------------------------------------------------------------- multi-head latent attention
 
 NAIVE_MIN_TOKENS = 256     # attn_impl "auto": calls with more new tokens per row take the naive path
+# attend scores at most this many (row, query, head, key) entries at once: a long prefill goes through
+# its queries in blocks, so its float32 softmax takes a few GB whatever the context (R1 at 32K
+# positions on one GPU: 64 queries a block).
+SCORE_BLOCK = 1 << 28
 
 
 class MLA(nn.Module):
@@ -280,6 +284,7 @@ class MLA(nn.Module):
     attn_impl "auto" takes the absorbed path, except for calls of more than NAIVE_MIN_TOKENS new
     tokens a row, where expanding the keys once costs less than the absorbed products. One token a
     row on the absorbed path goes through ops.mla_decode (a Triton kernel on CUDA).
+    Queries are taken in blocks of at most SCORE_BLOCK scores (each query's softmax is its own).
     Since only the latent is cached, the path may change from one call to the next. (DeepSeek's
     naive path caches the expanded k and v instead; those are a function of the cached latent,
     which is already in the model dtype there too, so the results are the same.)
@@ -362,23 +367,32 @@ class MLA(nn.Module):
     def attend(self, q_nope, q_pe, kv, pe, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Queries [b, s, h, ..] over cached latents kv [b, t, c] and keys pe [b, t, r], mask added to
         the scores [b, s, h, t] -> [b, s, D]; the naive or the absorbed path (see the class)."""
-        seqlen = q_nope.size(1)
+        bsz, seqlen = q_nope.shape[:2]
         naive = self.impl == "naive" or (self.impl == "auto" and seqlen > NAIVE_MIN_TOKENS)
         wkv_b = self.wkv_b_heads()
         if naive:
             k_nope, v = self.wkv_b(kv).unflatten(-1, (self.n_local_heads, -1)).split([self.nope, self.v_dim], -1)
-            scores = torch.einsum("bshn,bthn->bsht", q_nope, k_nope)
+            q = q_nope
         else:
-            q_lat = torch.einsum("bshn,hnc->bshc", q_nope, wkv_b[:, :self.nope])   # [b, s, h, c]
-            scores = torch.einsum("bshc,btc->bsht", q_lat, kv)
-        scores = (scores + torch.einsum("bshr,btr->bsht", q_pe, pe)) * self.softmax_scale
-        if mask is not None:
-            scores = scores + mask
-        probs = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)          # [b, s, h, t]
-        if naive:
-            o = torch.einsum("bsht,bthv->bshv", probs, v)
-        else:
-            o = torch.einsum("bshc,hvc->bshv", torch.einsum("bsht,btc->bshc", probs, kv), wkv_b[:, self.nope:])
+            q = torch.einsum("bshn,hnc->bshc", q_nope, wkv_b[:, :self.nope])       # [b, s, h, c]
+        step = max(1, SCORE_BLOCK // (bsz * self.n_local_heads * kv.size(1)))
+        outs = []
+        for first in range(0, seqlen, step):
+            rows = slice(first, first + step)
+            if naive:
+                scores = torch.einsum("bshn,bthn->bsht", q[:, rows], k_nope)
+            else:
+                scores = torch.einsum("bshc,btc->bsht", q[:, rows], kv)
+            scores = (scores + torch.einsum("bshr,btr->bsht", q_pe[:, rows], pe)) * self.softmax_scale
+            if mask is not None:
+                scores = scores + mask[:, rows]
+            probs = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)      # [b, block, h, t]
+            if naive:
+                outs.append(torch.einsum("bsht,bthv->bshv", probs, v))
+            else:
+                lat = torch.einsum("bsht,btc->bshc", probs, kv)
+                outs.append(torch.einsum("bshc,hvc->bshv", lat, wkv_b[:, self.nope:]))
+        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)                 # [b, s, h, v]
         return self.tp.all_reduce(self.wo(o.flatten(2)))                          # [b, s, D]
 
 

@@ -1,6 +1,7 @@
 """transformers' DeepseekV4ForCausalLM as a peer: the oracle the tests compare our model with
 (hf_model, from a state dict in the release layout) and the implementation bench.py times beside
-ours (hf_twin, sharing a built model's GPU tensors)."""
+ours (hf_twin, sharing a built model's GPU tensors). hf_twin_v3 is the same for DeepSeek-R1 / V3:
+transformers' DeepseekV3ForCausalLM on a built model_v3.Transformer's tensors."""
 import re
 
 import torch
@@ -111,6 +112,56 @@ def hf_twin(model):
         if isinstance(module, hf_mod.DeepseekV4RotaryEmbedding):
             parent = hf.get_submodule(name.rsplit(".", 1)[0]) if "." in name else hf
             setattr(parent, name.rsplit(".", 1)[-1], hf_mod.DeepseekV4RotaryEmbedding(cfg, device="cuda"))
+    leftovers = [n for n, t in list(hf.named_parameters()) + list(hf.named_buffers()) if t.is_meta]
+    if leftovers:
+        raise RuntimeError(f"transformers twin: tensors left on meta: {leftovers[:5]}")
+    return hf.eval()
+
+
+def hf_twin_v3(model):
+    """transformers' DeepseekV3ForCausalLM (in eval mode, on the model's device) holding a built
+    model_v3.Transformer's tensors: the weights shared, the routed experts as the model's stacked
+    copies (model.MoE.stacked_weights, which the Triton path decodes from), the norms cast to the
+    model dtype (ours are float32) and the router's correction bias kept in float32. One rank only."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from model_v3 import release_name
+
+    a = model.args
+    if model.tp.world_size != 1:
+        raise ValueError("transformers twin: one rank only")
+    if (a.score_func, a.topk_method) != ("sigmoid", "noaux_tc"):
+        raise ValueError(f"transformers' DeepseekV3 routes by sigmoid scores with noaux_tc, not "
+                         f"{a.score_func} with {a.topk_method}")
+    yarn = {"type": "yarn", "factor": a.rope_factor, "original_max_position_embeddings": a.original_seq_len,
+            "beta_fast": a.beta_fast, "beta_slow": a.beta_slow, "mscale": a.mscale, "mscale_all_dim": a.mscale}
+    cfg = DeepseekV3Config(
+        vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.inter_dim,
+        moe_intermediate_size=a.moe_inter_dim, num_hidden_layers=a.n_layers, first_k_dense_replace=a.n_dense_layers, num_attention_heads=a.n_heads,
+        num_key_value_heads=a.n_heads, n_routed_experts=a.n_routed_experts, n_shared_experts=a.n_shared_experts,
+        num_experts_per_tok=a.n_activated_experts, n_group=a.n_expert_groups, topk_group=a.n_limited_groups,
+        routed_scaling_factor=a.route_scale, norm_topk_prob=a.norm_topk_prob, q_lora_rank=a.q_lora_rank or None,
+        kv_lora_rank=a.kv_lora_rank, qk_nope_head_dim=a.qk_nope_head_dim, qk_rope_head_dim=a.qk_rope_head_dim,
+        v_head_dim=a.v_head_dim, rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta,
+        rope_scaling=yarn if a.original_seq_len > 0 else None, max_position_embeddings=a.max_seq_len,
+        tie_word_embeddings=False)
+    device = model.embed.weight.device
+    with torch.device("meta"):
+        hf = DeepseekV3ForCausalLM(cfg).to(model.embed.weight.dtype).requires_grad_(False)
+    ours = model.state_dict()
+    state = {}
+    for name, meta in hf.state_dict().items():
+        experts = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)", name)
+        if experts:
+            w13, w2 = model.layers[int(experts.group(1))].ffn.stacked_weights()[:2]
+            state[name] = w13 if experts.group(2) == "gate_up_proj" else w2
+        elif name.endswith(".e_score_correction_bias"):
+            state[name] = ours[release_name(name, a.n_layers)]
+        else:
+            state[name] = ours[release_name(name, a.n_layers)].to(meta.dtype)
+    with torch.inference_mode():            # our stacked experts are inference tensors
+        hf.load_state_dict(state, strict=True, assign=True)
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(cfg).to(device)
     leftovers = [n for n, t in list(hf.named_parameters()) + list(hf.named_buffers()) if t.is_meta]
     if leftovers:
         raise RuntimeError(f"transformers twin: tensors left on meta: {leftovers[:5]}")

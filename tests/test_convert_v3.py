@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -22,6 +23,7 @@ import convert
 from random_release import read_release
 from testkit.release_v3 import dequantize_release_v3, r1_config, write_release_v3
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_EXPERTS, N_LAYERS = 16, 4
 
 # Hugging Face name part -> ours, and our names split across ranks (the rest is copied whole).
@@ -218,6 +220,22 @@ def _edit_config(src, **values):
         json.dump(config, f)
 
 
+def _own(src, fname):
+    """A file of the copied release made a copy of its own (in place of the link), so that it can
+    be damaged without touching the module's release; its path."""
+    path = os.path.join(src, fname)
+    target = os.path.realpath(path)
+    os.remove(path)
+    shutil.copyfile(target, path)
+    return path
+
+
+def _overwrite(src, fname, offset, data):
+    with open(_own(src, fname), "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
 def _drop(src, name):
     _edit(src, name, lambda t: t.pop(name))
     _edit_index(src, lambda m: m.pop(name))
@@ -234,8 +252,24 @@ S = W + "_scale_inv"
 DENSE = "model.layers.0.mlp.gate_proj.weight"
 NORM = "model.layers.0.input_layernorm.weight"
 
-# name -> (how to spoil a copy of the release, extra CLI arguments, environment, words the error must have)
+# name -> (how to spoil a copy of the release, extra CLI arguments, environment, words the error must have).
+# The first ones are V4's list (tests/test_convert.py) on the R1 release, the rest R1's own.
 BAD_INPUTS = {
+    "missing_src": (lambda src: shutil.rmtree(src), [], {}, ["checkpoint folder not found"]),
+    "missing_index": (lambda src: os.remove(os.path.join(src, convert.INDEX_FILE)), [], {},
+                      [convert.INDEX_FILE, "not found"]),
+    "missing_file": (lambda src: os.remove(os.path.join(src, "model-00002-of-00003.safetensors")), [], {},
+                     ["model-00002-of-00003.safetensors", "not found"]),
+    "truncated_file": (lambda src: os.truncate(_own(src, "model-00003-of-00003.safetensors"), 10**6), [], {},
+                       ["model-00003-of-00003.safetensors", "truncated"]),
+    "bad_header_length": (lambda src: _overwrite(src, "model-00001-of-00003.safetensors", 0,
+                                                 (10**12).to_bytes(8, "little")), [], {},
+                          ["model-00001-of-00003.safetensors", "header length"]),
+    "corrupt_header": (lambda src: _overwrite(src, "model-00001-of-00003.safetensors", 8, b"\xff#!~"), [], {},
+                       ["model-00001-of-00003.safetensors", "not valid JSON"]),
+    "scale_inv_absent_from_file": (lambda src: _edit(src, S, lambda t: t.pop(S)), [], {}, [S, "absent from the file"]),
+    "float16_tensor": (lambda src: _edit(src, NORM, lambda t: t.update({NORM: t[NORM].half()})), [], {},
+                       [NORM, "F16"]),
     "weight_without_scale_inv": (lambda src: _drop(src, S), [], {}, [W, "F8_E4M3 weight without its scale", S]),
     "scale_inv_without_weight": (lambda src: _drop(src, W), [], {}, [S, "scale without a weight"]),
     "scale_inv_shape": (lambda src: _edit(src, S, lambda t: t.update({S: t[S][:1]})), [], {},
@@ -271,13 +305,19 @@ BAD_INPUTS = {
 }
 
 
+def _spoiled(release, root, case):
+    """A spoiled copy of the release and an empty output folder for one case: (src, dst)."""
+    src, dst = str(root / "src"), str(root / "dst")
+    _copy_release(release[0], src)
+    BAD_INPUTS[case][0](src)
+    os.makedirs(dst)
+    return src, dst
+
+
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_is_refused(release, tmp_path, monkeypatch, capsys, case):
-    spoil, args, env, words = BAD_INPUTS[case]
-    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
-    _copy_release(release[0], src)
-    spoil(src)
-    os.makedirs(dst)
+    _, args, env, words = BAD_INPUTS[case]
+    src, dst = _spoiled(release, tmp_path, case)
     monkeypatch.delenv("USE_OGROUPS_COMM", raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -290,4 +330,40 @@ def test_bad_input_is_refused(release, tmp_path, monkeypatch, capsys, case):
     assert message.startswith("convert.py: error: ") and "\n" not in message
     for w in words:
         assert w in message, message
+    assert os.listdir(dst) == []
+
+
+def test_command_line_exits_non_zero(release, tmp_path):
+    src, dst = _spoiled(release, tmp_path, "truncated_file")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), "--hf-ckpt-path", src, "--save-path", dst,
+                           "--model-parallel", "2"], env={k: v for k, v in os.environ.items() if k != "USE_OGROUPS_COMM"},
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip().startswith("convert.py: error: ") and "truncated" in done.stderr
+    assert os.listdir(dst) == []
+
+
+def test_failed_job_leaves_no_shards(release, tmp_path, monkeypatch):
+    calls, dequant_fp8 = [], convert.dequant_fp8
+
+    def failing(weight, scale, dtype):
+        calls.append(1)
+        if len(calls) == 5:
+            raise ValueError("injected failure")
+        return dequant_fp8(weight, scale, dtype)
+
+    monkeypatch.setattr(convert, "dequant_fp8", failing)
+    dst = str(tmp_path / "out")
+    with pytest.raises(convert.ConvertError, match=r"tensor model\.layers\.\d+\..*: injected failure"):
+        convert.convert(release[0], dst, 2, num_workers=1)
+    assert os.listdir(dst) == []
+
+
+def test_interrupt_leaves_no_shards(release, tmp_path, monkeypatch):
+    def interrupted(self, job):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(convert.ShardWriter, "run", interrupted)
+    dst = str(tmp_path / "out")
+    with pytest.raises(KeyboardInterrupt):
+        convert.convert(release[0], dst, 2, num_workers=1)
     assert os.listdir(dst) == []

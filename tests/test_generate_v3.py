@@ -1,9 +1,11 @@
 """generate.py on a DeepSeek-R1 checkpoint, end to end on CPU.
 
-The random R1-format release of testkit/release_v3.py is converted by convert.py for 1 and 2 ranks.
+The random R1-format release of testkit/release_v3.py is converted by convert.py for 1, 2 and 4 ranks.
 generate.py, in R1's chat format at --dtype fp32 with greedy decoding, must continue every prompt
 token for token as transformers' DeepseekV3ForCausalLM does when loaded with the values the release
-encodes: in this process (one rank) and under torchrun on gloo (two ranks).
+encodes: in this process (one rank), under torchrun on gloo (two ranks), with run_mp8.sh (four ranks)
+and with run_node_0.sh + run_node_1.sh as two nodes on localhost. Every bad input of V4's list
+(tests/test_generate.py) is refused on R1 shards too, with one clear line.
 """
 import json
 import os
@@ -11,6 +13,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -69,7 +72,7 @@ def release(tmp_path_factory):
     path = str(root / "release")
     reference = write_release_v3(path, seed=0, n_files=2)
     converted = {}
-    for n in (1, 2):
+    for n in (1, 2, 4):
         converted[n] = str(root / f"mp{n}")
         convert.convert(path, converted[n], n, num_workers=1)
     return path, reference, converted
@@ -172,6 +175,125 @@ def test_two_ranks_match_transformers(release, inputs, expected, tmp_path):
     assert done.returncode == 0, done.stderr
     check_records(read_records(out), expected["chat"], runtime.Tokenizer(release[2][2]), "chat")
     assert "5 prompts" in done.stderr and done.stdout == ""
+
+
+def test_four_ranks_match_transformers(release, inputs, expected, tmp_path):
+    out = tmp_path / "out.jsonl"
+    done = subprocess.run([os.path.join(ROOT, "run_mp8.sh"), *GREEDY, "--output-file", str(out)],
+                          env=env(NPROC_PER_NODE="4", CKPT_PATH=release[2][4], INPUT_FILE=inputs,
+                                  MASTER_PORT=str(free_port())),
+                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    check_records(read_records(out), expected["chat"], runtime.Tokenizer(release[2][4]), "chat")
+
+
+def test_two_nodes_match_transformers(release, inputs, expected, tmp_path):
+    """run_node_0.sh and run_node_1.sh on 127.0.0.1, two ranks each over gloo: four ranks, the mp4
+    shards. USE_OGROUPS_COMM=0, as the README says for R1 (the scripts turn V4's o-groups layout on)."""
+    out = tmp_path / "out.jsonl"
+    extra = env(NNODES="2", NPROC_PER_NODE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                CKPT_PATH=release[2][4], INPUT_FILE=inputs, USE_OGROUPS_COMM="0")
+    nodes = [subprocess.Popen([os.path.join(ROOT, f"run_node_{i}.sh"), *GREEDY, "--output-file", str(out)],
+                              env=extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             for i in (0, 1)]
+    results = [node.communicate(timeout=LAUNCH_TIMEOUT) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], results
+    check_records(read_records(out), expected["chat"], runtime.Tokenizer(release[2][4]), "chat")
+
+
+# ---------------------------------------------------------------- bad input (V4's list, on R1 shards)
+
+@pytest.fixture(scope="module")
+def broken(release, tmp_path_factory):
+    """R1 checkpoint folders with one thing wrong each (shards linked, not copied)."""
+    root = tmp_path_factory.mktemp("broken_v3")
+    mp1, mp2 = release[2][1], release[2][2]
+
+    def folder(name, src, shard, side=("config.json", "tokenizer.json", "tokenizer_config.json")):
+        path = root / name
+        path.mkdir()
+        os.symlink(os.path.join(src, shard), path / shard)
+        for fname in side:
+            os.symlink(os.path.join(src, fname), path / fname)
+        return str(path)
+
+    bad_config = folder("bad_config", mp1, "model0-mp1.safetensors", ("tokenizer.json", "tokenizer_config.json"))
+    with open(os.path.join(mp1, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(bad_config, "config.json"), "w") as f:
+        json.dump({**config, "n_group": 3}, f)
+    return {
+        "no_tokenizer": folder("no_tokenizer", mp1, "model0-mp1.safetensors", ("config.json",)),
+        "no_config": folder("no_config", mp1, "model0-mp1.safetensors", ("tokenizer.json", "tokenizer_config.json")),
+        "bad_config": bad_config,
+        "rank1_missing": folder("rank1_missing", mp2, "model0-mp2.safetensors"),
+    }
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing_file", r"input file .*absent\.txt not found"),
+    ("empty_file", r"is empty: no prompts"),
+    ("bad_jsonl", r"bad\.jsonl line 3: not valid JSON"),
+    ("bad_record", r"bad_record\.jsonl line 1: expected"),
+    ("bad_messages", r"line 1: the last message must be from the user"),
+    ("too_long", r"prompt 2 has \d+ tokens, which leaves no room for a reply within max_seq_len=16"),
+    ("raw_messages", r"--raw takes plain prompts"),
+    ("missing_shards", r"model0-mp1\.safetensors not found: .*present in .*: mp2"),
+    ("no_tokenizer", r"no tokenizer in .*: expected tokenizer\.json or tokenizer\.model"),
+    ("no_config", r"config .*config\.json not found"),
+    ("bad_config", r"config .*config\.json: n_routed_experts=16 is not divisible by n_expert_groups=3"),
+    ("no_output_folder", r"the folder of --output-file .* does not exist"),
+    ("flaggems_on_cpu", r"USE_FLAGGEMS=1 needs a CUDA GPU"),
+])
+def test_bad_input_is_refused_with_a_clear_message(case, match, release, broken, inputs, tmp_path, capsys,
+                                                    monkeypatch):
+    argv = {"--ckpt-path": release[2][1], "--input-file": inputs}
+    files = {"empty_file": ("empty.txt", " \n\n"), "bad_jsonl": ("bad.jsonl", '{"prompt": "a"}\n\n{"prompt": }\n'),
+             "bad_record": ("bad_record.jsonl", '{"text": "a"}\n'),
+             "bad_messages": ("m.jsonl", json.dumps({"messages": [{"role": "assistant", "content": "a"}]}) + "\n"),
+             "raw_messages": ("m.jsonl", json.dumps({"messages": CONVERSATION}) + "\n"),
+             "too_long": ("long.txt", "short\n\n" + "word " * 40)}
+    if case in files:
+        name, text = files[case]
+        (tmp_path / name).write_text(text)
+        argv["--input-file"] = str(tmp_path / name)
+    elif case == "missing_file":
+        argv["--input-file"] = str(tmp_path / "absent.txt")
+    elif case == "missing_shards":
+        argv["--ckpt-path"] = release[2][2]
+    elif case in broken:
+        argv["--ckpt-path"] = broken[case]
+    elif case == "no_output_folder":
+        argv["--output-file"] = str(tmp_path / "nowhere" / "out.jsonl")
+    elif case == "flaggems_on_cpu":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        monkeypatch.setenv("USE_FLAGGEMS", "1")
+    extra = {"too_long": ["--max-seq-len", "16"], "raw_messages": ["--raw"]}.get(case, [])
+    assert generate.main([a for kv in argv.items() for a in kv] + GREEDY + extra) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("generate.py: error: ") and err.count("\n") == 1, err
+    assert re.search(match, err), err
+
+
+@pytest.mark.parametrize("case", ["rank1_missing", "too_long"])
+def test_a_problem_on_one_rank_stops_every_rank(case, release, broken, inputs):
+    """A shard missing on rank 1 only, or a prompt rank 0 refuses: both ranks exit 1, one message."""
+    ckpt = broken["rank1_missing"] if case == "rank1_missing" else release[2][2]
+    limit = ["--max-seq-len", "8"] if case == "too_long" else []
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", GENERATE,
+           "--ckpt-path", ckpt, "--input-file", inputs, *limit, "--timeout", "30"]
+    start = time.monotonic()
+    done = subprocess.run(cmd, env=env(MASTER_PORT=str(free_port())), capture_output=True, text=True,
+                          timeout=LAUNCH_TIMEOUT, cwd=ROOT)
+    assert done.returncode != 0
+    assert time.monotonic() - start < 60
+    errors = [line for line in done.stderr.splitlines() if line.startswith("generate.py: error: ")]
+    assert len(errors) == 1, done.stderr
+    if case == "too_long":
+        assert re.match(r"generate\.py: error: rank 0: prompt 2 has \d+ tokens", errors[0]), errors[0]
+    else:
+        assert errors[0].startswith("generate.py: error: rank 1: ") and "model1-mp2.safetensors not found" in errors[0]
 
 
 # ---------------------------------------------------------------- pieces

@@ -4,6 +4,7 @@ wkv_b folded into query and output), with Q-LoRA and with a full-rank query proj
 
 Prompts of 80 tokens run past YaRN's original 64 positions; the fixture has 2 dense and 2 MoE layers.
 """
+import json
 import math
 import os
 import re
@@ -11,6 +12,7 @@ import re
 import pytest
 import torch
 
+import model_v3
 from model_v3 import Gate, ModelArgs, Transformer, expert_rank, release_name, split_dim
 from testkit.oracle_v3 import hf_random_model, our_state_dict, shard, tiny_config, write_config
 
@@ -99,6 +101,39 @@ def test_incremental_decode_matches_transformers(release, prompts, oracle_logits
         got = model.decode(ids, torch.full((prompts.size(0),), pos)) if static else model(ids, pos)
         worst = max(worst, (got - oracle_logits[:, pos]).abs().max().item())
     report(f"decode {impl} {'tensor' if static else 'int'}", worst)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_prefill_in_query_blocks_equals_one_block(release, prompts, monkeypatch, impl):
+    """With SCORE_BLOCK small enough for 11 queries a block at 50 keys (3 rows x 4 heads) and 7 at 80,
+    a prefill and a chunk after it give the logits of the queries taken all at once."""
+    model = build(release, impl)
+    whole = [model(prompts[:, :50]), model(prompts[:, 50:], start_pos=50)]
+    monkeypatch.setattr(model_v3, "SCORE_BLOCK", 3 * 4 * 80 * 7)
+    blocked = [model(prompts[:, :50]), model(prompts[:, 50:], start_pos=50)]
+    worst = max((a - b).abs().max().item() for a, b in zip(whole, blocked))
+    print(f"queries in blocks vs at once ({impl}): max |logit diff| = {worst:.2e}")
+    assert worst < 1e-5
+
+
+def test_stacked_experts_hold_the_experts_and_share_their_memory(release, prompts):
+    """model.MoE.stacked_weights (the Triton path's expert weights), filled expert by expert: every
+    expert's values at its index, its parameters views into the stacks, the logits unchanged."""
+    model = build(release)
+    want = model(prompts[:, :9])
+    moe = model.layers[2].ffn
+    before = {name: p.clone() for name, p in moe.named_parameters()}
+    w13, w2, shared13 = moe.stacked_weights()
+    inter = moe.experts[0].w1.weight.size(0)
+    for i, e in enumerate(moe.experts):
+        parts = {"w1": w13[i, :inter], "w3": w13[i, inter:], "w2": w2[i]}
+        for name, part in parts.items():
+            assert torch.equal(part, before[f"experts.{i}.{name}.weight"])
+            assert getattr(e, name).weight.data_ptr() == part.data_ptr()
+    assert torch.equal(shared13, torch.cat([before["shared_experts.w1.weight"], before["shared_experts.w3.weight"]]))
+    assert all(torch.equal(p, before[name]) for name, p in moe.named_parameters())
+    assert moe.stacked_weights()[0] is w13
+    assert torch.equal(model(prompts[:, :9]), want)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -278,6 +313,18 @@ def test_r1_config_reads_as_the_release(tmp_path):
     assert args == ModelArgs(max_seq_len=8192)            # the defaults are R1's
     for world in (1, 2, 4, 8, 16):
         args.validate(world)
+
+
+def test_configs_hold_r1_as_released_and_a_tiny_r1():
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    with open(os.path.join(configs, "config_r1.json")) as f:
+        r1 = json.load(f)
+    assert {k: r1.get(k) for k in R1_CONFIG} == R1_CONFIG
+    assert ModelArgs.from_file(os.path.join(configs, "config_r1.json")) == ModelArgs()
+    tiny = ModelArgs.from_file(os.path.join(configs, "config_r1_tiny.json"))
+    assert (tiny.n_layers, tiny.n_dense_layers, tiny.n_routed_experts, tiny.n_expert_groups) == (4, 1, 16, 4)
+    for world in (1, 2, 4):
+        tiny.validate(world)
 
 
 @pytest.mark.parametrize("change,field", [

@@ -2,9 +2,12 @@
 # Every single-GPU check and measurement of this repository in one go, for a GPU machine lent for
 # a few minutes: each step has its own time limit, writes its log to OUT (default ./gpu_logs) and
 # the script goes on after a failure. Prints a summary line per step; exit status 1 if any failed.
-# The limits add up to about 40 minutes: name steps to run a part (a device call is at most 10).
-#   bash tools/gpu_all.sh [OUT [STEP ...]]      steps: gpu_check bench backends bf16_drift flaggems_ops
+# The limits add up to about 50 minutes: name steps to run a part (a device call is at most 10).
+#   bash tools/gpu_all.sh [OUT [STEP ...]]      steps: gpu_check bench bench_r1 backends bf16_drift flaggems_ops
 #                                                      flaggems_real flaggems_check bench_flaggems
+# gpu_check: the V4 and R1 fixtures (python -m tools.gpu_check --fixtures R1 runs R1's part alone).
+# bench_r1: DeepSeek-R1's real shapes, 1 dense + 2 MoE layers (about 70 GB at its peak), against
+# transformers' DeepseekV3ForCausalLM, with issue 16's targets at the end.
 # backends: torch vs triton vs flaggems on 4 V4-Flash layers (speed and logit agreement, OUT/backends.json).
 # FlagGems steps need flag-gems importable (see README); without it they report their failure.
 set -u
@@ -26,8 +29,9 @@ step() {    # step NAME SECONDS COMMAND...
     [ "$rc" -eq 0 ] || status=1
 }
 
-step gpu_check 150 python -m tools.gpu_check
+step gpu_check 300 python -m tools.gpu_check
 step bench 240 python bench.py speed --compare hf --profile --batch 1 8 32 128 --context 1024 65536
+step bench_r1 300 python bench.py speed --config configs/config_r1.json --compare hf
 step backends 240 python bench.py backends --layers 4 --report "$OUT/backends.json"
 step bf16_drift 150 python -m tools.bf16_drift
 step flaggems_ops 580 python -m tools.flaggems_ops --timeout-per-function 40 --timeout-all 150 --out "$OUT/flaggems_ops.json"

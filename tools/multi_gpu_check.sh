@@ -3,7 +3,8 @@
 #   bash tools/multi_gpu_check.sh OUT_DIR
 # 1. generate.py greedy on a fixture checkpoint: N = 1 vs N = 2 over NCCL, the two-node launch
 #    simulated by run_node_0.sh / run_node_1.sh (one GPU each, 127.0.0.1), and the o-groups layout
-#    (a fixture with o_groups 1, USE_OGROUPS_COMM=1): every completion identical to N = 1.
+#    (a fixture with o_groups 1, USE_OGROUPS_COMM=1): every completion identical to N = 1. The same
+#    N = 1 vs N = 2 on the R1 fixture (testkit/release_v3: DeepSeek-R1's format, model_v3.py).
 # 2. bench.py speed at N = 1 and N = 2 (real V4-Flash layer shapes), collectives per decode step.
 # Exits non-zero when a run fails or outputs differ.
 set -euo pipefail
@@ -40,6 +41,15 @@ python generate.py --ckpt-path "$WORK/ckpt_g1" "${GEN[@]}" --output-file "$OUT/g
 USE_OGROUPS_COMM=1 torchrun --standalone --nproc-per-node 2 generate.py --ckpt-path "$WORK/ckpt_g1" "${GEN[@]}" \
     --output-file "$OUT/gen_g1_mp2.jsonl"
 same "o-groups layout (o_groups 1, N = 2)" "$OUT/gen_g1_mp1.jsonl" "$OUT/gen_g1_mp2.jsonl"
+python -c "
+from testkit.release_v3 import write_release_v3
+write_release_v3('$WORK/release_r1', seed=0)"
+python convert.py --hf-ckpt-path "$WORK/release_r1" --save-path "$WORK/ckpt_r1" --model-parallel 1
+python convert.py --hf-ckpt-path "$WORK/release_r1" --save-path "$WORK/ckpt_r1" --model-parallel 2
+python generate.py --ckpt-path "$WORK/ckpt_r1" "${GEN[@]}" --output-file "$OUT/gen_r1_mp1.jsonl"
+torchrun --standalone --nproc-per-node 2 generate.py --ckpt-path "$WORK/ckpt_r1" "${GEN[@]}" \
+    --output-file "$OUT/gen_r1_mp2.jsonl"
+same "R1 fixture, N = 2 over NCCL" "$OUT/gen_r1_mp1.jsonl" "$OUT/gen_r1_mp2.jsonl"
 
 python bench.py speed --batch 1 32 --context 1024 16384 --prefill 4096 2>&1 | tee "$OUT/bench_mp1.log"
 torchrun --standalone --nproc-per-node 2 bench.py speed --batch 1 32 --context 1024 16384 --prefill 4096 2>&1 \

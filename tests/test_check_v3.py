@@ -1,0 +1,107 @@
+"""check.py on DeepSeek-R1 shards (CPU): the random R1-format release of testkit/release_v3.py
+converted for 1 and 2 ranks.
+
+Prompts must be encoded in R1's chat format (as generate.py encodes them for this checkpoint), so A's
+greedy tokens are generate.py's completion; float32 mp=1 and mp=2 must agree to float32 rounding;
+an R1 side against a V4 side is refused (same vocabulary size, not one model).
+"""
+import json
+
+import pytest
+import torch
+
+import check
+import convert
+import generate
+import runtime
+from encoding import encode_messages, encode_messages_r1
+from random_release import write_release
+from testkit.release_v3 import write_release_v3
+
+PROMPTS = ["Hello there", "Why is the sky blue? Answer in one sentence."]
+STEPS = 5
+FP32_CPU = "backend=torch,dtype=fp32,device=cpu"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in ("USE_FLAGGEMS", "USE_OGROUPS_COMM", "FLAGGEMS_EXCLUDE", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """{N: R1 folder converted for N ranks}, and the prompt file."""
+    root = tmp_path_factory.mktemp("check_v3")
+    release = str(root / "release")
+    write_release_v3(release, seed=1, n_files=1)
+    out = {}
+    for n in (1, 2):
+        out[n] = str(root / f"mp{n}")
+        convert.convert(release, out[n], n, num_workers=1)
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n\n".join(PROMPTS) + "\n")
+    out["prompts"] = str(prompts)
+    return out
+
+
+def run_check(ckpt, a, b, tmp_path, *extra):
+    report = tmp_path / "report.json"
+    rc = check.main(["--ckpt-path", ckpt[1], "--input-file", ckpt["prompts"], "--a", a, "--b", b,
+                     "--steps", str(STEPS), "--max-seq-len", "128", "--report", str(report), *extra])
+    return rc, (json.loads(report.read_text()) if report.exists() else None)
+
+
+def prompt_lengths(ckpt, encode, mode="chat"):
+    tok = runtime.Tokenizer(ckpt[1])
+    return [len(tok.encode(encode([{"role": "user", "content": p}], mode))) for p in PROMPTS]
+
+
+def test_mp1_and_mp2_agree_in_fp32(ckpt, tmp_path):
+    rc, report = run_check(ckpt, f"mp=1,{FP32_CPU}", f"mp=2,{FP32_CPU},ckpt={ckpt[2]}", tmp_path,
+                           "--max-abs", "1e-4", "--min-top1", "1", "--same-greedy")
+    assert rc == 0 and report["ok"], report["failures"]
+    rows = report["prompts"]
+    assert [r["prompt_tokens"] for r in rows] == prompt_lengths(ckpt, encode_messages_r1)
+    assert prompt_lengths(ckpt, encode_messages_r1) != prompt_lengths(ckpt, encode_messages)   # V4's has </think>
+    assert all(r["a_tokens"] == r["b_tokens"] and r["steps"] == STEPS for r in rows)
+    assert len({tuple(r["a_tokens"]) for r in rows}) == len(rows)
+
+
+@pytest.mark.parametrize("mode", ["chat", "thinking"])
+def test_greedy_tokens_are_generate_py_s(ckpt, tmp_path, mode):
+    """A's greedy tokens are the completion generate.py writes for the same checkpoint and prompt."""
+    thinking = ["--thinking"] if mode == "thinking" else []
+    rc, report = run_check(ckpt, f"mp=1,{FP32_CPU}", f"mp=1,{FP32_CPU}", tmp_path, *thinking)
+    assert rc == 0
+    out = tmp_path / "out.jsonl"
+    assert generate.main(["--ckpt-path", ckpt[1], "--input-file", ckpt["prompts"], "--output-file", str(out),
+                          "--max-new-tokens", str(STEPS), "--temperature", "0", "--dtype", "fp32",
+                          "--max-batch-size", "1", "--max-seq-len", "128", *thinking]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    tok = runtime.Tokenizer(ckpt[1])
+    for row, rec in zip(report["prompts"], records):
+        assert row["prompt_tokens"] == rec["prompt_tokens"] == prompt_lengths(ckpt, encode_messages_r1, mode)[
+            rec["index"]]
+        ids = rec["completion_ids"]
+        assert row["a_tokens"][:len(ids)] == ids
+        assert len(ids) == STEPS or row["a_tokens"][len(ids)] == tok.eos_id
+
+
+def test_an_r1_side_against_a_v4_side_is_refused(ckpt, tmp_path, capsys):
+    v4 = str(tmp_path / "v4")
+    write_release(v4, n_files=1)
+    convert.convert(v4, str(tmp_path / "v4mp1"), 1, num_workers=1)
+    rc, report = run_check(ckpt, f"mp=1,{FP32_CPU}", f"mp=1,{FP32_CPU},ckpt={tmp_path / 'v4mp1'}", tmp_path)
+    assert rc == 2 and report is None
+    err = capsys.readouterr().err
+    assert "--a is DeepSeek-R1 / V3, --b is DeepSeek-V4: not one model" in err
