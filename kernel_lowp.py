@@ -383,7 +383,8 @@ MOE_LOWP_TILES_F32 = (16, 64, 32, 4, 2)      # float32 activations (the fp32 mod
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    """SMs the GEMV tiles spread over; 1 in the interpreter, which runs the programs one by one."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def fp8_scale_arg(scale: torch.Tensor):

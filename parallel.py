@@ -68,6 +68,9 @@ class Parallel:
         return x
 
 
+LOWP_DTYPES = {torch.float8_e4m3fn, torch.int8}    # weights kept as the release stores them: FP8, MXFP4 packed
+
+
 def dtype_of(name: str) -> torch.dtype:
     """The torch dtype of a config's dtype name, 'bf16' or 'fp32'."""
     return torch.float32 if name == "fp32" else torch.bfloat16
@@ -120,6 +123,19 @@ class Linear(nn.Module):
         if self.quant is None:
             return F.linear(x.to(self.weight.dtype), self.weight)
         return self.quant.ops.linear_lowp(x.to(self.dtype), self.weight, self.scale)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Loading: a weight quantised in the checkpoint and not in the model (or the other way round)
+        is refused by name, before torch's shape checks would report it as sizes that differ."""
+        stored = state_dict.get(prefix + "weight")
+        if stored is not None and stored.dtype != self.weight.dtype and LOWP_DTYPES & {stored.dtype, self.weight.dtype}:
+            error_msgs.append(f"{prefix}weight is {stored.dtype} in the checkpoint and {self.weight.dtype} in the "
+                              f"model: config.json's weights / expert_weights say how the shards hold the release's "
+                              f"quantised weights (convert.py writes them), and this config does not describe them")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def dequantised(self) -> torch.Tensor:
         """The weight [out, in] in the model dtype (the parameter itself when it is not quantised)."""
