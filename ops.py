@@ -351,7 +351,10 @@ class Ops:
 
     'torch': the references above. 'triton': our Triton kernels where there is one (CUDA, or CPU
     tensors under TRITON_INTERPRET=1). 'flaggems': FlagGems' fused kernels where it has one, our
-    Triton kernels for the rest (CUDA). 'auto': Triton on CUDA when it is installed, else torch."""
+    Triton kernels for the rest (CUDA). 'auto': Triton on CUDA when it is installed, else torch.
+    Weights kept as the release stores them (FP8, MXFP4) go through kernel_lowp's Triton kernels
+    with 'triton' and 'flaggems' alike (FlagGems has none for them), through their references with
+    'torch'."""
 
     # Few-token MoE (decode): up to this many (token, expert) assignments go through one program per
     # assignment (kernel.moe_gemv_triton); more through grouped GEMMs over tokens sorted by expert.
