@@ -7,6 +7,9 @@
     python bench.py moe-tiles [--tokens 4096] [--decode-tokens 1 4 8 16]
     python bench.py attn-tiles [--tokens 4096]
     python bench.py convert --layers 2 --workdir /tmp/bench
+    python bench.py weights [--layers 4] [--batch 1 32] [--context 1024] [--prefill 4096]
+    python bench.py memory [--ranks 1 2 4 8 16]
+    python bench.py rank-share [--ranks 4] [--weights fp8] [--batch 1 32] [--context 1024]
 
 speed (CUDA): model.py with the real V4-Flash layer shapes (configs/config_flash.json cut to
 --layers layers, all experts), random weights made on the GPU, no disk. Caches are filled with
@@ -44,6 +47,7 @@ after it has been measured, so the disk needs room for the release and one conve
 """
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -52,6 +56,7 @@ import statistics
 import sys
 import time
 import traceback
+import zlib
 from typing import Optional
 
 import torch
@@ -59,11 +64,12 @@ import torch.distributed as dist
 
 import convert
 import model_v3
-from model import ModelArgs, Transformer
-from ops import BACKENDS
+from model import DecodeStep, ModelArgs, Transformer
+from ops import BACKENDS, dequantised
+from parallel import LOWP_DTYPES, Parallel, linear_fp32
 from peers import hf_twin, hf_twin_v3
+from quant import FP8_BLOCK, fp4_scale_shape, fp8_scale_shape
 from runtime import GraphedDecoder, SetupError, end_process_groups, greedy, ready_flaggems, write_atomically
-from quant import fp4_scale_shape, fp8_scale_shape
 from random_release import hf_config, release_specs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -921,6 +927,326 @@ def add_convert(commands) -> None:
     p.set_defaults(run=bench_convert)
 
 
+# ----------------------------------------------------------------------------- weights: BF16 vs FP8 shards
+
+class RankShare(Parallel):
+    """Rank 0's place among world_size ranks, held alone: the layers are built with that rank's share
+    of the weights and the collectives do nothing (ParallelHead's gather aside, which the rank-share
+    timing leaves out). Above o_groups ranks its output groups are those of the o-groups layout, for
+    the memory table (its attention cannot run: heads are not gathered)."""
+    def __init__(self, world_size: int, o_groups: int):
+        super().__init__(world_size, 0)
+        self.o_groups = o_groups
+
+    @property
+    def out_group_split(self) -> int:
+        return min(self.world_size, self.o_groups)
+
+    def all_reduce(self, x: torch.Tensor, group=None) -> torch.Tensor:
+        return x
+
+
+def lowp_layout(args, tp: Parallel) -> dict:
+    """name -> 'fp8' or 'fp4': the weights a model of args (model.py or model_v3.py) on shards of
+    convert.py --dtype fp8 holds quantised (built on the meta device), with args' expert format when
+    it is one, else the release's."""
+    experts = args.expert_weights if args.weights == "fp8" else ("fp4" if isinstance(args, ModelArgs) else "fp8")
+    family = sys.modules[type(args).__module__]
+    with torch.device("meta"):
+        twin = family.Transformer(dataclasses.replace(args, weights="fp8", expert_weights=experts), tp)
+    return {name: "fp4" if p.dtype == torch.int8 else "fp8" for name, p in twin.named_parameters()
+            if p.dtype in LOWP_DTYPES}
+
+
+def random_codes(fmt: str, rows: int, cols: int, g: torch.Generator, device) -> tuple:
+    """Random valid low-precision codes for a [rows, cols] weight with entries about 1/sqrt(cols):
+    FP8 e4m3 [rows, cols] with ue8m0 block scales, or MXFP4 packed [rows, cols/2] with ue8m0 scales."""
+    log_cols = (cols.bit_length() - 1) // 2
+    if fmt == "fp8":
+        codes = (torch.randn(rows, cols, device=device, generator=g) * 16).to(torch.float8_e4m3fn)
+        exp = torch.randint(-1, 2, fp8_scale_shape(rows, cols), device=device, generator=g) - 4 - log_cols
+    else:
+        codes = torch.randint(-128, 128, (rows, cols // 2), device=device, generator=g, dtype=torch.int8)
+        exp = torch.randint(-1, 2, fp4_scale_shape(rows, cols), device=device, generator=g) - 2 - log_cols
+    return codes, (exp + 127).to(torch.uint8).view(torch.float8_e8m0fnu)
+
+
+def fill_random(model, layout: dict, seed: int = 0) -> None:
+    """Random weights that do not depend on how the model holds them: each parameter drawn from a
+    generator seeded by its name; a weight that layout names (lowp_layout) as random low-precision
+    codes, which a model holding it in BF16 gets dequantised (the same numbers). The rest as
+    random_weights draws them."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, p in params.items():
+            if name.endswith(".scale"):
+                continue
+            g = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            if name in layout:
+                rows, cols = p.shape[0], p.shape[1] * (2 if p.dtype == torch.int8 else 1)
+                codes, scale = random_codes(layout[name], rows, cols, g, p.device)
+                scale_name = name[:-len("weight")] + "scale"
+                if scale_name in params:
+                    p.copy_(codes)
+                    params[scale_name].copy_(scale)
+                else:
+                    p.copy_(dequantised(codes, scale, p.dtype))
+            elif p.dtype in (torch.int32, torch.int64):          # tid2eid: distinct experts per token
+                e = model.args.n_routed_experts
+                p.copy_(torch.rand(p.shape[0], e, device=p.device, generator=g).argsort(-1)[:, :p.shape[1]])
+            elif name.endswith("norm.weight") or "_scale" in name:
+                p.fill_(1.0)
+            elif name == "embed.weight":
+                p.normal_(0, 1, generator=g)
+            elif p.dim() == 2 and "hc_" not in name:
+                p.normal_(0, p.shape[1] ** -0.5, generator=g)
+            else:
+                p.normal_(0, 0.02, generator=g)
+
+
+def build_filled(config: str, layers: int, weights: str, max_batch: int, max_seq: int, tp: Optional[Parallel] = None,
+                 device: str = "cuda", backend: str = "triton"):
+    """model.py with `layers` layers of config (no MTP), holding its weights as shards of --dtype
+    weights would (fp8: MXFP4 experts), random (fill_random), on device."""
+    args = ModelArgs.from_file(config, n_layers=layers, n_mtp_layers=0, max_batch_size=max_batch, max_seq_len=max_seq,
+                               backend=backend, weights=weights, expert_weights="fp4" if weights == "fp8" else "bf16")
+    args.compress_ratios = args.compress_ratios[:layers]
+    tp = tp or Parallel()
+    layout = lowp_layout(args, tp)
+    with torch.device(device):
+        model = Transformer(args, tp)
+    fill_random(model, layout)
+    return model
+
+
+class LayerSteps:
+    """Decode steps through the layers alone (no embedding, HC head or head), replayed from a CUDA
+    graph: fixed random streams [b, 1, hc, D] in, positions [b] set per call."""
+    def __init__(self, model, batch: int):
+        a, device = model.args, model.embed.weight.device
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
+        ids = torch.randint(0, a.vocab_size, (batch, 1), device=device)
+        h = torch.randn(batch, 1, a.hc_mult, a.dim, device=device).to(model.embed.weight.dtype)
+
+        def run():
+            step = DecodeStep.at(self.pos, a.window_size, model.ops)
+            x = h
+            for layer in model.layers:
+                x = layer.decode(x, step, ids)
+            return x
+        self.replay = graphed(run)
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor) -> None:
+        self.pos.copy_(pos)
+        self.replay()
+
+
+def layers_bytes(model, batch: int, ctx: int) -> float:
+    """decode_bytes without the head and the final norm: what the layers of a decode step read."""
+    return decode_bytes(model, batch, ctx) - param_bytes(model.head) - param_bytes(model.norm)
+
+
+def layers_prefill_ms(model, tokens: int) -> float:
+    """Median ms of `tokens` new tokens (one row, from position 0) through the layers alone, eager."""
+    a, device = model.args, model.embed.weight.device
+    ids = torch.randint(0, a.vocab_size, (1, tokens), device=device)
+    h = torch.randn(1, tokens, a.hc_mult, a.dim, device=device).to(model.embed.weight.dtype)
+
+    def run():
+        x = h
+        for layer in model.layers:
+            x = layer(x, 0, ids)
+    return median_ms(run, reps=3, warmup=1)
+
+
+def bench_weights(args) -> None:
+    """The same random V4-Flash layers from BF16 shards and from FP8 shards (MXFP4 experts), one after
+    the other in this process: decode steps (whole, and the layers alone per layer, against the
+    bandwidth floor of the bytes they read) and a prefill (whole, and per layer), then both models'
+    logits on one prompt compared."""
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py weights: needs a CUDA GPU")
+    ceil = ceilings()
+    print(f"device {torch.cuda.get_device_name()}, {args.layers} layers of {args.config}: copy "
+          f"{ceil['bandwidth'] / 1e12:.2f} TB/s, bf16 matmul {ceil['matmul'] / 1e12:.0f} TFLOP/s", flush=True)
+    max_seq = max(max(args.context) + 128, args.prefill)
+    prompt = torch.randint(0, 129280, (1, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    rows, logits, flops = [], {}, None
+    for weights in ("fp8", "bf16"):
+        model = build_filled(args.config, args.layers, weights, max(args.batch), max_seq)
+        gb = param_bytes(model.layers) / GB
+        with torch.no_grad():
+            logits[weights] = model(prompt, 0).float().cpu()
+            fill_caches(model)
+            decoder = GraphedDecoder(model)
+            for ctx in args.context:
+                for b in args.batch:
+                    ids = torch.randint(0, model.args.vocab_size, (b, 1), device="cuda")
+                    step = decode_step_ms(decoder, ids, ctx)
+                    layers = decode_step_ms(LayerSteps(model, b), ids, ctx)
+                    floor = layers_bytes(model, b, ctx) / ceil["bandwidth"] * 1e3
+                    rows.append(dict(weights=weights, ctx=ctx, batch=b, step_ms=step, layer_ms=layers / args.layers,
+                                     floor=floor / layers))
+                    print(f"{weights}: ctx {ctx} batch {b}: decode step {step:.3f} ms, layers alone {layers:.3f} ms "
+                          f"= {layers / args.layers:.3f} ms a layer ({floor / layers:.0%} of their floor "
+                          f"{floor:.3f} ms)", flush=True)
+            ids = torch.randint(0, model.args.vocab_size, (1, args.prefill), device="cuda")
+            whole = median_ms(lambda: model(ids, 0), reps=3, warmup=1)
+            layers = layers_prefill_ms(model, args.prefill)
+            if weights == "bf16":                   # the FLOPs of the layers, counted on the BF16 weights
+                flops = prefill_flops(model, args.prefill, args.prefill // 2)
+            rows.append(dict(weights=weights, prefill_ms=whole, prefill_layer_ms=layers / args.layers))
+            print(f"{weights}: prefill {args.prefill} tokens {whole:.1f} ms, layers alone {layers:.1f} ms = "
+                  f"{layers / args.layers:.2f} ms a layer; layers' weights {gb:.2f} GB", flush=True)
+        del model, decoder
+        torch.cuda.empty_cache()
+    floor = flops / ceil["matmul"] * 1e3
+    decode = {(r["weights"], r["ctx"], r["batch"]): r for r in rows if "step_ms" in r}
+    prefill = {r["weights"]: r for r in rows if "prefill_ms" in r}
+    print(f"\n| decode (ctx, batch) | bf16 step ms | fp8 step ms | bf16 ms/layer | fp8 ms/layer | layers fp8 speedup "
+          f"| fp8 of floor |\n|---|---|---|---|---|---|---|")
+    for ctx in args.context:
+        for b in args.batch:
+            lo, hi = decode["fp8", ctx, b], decode["bf16", ctx, b]
+            print(f"| {ctx}, {b} | {hi['step_ms']:.3f} | {lo['step_ms']:.3f} | {hi['layer_ms']:.3f} | "
+                  f"{lo['layer_ms']:.3f} | {hi['layer_ms'] / lo['layer_ms']:.2f}x | {lo['floor']:.0%} |")
+    lo, hi = prefill["fp8"], prefill["bf16"]
+    print(f"\n| prefill {args.prefill} tokens | bf16 ms | fp8 ms | fp8 speedup |\n|---|---|---|---|\n"
+          f"| whole | {hi['prefill_ms']:.1f} | {lo['prefill_ms']:.1f} | {hi['prefill_ms'] / lo['prefill_ms']:.2f}x |\n"
+          f"| a layer | {hi['prefill_layer_ms']:.2f} | {lo['prefill_layer_ms']:.2f} | "
+          f"{hi['prefill_layer_ms'] / lo['prefill_layer_ms']:.2f}x |")
+    print(f"prefill matmul floor (bf16 rate, the layers' FLOPs): {floor:.1f} ms; logits of a 64-token prompt, FP8 vs "
+          f"BF16 weights (the same numbers): max abs diff {(logits['fp8'] - logits['bf16']).abs().max():.3g}, "
+          f"argmax {'equal' if torch.equal(logits['fp8'].argmax(-1), logits['bf16'].argmax(-1)) else 'DIFFERENT'}")
+
+
+def add_weights(commands) -> None:
+    p = commands.add_parser("weights", help="model.py with BF16 vs FP8 / MXFP4 weights, the same random V4-Flash "
+                                            "layers, decode and prefill (CUDA)")
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "config_flash.json"))
+    p.add_argument("--layers", type=int, default=4, help="layers kept from the config")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--context", type=int, nargs="+", default=[1024])
+    p.add_argument("--prefill", type=int, default=4096, help="tokens of the prefill from position 0")
+    p.set_defaults(run=bench_weights)
+
+
+# Real configurations for the memory table: name -> (ModelArgs, the expert formats of --dtype fp8).
+def real_configs() -> dict:
+    return {"V4-Flash": (ModelArgs.from_file(os.path.join(ROOT, "configs", "config_flash.json")), ("fp4", "fp8")),
+            "V4-Pro": (ModelArgs.from_file(os.path.join(ROOT, "configs", "config_pro.json")), ("fp4", "fp8")),
+            "R1": (model_v3.ModelArgs(), ("fp8",))}
+
+
+def share_bytes(args, n: int, reference: Optional[dict] = None):
+    """Bytes of rank 0's weights on n ranks (built on the meta device), or a reason it cannot run:
+    the model's own rules, and for quantised weights that the rank cuts (their shape below
+    reference's, the same model on one rank: name -> shape) a part that is not whole 128-blocks,
+    which convert.py refuses. -> (bytes or None, reason, name -> shape)."""
+    o_groups = getattr(args, "o_groups", n)
+    if isinstance(args, ModelArgs):
+        args = dataclasses.replace(args, ogroups_comm=n > o_groups)
+    family = sys.modules[type(args).__module__]
+    try:
+        args.validate(n)
+    except ValueError as e:
+        return None, str(e), {}
+    with torch.device("meta"):
+        model = family.Transformer(args, RankShare(n, o_groups))
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    for name, p in model.named_parameters():
+        if p.dtype == torch.float8_e4m3fn and reference is not None:
+            for dim, (part, whole) in enumerate(zip(p.shape, reference[name])):
+                if part < whole and part % FP8_BLOCK:
+                    return None, f"{name}: {part} {'rows' if dim == 0 else 'columns'} a rank", shapes
+    return sum(p.numel() * p.element_size() for p in model.parameters()), "", shapes
+
+
+def bench_memory(args) -> None:
+    """The weights one GPU holds for DeepSeek-V4-Flash, V4-Pro and R1 on N ranks, from BF16 shards and
+    from FP8 ones (MXFP4 experts, or FP8 ones for V4), as the models allocate them (MTP layers included
+    for V4: the shards carry them). CPU only."""
+    table = {}
+    for name, (model_args, expert_formats) in real_configs().items():
+        modes = [("bf16", "bf16")] + [("fp8", e) for e in expert_formats]
+        for weights, experts in modes:
+            a = dataclasses.replace(model_args, weights=weights, expert_weights=experts)
+            _, _, reference = share_bytes(a, 1)
+            for n in args.ranks:
+                table[name, weights, experts, n] = share_bytes(a, n, reference)[:2]
+    columns = list(dict.fromkeys(k[:3] for k in table))
+    print("weights per GPU (GB = 1e9 bytes) on N ranks (those where some model runs); '-' cannot run\n")
+    print("| N | " + " | ".join(f"{m} {w}" + (f" ({e} experts)" if w == "fp8" and m != "R1" else "")
+                               for m, w, e in columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    reasons = {}
+    for n in args.ranks:
+        if all(table[(*column, n)][0] is None for column in columns):
+            continue
+        cells = []
+        for column in columns:
+            size, why = table[(*column, n)]
+            cells.append("-" if size is None else f"{size / GB:.1f}")
+            if size is None and column[1] == "fp8" and table[(column[0], "bf16", "bf16", n)][0] is not None:
+                reasons[column[0], n] = why
+        print(f"| {n} | " + " | ".join(cells) + " |")
+    for (model_name, n), why in reasons.items():
+        print(f"{model_name} fp8 on {n} ranks: a cut that splits an FP8 block between ranks ({why})")
+    print(f"\nan H100 has 80 GB, an H200 141 GB; the KV caches, activations and CUDA graphs need room beside "
+          f"the weights")
+
+
+def add_memory(commands) -> None:
+    p = commands.add_parser("memory", help="weights per GPU of V4-Flash, V4-Pro and R1 at N ranks, BF16 vs FP8 "
+                                           "shards (CPU)")
+    p.add_argument("--ranks", type=int, nargs="+", default=list(range(1, 17)))
+    p.set_defaults(run=bench_memory)
+
+
+def bench_rank_share(args) -> None:
+    """Every layer of the config at rank 0's share for --ranks N on this one GPU, random weights held
+    as --weights shards would, collectives left out: decode ms/step of the layers (CUDA graph, mean
+    over 128 positions from the context) against the bandwidth floor of what they read, and of the
+    local head part."""
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py rank-share: needs a CUDA GPU")
+    config = ModelArgs.from_file(args.config)
+    if args.ranks > config.o_groups:
+        raise SystemExit(f"bench.py rank-share: up to o_groups={config.o_groups} ranks (the o-groups layout gathers "
+                         f"heads across ranks)")
+    ceil = ceilings()
+    model = build_filled(args.config, config.n_layers, args.weights, max(args.batch), max(args.context) + 128,
+                         RankShare(args.ranks, config.o_groups))
+    allocated = torch.cuda.memory_allocated() / GB
+    print(f"device {torch.cuda.get_device_name()}: {config.n_layers} layers of {args.config} at rank 0's share of "
+          f"{args.ranks} ranks, {args.weights} weights: {param_bytes(model) / GB:.1f} GB of weights, "
+          f"{allocated:.1f} GB allocated; copy {ceil['bandwidth'] / 1e12:.2f} TB/s", flush=True)
+    print("\n| ctx | batch | layers ms/step | of floor | local head ms | step ms, collectives excluded |\n"
+          "|---|---|---|---|---|---|")
+    with torch.no_grad():
+        fill_caches(model)
+        for ctx in args.context:
+            for b in args.batch:
+                ids = torch.randint(0, model.args.vocab_size, (b, 1), device="cuda")
+                layers = decode_step_ms(LayerSteps(model, b), ids, ctx)
+                floor = layers_bytes(model, b, ctx) / ceil["bandwidth"] * 1e3
+                x = torch.randn(b, model.args.dim, device="cuda").to(model.embed.weight.dtype)
+                head = median_ms(graphed(lambda: linear_fp32(x, model.head.weight)))
+                print(f"| {ctx} | {b} | {layers:.3f} | {floor / layers:.0%} | {head:.3f} | {layers + head:.3f} |",
+                      flush=True)
+
+
+def add_rank_share(commands) -> None:
+    p = commands.add_parser("rank-share", help="every layer at rank 0's share of N ranks on one GPU, collectives "
+                                               "excluded: decode ms/step (CUDA)")
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "config_flash.json"))
+    p.add_argument("--ranks", type=int, default=4, help="N, at most o_groups")
+    p.add_argument("--weights", choices=("bf16", "fp8"), default="fp8", help="as shards of convert.py --dtype")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--context", type=int, nargs="+", default=[1024])
+    p.set_defaults(run=bench_rank_share)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -929,6 +1255,9 @@ def main(argv=None) -> None:
     add_moe_tiles(commands)
     add_attn_tiles(commands)
     add_convert(commands)
+    add_weights(commands)
+    add_memory(commands)
+    add_rank_share(commands)
     args = parser.parse_args(argv)
     try:
         args.run(args)

@@ -1,6 +1,6 @@
-"""Convert the official DeepSeek-V4 or DeepSeek-R1 / V3 release to BF16 model-parallel shards in one streaming pass.
+"""Convert the official DeepSeek-V4 or DeepSeek-R1 / V3 release to model-parallel shards in one streaming pass.
 
-    python convert.py --hf-ckpt-path SRC --save-path DST --n-experts 256 --model-parallel 8
+    python convert.py --hf-ckpt-path SRC --save-path DST --n-experts 256 --model-parallel 8 [--dtype fp8]
 
 SRC is a release as published, or a BF16 copy of it; its config.json says which (architecture()):
 - DeepSeek-V4 (model_type deepseek_v4, or no config.json): FP8 e4m3 weights with one ue8m0 scale
@@ -14,6 +14,14 @@ SRC is a release as published, or a BF16 copy of it; its config.json says which 
   module (layer num_hidden_layers) is dropped: the model does not use it.
 DST receives model{rank}-mp{N}.safetensors for every rank, config.json and the tokenizer files.
 Every tensor that is not quantised keeps its dtype.
+
+--dtype fp8 keeps the quantised weights as the release stores them instead (about 0.27x the bytes
+of BF16 shards for V4), each with its scale as `<prefix>.scale` (V4 and R1 alike): FP8 weights with
+their 128x128 block scales, cut over the ranks with their scales (a rank's part must hold whole
+blocks: a 128-block that would straddle two ranks is refused), and V4's MXFP4 experts packed with
+their per-32 scales, or with --expert-dtype fp8 cast to FP8 with ue8m0 block scales (exact,
+DeepSeek's cast). config.json then carries "weights": "fp8" and "expert_weights" ("fp4" or "fp8"),
+from which the models build their layers (quant.shard_weights).
 
 Nothing is held whole. Every output header is computed from the input headers alone; then a pool
 of workers takes one input tensor at a time, dequantises it and writes each rank's piece at its
@@ -30,7 +38,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -38,7 +46,8 @@ from tqdm import tqdm
 
 from model import EXPERT, OUTPUT_PROJ, SPLIT_COLS, SPLIT_ROWS, VOCAB, ModelArgs
 from model_v3 import ModelArgs as V3Args, expert_index, expert_rank, release_name, split_dim
-from quant import dequant_fp4, dequant_fp8, fp4_scale_shape, fp8_scale_shape
+from quant import (FP4_BLOCK, FP8_BLOCK, SHARD_WEIGHTS, dequant_fp4, dequant_fp8, fp4_scale_shape, fp4_to_fp8,
+                   fp8_scale_shape)
 
 INDEX_FILE = "model.safetensors.index.json"
 SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -50,7 +59,7 @@ DTYPES = {
     "F8_E4M3": (torch.float8_e4m3fn, 1), "I8": (torch.int8, 1), "F8_E8M0": (torch.float8_e8m0fnu, 1),
 }
 KEPT = ("BF16", "F32", "I32", "I64")        # copied as they are
-QUANTISED = {"F8_E4M3": "FP8", "I8": "FP4"}  # need a scale; become BF16
+QUANTISED = {"F8_E4M3": "FP8", "I8": "FP4"}  # need a scale; become BF16, or stay as they are with --dtype fp8
 
 # config.json's model_type -> its architectures entry, for the two models this project runs.
 ARCHITECTURES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v4": "DeepseekV4ForCausalLM"}
@@ -185,6 +194,7 @@ class V4Release:
     ogroups_comm: bool
     scale_dtype = "F8_E8M0"
     quantised = ("F8_E4M3", "I8")
+    expert_formats = ("fp4", "fp8")         # with --dtype fp8: the MXFP4 experts kept, or cast to FP8
 
     def is_scale(self, name: str, dtype: str) -> bool:
         return dtype == self.scale_dtype
@@ -230,6 +240,7 @@ class V3Release:
     n_layers: int
     scale_dtype = "F32"
     quantised = ("F8_E4M3",)
+    expert_formats = ("fp8",)
 
     def is_scale(self, name: str, dtype: str) -> bool:
         return name.endswith("_scale_inv")
@@ -266,23 +277,30 @@ Release = Union[V4Release, V3Release]
 @dataclass(frozen=True)
 class Piece:
     rank: int
-    start: int        # along the job's dim (both 0 when the job has no dim: the whole tensor)
+    start: int        # along the job's dim, in values (both 0 when the job has no dim: the whole tensor)
     length: int
     offset: int       # in the rank's output file
+    scale_offset: int = 0     # of the piece's scale, when the weight is written quantised
 
 
 @dataclass(frozen=True)
 class Job:
-    """One input tensor (with its scale when quantised) and the pieces it becomes."""
+    """One input tensor (with its scale when quantised) and the pieces it becomes. fmt: how a quantised
+    weight is written, 'bf16' (dequantised), 'fp8' (FP8 kept, or FP4 cast to FP8) or 'fp4' (kept)."""
     name: str
     weight: Stored
     scale: Optional[Stored]
     dim: Optional[int]
     pieces: Tuple[Piece, ...]
+    fmt: Optional[str] = None
+
+    @property
+    def scale_name(self) -> str:
+        return self.name[:-len("weight")] + "scale"
 
     @property
     def out_bytes(self) -> int:
-        return sum(out_tensor(self, p).nbytes for p in self.pieces)
+        return sum(t.nbytes for p in self.pieces for t in out_tensors(self, p))
 
 
 def dequantised_shape(w: Stored) -> Tuple[int, ...]:
@@ -298,18 +316,58 @@ def expected_scale_shape(w: Stored) -> Tuple[int, ...]:
     return fp4_scale_shape(rows, cols)
 
 
-def out_tensor(job: Job, piece: Piece) -> OutTensor:
+def out_tensors(job: Job, piece: Piece) -> List[OutTensor]:
+    """What one piece of a job writes: the weight, and its scale when it stays quantised."""
     shape = list(dequantised_shape(job.weight))
     if job.dim is not None:
         shape[job.dim] = piece.length
-    return OutTensor(job.name, "BF16" if job.scale else job.weight.dtype, tuple(shape))
+    rows, cols = shape[0], shape[-1]
+    if job.scale is None:
+        return [OutTensor(job.name, job.weight.dtype, tuple(shape))]
+    if job.fmt == "bf16":
+        return [OutTensor(job.name, "BF16", tuple(shape))]
+    if job.fmt == "fp4":
+        return [OutTensor(job.name, "I8", (rows, cols // 2)),
+                OutTensor(job.scale_name, "F8_E8M0", fp4_scale_shape(rows, cols))]
+    scale_dtype = job.scale.dtype if QUANTISED[job.weight.dtype] == "FP8" else "F8_E8M0"
+    return [OutTensor(job.name, "F8_E4M3", (rows, cols)),
+            OutTensor(job.scale_name, scale_dtype, fp8_scale_shape(rows, cols))]
+
+
+# A quantised weight written as it is may be cut only between its scales' blocks: (rows, columns) of one.
+BLOCKS = {"fp8": (FP8_BLOCK, FP8_BLOCK), "fp4": (1, FP4_BLOCK)}
+
+
+def quantised_format(w: Stored, formats: Tuple[str, str]) -> str:
+    """How a quantised weight is written for formats (dense, experts) (quant.shard_weights): 'bf16'
+    when dense is, else FP8 weights stay FP8 and FP4 ones (V4's experts) become the experts' format."""
+    dense, experts = formats
+    if dense == "bf16" or QUANTISED[w.dtype] == "FP8":
+        return dense
+    return experts
+
+
+def cut(job: Job, value: torch.Tensor, scale: Optional[torch.Tensor], piece: Piece):
+    """A piece's part of the weight as written (value: dequantised, or FP8 [rows, cols], or MXFP4
+    packed [rows, cols / 2]) and of its scale (None when dequantised)."""
+    if job.dim is None:
+        return value, scale
+    start, length = piece.start, piece.length
+    if scale is None:
+        return value.narrow(job.dim, start, length), None
+    if job.fmt == "fp4":
+        per = 1 if job.dim == 0 else FP4_BLOCK
+        packed = (start, length) if job.dim == 0 else (start // 2, length // 2)
+        return value.narrow(job.dim, *packed), scale.narrow(job.dim, start // per, length // per)
+    return value.narrow(job.dim, start, length), scale.narrow(job.dim, start // FP8_BLOCK, -(-length // FP8_BLOCK))
 
 
 def plan(src: str, weight_map: Dict[str, str], headers: Dict[str, Dict[str, Stored]],
-         release: Release) -> Tuple[List[Tuple[bytes, int]], List[Job]]:
+         release: Release, formats: Tuple[str, str] = ("bf16", "bf16")) -> Tuple[List[Tuple[bytes, int]], List[Job]]:
     """Check every tensor and place it: (header, size) of each rank's file, and the jobs in file order.
 
-    headers maps each file named in the index to its parsed header."""
+    headers maps each file named in the index to its parsed header; formats (dense, experts) says how
+    the quantised weights are written (quant.shard_weights' values)."""
     def stored(name):
         tensors = headers[weight_map[name]]
         if name not in tensors:
@@ -354,24 +412,36 @@ def plan(src: str, weight_map: Dict[str, str], headers: Dict[str, Dict[str, Stor
         seen.add(out_name)
         dim, parts, ranks = where
         shape = dequantised_shape(w)
+        fmt = quantised_format(w, formats) if scale is not None else None
         if dim is None:
             pieces = tuple(Piece(rank, 0, 0, 0) for rank, _ in ranks)
         elif dim < len(shape) and shape[dim] % parts == 0:
             chunk = shape[dim] // parts
+            block = BLOCKS[fmt][dim] if fmt in BLOCKS and parts > 1 else 1
+            if chunk % block:
+                unit = "128x128 scale block" if fmt == "fp8" else f"{FP4_BLOCK}-input scale group"
+                raise ConvertError(f"{w.path}: tensor {name}: cut into {parts} parts of {chunk} "
+                                   f"{'rows' if dim == 0 else 'columns'}, a {unit} of its {fmt.upper()} weight would "
+                                   f"straddle two ranks; convert with --dtype bf16, or for another --model-parallel")
             pieces = tuple(Piece(rank, part * chunk, chunk, 0) for rank, part in ranks)
         else:
             raise ConvertError(f"{w.path}: tensor {name}: shape {list(shape)} cannot be split into "
                                f"{parts} equal parts along dim {dim}")
-        jobs.append(Job(out_name, w, scale, dim, pieces))
+        jobs.append(Job(out_name, w, scale, dim, pieces, fmt))
+    if formats[0] != "bf16" and not any(job.scale is not None for job in jobs):
+        raise ConvertError(f"{src}: --dtype {formats[0]} keeps the release's quantised weights, and this checkpoint "
+                           f"holds none (a BF16 copy?): convert it with --dtype bf16")
 
     per_rank = [[] for _ in range(release.n)]
     for job in jobs:
         for piece in job.pieces:
-            per_rank[piece.rank].append(out_tensor(job, piece))
+            per_rank[piece.rank] += out_tensors(job, piece)
     files = [layout(tensors) for tensors in per_rank]
-    placed = [Job(j.name, j.weight, j.scale, j.dim,
-                  tuple(Piece(p.rank, p.start, p.length, files[p.rank][1][j.name]) for p in j.pieces))
-              for j in jobs]
+
+    def placed_piece(job: Job, p: Piece) -> Piece:
+        offsets = files[p.rank][1]
+        return Piece(p.rank, p.start, p.length, offsets[job.name], offsets[job.scale_name] if job.fmt in BLOCKS else 0)
+    placed = [replace(j, pieces=tuple(placed_piece(j, p) for p in j.pieces)) for j in jobs]
     placed.sort(key=lambda j: (j.weight.path, j.weight.offset))
     sizes = [(header, len(header) + sum(t.nbytes for t in tensors))
              for (header, _), tensors in zip(files, per_rank)]
@@ -416,14 +486,21 @@ class ShardWriter:
                 done += os.pwrite(fd, view[done:], offset + done)
 
     def run(self, job: Job) -> int:
-        """Read, dequantise and write one tensor; the number of bytes written."""
+        """Read, dequantise (or cast, or keep) and write one tensor; the number of bytes written."""
         try:
-            value = self.read(job.weight)
-            if job.scale is not None:
+            value, scale = self.read(job.weight), None
+            if job.fmt == "bf16":
                 dequant = dequant_fp8 if QUANTISED[job.weight.dtype] == "FP8" else dequant_fp4
                 value = dequant(value, self.read(job.scale), torch.bfloat16)
+            elif job.fmt is not None:
+                scale = self.read(job.scale)
+                if job.fmt == "fp8" and QUANTISED[job.weight.dtype] == "FP4":
+                    value, scale = fp4_to_fp8(value, scale)
             for p in job.pieces:
-                self.write(p.rank, value if job.dim is None else value.narrow(job.dim, p.start, p.length), p.offset)
+                part, part_scale = cut(job, value, scale, p)
+                self.write(p.rank, part, p.offset)
+                if part_scale is not None:
+                    self.write(p.rank, part_scale, p.scale_offset)
         except (ConvertError, ValueError, OSError, RuntimeError, MemoryError) as e:
             raise ConvertError(f"{job.weight.path}: tensor {job.weight.name}: {e}") from None
         return job.out_bytes
@@ -495,22 +572,24 @@ def _check_runs(model_args, config: dict, n: int, **overrides) -> None:
 
 
 def check_parallel(config: dict, n: int, n_experts: Optional[int], o_groups: Optional[int],
-                   ogroups_comm: bool) -> V4Release:
-    """DeepSeek-V4: settle the expert count and o_groups, and refuse layouts the model cannot run."""
+                   ogroups_comm: bool, formats: Tuple[str, str] = ("bf16", "bf16")) -> V4Release:
+    """DeepSeek-V4: settle the expert count and o_groups, and refuse layouts the model cannot run
+    (with formats (dense, experts) as the shards will hold the quantised weights)."""
     n_experts = _expert_count(config, n, n_experts)
     g = o_groups if o_groups is not None else config.get("o_groups", 8)
-    _check_runs(ModelArgs, config, n, n_routed_experts=n_experts, o_groups=g, ogroups_comm=ogroups_comm)
+    _check_runs(ModelArgs, config, n, n_routed_experts=n_experts, o_groups=g, ogroups_comm=ogroups_comm,
+                weights=formats[0], expert_weights=formats[1])
     return V4Release(n, n_experts, g, ogroups_comm)
 
 
 def check_parallel_v3(config: dict, n: int, n_experts: Optional[int], o_groups: Optional[int],
-                      ogroups_comm: bool) -> V3Release:
+                      ogroups_comm: bool, formats: Tuple[str, str] = ("bf16", "bf16")) -> V3Release:
     """DeepSeek-R1 / V3: settle the expert count and the layer count, and refuse layouts model_v3.py cannot run."""
     if o_groups is not None or ogroups_comm:
         raise ConvertError(f"{'--o-groups' if o_groups is not None else 'USE_OGROUPS_COMM=1'} is a DeepSeek-V4 "
                            f"setting; this release is DeepSeek-R1 / V3 (model_type deepseek_v3), which has none")
     n_experts = _expert_count(config, n, n_experts)
-    _check_runs(V3Args, config, n, n_routed_experts=n_experts)
+    _check_runs(V3Args, config, n, n_routed_experts=n_experts, weights=formats[0], expert_weights=formats[1])
     n_layers = config.get("num_hidden_layers")
     if not isinstance(n_layers, int) or n_layers < 1:
         raise ConvertError(f"config.json: num_hidden_layers must be a positive integer, got {n_layers!r} "
@@ -518,22 +597,49 @@ def check_parallel_v3(config: dict, n: int, n_experts: Optional[int], o_groups: 
     return V3Release(n, n_experts, n_layers)
 
 
-def check_release(config: dict, n: int, n_experts: Optional[int], o_groups: Optional[int],
-                  ogroups_comm: bool) -> Release:
-    """What the planner needs for the release that config.json (possibly {}) describes."""
+def shard_formats(release_class, dtype: str, expert_dtype: Optional[str]) -> Tuple[str, str]:
+    """(dense, experts), as quant.shard_weights reads them back, for --dtype and --expert-dtype on a
+    release of release_class: BF16 shards, or the quantised weights kept with the experts as the
+    release has them (its first expert format) or as --expert-dtype asks."""
+    if dtype not in SHARD_WEIGHTS:
+        raise ConvertError(f"--dtype must be one of {', '.join(SHARD_WEIGHTS)}, got {dtype!r}")
+    if dtype == "bf16":
+        if expert_dtype is not None:
+            raise ConvertError(f"--expert-dtype {expert_dtype} applies to --dtype fp8 only (BF16 shards dequantise "
+                               f"the experts too)")
+        return "bf16", "bf16"
+    experts = expert_dtype or release_class.expert_formats[0]
+    if experts not in release_class.expert_formats:
+        kind = "DeepSeek-R1 / V3" if release_class is V3Release else "DeepSeek-V4"
+        raise ConvertError(f"--expert-dtype {experts}: a {kind} release's experts can be written as "
+                           f"{' or '.join(release_class.expert_formats)} only")
+    return dtype, experts
+
+
+def check_release(config: dict, n: int, n_experts: Optional[int], o_groups: Optional[int], ogroups_comm: bool,
+                  dtype: str = "bf16", expert_dtype: Optional[str] = None) -> Tuple[Release, Tuple[str, str]]:
+    """What the planner needs for the release that config.json (possibly {}) describes: the release and
+    the shards' formats (dense, experts) for --dtype and --expert-dtype."""
     try:
         kind = architecture(config)
     except ValueError as e:
         raise ConvertError(f"config.json: {e}") from None
     check = check_parallel_v3 if kind == "deepseek_v3" else check_parallel
-    return check(config, n, n_experts, o_groups, ogroups_comm)
+    formats = shard_formats(V3Release if kind == "deepseek_v3" else V4Release, dtype, expert_dtype)
+    if formats[0] != "bf16" and not config:
+        raise ConvertError(f"--dtype {dtype} writes the weight format into config.json, and the checkpoint has none: "
+                           f"put the release's config.json beside it")
+    return check(config, n, n_experts, o_groups, ogroups_comm, formats), formats
 
 
 def convert(hf_ckpt_path: str, save_path: str, model_parallel: int, n_experts: Optional[int] = None,
             o_groups: Optional[int] = None, num_workers: Optional[int] = None,
-            ogroups_comm: Optional[bool] = None, log: Callable[[str], None] = lambda line: None) -> List[str]:
-    """Write the shards and side files; the shard paths. ogroups_comm None reads USE_OGROUPS_COMM.
-    log gets a line once everything is checked and before the writing starts, and one at the end."""
+            ogroups_comm: Optional[bool] = None, dtype: str = "bf16", expert_dtype: Optional[str] = None,
+            log: Callable[[str], None] = lambda line: None) -> List[str]:
+    """Write the shards and side files; the shard paths. ogroups_comm None reads USE_OGROUPS_COMM;
+    dtype 'bf16' dequantises the release, 'fp8' keeps its quantised weights (experts as expert_dtype
+    says: None as released, or 'fp8'). log gets a line once everything is checked and before the
+    writing starts, and one at the end."""
     if not os.path.isdir(hf_ckpt_path):
         raise ConvertError(f"{hf_ckpt_path}: checkpoint folder not found")
     if os.path.isdir(save_path) and os.path.samefile(hf_ckpt_path, save_path):
@@ -543,7 +649,7 @@ def convert(hf_ckpt_path: str, save_path: str, model_parallel: int, n_experts: O
     config = _read_json(config_path, "config") if os.path.exists(config_path) else {}
     if ogroups_comm is None:
         ogroups_comm = _truthy(os.environ.get("USE_OGROUPS_COMM"))
-    release = check_release(config, model_parallel, n_experts, o_groups, ogroups_comm)
+    release, formats = check_release(config, model_parallel, n_experts, o_groups, ogroups_comm, dtype, expert_dtype)
 
     index_path = os.path.join(hf_ckpt_path, INDEX_FILE)
     weight_map = _read_json(index_path, "index").get("weight_map")
@@ -555,7 +661,7 @@ def convert(hf_ckpt_path: str, save_path: str, model_parallel: int, n_experts: O
         if not os.path.isfile(path):
             raise ConvertError(f"{path}: file named in {INDEX_FILE} not found")
         headers[fname] = read_header(path)
-    files, jobs = plan(hf_ckpt_path, weight_map, headers, release)
+    files, jobs = plan(hf_ckpt_path, weight_map, headers, release, formats)
 
     os.makedirs(save_path, exist_ok=True)
     need, free = sum(size for _, size in files), shutil.disk_usage(save_path).free
@@ -588,6 +694,9 @@ def convert(hf_ckpt_path: str, save_path: str, model_parallel: int, n_experts: O
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(save_path, fname))
             copied.append(fname)
+    if formats[0] != "bf16":
+        with open(os.path.join(save_path, "config.json"), "w") as f:
+            json.dump({**config, "weights": formats[0], "expert_weights": formats[1]}, f, indent=2)
     shards = " .. ".join(dict.fromkeys(os.path.basename(path) for path in (finals[0], finals[-1])))
     log(f"wrote {shards} and {', '.join(copied) or 'no side files'} to {save_path} "
         f"in {time.perf_counter() - start:.1f} s")
@@ -634,10 +743,17 @@ def main() -> None:
     parser.add_argument("--o-groups", type=int,
                         help="DeepSeek-V4's output projection groups (default: config.json, else 8)")
     parser.add_argument("--num-workers", type=int, help="worker processes (default: min(N, CPU count))")
+    parser.add_argument("--dtype", choices=SHARD_WEIGHTS, default="bf16",
+                        help="bf16: dequantise the quantised weights (any GPU); fp8: keep them as released, with "
+                             "their scales, for the FP8 / MXFP4 kernels")
+    parser.add_argument("--expert-dtype", choices=("fp4", "fp8"),
+                        help="with --dtype fp8, DeepSeek-V4's routed experts: fp4 (as released, the default) or "
+                             "fp8 (cast exactly to FP8 with 128x128 block scales, twice the bytes)")
     args = parser.parse_args()
     try:
         convert(args.hf_ckpt_path, args.save_path, args.model_parallel, args.n_experts, args.o_groups,
-                args.num_workers, log=lambda line: print(f"convert.py: {line}", file=sys.stderr, flush=True))
+                args.num_workers, dtype=args.dtype, expert_dtype=args.expert_dtype,
+                log=lambda line: print(f"convert.py: {line}", file=sys.stderr, flush=True))
     except (ConvertError, OSError) as e:
         print(f"convert.py: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -1,18 +1,21 @@
-"""Kernels that compute with the release's low-precision weights as they are stored.
+"""Triton kernels that compute with the release's low-precision weights as they are stored, and their launchers.
 
-Weight-only dequantisation in registers: BF16 activations, weights read as FP8 e4m3 (128x128 block
-scales, ue8m0 or float32) or MXFP4 (packed e2m1, one ue8m0 scale per 32 inputs, see quant.py),
-float32 sums. A dequantised weight is exact in bf16 (an e4m3 or e2m1 value times a power of two;
-with a float32 scale the kernels round the product to bf16 as quant.dequant_fp8 does), so each
-kernel gives its torch reference (dequantise with quant.py, then the BF16 op) up to the order of
-the float32 sums.
+Weight-only dequantisation in registers: activations in bf16 (or float32), weights read as FP8 e4m3
+(128x128 block scales, ue8m0 or float32) or MXFP4 (packed e2m1, one ue8m0 scale per 32 inputs, see
+quant.py), float32 sums. A dequantised weight is exact in bf16 (an e4m3 or e2m1 value times a power of
+two; with a float32 scale the kernels round the product to bf16 as ops.dequantised does), so each
+launcher gives its torch reference in ops.py (linear_lowp_torch, grouped_linear_lowp_torch,
+moe_lowp_torch: dequantise, then the plain op) up to the order of the float32 sums. ops.Ops picks
+between them.
 
-- linear_fp8: x [M, K] W^T. Few rows (decode) stream W once, split over output columns: one row at
-  a time on CUDA cores, or all rows padded to a tl.dot tile; many rows (prefill) take a tiled GEMM
-  that turns each [BK, BN] weight tile into bf16 before tl.dot.
-- moe_fp4: the routed MXFP4 experts (and the FP8 shared expert's down projection), the twins of
-  kernel.moe_gemv_triton (few tokens: one program per assignment, no sorting, no host sync) and
-  kernel.moe_experts_triton (many tokens: grouped GEMMs over the assignments sorted by expert).
+- linear_fp8_triton: x [M, K] W^T. Few rows (decode) stream W once, split over output columns: one
+  row at a time on CUDA cores, or all rows padded to a tl.dot tile; many rows (prefill) take a tiled
+  GEMM that turns each [BK, BN] weight tile into the activations' dtype before tl.dot. With groups
+  > 1, output group g reads its own slice of the input row (V4's grouped output projection wo_a).
+- moe_gemv_lowp_triton / moe_experts_lowp_triton: the routed experts, MXFP4 or FP8, with the FP8
+  shared expert's down projection, the twins of kernel.moe_gemv_triton (few tokens: one program per
+  assignment, no sorting, no host sync) and kernel.moe_experts_triton (many tokens: grouped GEMMs
+  over the assignments sorted by expert).
 
 Shapes: M rows (tokens), K inputs, N outputs; T tokens, k experts a token, E local experts,
 D model dim, I expert width, Is the shared expert's width.
@@ -20,52 +23,13 @@ D model dim, I expert width, Is the shared expert's width.
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from kernel import INTERPRETED, moe_schedule, rows_view, triton
-from ops import Ops, swiglu
-from quant import FP4_BLOCK, FP8_BLOCK, dequant_fp4, dequant_fp8
+from quant import FP4_BLOCK, FP8_BLOCK
 
 if triton is not None:
     import triton.language as tl
     from kernel import _moe_gemv_sum_kernel
-
-
-# ---------------------------------------------------------------- torch references
-
-def linear_fp8_torch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype=None) -> torch.Tensor:
-    """x [..., K], weight [N, K] float8_e4m3fn, scale [ceil(N/128), ceil(K/128)] (ue8m0 or float32)
-    -> [..., N] out_dtype (default x's): x W^T with W dequantised to x's dtype; a float32 result
-    sums the products of the dequantised values in float32."""
-    w = dequant_fp8(weight, scale, x.dtype)
-    out_dtype = out_dtype or x.dtype
-    if out_dtype == torch.float32:
-        return F.linear(x.float(), w.float())
-    return F.linear(x, w).to(out_dtype)
-
-
-def moe_fp4_torch(x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float, shared_gu=None,
-                  shared_w2=None, out_dtype=torch.float32):
-    """Reference of moe_fp4, one expert at a time (host syncs): x [T, D]; w13 = (packed [E, 2I, D/2],
-    scale [E, 2I, D/32]), w2 = (packed [E, D, I/2], scale [E, D, I/32]) MXFP4; weights, experts [T, k]
-    (global ids; those outside first_expert .. +E are skipped); shared_gu [T, 2 Is] and shared_w2 =
-    (float8_e4m3fn [D, Is], scale [ceil(D/128), ceil(Is/128)]) add the shared expert. As the BF16
-    kernels: gate and up in float32, h = weight * swiglu rounded to x's dtype, down in float32.
-    Returns out_dtype [T, D]."""
-    (w13p, w13s), (w2p, w2s) = w13, w2
-    n_local, inter = w13p.size(0), w13p.size(1) // 2
-    out = torch.zeros(x.size(0), w2p.size(1), dtype=torch.float32, device=x.device)
-    for e in range(n_local):
-        token, slot = torch.where(experts == first_expert + e)
-        if token.numel():
-            gu = x[token].float() @ dequant_fp4(w13p[e], w13s[e], x.dtype).float().T
-            h = swiglu(gu[:, :inter], gu[:, inter:], swiglu_limit) * weights[token, slot, None].float()
-            out.index_add_(0, token, h.to(x.dtype).float() @ dequant_fp4(w2p[e], w2s[e], x.dtype).float().T)
-    if shared_gu is not None:
-        inter_s = shared_gu.size(1) // 2
-        hs = swiglu(shared_gu[:, :inter_s], shared_gu[:, inter_s:], 0.0).to(x.dtype)
-        out += linear_fp8_torch(hs, *shared_w2, out_dtype=torch.float32)
-    return out.to(out_dtype)
 
 
 # ---------------------------------------------------------------- Triton kernels
@@ -110,9 +74,11 @@ if triton is not None:
 
     @triton.jit
     def _dot(a, b, acc):
-        # acc + a b (bf16 operands) in float32.
+        # acc + a b in float32, a and b in the same dtype (bf16, or float32 multiplied in full precision).
         if INTERP:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        elif a.dtype == tl.float32:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
         return acc
@@ -138,33 +104,38 @@ if triton is not None:
         return tl.sum(acc, 1)
 
     @triton.jit
-    def _fp8_gemv_row_kernel(x_ptr, w_ptr, s_ptr, o_ptr, N, K, sx, sw, ss, so,
+    def _fp8_gemv_row_kernel(x_ptr, w_ptr, s_ptr, o_ptr, N, K, R, sx, sxg, sw, ss, so,
                              BN: tl.constexpr, BK: tl.constexpr, UE8M0: tl.constexpr):
-        # Row m of x, BN output columns (inside one 128-row scale block). The rows are the fastest grid
-        # axis, so the programs reading one weight block run together and share it through L2.
+        # Row m of x, BN output columns (inside one 128-row scale block and one group of R outputs, whose
+        # inputs start sxg * group into the row). The rows are the fastest grid axis, so the programs
+        # reading one weight block run together and share it through L2.
         m, nb = tl.program_id(0), tl.program_id(1)
         cols = nb * BN + tl.arange(0, BN)
         cmask = cols < N
-        out = _fp8_row(x_ptr + m * sx, w_ptr, s_ptr + (nb * BN // B8) * ss, sw, K, cols, cmask, BN, BK, UE8M0)
+        x_row = x_ptr + m * sx + (nb * BN // R) * sxg
+        out = _fp8_row(x_row, w_ptr, s_ptr + (nb * BN // B8) * ss, sw, K, cols, cmask, BN, BK, UE8M0)
         tl.store(o_ptr + m * so + cols, _rounded(out, o_ptr.dtype.element_ty), mask=cmask)
 
     @triton.jit
-    def _fp8_tile(w_ptr, s_ptr, n0, k0, N, K, sw, ss, BN: tl.constexpr, BK: tl.constexpr, UE8M0: tl.constexpr):
-        # W[n0:n0+BN, k0:k0+BK]^T dequantised to bf16 [BK, BN] for tl.dot: the product with its block scale
-        # (BN and BK divide 128, so one covers the tile) in float32, rounded (exact for a ue8m0 scale).
+    def _fp8_tile(w_ptr, s_ptr, n0, k0, N, K, sw, ss, BN: tl.constexpr, BK: tl.constexpr, UE8M0: tl.constexpr,
+                  DT: tl.constexpr):
+        # W[n0:n0+BN, k0:k0+BK]^T dequantised to DT (bf16 or float32) [BK, BN] for tl.dot: the product with
+        # its block scale (BN and BK divide 128, so one covers the tile) in float32, rounded to bf16 (exact
+        # for a ue8m0 scale).
         cols = n0 + tl.arange(0, BN)
         ks = k0 + tl.arange(0, BK)
         w = tl.load(w_ptr + cols[None, :] * sw + ks[:, None], mask=(cols < N)[None, :] & (ks < K)[:, None], other=0.0)
         s = _fp8_scale(tl.load(s_ptr + (n0 // B8) * ss + k0 // B8), UE8M0)
-        return _rounded(w.to(tl.float32) * s, tl.bfloat16)
+        return _rounded(w.to(tl.float32) * s, tl.bfloat16).to(DT)
 
     @triton.jit
-    def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, M, N, K, sx, sw, ss, so,
+    def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, M, N, K, R, sx, sxg, sw, ss, so,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
                          UE8M0: tl.constexpr):
-        # One [BM, BN] tile of x W^T; programs walk GROUP row tiles down a column of tiles before moving
-        # right, so a weight tile is read from L2 by GROUP programs running together. With BM = 16..64
-        # and one row tile (decode) it is a GEMV that reads W once, split over column tiles.
+        # One [BM, BN] tile of x W^T (BN inside one group of R outputs, whose inputs start sxg * group into
+        # x's rows); programs walk GROUP row tiles down a column of tiles before moving right, so a weight
+        # tile is read from L2 by GROUP programs running together. With BM = 16..64 and one row tile
+        # (decode) it is a GEMV that reads W once, split over column tiles.
         pid = tl.program_id(0)
         n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
         first = (pid // (GROUP * n_n)) * GROUP
@@ -173,12 +144,14 @@ if triton is not None:
         nb = (pid % (GROUP * n_n)) // rows_in
         rows = mb * BM + tl.arange(0, BM)
         rmask = rows < M
+        x_base = x_ptr + (nb * BN // R) * sxg
         acc = tl.zeros([BM, BN], tl.float32)
         for k0 in range(0, K, BK):
             ks = k0 + tl.arange(0, BK)
-            x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * sx + ks[None, :], mask=rmask[:, None] & (ks < K)[None, :],
-                        other=0.0)
-            acc = _dot(x, _fp8_tile(w_ptr, s_ptr, nb * BN, k0, N, K, sw, ss, BN, BK, UE8M0), acc)
+            x = tl.load(x_base + rows.to(tl.int64)[:, None] * sx + ks[None, :],
+                        mask=rmask[:, None] & (ks < K)[None, :], other=0.0)
+            acc = _dot(x, _fp8_tile(w_ptr, s_ptr, nb * BN, k0, N, K, sw, ss, BN, BK, UE8M0, x_ptr.dtype.element_ty),
+                       acc)
         cols = nb * BN + tl.arange(0, BN)
         tl.store(o_ptr + rows.to(tl.int64)[:, None] * so + cols[None, :], _rounded(acc, o_ptr.dtype.element_ty),
                  mask=rmask[:, None] & (cols < N)[None, :])
@@ -207,12 +180,42 @@ if triton is not None:
         return grp, gmask, xe, xo
 
     @triton.jit
-    def _moe_fp4_gemv_up_kernel(x_ptr, w_ptr, s_ptr, gu_ptr, h_ptr, experts_ptr, weights_ptr, first, n_local,
-                                A, K, D, I, IS, limit, sx, sw_e, sw_n, ss_e, ss_n, sgu, sh,
-                                BN: tl.constexpr, G: tl.constexpr, CLAMP: tl.constexpr):
-        # kernel._moe_gemv_up_kernel with MXFP4 W13 [E, 2I, D/2] (+ scale [E, 2I, D/32]) on CUDA cores:
-        # row a < A of h (token a // K, local expert e): weight * silu(x W1[e]^T) * (x W3[e]^T), BN
-        # columns, G scale groups (32 G inputs) a step; rows A + t: the shared expert's silu(g) * u.
+    def _expert_row(x_row, w_base, s_base, sw_n, ss_n, K, n0, BN: tl.constexpr, N, G: tl.constexpr,
+                    FP4: tl.constexpr, UE8M0: tl.constexpr):
+        # [BN] float32: x_row[:K] . W[n0:n0+BN, :K] on CUDA cores for one expert's weight of N rows, MXFP4
+        # (G scale groups a step) or FP8 (32 G inputs a step; BN divides 128, so the columns share one row
+        # of block scales, rows ss_n apart).
+        cols = n0 + tl.arange(0, BN)
+        cmask = cols < N
+        if FP4:
+            acc = tl.zeros([BN, G], tl.float32)
+            for k0 in range(0, K, G * FP4_G):
+                grp, gmask, xe, xo = _fp4_inputs(x_row, k0, K, G)
+                acc += _fp4_part(w_base, s_base, sw_n, ss_n, cols, cmask, grp, gmask, xe, xo)
+            out = tl.sum(acc, 1)
+        else:
+            out = _fp8_row(x_row, w_base, s_base + (n0 // B8) * ss_n, sw_n, K, cols, cmask, BN, G * FP4_G, UE8M0)
+        return out
+
+    @triton.jit
+    def _up_scale_row(UP, FP4: tl.constexpr):
+        # The first scale row of w3 in a stacked W13 whose w3 rows start at UP: MXFP4 scales are per row,
+        # FP8 ones per 128 rows (UP a multiple of 128).
+        if FP4:
+            row = UP
+        else:
+            row = UP // B8
+        return row
+
+    @triton.jit
+    def _moe_lowp_gemv_up_kernel(x_ptr, w_ptr, s_ptr, gu_ptr, h_ptr, experts_ptr, weights_ptr, first, n_local,
+                                 A, K, D, I, UP, IS, limit, sx, sw_e, sw_n, ss_e, ss_n, sgu, sh,
+                                 BN: tl.constexpr, G: tl.constexpr, CLAMP: tl.constexpr, FP4: tl.constexpr,
+                                 UE8M0: tl.constexpr):
+        # kernel._moe_gemv_up_kernel with low-precision W13 [E, 2 UP, ..] (w1 in rows 0 .. I-1, w3 in rows
+        # UP .. UP+I-1; MXFP4 packed with scales [E, 2 UP, D/32], or FP8 with block scales [E, 2 UP/128,
+        # ceil(D/128)]) on CUDA cores: row a < A of h (token a // K, local expert e): weight * silu(x W1[e]^T)
+        # * (x W3[e]^T), BN columns; rows A + t: the shared expert's silu(g) * u.
         a, nb = tl.program_id(0), tl.program_id(1)
         cols = nb * BN + tl.arange(0, BN)
         if a < A:
@@ -221,14 +224,10 @@ if triton is not None:
                 x_row = x_ptr + (a // K) * sx
                 cmask = cols < I
                 w_base, s_base = w_ptr + e.to(tl.int64) * sw_e, s_ptr + e.to(tl.int64) * ss_e
-                gate = tl.zeros([BN, G], tl.float32)
-                up = tl.zeros([BN, G], tl.float32)
-                for k0 in range(0, D, G * FP4_G):
-                    grp, gmask, xe, xo = _fp4_inputs(x_row, k0, D, G)
-                    gate += _fp4_part(w_base, s_base, sw_n, ss_n, cols, cmask, grp, gmask, xe, xo)
-                    up += _fp4_part(w_base + I * sw_n, s_base + I * ss_n, sw_n, ss_n, cols, cmask, grp, gmask,
-                                    xe, xo)
-                g, u = tl.sum(gate, 1), tl.sum(up, 1)
+                up_s = _up_scale_row(UP, FP4)
+                g = _expert_row(x_row, w_base, s_base, sw_n, ss_n, D, nb * BN, BN, I, G, FP4, UE8M0)
+                u = _expert_row(x_row, w_base + UP * sw_n, s_base + up_s * ss_n, sw_n, ss_n, D, nb * BN, BN, I, G,
+                                FP4, UE8M0)
                 if CLAMP:
                     g = tl.minimum(g, limit)
                     u = tl.minimum(tl.maximum(u, -limit), limit)
@@ -242,12 +241,14 @@ if triton is not None:
             tl.store(h_ptr + a * sh + cols, _rounded(g / (1.0 + tl.exp(-g)) * u, h_ptr.dtype.element_ty), mask=cmask)
 
     @triton.jit
-    def _moe_fp4_gemv_down_kernel(h_ptr, w_ptr, s_ptr, ws_ptr, wss_ptr, part_ptr, experts_ptr, first, n_local,
-                                  A, D, I, IS, sh, sw_e, sw_n, ss_e, ss_n, sws_n, swss_n, sp,
-                                  BN: tl.constexpr, G: tl.constexpr, BK8: tl.constexpr, UE8M0: tl.constexpr):
-        # kernel._moe_gemv_down_kernel with MXFP4 W2 [E, D, I/2] (+ scale [E, D, I/32]) and the shared
-        # expert's FP8 W2s [D, Is] (+ block scale rows swss_n apart): part[a] = h[a] W2[e]^T for an
-        # assignment with a local expert (zero without), h[a] W2s^T for rows a >= A. Float32.
+    def _moe_lowp_gemv_down_kernel(h_ptr, w_ptr, s_ptr, ws_ptr, wss_ptr, part_ptr, experts_ptr, first, n_local,
+                                   A, D, I, IS, sh, sw_e, sw_n, ss_e, ss_n, sws_n, swss_n, sp,
+                                   BN: tl.constexpr, G: tl.constexpr, BK8: tl.constexpr, FP4: tl.constexpr,
+                                   UE8M0: tl.constexpr):
+        # kernel._moe_gemv_down_kernel with low-precision W2 [E, D, ..] (MXFP4 with scales [E, D, I/32], or
+        # FP8 with block scales [E, ceil(D/128), ceil(I/128)]) and the shared expert's FP8 W2s [D, Is] (+
+        # block scale rows swss_n apart): part[a] = h[a] W2[e]^T for an assignment with a local expert
+        # (zero without), h[a] W2s^T for rows a >= A. Float32.
         a, nb = tl.program_id(0), tl.program_id(1)
         cols = nb * BN + tl.arange(0, BN)
         cmask = cols < D
@@ -256,20 +257,18 @@ if triton is not None:
             e = tl.load(experts_ptr + a) - first
             if (e >= 0) & (e < n_local):
                 w_base, s_base = w_ptr + e.to(tl.int64) * sw_e, s_ptr + e.to(tl.int64) * ss_e
-                acc = tl.zeros([BN, G], tl.float32)
-                for k0 in range(0, I, G * FP4_G):
-                    grp, gmask, he, ho = _fp4_inputs(h_ptr + a * sh, k0, I, G)
-                    acc += _fp4_part(w_base, s_base, sw_n, ss_n, cols, cmask, grp, gmask, he, ho)
-                out = tl.sum(acc, 1)
+                out = _expert_row(h_ptr + a * sh, w_base, s_base, sw_n, ss_n, I, nb * BN, BN, D, G, FP4, UE8M0)
         else:
             out = _fp8_row(h_ptr + a * sh, ws_ptr, wss_ptr + (nb * BN // B8) * swss_n, sws_n, IS, cols, cmask,
                            BN, BK8, UE8M0)
         tl.store(part_ptr + a * sp + cols, out, mask=cmask)
 
     @triton.jit
-    def _fp4_tile(w_base, s_base, sw_n, ss_n, cols, cmask, k0, K, BN: tl.constexpr, BK: tl.constexpr):
-        # W[cols, k0:k0+BK]^T dequantised to bf16 [BK, BN] for tl.dot, from MXFP4 rows (bytes sw_n apart,
-        # scale bytes ss_n apart): each byte's low nibble is the even column, its high nibble the odd one.
+    def _fp4_tile(w_base, s_base, sw_n, ss_n, cols, cmask, k0, K, BN: tl.constexpr, BK: tl.constexpr,
+                  DT: tl.constexpr):
+        # W[cols, k0:k0+BK]^T dequantised to DT (bf16 or float32) [BK, BN] for tl.dot, from MXFP4 rows (bytes
+        # sw_n apart, scale bytes ss_n apart): each byte's low nibble is the even column, its high nibble
+        # the odd one.
         G: tl.constexpr = BK // FP4_G
         grp = k0 // FP4_G + tl.arange(0, G)
         gmask = grp < K // FP4_G
@@ -279,15 +278,27 @@ if triton is not None:
         e = tl.load(s_base + cols[:, None] * ss_n + grp[None, :], mask=cmask[:, None] & gmask[None, :],
                     other=0).to(tl.int32)
         s = _pow2(e, 14)[:, :, None]
-        lo = (_e2m1(b) * s).to(tl.bfloat16)
-        hi = (_e2m1(b >> 4) * s).to(tl.bfloat16)
+        lo = (_e2m1(b) * s).to(DT)
+        hi = (_e2m1(b >> 4) * s).to(DT)
         return tl.trans(tl.join(lo, hi).reshape(BN, BK))
 
     @triton.jit
-    def _moe_fp4_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, token_ptr, weight_ptr, tile_expert_ptr, tile_start_ptr,
-                           tile_end_ptr, D, I, limit, sx, sw_e, sw_n, ss_e, ss_n, sh,
-                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CLAMP: tl.constexpr):
-        # kernel._moe_up_kernel with MXFP4 W13 [E, 2I, D/2] (+ scale [E, 2I, D/32]): for the rows r of one
+    def _expert_tile(w_base, s_base, sw_n, ss_n, n0, k0, N, K, BN: tl.constexpr, BK: tl.constexpr,
+                     FP4: tl.constexpr, UE8M0: tl.constexpr, DT: tl.constexpr):
+        # W[n0:n0+BN, k0:k0+BK]^T of one expert's weight (N rows of K inputs), MXFP4 or FP8, as DT [BK, BN].
+        if FP4:
+            cols = n0 + tl.arange(0, BN)
+            tile = _fp4_tile(w_base, s_base, sw_n, ss_n, cols, cols < N, k0, K, BN, BK, DT)
+        else:
+            tile = _fp8_tile(w_base, s_base, n0, k0, N, K, sw_n, ss_n, BN, BK, UE8M0, DT)
+        return tile
+
+    @triton.jit
+    def _moe_lowp_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, token_ptr, weight_ptr, tile_expert_ptr, tile_start_ptr,
+                            tile_end_ptr, D, I, UP, limit, sx, sw_e, sw_n, ss_e, ss_n, sh,
+                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CLAMP: tl.constexpr,
+                            FP4: tl.constexpr, UE8M0: tl.constexpr):
+        # kernel._moe_up_kernel with low-precision W13 (as _moe_lowp_gemv_up_kernel): for the rows r of one
         # tile, all routed to expert e, h[r] = weight[r] * silu(x[token[r]] W1[e]^T) * (x[token[r]] W3[e]^T).
         tile, nb = tl.program_id(0), tl.program_id(1)
         e = tl.load(tile_expert_ptr + tile)
@@ -299,15 +310,17 @@ if triton is not None:
             cols = nb * BN + tl.arange(0, BN)
             cmask = cols < I
             w_base, s_base = w_ptr + e.to(tl.int64) * sw_e, s_ptr + e.to(tl.int64) * ss_e
+            up_s = _up_scale_row(UP, FP4)
             gate = tl.zeros([BM, BN], tl.float32)
             up = tl.zeros([BM, BN], tl.float32)
             for k0 in range(0, D, BK):
                 ks = k0 + tl.arange(0, BK)
                 a = tl.load(x_ptr + tok[:, None] * sx + ks[None, :], mask=rmask[:, None] & (ks < D)[None, :],
                             other=0.0)
-                gate = _dot(a, _fp4_tile(w_base, s_base, sw_n, ss_n, cols, cmask, k0, D, BN, BK), gate)
-                up = _dot(a, _fp4_tile(w_base + I * sw_n, s_base + I * ss_n, sw_n, ss_n, cols, cmask, k0, D, BN, BK),
-                          up)
+                gate = _dot(a, _expert_tile(w_base, s_base, sw_n, ss_n, nb * BN, k0, I, D, BN, BK, FP4, UE8M0,
+                                            x_ptr.dtype.element_ty), gate)
+                up = _dot(a, _expert_tile(w_base + UP * sw_n, s_base + up_s * ss_n, sw_n, ss_n, nb * BN, k0, I, D,
+                                          BN, BK, FP4, UE8M0, x_ptr.dtype.element_ty), up)
             if CLAMP:
                 gate = tl.minimum(gate, limit)
                 up = tl.minimum(tl.maximum(up, -limit), limit)
@@ -317,10 +330,11 @@ if triton is not None:
                      mask=rmask[:, None] & cmask[None, :])
 
     @triton.jit
-    def _moe_fp4_down_kernel(h_ptr, w_ptr, s_ptr, out_ptr, assign_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
-                             D, I, sh, sw_e, sw_n, ss_e, ss_n, so,
-                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        # kernel._moe_down_kernel with MXFP4 W2 [E, D, I/2] (+ scale [E, D, I/32]):
+    def _moe_lowp_down_kernel(h_ptr, w_ptr, s_ptr, out_ptr, assign_ptr, tile_expert_ptr, tile_start_ptr,
+                              tile_end_ptr, D, I, sh, sw_e, sw_n, ss_e, ss_n, so,
+                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FP4: tl.constexpr,
+                              UE8M0: tl.constexpr):
+        # kernel._moe_down_kernel with low-precision W2 (as _moe_lowp_gemv_down_kernel):
         # out[assign[r]] = h[r] W2[e]^T for the rows r of one tile.
         tile, nb = tl.program_id(0), tl.program_id(1)
         e = tl.load(tile_expert_ptr + tile)
@@ -336,12 +350,13 @@ if triton is not None:
                 ks = k0 + tl.arange(0, BK)
                 a = tl.load(h_ptr + rows[:, None] * sh + ks[None, :], mask=rmask[:, None] & (ks < I)[None, :],
                             other=0.0)
-                acc = _dot(a, _fp4_tile(w_base, s_base, sw_n, ss_n, cols, cmask, k0, I, BN, BK), acc)
+                acc = _dot(a, _expert_tile(w_base, s_base, sw_n, ss_n, nb * BN, k0, D, I, BN, BK, FP4, UE8M0,
+                                           h_ptr.dtype.element_ty), acc)
             dest = tl.load(assign_ptr + rows, mask=rmask, other=0).to(tl.int64)
             tl.store(out_ptr + dest[:, None] * so + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
 
 
-# ---------------------------------------------------------------- launchers and dispatch
+# ---------------------------------------------------------------- launchers
 
 # FP8 linear: up to FP8_ROW_MAX_M rows one row a program on CUDA cores, up to FP8_GEMV_MAX_M rows all
 # in one tl.dot tile of 16-64 rows, more in GEMM tiles (BM, BN, BK, GROUP, warps, stages). The GEMV
@@ -352,22 +367,24 @@ FP8_ROW_TILES = (16, 256, 4, 3)          # (BN, BK, warps, stages), BN x BK kept
 FP8_GEMV_MAX_M = 64
 FP8_GEMV_TILES = (32, 128, 4, 4)         # (BN, BK, warps, stages)
 FP8_GEMM_TILES = (128, 128, 64, 8, 8, 3)
+FP8_GEMM_TILES_F32 = (64, 64, 32, 8, 8, 2)   # float32 activations (the fp32 model on a GPU): no spills
 
-# MXFP4 MoE: the few-token kernels' (BN, G scale groups a step, warps, stages), the FP8 shared down
-# projection's step, the most assignments they take; the grouped GEMMs' (BM, BN, BK, warps, stages)
-# for few and for many assignments. Not yet timed on a GPU: chosen so that, compiled for sm_90 with
-# Triton 3.9, no kernel spills registers (tests/test_kernel_lowp.py checks) and the grouped GEMMs'
-# and the FP8 GEMM's loads are pipelined.
-MOE_FP4_GEMV_TILES = (32, 8, 4, 3)
-MOE_FP4_SHARED_BK = 256
-MOE_FP4_GEMV_MAX_ASSIGNMENTS = 96
-MOE_FP4_TILES_SMALL = (16, 64, 64, 4, 3)
-MOE_FP4_TILES_LARGE = (64, 128, 64, 8, 3)
+# Low-precision MoE: the few-token kernels' (BN, G scale groups of 32 inputs a step, warps, stages), the
+# FP8 shared down projection's step; the grouped GEMMs' (BM, BN, BK, warps, stages) for few and for many
+# assignments. Not yet timed on a GPU: chosen so that, compiled for sm_90 with Triton 3.9, no kernel
+# spills registers (tests/test_kernel_lowp.py checks) and the grouped GEMMs' and the FP8 GEMM's loads
+# are pipelined. Which of the two kinds runs is ops.Ops.moe_path's choice.
+MOE_LOWP_GEMV_TILES = (32, 8, 4, 3)
+MOE_LOWP_SHARED_BK = 256
+MOE_LOWP_TILES_SMALL = (16, 64, 64, 4, 3)
+MOE_LOWP_TILES_LARGE = (64, 128, 64, 8, 3)
+MOE_LOWP_TILES_F32 = (16, 64, 32, 4, 2)      # float32 activations (the fp32 model on a GPU): no spills
 
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    """SMs the GEMV tiles spread over; 1 in the interpreter, which runs the programs one by one."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def fp8_scale_arg(scale: torch.Tensor):
@@ -386,91 +403,115 @@ def fp4_scale_arg(scale: torch.Tensor) -> torch.Tensor:
     return scale.view(torch.uint8)
 
 
-def fp8_tiles(m: int, n: int, device: torch.device) -> tuple:
+def fp8_tiles(m: int, n: int, device: torch.device, group_rows: int = 0, fp32: bool = False) -> tuple:
     """Tiles for m rows of an FP8 linear with n outputs: (BN, BK, warps, stages) of the row kernel, or
-    (BM, BN, BK, GROUP, warps, stages) of the tl.dot kernel (one row tile of 16-64 rows: a GEMV)."""
+    (BM, BN, BK, GROUP, warps, stages) of the tl.dot kernel (one row tile of 16-64 rows: a GEMV). With
+    group_rows, BN also divides the rows of a group (a power of two of at least 16 for tl.dot). Float32
+    activations (fp32) take FP8_GEMM_TILES_F32 beyond the row kernel."""
     sms = _sm_count(device)
+    fit = group_rows & -group_rows if group_rows else 1 << 30           # the largest power of two dividing it
     if m <= FP8_ROW_MAX_M:
         bn, bk, warps, stages = FP8_ROW_TILES
-        while bn > 4 and m * triton.cdiv(n, bn) < 2 * sms:
+        while bn > 4 and (m * triton.cdiv(n, bn) < 2 * sms or bn > fit):
             bn, bk = bn // 2, bk * 2
         return bn, bk, warps, stages
-    if m <= FP8_GEMV_MAX_M:
+    if m <= FP8_GEMV_MAX_M and not fp32:
         bn, bk, warps, stages = FP8_GEMV_TILES
-        if triton.cdiv(n, bn) < 2 * sms:
+        if triton.cdiv(n, bn) < 2 * sms or bn > fit:
             bn = 16
         return max(16, triton.next_power_of_2(m)), bn, bk, 1, warps, stages
-    return FP8_GEMM_TILES
+    bm, bn, bk, group, warps, stages = FP8_GEMM_TILES_F32 if fp32 else FP8_GEMM_TILES
+    return bm, min(bn, max(16, fit)), bk, group, warps, stages
 
 
 def linear_fp8_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype=torch.bfloat16,
-                      tiles=None) -> torch.Tensor:
-    """x [..., K] bf16 (rows may lie apart), weight [N, K] float8_e4m3fn (unit column stride), scale
-    [ceil(N/128), ceil(K/128)] ue8m0 or float32 -> [..., N] out_dtype (bf16 or float32). tiles: 4 numbers
-    run the row kernel with them, 6 the tl.dot kernel; by default fp8_tiles."""
+                      tiles=None, groups: int = 1) -> torch.Tensor:
+    """x [..., groups * K] bf16 or float32 (rows may lie apart), weight [N, K] float8_e4m3fn (unit column
+    stride), scale [ceil(N/128), ceil(K/128)] ue8m0 or float32 -> [..., N] out_dtype (bf16 or float32).
+    Output column c takes the inputs of group c // (N / groups) (V4's wo_a: groups of o_lora_rank
+    outputs over their own heads). tiles: 4 numbers run the row kernel with them, 6 the tl.dot kernel;
+    by default fp8_tiles."""
     n, k = weight.shape
-    if weight.stride(1) != 1 or x.size(-1) != k:
-        raise ValueError(f"linear_fp8: weight {tuple(weight.shape)} (strides {weight.stride()}) and x {tuple(x.shape)}")
+    group_rows = n // groups
+    if weight.stride(1) != 1 or x.size(-1) != groups * k or group_rows * groups != n:
+        raise ValueError(f"linear_fp8: weight {tuple(weight.shape)} (strides {weight.stride()}) in {groups} "
+                         f"group(s) and x {tuple(x.shape)}")
+    if groups > 1 and group_rows % 16:
+        raise ValueError(f"linear_fp8: {group_rows} rows a group; the kernels take multiples of 16")
     rows = rows_view(x)
     m = rows.size(0)
     s, ue8m0 = fp8_scale_arg(scale)
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0:
         return out.view(*x.shape[:-1], n)
-    tiles = tiles or fp8_tiles(m, n, x.device)
+    tiles = tiles or fp8_tiles(m, n, x.device, group_rows if groups > 1 else 0, x.dtype == torch.float32)
     if len(tiles) == 4:
         bn, bk, warps, stages = tiles
         _fp8_gemv_row_kernel[(m, triton.cdiv(n, bn))](
-            rows, weight, s, out, n, k, rows.stride(0), weight.stride(0), s.stride(0), out.stride(0),
+            rows, weight, s, out, n, k, group_rows, rows.stride(0), k, weight.stride(0), s.stride(0), out.stride(0),
             BN=bn, BK=bk, UE8M0=ue8m0, num_warps=warps, num_stages=stages)
     else:
         bm, bn, bk, group, warps, stages = tiles
         _fp8_gemm_kernel[(triton.cdiv(m, bm) * triton.cdiv(n, bn),)](
-            rows, weight, s, out, m, n, k, rows.stride(0), weight.stride(0), s.stride(0), out.stride(0),
-            BM=bm, BN=bn, BK=bk, GROUP=group, UE8M0=ue8m0, num_warps=warps, num_stages=stages)
+            rows, weight, s, out, m, n, k, group_rows, rows.stride(0), k, weight.stride(0), s.stride(0),
+            out.stride(0), BM=bm, BN=bn, BK=bk, GROUP=group, UE8M0=ue8m0, num_warps=warps, num_stages=stages)
     return out.view(*x.shape[:-1], n)
 
 
-def linear_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype=None,
-               backend: str = "auto") -> torch.Tensor:
-    """x [..., K] W^T for an FP8 weight [N, K] with its block scale -> [..., N] out_dtype (default x's):
-    the Triton kernels for bf16 x where use_triton says so, else linear_fp8_torch."""
-    out_dtype = out_dtype or x.dtype
-    if x.dtype == torch.bfloat16 and out_dtype in (torch.bfloat16, torch.float32) and Ops(backend, x.device).triton:
-        return linear_fp8_triton(x, weight, scale, out_dtype)
-    return linear_fp8_torch(x, weight, scale, out_dtype)
-
-
-def moe_gemv_fp4_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float, shared_gu=None,
-                        shared_w2=None, out_dtype=torch.float32, tiles=None):
-    """kernel.moe_gemv_triton for MXFP4 experts, three launches, no host sync: x [T, D] bf16;
-    w13 = (packed int8 [E, 2I, D/2], scale [E, 2I, D/32]), w2 = (packed [E, D, I/2], scale [E, D, I/32]);
-    weights, experts [T, k] (global ids; those outside first_expert .. +E are skipped); with shared_gu
-    [T, 2 Is] (x times the shared expert's [W1; W3]^T, bf16) and shared_w2 = (float8_e4m3fn [D, Is],
-    block scale [ceil(D/128), ceil(Is/128)]) the shared expert is added in; tiles (BN, G, warps, stages),
-    by default MOE_FP4_GEMV_TILES. Returns out_dtype [T, D]."""
+def expert_weights(w13, w2):
+    """The stacked experts' format as the MoE kernels take it: (FP4, UE8M0, scale args of w13 and w2,
+    D, I, UP). w13 = (weight, scale): MXFP4 int8 [E, 2 UP, D/2] with [E, 2 UP, D/32] ue8m0 scales, or
+    float8_e4m3fn [E, 2 UP, D] with [E, 2 UP/128, ceil(D/128)] block scales (UP a multiple of 128);
+    w1 in rows 0 .. I-1, w3 in rows UP .. UP+I-1. w2 = (weight, scale) [E, D, I] alike (I/2 bytes)."""
     (w13p, w13s), (w2p, w2s) = w13, w2
-    w13s, w2s = fp4_scale_arg(w13s), fp4_scale_arg(w2s)
-    n_local, two_i, half_d = w13p.shape
-    inter, dim = two_i // 2, 2 * half_d
+    if w13p.dtype == torch.int8 and w2p.dtype == torch.int8:
+        return True, True, fp4_scale_arg(w13s), fp4_scale_arg(w2s), 2 * w13p.size(2), 2 * w2p.size(2), w13p.size(1) // 2
+    if w13p.dtype == torch.float8_e4m3fn and w2p.dtype == torch.float8_e4m3fn and w13s.dtype == w2s.dtype:
+        up = w13p.size(1) // 2
+        if up % FP8_BLOCK:
+            raise ValueError(f"stacked FP8 experts: w3 starts at row {up}, not at a multiple of {FP8_BLOCK}")
+        (s13, ue8m0), (s2, _) = fp8_scale_arg(w13s), fp8_scale_arg(w2s)
+        return False, ue8m0, s13, s2, w13p.size(2), w2p.size(2), up
+    raise TypeError(f"experts as MXFP4 (int8) or FP8 (float8_e4m3fn) with one scale dtype, got w13 {w13p.dtype} "
+                    f"/ {w13s.dtype} and w2 {w2p.dtype} / {w2s.dtype}")
+
+
+def moe_gemv_lowp_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float, shared_gu=None,
+                         shared_w2=None, out_dtype=torch.float32, tiles=None):
+    """kernel.moe_gemv_triton for low-precision experts, three launches, no host sync: x [T, D] bf16 or
+    float32; w13, w2 (weight, scale) pairs as expert_weights says; weights, experts [T, k] (global ids;
+    those outside first_expert .. +E are skipped); with shared_gu [T, 2 Is] (x times the shared
+    expert's [W1; W3]^T, in x's dtype) and shared_w2 = (float8_e4m3fn [D, Is], block scale [ceil(D/128),
+    ceil(Is/128)], of the experts' scale dtype when they are FP8) the shared expert is added in; tiles
+    (BN, G, warps, stages), by default MOE_LOWP_GEMV_TILES. Returns out_dtype [T, D]."""
+    fp4, ue8m0, s13, s2, dim, inter, up = expert_weights(w13, w2)
+    w13p, w2p = w13[0], w2[0]
+    n_local = w13p.size(0)
     t, k = experts.shape
     x, experts, weights = x.contiguous(), experts.contiguous(), weights.float().contiguous()
     shared = shared_gu is not None
     gu = shared_gu.contiguous() if shared else x
-    ws, wss, ue8m0 = (shared_w2[0], *fp8_scale_arg(shared_w2[1])) if shared else (w2p, w2s, True)
+    ws, wss = w2p, s2
+    if shared:
+        ws, (wss, shared_ue8m0) = shared_w2[0], fp8_scale_arg(shared_w2[1])
+        if fp4:
+            ue8m0 = shared_ue8m0
+        elif shared_ue8m0 != ue8m0:
+            raise TypeError("the shared expert's block scales and the experts' differ in dtype")
     inter_s = gu.size(1) // 2 if shared else 0
     rows = t * k + (t if shared else 0)
-    bn, g, warps, stages = tiles or MOE_FP4_GEMV_TILES
+    bn, g, warps, stages = tiles or MOE_LOWP_GEMV_TILES
     h = torch.empty(rows, max(inter, inter_s), dtype=x.dtype, device=x.device)
-    _moe_fp4_gemv_up_kernel[(rows, triton.cdiv(max(inter, inter_s), bn))](
-        x, w13p, w13s, gu, h, experts, weights, first_expert, n_local, t * k, k, dim, inter, inter_s, swiglu_limit,
-        x.stride(0), w13p.stride(0), w13p.stride(1), w13s.stride(0), w13s.stride(1), gu.stride(0), h.stride(0),
-        BN=bn, G=g, CLAMP=swiglu_limit > 0, num_warps=warps, num_stages=stages)
+    _moe_lowp_gemv_up_kernel[(rows, triton.cdiv(max(inter, inter_s), bn))](
+        x, w13p, s13, gu, h, experts, weights, first_expert, n_local, t * k, k, dim, inter, up, inter_s,
+        swiglu_limit, x.stride(0), w13p.stride(0), w13p.stride(1), s13.stride(0), s13.stride(1), gu.stride(0),
+        h.stride(0), BN=bn, G=g, CLAMP=swiglu_limit > 0, FP4=fp4, UE8M0=ue8m0, num_warps=warps, num_stages=stages)
     part = torch.empty(rows, dim, dtype=torch.float32, device=x.device)
-    _moe_fp4_gemv_down_kernel[(rows, triton.cdiv(dim, bn))](
-        h, w2p, w2s, ws, wss, part, experts, first_expert, n_local, t * k, dim, inter, inter_s,
-        h.stride(0), w2p.stride(0), w2p.stride(1), w2s.stride(0), w2s.stride(1), ws.stride(0), wss.stride(0),
-        part.stride(0), BN=bn, G=g, BK8=MOE_FP4_SHARED_BK, UE8M0=ue8m0, num_warps=warps, num_stages=stages)
+    _moe_lowp_gemv_down_kernel[(rows, triton.cdiv(dim, bn))](
+        h, w2p, s2, ws, wss, part, experts, first_expert, n_local, t * k, dim, inter, inter_s,
+        h.stride(0), w2p.stride(0), w2p.stride(1), s2.stride(0), s2.stride(1), ws.stride(0), wss.stride(0),
+        part.stride(0), BN=bn, G=g, BK8=MOE_LOWP_SHARED_BK, FP4=fp4, UE8M0=ue8m0, num_warps=warps,
+        num_stages=stages)
     out = torch.empty(t, dim, dtype=out_dtype, device=x.device)
     block = 1024
     _moe_gemv_sum_kernel[(t, triton.cdiv(dim, block))](part, out, t * k, k, dim, part.stride(0), out.stride(0),
@@ -478,59 +519,40 @@ def moe_gemv_fp4_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_
     return out
 
 
-def moe_fp4_tiles(assignments: int) -> tuple:
-    """Tiles of the grouped MXFP4 GEMMs for this many routing assignments."""
-    return MOE_FP4_TILES_SMALL if assignments <= 512 else MOE_FP4_TILES_LARGE
+def moe_lowp_tiles(assignments: int, fp32: bool = False) -> tuple:
+    """Tiles of the grouped low-precision GEMMs for this many routing assignments (fp32: float32 activations)."""
+    if fp32:
+        return MOE_LOWP_TILES_F32
+    return MOE_LOWP_TILES_SMALL if assignments <= 512 else MOE_LOWP_TILES_LARGE
 
 
-def moe_experts_fp4_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float, tiles=None):
-    """kernel.moe_experts_triton for MXFP4 experts: two grouped GEMMs over the assignments sorted by
-    expert (kernel.moe_schedule, no host sync), each FP4 weight tile dequantised to bf16 for tl.dot.
-    x [T, D] bf16; w13, w2 (packed, scale) pairs as moe_gemv_fp4_triton; weights, experts [T, k];
-    tiles (BM, BN, BK, warps, stages), BK a multiple of 32. Returns float32 [T, D]: the sum over the
-    local experts of weight * expert(x)."""
-    (w13p, w13s), (w2p, w2s) = w13, w2
-    w13s, w2s = fp4_scale_arg(w13s), fp4_scale_arg(w2s)
-    n_local, two_i, half_d = w13p.shape
-    inter, dim = two_i // 2, 2 * half_d
+def moe_experts_lowp_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float, tiles=None):
+    """kernel.moe_experts_triton for low-precision experts: two grouped GEMMs over the assignments sorted
+    by expert (kernel.moe_schedule, no host sync), each weight tile dequantised to x's dtype for tl.dot.
+    x [T, D] bf16 or float32; w13, w2 (weight, scale) pairs as expert_weights says; weights, experts
+    [T, k]; tiles (BM, BN, BK, warps, stages), BN and BK dividing 128, BK a multiple of 32. Returns
+    float32 [T, D]: the sum over the local experts of weight * expert(x)."""
+    fp4, ue8m0, s13, s2, dim, inter, up = expert_weights(w13, w2)
+    w13p, w2p = w13[0], w2[0]
+    n_local = w13p.size(0)
     t, k = experts.shape
     local = experts.flatten() - first_expert
     local = torch.where((local >= 0) & (local < n_local), local, n_local)
-    block_m, block_n, block_k, warps, stages = tiles or moe_fp4_tiles(t * k)
+    block_m, block_n, block_k, warps, stages = tiles or moe_lowp_tiles(t * k, x.dtype == torch.float32)
     order, tile_expert, tile_start, tile_end = moe_schedule(local, n_local, block_m)
     token = order // k
     w_sorted = weights.flatten()[order].float()
     h = torch.empty(t * k, inter, dtype=x.dtype, device=x.device)
     n_tiles = tile_expert.numel()
     x = x.contiguous()
-    _moe_fp4_up_kernel[(n_tiles, triton.cdiv(inter, block_n))](
-        x, w13p, w13s, h, token, w_sorted, tile_expert, tile_start, tile_end, dim, inter, swiglu_limit,
-        x.stride(0), w13p.stride(0), w13p.stride(1), w13s.stride(0), w13s.stride(1), h.stride(0),
-        BM=block_m, BN=block_n, BK=block_k, CLAMP=swiglu_limit > 0, num_warps=warps,
+    _moe_lowp_up_kernel[(n_tiles, triton.cdiv(inter, block_n))](
+        x, w13p, s13, h, token, w_sorted, tile_expert, tile_start, tile_end, dim, inter, up, swiglu_limit,
+        x.stride(0), w13p.stride(0), w13p.stride(1), s13.stride(0), s13.stride(1), h.stride(0),
+        BM=block_m, BN=block_n, BK=block_k, CLAMP=swiglu_limit > 0, FP4=fp4, UE8M0=ue8m0, num_warps=warps,
         num_stages=stages)
     out = torch.zeros(t * k, dim, dtype=torch.float32, device=x.device)
-    _moe_fp4_down_kernel[(n_tiles, triton.cdiv(dim, block_n))](
-        h, w2p, w2s, out, order, tile_expert, tile_start, tile_end, dim, inter,
-        h.stride(0), w2p.stride(0), w2p.stride(1), w2s.stride(0), w2s.stride(1), out.stride(0),
-        BM=block_m, BN=block_n, BK=block_k, num_warps=warps, num_stages=stages)
+    _moe_lowp_down_kernel[(n_tiles, triton.cdiv(dim, block_n))](
+        h, w2p, s2, out, order, tile_expert, tile_start, tile_end, dim, inter,
+        h.stride(0), w2p.stride(0), w2p.stride(1), s2.stride(0), s2.stride(1), out.stride(0),
+        BM=block_m, BN=block_n, BK=block_k, FP4=fp4, UE8M0=ue8m0, num_warps=warps, num_stages=stages)
     return out.view(t, k, dim).sum(1)
-
-
-def moe_fp4(x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float, shared_gu=None, shared_w2=None,
-            out_dtype=torch.float32, backend: str = "auto"):
-    """The routed MXFP4 experts plus (with shared_gu, shared_w2) the FP8 shared expert, arguments as
-    moe_gemv_fp4_triton: for bf16 x where use_triton says so, up to MOE_FP4_GEMV_MAX_ASSIGNMENTS
-    assignments moe_gemv_fp4_triton, more the grouped GEMMs (and linear_fp8 for the shared expert);
-    else moe_fp4_torch. Returns out_dtype [T, D]."""
-    if x.dtype != torch.bfloat16 or not Ops(backend, x.device).triton:
-        return moe_fp4_torch(x, w13, w2, weights, experts, first_expert, swiglu_limit, shared_gu, shared_w2,
-                             out_dtype)
-    if experts.numel() <= MOE_FP4_GEMV_MAX_ASSIGNMENTS:
-        return moe_gemv_fp4_triton(x, w13, w2, weights, experts, first_expert, swiglu_limit, shared_gu, shared_w2,
-                                   out_dtype)
-    y = moe_experts_fp4_triton(x, w13, w2, weights, experts, first_expert, swiglu_limit)
-    if shared_gu is not None:
-        inter_s = shared_gu.size(1) // 2
-        hs = swiglu(shared_gu[:, :inter_s], shared_gu[:, inter_s:], 0.0).to(x.dtype)
-        y += linear_fp8_triton(hs, *shared_w2, out_dtype=torch.float32)
-    return y.to(out_dtype)

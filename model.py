@@ -13,8 +13,15 @@ Classes follow the sections of the V4 paper:
   MTPBlock, Transformer            the multi-token prediction block (loaded, unused) and the whole model:
                                    forward() for prompts and chunks, decode() for one token a row
 
+The weights the release quantises are held as the shards hold them (ModelArgs.weights and
+expert_weights, from the shards' config.json): in the model dtype, or as released (FP8 projections
+with ue8m0 block scales, MXFP4 or FP8 routed experts) and dequantised on the fly by the kernels
+(parallel.Quantised). The compressors' projections, the indexer's weights_proj, the gate, the
+embedding and the head ship in BF16 and stay so.
+
 Shapes: b batch, s new tokens, hc hyper-connection streams, D model dim.
 """
+import itertools
 import re
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
@@ -24,10 +31,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kernel import moe_experts_triton, moe_gemv_triton
 from ops import BACKENDS, Ops, compressed_entries, swiglu
 from parallel import (ColumnParallelLinear, ConfigFile, Linear, Parallel, ParallelEmbedding, ParallelHead,
-                      RMSNorm, RowParallelLinear, dtype_of, linear_fp32, precompute_freqs_cis)
+                      RMSNorm, RowParallelLinear, dtype_of, linear_fp32, precompute_freqs_cis, quantised_formats,
+                      row_block, row_starts, stack_rows, stored)
+from quant import shard_weights
 
 
 # How the checkpoint's tensors are split over the ranks (convert.py cuts them so; the layers below are
@@ -50,6 +58,8 @@ class ModelArgs(ConfigFile):
     dtype: str = "bf16"
     ogroups_comm: bool = False          # o-groups layout (USE_OGROUPS_COMM=1): needed when world size > o_groups
     backend: str = "auto"               # kernels: "torch", "triton", "flaggems", or "auto" (Triton on CUDA)
+    weights: str = "bf16"               # how the shards hold what the release quantises: "bf16" or "fp8"
+    expert_weights: str = "bf16"        # their routed experts: "bf16", or with "fp8": "fp4" (as released) or "fp8"
     vocab_size: int = 129280
     dim: int = 4096
     moe_inter_dim: int = 2048
@@ -84,8 +94,10 @@ class ModelArgs(ConfigFile):
     hc_sinkhorn_iters: int = 20
     hc_eps: float = 1e-6
 
-    # Keys a config file must give; the rest are runtime choices with defaults.
-    RUNTIME_KEYS = ("max_batch_size", "max_seq_len", "dtype", "ogroups_comm", "backend")
+    # Keys a config file need not give: runtime choices, and the shards' weight format (convert.py
+    # writes it into their config.json; quant.shard_weights reads it), with defaults.
+    RUNTIME_KEYS = ("max_batch_size", "max_seq_len", "dtype", "ogroups_comm", "backend", "weights", "expert_weights")
+    SCALE_DTYPE = torch.float8_e8m0fnu  # the release's FP8 block scales: ue8m0
 
     @classmethod
     def from_config(cls, raw: dict, path: str, **overrides) -> "ModelArgs":
@@ -100,7 +112,11 @@ class ModelArgs(ConfigFile):
             missing = sorted(known - set(raw) - set(cls.RUNTIME_KEYS))
             if missing:
                 raise ValueError(f"{path}: missing config key(s) {missing}")
-            values = raw
+            values = dict(raw)
+        try:
+            values["weights"], values["expert_weights"] = shard_weights(raw)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         values.update(overrides)
         return cls(**values)
 
@@ -115,6 +131,7 @@ class ModelArgs(ConfigFile):
                 raise ValueError(msg)
         need(self.dtype in ("bf16", "fp32"), f"dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
         need(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        shard_weights({"weights": self.weights, "expert_weights": self.expert_weights})
         need(self.score_func in ("softmax", "sigmoid", "sqrtsoftplus"), f"score_func {self.score_func!r} is unknown")
         need(len(self.compress_ratios) >= self.n_layers,
              f"compress_ratios has {len(self.compress_ratios)} entries for n_layers={self.n_layers}")
@@ -301,7 +318,8 @@ class Indexer(nn.Module):
         self.rope_head_dim = args.rope_head_dim
         self.ratio = 4
         dtype = dtype_of(args.dtype)
-        self.wq_b = ColumnParallelLinear(args.q_lora_rank, self.n_heads * self.head_dim, dtype, tp.world_size)
+        self.wq_b = ColumnParallelLinear(args.q_lora_rank, self.n_heads * self.head_dim, dtype, tp.world_size,
+                                         quantised_formats(args, ops)[0])
         self.weights_proj = ColumnParallelLinear(args.dim, self.n_heads, dtype, tp.world_size)
         self.compressor = Compressor(args, self.ratio, self.head_dim, rotate=True, ops=ops)
         self.register_buffer("kv_cache", torch.zeros(args.max_batch_size, cache_entries(args.max_seq_len, self.ratio),
@@ -395,14 +413,15 @@ class Attention(nn.Module):
         self.eps = args.norm_eps
         self.softmax_scale = self.head_dim ** -0.5
 
-        self.wq_a = Linear(args.dim, args.q_lora_rank, dtype)
+        fp8 = quantised_formats(args, ops)[0]
+        self.wq_a = Linear(args.dim, args.q_lora_rank, dtype, fp8)
         self.q_norm = RMSNorm(args.q_lora_rank, self.eps, ops)
-        self.wq_b = ColumnParallelLinear(args.q_lora_rank, self.n_heads * self.head_dim, dtype, tp.world_size)
-        self.wkv = Linear(args.dim, self.head_dim, dtype)
+        self.wq_b = ColumnParallelLinear(args.q_lora_rank, self.n_heads * self.head_dim, dtype, tp.world_size, fp8)
+        self.wkv = Linear(args.dim, self.head_dim, dtype, fp8)
         self.kv_norm = RMSNorm(self.head_dim, self.eps, ops)
         self.wo_a = ColumnParallelLinear(self.n_heads * self.head_dim // args.o_groups,
-                                         args.o_groups * args.o_lora_rank, dtype, tp.out_group_split)
-        self.wo_b = RowParallelLinear(args.o_groups * args.o_lora_rank, args.dim, dtype, tp.out_group_split)
+                                         args.o_groups * args.o_lora_rank, dtype, tp.out_group_split, fp8)
+        self.wo_b = RowParallelLinear(args.o_groups * args.o_lora_rank, args.dim, dtype, tp.out_group_split, fp8)
         self.attn_sink = nn.Parameter(torch.empty(self.n_local_heads, dtype=torch.float32), requires_grad=False)
 
         if self.ratio:   # compressed layers use YaRN with their own base
@@ -449,35 +468,42 @@ class Attention(nn.Module):
         return self.output(o, self.freqs_cis[pos])
 
     def input_weights(self):
-        """Every projection of the attention's input x stacked into one matrix [rows, D], so that a
-        decode step reads them in one matmul: the ones the reference rounds to the model dtype first
-        (wq_a, wkv, the indexer's weights_proj), then the compressors' float32 ones (wkv, wgate; the
-        indexer's). The parameters become views into it (made once, after loading; again whenever
-        they moved), as MoE.stacked_weights does. -> (matrix, rows rounded, the parts' widths)."""
-        rounded = [self.wq_a, self.wkv] + ([self.indexer.weights_proj] if self.indexer is not None else [])
-        exact = [self.compressor.wkv, self.compressor.wgate] if self.compressor is not None else []
+        """Every projection of the attention's input x, in decode()'s order: the ones the reference
+        rounds to the model dtype first (wq_a, wkv, the indexer's weights_proj), then the compressors'
+        float32 ones (wkv, wgate; the indexer's); stacked by rows into one matrix per weight format
+        (parallel.stack_rows: BF16 shards give one matrix, FP8 ones an FP8 matrix of wq_a and wkv and
+        a BF16 one of the rest), so that a decode step reads each in one matmul. The parameters become
+        views into them (made once, after loading; again whenever they moved), as MoE.stacked_weights
+        does. -> [(matrix, its block scale or None, (first row, rows) of each of its projections)]."""
+        parts = [self.wq_a, self.wkv] + ([self.indexer.weights_proj] if self.indexer is not None else [])
+        parts += [self.compressor.wkv, self.compressor.wgate] if self.compressor is not None else []
         if self.indexer is not None:
-            exact += [self.indexer.compressor.wkv, self.indexer.compressor.wgate]
-        parts = rounded + exact
-        if self.stacked is None or self.stacked.data_ptr() != parts[0].weight.data_ptr():
-            self.stacked = torch.cat([p.weight for p in parts])
-            start = 0
-            for p in parts:
-                rows = p.weight.size(0)
-                p.weight.data = self.stacked[start:start + rows]
-                start += rows
-        return self.stacked, sum(p.weight.size(0) for p in rounded), [p.weight.size(0) for p in parts]
+            parts += [self.indexer.compressor.wkv, self.indexer.compressor.wgate]
+        if self.stacked is None or self.stacked[0][0].data_ptr() != parts[0].weight.data_ptr():
+            self.stacked = []
+            for _, same in itertools.groupby(parts, key=lambda p: p.quant is None):
+                same = list(same)
+                weight, scale, starts = stack_rows(same)
+                self.stacked.append((weight, scale, [(a, p.weight.size(0)) for a, p in zip(starts, same)]))
+        return self.stacked
 
     def decode(self, x: torch.Tensor, step: DecodeStep) -> torch.Tensor:
-        """x [b, 1, D] at step.pos: one matmul for every projection of x, then attention over the whole
-        cache with masks, so shapes never change."""
+        """x [b, 1, D] at step.pos: one matmul for every projection of x of a weight format, then
+        attention over the whole cache with masks, so shapes never change."""
         bsz, win, pos = x.size(0), self.window, step.pos
         freqs = self.freqs_cis[pos].unsqueeze(1)                                    # [b, 1, rd/2, 2]
-        weight, n_rounded, widths = self.input_weights()
-        out = linear_fp32(x[:, 0], weight)                                          # [b, rows] float32 sums
-        parts = out[:, :n_rounded].to(x.dtype).split(widths[:3 if self.indexer is not None else 2], dim=1)
-        if len(widths) > len(parts):                                                # column slices, no copies
-            parts += out[:, n_rounded:].split(widths[len(parts):], dim=1)
+        n_rounded, parts = 3 if self.indexer is not None else 2, []
+        for weight, scale, rows in self.input_weights():
+            rounded = rows[:max(0, n_rounded - len(parts))]                         # its projections rounded
+            whole = len(rounded) == len(rows)
+            if scale is None:
+                out = linear_fp32(x[:, 0], weight)                                  # [b, rows] float32 sums
+            else:
+                out = self.ops.linear_lowp(x[:, 0], weight, scale, x.dtype if whole else torch.float32)
+            if rounded:                                                             # column slices, no copies
+                head = out[:, :sum(rounded[-1])].to(x.dtype)
+                parts += [head[:, a:a + n] for a, n in rounded]
+            parts += [out[:, a:a + n] for a, n in rows[len(rounded):]]
         qr, q, _ = self.project(parts[0].unsqueeze(1), parts[1].unsqueeze(1), freqs, step.ring_slot)
         n_entries, picks = self.kv_cache.size(1) - win, None
         if self.indexer is not None:
@@ -512,8 +538,11 @@ class Attention(nn.Module):
             dist.all_gather(parts, o.contiguous(), group=self.tp.pair_group)
             o = torch.cat(parts, dim=2)
         o = o.reshape(bsz, seqlen, self.n_local_groups, -1)
-        wo_a = self.wo_a.weight.view(self.n_local_groups, self.o_lora_rank, -1)
-        o = torch.einsum("bsgd,grd->bsgr", o, wo_a)                                 # [b, s, g, o_lora_rank]
+        if self.wo_a.quant is not None:
+            o = self.ops.grouped_linear_lowp(o, self.wo_a.weight, self.wo_a.scale)  # [b, s, g, o_lora_rank]
+        else:
+            wo_a = self.wo_a.weight.view(self.n_local_groups, self.o_lora_rank, -1)
+            o = torch.einsum("bsgd,grd->bsgr", o, wo_a)
         return self.tp.all_reduce(self.wo_b(o.flatten(2)), group=self.tp.proj_group)
 
 
@@ -543,12 +572,14 @@ class Gate(nn.Module):
 
 class Expert(nn.Module):
     """SwiGLU feed-forward w2(silu(w1 x) * w3 x); the routed experts clamp with swiglu_limit.
-    With `parts` > 1 it is split over ranks (w1, w3 by rows, w2 by columns) and returns a partial sum."""
-    def __init__(self, dim: int, inter_dim: int, dtype: torch.dtype, swiglu_limit: float = 0.0, parts: int = 1):
+    With `parts` > 1 it is split over ranks (w1, w3 by rows, w2 by columns) and returns a partial sum.
+    quant: its weights kept as the release stores them (parallel.Quantised), None for the model dtype."""
+    def __init__(self, dim: int, inter_dim: int, dtype: torch.dtype, swiglu_limit: float = 0.0, parts: int = 1,
+                 quant=None):
         super().__init__()
-        self.w1 = ColumnParallelLinear(dim, inter_dim, dtype, parts)
-        self.w2 = RowParallelLinear(inter_dim, dim, dtype, parts)
-        self.w3 = ColumnParallelLinear(dim, inter_dim, dtype, parts)
+        self.w1 = ColumnParallelLinear(dim, inter_dim, dtype, parts, quant)
+        self.w2 = RowParallelLinear(inter_dim, dim, dtype, parts, quant)
+        self.w3 = ColumnParallelLinear(dim, inter_dim, dtype, parts, quant)
         self.swiglu_limit = swiglu_limit
 
     def forward(self, x: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -565,8 +596,9 @@ class MoE(nn.Module):
     On the Triton path the local experts' weights live in two stacked tensors, w13 [E, 2I, D]
     and w2 [E, D, I], and the shared expert's w1 and w3 in one [2Is, D], of which the parameters
     are views (made once, after loading). Few tokens (decode) take the routed and shared experts
-    together in three launches (kernel.moe_gemv_triton); more take grouped GEMMs over the tokens
-    sorted by expert (kernel.moe_experts_triton).
+    together in three launches (Ops.moe_gemv); more take grouped GEMMs over the tokens sorted by
+    expert (Ops.moe_grouped). Weights kept as the release stores them stack with their scales
+    (parallel.stack_rows: FP8 ones with w3 from a multiple of 128 rows).
 
     The gate maps (x [T, D], token ids [T]) to (weights [T, k], experts [T, k]); shared_inter is the
     shared expert's width. DeepSeek-V3/R1 (model_v3.py) passes its own gate and width."""
@@ -574,39 +606,49 @@ class MoE(nn.Module):
         super().__init__()
         self.tp, self.ops, self.swiglu_limit = tp, ops, args.swiglu_limit
         dtype = dtype_of(args.dtype)
+        dense, routed = quantised_formats(args, ops)
         n_local = args.n_routed_experts // tp.world_size
         self.local = range(tp.rank * n_local, (tp.rank + 1) * n_local)
         self.gate = gate
         self.experts = nn.ModuleList([
-            Expert(args.dim, args.moe_inter_dim, dtype, args.swiglu_limit) if i in self.local else None
+            Expert(args.dim, args.moe_inter_dim, dtype, args.swiglu_limit, quant=routed) if i in self.local else None
             for i in range(args.n_routed_experts)])
-        self.shared_experts = Expert(args.dim, shared_inter, dtype, parts=tp.world_size)
-        self.stacked = None
+        self.shared_experts = Expert(args.dim, shared_inter, dtype, parts=tp.world_size, quant=dense)
+        self.stacked, self.stacked_from = None, None
 
     def stacked_weights(self):
-        """(w13, w2) of the local experts and the shared expert's [w1; w3]; restacked whenever the
-        parameters moved (load, .to()). The stacks are filled expert by expert, each expert's own
-        copy freed as its parameters become views: at most one more copy of w1 and w3 is held
-        meanwhile (15 GB for a layer of R1's 256 experts on one GPU)."""
+        """(w13, w2) of the local experts, the shared expert's [w1; w3] and the row where its w3
+        starts; each a tensor, or (weight, scale) for weights kept as the release stores them.
+        Restacked whenever the parameters moved (load, .to())."""
         experts = [self.experts[i] for i in self.local]
         shared = self.shared_experts
-        if self.stacked is None or self.stacked[0].data_ptr() != experts[0].w1.weight.data_ptr() \
-                or self.stacked[2].data_ptr() != shared.w1.weight.data_ptr():
+        if self.stacked is None or self.stacked_from != (experts[0].w1.weight.data_ptr(), shared.w1.weight.data_ptr()):
             first = experts[0]
-            inter = first.w1.weight.size(0)
-            w13 = first.w1.weight.new_empty(len(experts), 2 * inter, first.w1.weight.size(1))
+            _, rows = row_starts([first.w1, first.w3])
+            w13 = first.w1.weight.new_zeros(len(experts), rows, *first.w1.weight.shape[1:])
+            s13 = None if first.w1.scale is None else \
+                first.w1.scale.new_zeros(len(experts), rows // row_block(first.w1), *first.w1.scale.shape[1:])
             for i, e in enumerate(experts):
-                w13[i, :inter], w13[i, inter:] = e.w1.weight, e.w3.weight
-                e.w1.weight.data, e.w3.weight.data = w13[i, :inter], w13[i, inter:]
-            w2 = first.w2.weight.new_empty(len(experts), *first.w2.weight.shape)
+                stack_rows([e.w1, e.w3], (w13[i], None if s13 is None else s13[i]))
+            w2 = torch.stack([e.w2.weight for e in experts])
+            s2 = None if first.w2.scale is None else torch.stack([e.w2.scale for e in experts])
             for i, e in enumerate(experts):
-                w2[i] = e.w2.weight
                 e.w2.weight.data = w2[i]
-            inter = shared.w1.weight.size(0)
-            shared13 = torch.cat([shared.w1.weight, shared.w3.weight])
-            shared.w1.weight.data, shared.w3.weight.data = shared13[:inter], shared13[inter:]
-            self.stacked = (w13, w2, shared13)
+                if s2 is not None:
+                    e.w2.scale.data = s2[i]
+            shared13, shared_scale, starts = stack_rows([shared.w1, shared.w3])
+            self.stacked = (stored(w13, s13), stored(w2, s2), stored(shared13, shared_scale), starts[1])
+            self.stacked_from = (experts[0].w1.weight.data_ptr(), shared.w1.weight.data_ptr())
         return self.stacked
+
+    def shared_gate_up(self, x: torch.Tensor, shared13, up: int) -> torch.Tensor:
+        """x [T, D] through the shared expert's stacked [w1; w3] (w3 from row up) -> [gate, up] [T, 2 Is]
+        in x's dtype."""
+        if not isinstance(shared13, tuple):
+            return F.linear(x, shared13)
+        gu = self.ops.linear_lowp(x, *shared13)
+        inter = self.shared_experts.w1.weight.size(0)
+        return gu if up == inter else torch.cat([gu[:, :inter], gu[:, up:up + inter]], dim=1)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -614,15 +656,15 @@ class MoE(nn.Module):
         weights, experts = self.gate(x, ids.reshape(-1))
         path = self.ops.moe_path(experts.numel())
         if path == "gemv":
-            w13, w2, shared13 = self.stacked_weights()
-            y = moe_gemv_triton(x, w13, w2, weights, experts, self.local.start, self.swiglu_limit,
-                                F.linear(x, shared13), self.shared_experts.w2.weight,
-                                torch.float32 if self.tp.world_size > 1 else x.dtype)
+            w13, w2, shared13, up = self.stacked_weights()
+            y = self.ops.moe_gemv(x, w13, w2, weights, experts, self.local.start, self.swiglu_limit,
+                                  self.shared_gate_up(x, shared13, up), self.shared_experts.w2.stored(),
+                                  torch.float32 if self.tp.world_size > 1 else x.dtype)
             return self.tp.all_reduce(y).to(x.dtype).view(shape)
         y = self.shared_experts(x)                                  # float32 [T, D]
         if path == "grouped":
-            w13, w2, _ = self.stacked_weights()
-            y += moe_experts_triton(x, w13, w2, weights, experts, self.local.start, self.swiglu_limit)
+            w13, w2, _, _ = self.stacked_weights()
+            y += self.ops.moe_grouped(x, w13, w2, weights, experts, self.local.start, self.swiglu_limit)
         else:
             counts = torch.bincount(experts.flatten(), minlength=len(self.experts)).tolist()
             for i in self.local:
@@ -698,8 +740,9 @@ class MTPBlock(Block):
         super().__init__(layer_id, args, tp, ops)
         self.args = args
         dtype = dtype_of(args.dtype)
-        self.e_proj = Linear(args.dim, args.dim, dtype)
-        self.h_proj = Linear(args.dim, args.dim, dtype)
+        fp8 = quantised_formats(args, ops)[0]
+        self.e_proj = Linear(args.dim, args.dim, dtype, fp8)
+        self.h_proj = Linear(args.dim, args.dim, dtype, fp8)
         self.enorm = RMSNorm(args.dim, args.norm_eps, ops)
         self.hnorm = RMSNorm(args.dim, args.norm_eps, ops)
         self.norm = RMSNorm(args.dim, args.norm_eps, ops)
@@ -713,9 +756,10 @@ class MTPBlock(Block):
 
 
 class Transformer(nn.Module):
-    """embed -> hc streams -> blocks -> HC head -> norm -> logits of the last position."""
-    def __init__(self, args: ModelArgs):
-        tp = Parallel.current(args.o_groups if args.ogroups_comm else None)
+    """embed -> hc streams -> blocks -> HC head -> norm -> logits of the last position. tp: the
+    tensor-parallel place it is built for, by default this process's (Parallel.current)."""
+    def __init__(self, args: ModelArgs, tp: Optional[Parallel] = None):
+        tp = tp or Parallel.current(args.o_groups if args.ogroups_comm else None)
         args.validate(tp.world_size)
         super().__init__()
         self.args, self.tp = args, tp

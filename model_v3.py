@@ -8,6 +8,10 @@ Sections, top to bottom:
   MLP, Gate, MoE                          dense layers; grouped sigmoid routing with a bias; experts
   Block, Transformer                      pre-norm residual layers; logits of the last position
 
+The release's FP8 projections (every 2-D weight but the embedding, the head and the gate) are held
+as the shards hold them (ModelArgs.weights, from the shards' config.json): in the model dtype, or as
+released with their float32 block scales, dequantised on the fly (parallel.Quantised).
+
 Shapes: b batch, s new tokens, t cached positions, h local heads, D model dim, c kv_lora_rank,
 r qk_rope_head_dim, n qk_nope_head_dim, v v_head_dim.
 """
@@ -22,7 +26,8 @@ from torch import nn
 from model import Expert, MoE as V4MoE         # the expert machinery shared with DeepSeek-V4
 from ops import BACKENDS, Ops, apply_rotary
 from parallel import (ColumnParallelLinear, ConfigFile, Linear, Parallel, ParallelEmbedding, ParallelHead,
-                      RMSNorm, RowParallelLinear, dtype_of, linear_fp32, precompute_freqs_cis)
+                      RMSNorm, RowParallelLinear, dtype_of, linear_fp32, precompute_freqs_cis, quantised_formats)
+from quant import shard_weights
 
 # ---------------------------------------------------------------- checkpoint names and layout
 
@@ -119,6 +124,8 @@ class ModelArgs(ConfigFile):
     dtype: str = "bf16"                 # "bf16" or "fp32"
     backend: str = "auto"               # kernels: "torch", "triton", "flaggems", or "auto" (Triton on CUDA)
     attn_impl: str = "auto"             # MLA path: "naive", "absorb", or "auto" (see MLA)
+    weights: str = "bf16"               # how the shards hold what the release quantises: "bf16" or "fp8"
+    expert_weights: str = "bf16"        # their routed experts: "bf16", or with "fp8": "fp8" (as released)
     vocab_size: int = 129280
     dim: int = 7168
     inter_dim: int = 18432              # dense layers' MLP width
@@ -151,12 +158,17 @@ class ModelArgs(ConfigFile):
     # Read by model.MoE, whose expert machinery the V3 MoE reuses: V3 has no SwiGLU clamp (0 is none).
     swiglu_limit = 0.0
     RUNTIME_KEYS = ("max_batch_size", "max_seq_len", "dtype", "backend", "attn_impl")
+    SCALE_DTYPE = torch.float32         # the release's FP8 block scales (weight_scale_inv): float32
 
     @classmethod
     def from_config(cls, raw: dict, path: str, **overrides) -> "ModelArgs":
         """The contents of a release's config.json (model_type deepseek_v3); overrides set runtime keys
         (RUNTIME_KEYS) or any field (path names it in messages)."""
         values = _from_hf_config(raw, path)
+        try:
+            values["weights"], values["expert_weights"] = shard_weights(raw)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown ModelArgs field(s) {unknown}")
@@ -186,6 +198,8 @@ class ModelArgs(ConfigFile):
         need(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         need(self.attn_impl in ("auto", "naive", "absorb"),
              f"attn_impl must be 'auto', 'naive' or 'absorb', got {self.attn_impl!r}")
+        shard_weights({"weights": self.weights, "expert_weights": self.expert_weights})
+        need(self.expert_weights != "fp4", "expert_weights 'fp4': DeepSeek-R1 / V3 releases hold FP8 experts")
         need(self.max_seq_len > 0 and self.max_batch_size > 0, "max_seq_len and max_batch_size must be positive")
         need(0 <= self.n_dense_layers <= self.n_layers,
              f"n_dense_layers={self.n_dense_layers} must be in 0..n_layers={self.n_layers}")
@@ -300,17 +314,18 @@ class MLA(nn.Module):
         self.q_lora_rank, self.kv_lora_rank = args.q_lora_rank, args.kv_lora_rank
         self.nope, self.rope, self.v_dim = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
         q_out = args.n_heads * args.qk_head_dim
+        fp8 = quantised_formats(args, ops)[0]
         if self.q_lora_rank == 0:
-            self.wq = ColumnParallelLinear(args.dim, q_out, dtype, tp.world_size)
+            self.wq = ColumnParallelLinear(args.dim, q_out, dtype, tp.world_size, fp8)
         else:
-            self.wq_a = Linear(args.dim, self.q_lora_rank, dtype)
+            self.wq_a = Linear(args.dim, self.q_lora_rank, dtype, fp8)
             self.q_norm = RMSNorm(self.q_lora_rank, args.norm_eps, ops)
-            self.wq_b = ColumnParallelLinear(self.q_lora_rank, q_out, dtype, tp.world_size)
-        self.wkv_a = Linear(args.dim, self.kv_lora_rank + self.rope, dtype)
+            self.wq_b = ColumnParallelLinear(self.q_lora_rank, q_out, dtype, tp.world_size, fp8)
+        self.wkv_a = Linear(args.dim, self.kv_lora_rank + self.rope, dtype, fp8)
         self.kv_norm = RMSNorm(self.kv_lora_rank, args.norm_eps, ops)
         self.wkv_b = ColumnParallelLinear(self.kv_lora_rank, args.n_heads * (self.nope + self.v_dim), dtype,
-                                          tp.world_size)
-        self.wo = RowParallelLinear(args.n_heads * self.v_dim, args.dim, dtype, tp.world_size)
+                                          tp.world_size, fp8)
+        self.wo = RowParallelLinear(args.n_heads * self.v_dim, args.dim, dtype, tp.world_size, fp8)
         self.softmax_scale = args.softmax_scale
         self.register_buffer("kv_cache", torch.zeros(args.max_batch_size, args.max_seq_len, self.kv_lora_rank,
                                                      dtype=dtype), persistent=False)
@@ -352,8 +367,9 @@ class MLA(nn.Module):
         return q_nope, apply_rotary(q_pe, freqs), self.kv_norm(latent), apply_rotary(k_pe, freqs)
 
     def wkv_b_heads(self) -> torch.Tensor:
-        """wkv_b as [h, n + v, c]: each local head's key (first n rows) and value (last v) maps."""
-        return self.wkv_b.weight.view(self.n_local_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        """wkv_b as [h, n + v, c]: each local head's key (first n rows) and value (last v) maps, in the
+        model dtype (an FP8 wkv_b dequantised on each call, as DeepSeek's code does)."""
+        return self.wkv_b.dequantised().view(self.n_local_heads, self.nope + self.v_dim, self.kv_lora_rank)
 
     def decoded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The absorbed path for one token per row at positions pos [b] over the whole cache
@@ -400,9 +416,9 @@ class MLA(nn.Module):
 
 class MLP(Expert):
     """Dense SwiGLU layer w2(silu(w1 x) * w3 x), split by width over ranks (w1, w3 by rows, w2 by
-    columns), the partial sums all-reduced."""
-    def __init__(self, dim: int, inter_dim: int, dtype: torch.dtype, tp: Parallel):
-        super().__init__(dim, inter_dim, dtype, parts=tp.world_size)
+    columns), the partial sums all-reduced; quant as Expert's."""
+    def __init__(self, dim: int, inter_dim: int, dtype: torch.dtype, tp: Parallel, quant=None):
+        super().__init__(dim, inter_dim, dtype, parts=tp.world_size, quant=quant)
         self.tp = tp
 
     def forward(self, x: torch.Tensor, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -467,7 +483,7 @@ class Block(nn.Module):
         super().__init__()
         self.attn = MLA(args, tp, ops)
         if layer_id < args.n_dense_layers:
-            self.ffn = MLP(args.dim, args.inter_dim, dtype_of(args.dtype), tp)
+            self.ffn = MLP(args.dim, args.inter_dim, dtype_of(args.dtype), tp, quantised_formats(args, ops)[0])
         else:
             self.ffn = MoE(args, tp, ops)
         self.attn_norm = RMSNorm(args.dim, args.norm_eps, ops)
@@ -486,10 +502,10 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     """embed -> blocks -> norm -> head: float32 logits of the last position. Tensor parallel over the
-    default process group: vocabulary-split embedding and head, heads split in attention, experts
-    by index, dense and shared MLPs by width."""
-    def __init__(self, args: ModelArgs):
-        tp = Parallel.current()
+    default process group (or the place tp says): vocabulary-split embedding and head, heads split
+    in attention, experts by index, dense and shared MLPs by width."""
+    def __init__(self, args: ModelArgs, tp: Optional[Parallel] = None):
+        tp = tp or Parallel.current()
         args.validate(tp.world_size)
         super().__init__()
         self.args, self.tp = args, tp

@@ -2,7 +2,8 @@
 
 Every operator has a pure-PyTorch version here (`<op>_torch`, or the plain name where there is no
 other version), which runs on CPU and GPU and is the reference the faster versions are tested
-against: our Triton kernels (kernel.py) and FlagGems' fused kernels (flaggems.py). An `Ops` object
+against: our Triton kernels (kernel.py; kernel_lowp.py for weights kept as the release stores them,
+FP8 or MXFP4) and FlagGems' fused kernels (flaggems.py). An `Ops` object
 is that choice, made once for a model from the backend name and the device; every module of the
 model holds the same object, so switching a built model to another backend is one call,
 `model.ops.use(name, device)`.
@@ -16,8 +17,11 @@ import torch.nn.functional as F
 
 import flaggems
 import kernel
+import kernel_lowp
+from quant import dequant_fp4, dequant_fp8
 
 BACKENDS = ("auto", "torch", "triton", "flaggems")
+LOWP_ACTIVATIONS = (torch.bfloat16, torch.float32)    # what kernel_lowp's kernels take with their weights
 
 
 def hadamard_transform(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -285,6 +289,61 @@ def mla_decode_torch(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Te
     return torch.einsum("bht,btc->bhc", probs, kv)
 
 
+def dequantised(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A weight as the release stores it -> [out, in] dtype: MXFP4 (int8 [out, in/2] with ue8m0 scales
+    [out, in/32]) exactly; FP8 (float8_e4m3fn with block scales) as the product in float32 rounded to
+    bf16 first, which is exact with a ue8m0 scale and, with R1's float32 scales, the value a BF16
+    shard holds (quant.dequant_fp8)."""
+    if weight.dtype == torch.int8:
+        return dequant_fp4(weight, scale, dtype)
+    return dequant_fp8(weight, scale, torch.bfloat16).to(dtype)
+
+
+def linear_lowp_torch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype=None) -> torch.Tensor:
+    """x [..., K] W^T for a low-precision weight (FP8 [N, K] or MXFP4 [N, K/2], with its scale) ->
+    [..., N] out_dtype (default x's): W dequantised to x's dtype, then the plain matmul; a float32
+    result sums the products in float32."""
+    w = dequantised(weight, scale, x.dtype)
+    out_dtype = out_dtype or x.dtype
+    if out_dtype == torch.float32:
+        return F.linear(x.float(), w.float())
+    return F.linear(x, w).to(out_dtype)
+
+
+def grouped_linear_lowp_torch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [b, s, g, d], weight [g * r, d] FP8 with its block scale -> [b, s, g, r] in x's dtype: group j
+    of x times rows j*r .. (j+1)*r - 1 of W^T (V4's wo_a), as the BF16 weight's einsum."""
+    g = x.size(2)
+    return torch.einsum("bsgd,grd->bsgr", x, dequantised(weight, scale, x.dtype).view(g, -1, x.size(-1)))
+
+
+def moe_lowp_torch(x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float, shared_gu=None,
+                   shared_w2=None, out_dtype=torch.float32):
+    """The routed experts of low-precision weights, one expert at a time (host syncs): x [T, D]; w13 =
+    (weight, scale) of the stacked [w1; w3] (w1 in rows 0 .. I-1, w3 from row UP = rows / 2: MXFP4 int8
+    [E, 2 UP, D/2] with ue8m0 [E, 2 UP, D/32], or FP8 [E, 2 UP, D] with block scales), w2 = (weight,
+    scale) [E, D, I] alike (kernel_lowp.expert_weights); weights, experts [T, k] (global ids; those
+    outside first_expert .. +E are skipped); shared_gu [T, 2 Is] and shared_w2 = (FP8 [D, Is], block
+    scale) add the shared expert. As the BF16 kernels: gate and up in float32, h = weight * swiglu
+    rounded to x's dtype, down in float32. Returns out_dtype [T, D]."""
+    (w13p, w13s), (w2p, w2s) = w13, w2
+    n_local, up = w13p.size(0), w13p.size(1) // 2
+    out = torch.zeros(x.size(0), w2p.size(1), dtype=torch.float32, device=x.device)
+    for e in range(n_local):
+        token, slot = torch.where(experts == first_expert + e)
+        if token.numel():
+            down = dequantised(w2p[e], w2s[e], x.dtype).float()
+            inter = down.size(1)
+            gu = x[token].float() @ dequantised(w13p[e], w13s[e], x.dtype).float().T
+            h = swiglu(gu[:, :inter], gu[:, up:up + inter], swiglu_limit) * weights[token, slot, None].float()
+            out.index_add_(0, token, h.to(x.dtype).float() @ down.T)
+    if shared_gu is not None:
+        inter_s = shared_gu.size(1) // 2
+        hs = swiglu(shared_gu[:, :inter_s], shared_gu[:, inter_s:], 0.0).to(x.dtype)
+        out += linear_lowp_torch(hs, *shared_w2, out_dtype=torch.float32)
+    return out.to(out_dtype)
+
+
 # ---------------------------------------------------------------- the choice
 
 class Ops:
@@ -292,7 +351,10 @@ class Ops:
 
     'torch': the references above. 'triton': our Triton kernels where there is one (CUDA, or CPU
     tensors under TRITON_INTERPRET=1). 'flaggems': FlagGems' fused kernels where it has one, our
-    Triton kernels for the rest (CUDA). 'auto': Triton on CUDA when it is installed, else torch."""
+    Triton kernels for the rest (CUDA). 'auto': Triton on CUDA when it is installed, else torch.
+    Weights kept as the release stores them (FP8, MXFP4) go through kernel_lowp's Triton kernels
+    with 'triton' and 'flaggems' alike (FlagGems has none for them), through their references with
+    'torch'."""
 
     # Few-token MoE (decode): up to this many (token, expert) assignments go through one program per
     # assignment (kernel.moe_gemv_triton); more through grouped GEMMs over tokens sorted by expert.
@@ -323,11 +385,43 @@ class Ops:
 
     def moe_path(self, assignments: int) -> str:
         """How the routed experts run for this many (token, expert) assignments: 'gemv' (few tokens,
-        with the shared expert, kernel.moe_gemv_triton), 'grouped' (kernel.moe_experts_triton) or
-        'loop' (the torch reference: each expert on its tokens)."""
+        with the shared expert, moe_gemv), 'grouped' (moe_grouped) or 'loop' (the torch reference:
+        each expert on its tokens). The same for experts in BF16 and kept as the release stores them."""
         if not self.triton:
             return "loop"
         return "gemv" if assignments <= self.MOE_GEMV_MAX_ASSIGNMENTS else "grouped"
+
+    def linear_lowp(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype=None) -> torch.Tensor:
+        """x [..., K] W^T for a weight kept as the release stores it (FP8 or MXFP4, with its scale) ->
+        [..., N] out_dtype (default x's): kernel_lowp.linear_fp8_triton for FP8, else linear_lowp_torch
+        (MXFP4 dense layers run only as the experts' torch reference; their kernels take them stacked)."""
+        out_dtype = out_dtype or x.dtype
+        if self.triton and weight.dtype == torch.float8_e4m3fn and x.dtype in LOWP_ACTIVATIONS \
+                and out_dtype in LOWP_ACTIVATIONS:
+            return kernel_lowp.linear_fp8_triton(x, weight, scale, out_dtype)
+        return linear_lowp_torch(x, weight, scale, out_dtype)
+
+    def grouped_linear_lowp(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """grouped_linear_lowp_torch: x [b, s, g, d] through group j's rows of the FP8 weight [g * r, d]
+        -> [b, s, g, r]; one launch of kernel_lowp.linear_fp8_triton (r a multiple of 16)."""
+        g = x.size(2)
+        if self.triton and x.dtype in LOWP_ACTIVATIONS and (weight.size(0) // g) % 16 == 0:
+            return kernel_lowp.linear_fp8_triton(x.flatten(-2), weight, scale, x.dtype, groups=g).unflatten(-1, (g, -1))
+        return grouped_linear_lowp_torch(x, weight, scale)
+
+    def moe_gemv(self, x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float, shared_gu,
+                 shared_w2, out_dtype):
+        """moe_path 'gemv': the routed experts and the shared expert for few tokens, no host sync.
+        w13, w2 and shared_w2 are tensors (kernel.moe_gemv_triton) or, kept as the release stores
+        them, (weight, scale) pairs (kernel_lowp.moe_gemv_lowp_triton)."""
+        fn = kernel_lowp.moe_gemv_lowp_triton if isinstance(w13, tuple) else kernel.moe_gemv_triton
+        return fn(x, w13, w2, weights, experts, first_expert, swiglu_limit, shared_gu, shared_w2, out_dtype)
+
+    def moe_grouped(self, x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float) -> torch.Tensor:
+        """moe_path 'grouped': the routed experts as grouped GEMMs over the assignments sorted by expert
+        (kernel.moe_experts_triton, or kernel_lowp.moe_experts_lowp_triton for (weight, scale) pairs)."""
+        fn = kernel_lowp.moe_experts_lowp_triton if isinstance(w13, tuple) else kernel.moe_experts_triton
+        return fn(x, w13, w2, weights, experts, first_expert, swiglu_limit)
 
     def sparse_attn(self, q, kv, attn_sink, topk_idxs, softmax_scale):
         """Attention of each query over its selected keys with a per-head sink: q [b, s, h, d],

@@ -2,8 +2,11 @@
 their config files (ConfigFile).
 
   Parallel                                  this process's place in the world (and the o-groups layout)
+  Quantised, quantised_formats              a weight kept as the release stores it (FP8 or MXFP4, with
+                                            its scale), as the shards' config.json says
   Linear, ColumnParallelLinear, RowParallelLinear, ParallelEmbedding, ParallelHead
                                             weights split over ranks by rows, columns or vocabulary
+  stack_rows                                layers of one input stacked into one matrix
   RMSNorm, precompute_freqs_cis             the norm and the rotary table (with YaRN)
 
 Which tensor of a checkpoint is split along which dim is each model's SPLITS table (model.py,
@@ -12,14 +15,15 @@ model_v3.py); convert.py cuts the release by it and these layers hold the pieces
 import json
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ops import Ops
+from ops import Ops, dequantised
+from quant import FP8_BLOCK, fp4_scale_shape, fp8_scale_shape
 
 
 class ConfigFile:
@@ -81,19 +85,82 @@ class Parallel:
         return x
 
 
+LOWP_DTYPES = {torch.float8_e4m3fn, torch.int8}    # weights kept as the release stores them: FP8, MXFP4 packed
+
+
 def dtype_of(name: str) -> torch.dtype:
     """The torch dtype of a config's dtype name, 'bf16' or 'fp32'."""
     return torch.float32 if name == "fp32" else torch.bfloat16
 
 
+@dataclass(frozen=True)
+class Quantised:
+    """How a layer holds a weight the release quantises, kept as it is (convert.py --dtype fp8): fmt
+    'fp8' (float8_e4m3fn [out, in], `scale` [ceil(out/128), ceil(in/128)] of scale_dtype: ue8m0 in
+    V4, float32 in R1 / V3) or 'fp4' (MXFP4: int8 [out, in/2], ue8m0 `scale` [out, in/32]); ops
+    computes with it."""
+    fmt: str
+    scale_dtype: torch.dtype
+    ops: Ops
+
+    def shapes(self, out_features: int, in_features: int):
+        """(weight shape, weight dtype, scale shape) of an [out, in] weight."""
+        if self.fmt == "fp4":
+            return (out_features, in_features // 2), torch.int8, fp4_scale_shape(out_features, in_features)
+        return (out_features, in_features), torch.float8_e4m3fn, fp8_scale_shape(out_features, in_features)
+
+
+def quantised_formats(args, ops: Ops) -> Tuple[Optional[Quantised], Optional[Quantised]]:
+    """(dense, experts): how a model's layers hold the weights the release quantises, from its
+    ModelArgs' weights and expert_weights (quant.shard_weights) and its release's FP8 scale dtype
+    (ModelArgs.SCALE_DTYPE); None for the model dtype."""
+    def one(fmt: str) -> Optional[Quantised]:
+        if fmt == "bf16":
+            return None
+        return Quantised(fmt, torch.float8_e8m0fnu if fmt == "fp4" else args.SCALE_DTYPE, ops)
+    return one(args.weights), one(args.expert_weights)
+
+
 class Linear(nn.Module):
-    """y = x W^T without bias; W [out, in]."""
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype):
+    """y = x W^T without bias; W [out, in] in the model dtype, or as quant says (with its `scale`),
+    computed in the model dtype all the same: the activations keep their dtype, the weight is
+    dequantised on the fly (ops.Ops.linear_lowp)."""
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, quant: Optional[Quantised] = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        self.dtype, self.quant = dtype, quant
+        if quant is None:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+            self.register_parameter("scale", None)
+        else:
+            shape, weight_dtype, scale_shape = quant.shapes(out_features, in_features)
+            self.weight = nn.Parameter(torch.empty(shape, dtype=weight_dtype), requires_grad=False)
+            self.scale = nn.Parameter(torch.empty(scale_shape, dtype=quant.scale_dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight)
+        if self.quant is None:
+            return F.linear(x.to(self.weight.dtype), self.weight)
+        return self.quant.ops.linear_lowp(x.to(self.dtype), self.weight, self.scale)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Loading: a weight quantised in the checkpoint and not in the model (or the other way round)
+        is refused by name, before torch's shape checks would report it as sizes that differ."""
+        stored = state_dict.get(prefix + "weight")
+        if stored is not None and stored.dtype != self.weight.dtype and LOWP_DTYPES & {stored.dtype, self.weight.dtype}:
+            error_msgs.append(f"{prefix}weight is {stored.dtype} in the checkpoint and {self.weight.dtype} in the "
+                              f"model: config.json's weights / expert_weights say how the shards hold the release's "
+                              f"quantised weights (convert.py writes them), and this config does not describe them")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def dequantised(self) -> torch.Tensor:
+        """The weight [out, in] in the model dtype (the parameter itself when it is not quantised)."""
+        return self.weight if self.quant is None else dequantised(self.weight, self.scale, self.dtype)
+
+    def stored(self):
+        """The weight as the kernels take it: the tensor in the model dtype, or (weight, scale) as stored."""
+        return stored(self.weight, self.scale)
 
 
 def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -106,14 +173,62 @@ def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 class ColumnParallelLinear(Linear):
     """Output features split over `parts` ranks; no communication."""
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, parts: int):
-        super().__init__(in_features, out_features // parts, dtype)
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, parts: int,
+                 quant: Optional[Quantised] = None):
+        super().__init__(in_features, out_features // parts, dtype, quant)
 
 
 class RowParallelLinear(Linear):
     """Input features split over `parts` ranks; returns this rank's partial sum (the caller reduces)."""
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, parts: int):
-        super().__init__(in_features // parts, out_features, dtype)
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, parts: int,
+                 quant: Optional[Quantised] = None):
+        super().__init__(in_features // parts, out_features, dtype, quant)
+
+
+def stored(weight: torch.Tensor, scale: Optional[torch.Tensor]):
+    """A weight as the kernels take it: the tensor alone, or (weight, scale) when it has a scale."""
+    return weight if scale is None else (weight, scale)
+
+
+def row_block(layer: Linear) -> int:
+    """The rows one row of the layer's scale covers: 128 for FP8, else 1 (MXFP4, or no scale)."""
+    return FP8_BLOCK if layer.weight.dtype == torch.float8_e4m3fn else 1
+
+
+def row_starts(layers: List[Linear]) -> Tuple[List[int], int]:
+    """Where each layer's rows start when stack_rows stacks them, and the rows in all: FP8 layers
+    start at multiples of 128, so that their block scales stack too."""
+    pad = row_block(layers[0])
+    starts, rows = [], 0
+    for layer in layers:
+        starts.append(rows)
+        rows += -(-layer.weight.size(0) // pad) * pad
+    return starts, rows
+
+
+def stack_rows(layers: List[Linear], out=None):
+    """The weights of layers that read the same input stacked by rows into one matrix, so that one
+    matmul computes all of them; each layer's parameters become views into it (its memory is shared,
+    not copied). Layers in the model dtype stack as they are; FP8 ones stack with their block scales,
+    each layer's rows padded with zeros to a multiple of 128 so that its blocks stay whole (no padding
+    when the rows are multiples of 128 already, as at V4's and R1's real sizes); MXFP4 ones with their
+    per-row scales. out: (weight, scale or None) to fill, zeros of the stacked shapes (default: new).
+    Returns (weight [rows, ..], scale or None, the row where each layer starts)."""
+    starts, rows = row_starts(layers)
+    first, pad = layers[0], row_block(layers[0])
+    if out is None:
+        out = (first.weight.new_zeros(rows, *first.weight.shape[1:]),
+               None if first.scale is None else first.scale.new_zeros(rows // pad, *first.scale.shape[1:]))
+    weight, scale = out
+    for layer, start in zip(layers, starts):
+        n = layer.weight.size(0)
+        weight[start:start + n] = layer.weight
+        layer.weight.data = weight[start:start + n]
+        if scale is not None:
+            m = layer.scale.size(0)
+            scale[start // pad:start // pad + m] = layer.scale
+            layer.scale.data = scale[start // pad:start // pad + m]
+    return weight, scale, starts
 
 
 class ParallelEmbedding(nn.Module):

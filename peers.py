@@ -103,7 +103,7 @@ def hf_twin(model):
     ours = {k: v for k, v in model.state_dict().items() if ".experts." not in k}
     state = {k: v.to(shapes[k].dtype) for k, v in hf_state_dict(ours).items()}
     for i, layer in enumerate(model.layers):
-        w13, w2, _ = layer.ffn.stacked_weights()
+        w13, w2, _, _ = layer.ffn.stacked_weights()
         state[f"model.layers.{i}.mlp.experts.gate_up_proj"] = w13
         state[f"model.layers.{i}.mlp.experts.down_proj"] = w2
     with torch.inference_mode():            # our stacked experts are inference tensors

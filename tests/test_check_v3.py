@@ -66,6 +66,7 @@ def prompt_lengths(ckpt, encode, mode="chat"):
     return [len(tok.encode(encode([{"role": "user", "content": p}], mode))) for p in PROMPTS]
 
 
+@pytest.mark.slow
 def test_mp1_and_mp2_agree_in_fp32(ckpt, tmp_path):
     rc, report = run_check(ckpt, f"mp=1,{FP32_CPU}", f"mp=2,{FP32_CPU},ckpt={ckpt[2]}", tmp_path,
                            "--max-abs", "1e-4", "--min-top1", "1", "--same-greedy")

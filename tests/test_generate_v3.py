@@ -166,6 +166,7 @@ def test_one_rank_matches_transformers(release, inputs, expected, tmp_path, mode
     check_records(records, expected[mode], runtime.Tokenizer(release[2][1]), mode)
 
 
+@pytest.mark.slow
 def test_two_ranks_match_transformers(release, inputs, expected, tmp_path):
     out = tmp_path / "out.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", GENERATE,
@@ -177,6 +178,7 @@ def test_two_ranks_match_transformers(release, inputs, expected, tmp_path):
     assert "5 prompts" in done.stderr and done.stdout == ""
 
 
+@pytest.mark.slow
 def test_four_ranks_match_transformers(release, inputs, expected, tmp_path):
     out = tmp_path / "out.jsonl"
     done = subprocess.run([os.path.join(ROOT, "run_mp8.sh"), *GREEDY, "--output-file", str(out)],
@@ -187,6 +189,7 @@ def test_four_ranks_match_transformers(release, inputs, expected, tmp_path):
     check_records(read_records(out), expected["chat"], runtime.Tokenizer(release[2][4]), "chat")
 
 
+@pytest.mark.slow
 def test_two_nodes_match_transformers(release, inputs, expected, tmp_path):
     """run_node_0.sh and run_node_1.sh on 127.0.0.1, two ranks each over gloo: four ranks, the mp4
     shards. USE_OGROUPS_COMM=0, as the README says for R1 (the scripts turn V4's o-groups layout on)."""
@@ -276,6 +279,7 @@ def test_bad_input_is_refused_with_a_clear_message(case, match, release, broken,
     assert re.search(match, err), err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["rank1_missing", "too_long"])
 def test_a_problem_on_one_rank_stops_every_rank(case, release, broken, inputs):
     """A shard missing on rank 1 only, or a prompt rank 0 refuses: both ranks exit 1, one message."""

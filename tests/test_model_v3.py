@@ -123,7 +123,7 @@ def test_stacked_experts_hold_the_experts_and_share_their_memory(release, prompt
     want = model(prompts[:, :9])
     moe = model.layers[2].ffn
     before = {name: p.clone() for name, p in moe.named_parameters()}
-    w13, w2, shared13 = moe.stacked_weights()
+    w13, w2, shared13 = moe.stacked_weights()[:3]
     inter = moe.experts[0].w1.weight.size(0)
     for i, e in enumerate(moe.experts):
         parts = {"w1": w13[i, :inter], "w3": w13[i, inter:], "w2": w2[i]}

@@ -2,20 +2,21 @@
 
     python -m tools.bench_lowp --out $OUT/lowp.json
 
-- FP8 linear: F.linear on the bf16 weight vs linear_fp8 on the e4m3 weight with ue8m0 block scales,
+- FP8 linear: F.linear on the bf16 weight vs linear_fp8_triton on the e4m3 weight with ue8m0 block scales,
   for wq_a (4096 -> 1024), wq_b (1024 -> 64 x 512) and wo_b (8192 -> 4096) at 1, 8, 32, 128, 4096 rows.
 - MoE decode (256 experts of 4096 x 2048, top-6, random routing, one shared expert of 2048, clamp 10):
-  the shared expert's up projection then kernel.moe_gemv_triton (bf16) vs linear_fp8 then
-  moe_gemv_fp4_triton (MXFP4 routed, FP8 shared) at batch 1 and 32.
-- MoE prefill: kernel.moe_experts_triton vs moe_experts_fp4_triton (routed experts) at 4096 tokens.
+  the shared expert's up projection then kernel.moe_gemv_triton (bf16) vs linear_fp8_triton then
+  moe_gemv_lowp_triton (MXFP4 routed, FP8 shared) at batch 1 and 32.
+- MoE prefill: kernel.moe_experts_triton vs moe_experts_lowp_triton (routed experts) at 4096 tokens.
 
 The BF16 weights are the low-precision ones dequantised, so both sides compute the same function; each
-output's max abs error is against the float32 torch reference (kernel_lowp's *_torch). Times are CUDA
-graph replays (median of reps after warm-up), each graph calling the op once per weight copy where
-copies are needed to keep the weights out of L2 (as a decode step meets them: once, after the other
-layers' weights). GB/s counts the bytes a call must read from memory (weights and scales of the
-matrices, or of the distinct experts, it touches, plus its activations); % BW is that against a
-large device-to-device copy. Prints a table and writes it, with the device and settings, as JSON.
+output's max abs error is against the float32 torch references (ops.linear_lowp_torch,
+ops.moe_lowp_torch). Times are CUDA graph replays (median of reps after warm-up), each graph calling
+the op once per weight copy where copies are needed to keep the weights out of L2 (as a decode step
+meets them: once, after the other layers' weights). GB/s counts the bytes a call must read from
+memory (weights and scales of the matrices, or of the distinct experts, it touches, plus its
+activations); % BW is that against a large device-to-device copy. Prints a table and writes it, with
+the device and settings, as JSON.
 """
 import argparse
 import json
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 import kernel
 import kernel_lowp
+import ops
 from quant import dequant_fp4, dequant_fp8
 
 DIM, INTER, EXPERTS, TOPK, SHARED_INTER, LIMIT = 4096, 2048, 256, 6, 2048, 10.0
@@ -123,12 +125,12 @@ def bench_linears(bw: float, g: torch.Generator, say) -> list:
         bf16 = [wb.clone() for _ in range(max(1, min(16, L2_SPAN // nbytes(wb))))]
         for m in ROWS:
             x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
-            ref = kernel_lowp.linear_fp8_torch(x, w, s, torch.float32)
-            lowp_err = max_err(kernel_lowp.linear_fp8(x, w, s), ref)
+            ref = ops.linear_lowp_torch(x, w, s, torch.float32)
+            lowp_err = max_err(kernel_lowp.linear_fp8_triton(x, w, s), ref)
             bf16_err = max_err(F.linear(x, wb), ref)
             reps = 10 if m >= 4096 else 30
             bf16_ms = graph_ms([lambda c=c: F.linear(x, c) for c in bf16], reps)
-            lowp_ms = graph_ms([lambda c=c: kernel_lowp.linear_fp8(x, *c) for c in fp8], reps)
+            lowp_ms = graph_ms([lambda c=c: kernel_lowp.linear_fp8_triton(x, *c) for c in fp8], reps)
             rows.append(row(f"linear {name} {k}->{n}", m, bf16_ms, lowp_ms, nbytes(wb, x), nbytes(w, s, x), bw,
                             bf16_err, lowp_err, 2.0 * m * n * k))
             say(rows[-1])
@@ -154,11 +156,10 @@ def bench_moe(bw: float, g: torch.Generator, say) -> list:
                                           torch.bfloat16)
 
         def lowp_call():
-            return kernel_lowp.moe_gemv_fp4_triton(x, w13, w2, weights, experts, 0, LIMIT,
-                                                   kernel_lowp.linear_fp8(x, *s13), sw2, torch.bfloat16)
+            return kernel_lowp.moe_gemv_lowp_triton(x, w13, w2, weights, experts, 0, LIMIT,
+                                                    kernel_lowp.linear_fp8_triton(x, *s13), sw2, torch.bfloat16)
 
-        ref = kernel_lowp.moe_fp4_torch(x, w13, w2, weights, experts, 0, LIMIT,
-                                        kernel_lowp.linear_fp8_torch(x, *s13), sw2)
+        ref = ops.moe_lowp_torch(x, w13, w2, weights, experts, 0, LIMIT, ops.linear_lowp_torch(x, *s13), sw2)
         flops = 2.0 * t * (TOPK * 3 * DIM * INTER + 3 * DIM * SHARED_INTER)
         rows.append(row(f"moe decode ({distinct} experts + shared)", t, graph_ms([bf16_call]), graph_ms([lowp_call]),
                         distinct * expert_bf16 + nbytes(bs13, bsw2, x), distinct * expert_lowp + nbytes(*s13, *sw2, x),
@@ -168,11 +169,11 @@ def bench_moe(bw: float, g: torch.Generator, say) -> list:
     x = torch.randn(t, DIM, device="cuda", generator=g).bfloat16()
     experts = torch.rand(t, EXPERTS, device="cuda", generator=g).topk(TOPK, dim=-1).indices
     weights = torch.rand(t, TOPK, device="cuda", generator=g)
-    ref = kernel_lowp.moe_fp4_torch(x, w13, w2, weights, experts, 0, LIMIT)
+    ref = ops.moe_lowp_torch(x, w13, w2, weights, experts, 0, LIMIT)
     bf16_out = kernel.moe_experts_triton(x, b13, b2, weights, experts, 0, LIMIT)
-    lowp_out = kernel_lowp.moe_experts_fp4_triton(x, w13, w2, weights, experts, 0, LIMIT)
+    lowp_out = kernel_lowp.moe_experts_lowp_triton(x, w13, w2, weights, experts, 0, LIMIT)
     bf16_ms = graph_ms([lambda: kernel.moe_experts_triton(x, b13, b2, weights, experts, 0, LIMIT)], reps=10)
-    lowp_ms = graph_ms([lambda: kernel_lowp.moe_experts_fp4_triton(x, w13, w2, weights, experts, 0, LIMIT)], reps=10)
+    lowp_ms = graph_ms([lambda: kernel_lowp.moe_experts_lowp_triton(x, w13, w2, weights, experts, 0, LIMIT)], reps=10)
     distinct = experts.unique().numel()
     rows.append(row(f"moe prefill grouped ({distinct} experts)", t, bf16_ms, lowp_ms,
                     distinct * expert_bf16 + nbytes(x), distinct * expert_lowp + nbytes(x), bw,
@@ -205,8 +206,8 @@ def main(argv=None) -> None:
     result = {"device": device, "copy_gbps": bw, "torch": torch.__version__, "triton": kernel.triton.__version__,
               "settings": {"fp8_row_max_m": kernel_lowp.FP8_ROW_MAX_M, "fp8_row_tiles": kernel_lowp.FP8_ROW_TILES,
                            "fp8_gemv_tiles": kernel_lowp.FP8_GEMV_TILES, "fp8_gemm_tiles": kernel_lowp.FP8_GEMM_TILES,
-                           "moe_fp4_gemv_tiles": kernel_lowp.MOE_FP4_GEMV_TILES,
-                           "moe_fp4_tiles_large": kernel_lowp.MOE_FP4_TILES_LARGE},
+                           "moe_lowp_gemv_tiles": kernel_lowp.MOE_LOWP_GEMV_TILES,
+                           "moe_lowp_tiles_large": kernel_lowp.MOE_LOWP_TILES_LARGE},
               "rows": rows, "elapsed_s": time.time() - began}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
