@@ -607,17 +607,22 @@ def use_backend(model: Transformer, name: str, device: str) -> None:
 def greedy_run(model: Transformer, prompt: torch.Tensor, steps: int, forced: Optional[torch.Tensor] = None):
     """runtime.greedy (eager one-token passes at tensor positions), timed: float32 logits
     [b, steps, vocab] (on the CPU), their argmax tokens [b, steps], and the seconds of the prefill
-    (a separate pass before) and of a one-token pass (the rest of the run, a mean)."""
+    (a separate pass before) and of a one-token pass (the mean of the run's passes)."""
     sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
     start = time.perf_counter()
     model(prompt, 0)
     sync()
     prefill_s = time.perf_counter() - start
-    start = time.perf_counter()
-    logits, _ = greedy(model, prompt, steps, forced)
-    sync()
-    step_s = max(time.perf_counter() - start - prefill_s, 0.0) / (steps - 1)
-    return logits, logits.argmax(-1), prefill_s, step_s
+    spent = []
+
+    def step(ids, pos):
+        begin = time.perf_counter()
+        out = model.decode(ids, pos)
+        sync()
+        spent.append(time.perf_counter() - begin)
+        return out
+    logits, _ = greedy(model, prompt, steps, forced, step)
+    return logits, logits.argmax(-1), prefill_s, sum(spent) / len(spent)
 
 
 def run_backend(model: Transformer, name: str, prompt: torch.Tensor, steps: int, ref: Optional[tuple]):
@@ -1103,7 +1108,7 @@ def bench_weights(args) -> None:
     floor = flops / ceil["matmul"] * 1e3
     decode = {(r["weights"], r["ctx"], r["batch"]): r for r in rows if "step_ms" in r}
     prefill = {r["weights"]: r for r in rows if "prefill_ms" in r}
-    print(f"\n| decode (ctx, batch) | bf16 step ms | fp8 step ms | bf16 ms/layer | fp8 ms/layer | layers fp8 speedup "
+    print("\n| decode (ctx, batch) | bf16 step ms | fp8 step ms | bf16 ms/layer | fp8 ms/layer | layers fp8 speedup "
           f"| fp8 of floor |\n|---|---|---|---|---|---|---|")
     for ctx in args.context:
         for b in args.batch:
