@@ -8,7 +8,6 @@ numbers are checked against the saved logits and against compare() on logits wit
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -25,17 +24,10 @@ import flaggems
 import ops
 from ops import Ops
 from model import ModelArgs
+from testkit.runs import free_port, one_thread  # noqa: F401  (one_thread: a fixture)
 
 PROMPTS = ["Hello there", "Why is the sky blue? Answer in one sentence."]
 STEPS = 5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)
@@ -185,12 +177,6 @@ def test_a_side_past_its_timeout_is_stopped(ckpt, tmp_path, capsys):
     assert rc == 3 and report is None
     assert "check.py: error: b: mp=2 run did not finish within --timeout 0.5 s" in capsys.readouterr().err
     assert time.monotonic() - start < 30
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -8,7 +8,6 @@ an R1 side against a V4 side is refused (same vocabulary size, not one model).
 import json
 
 import pytest
-import torch
 
 import check
 import convert
@@ -17,18 +16,11 @@ import runtime
 from encoding import encode_messages, encode_messages_r1
 from random_release import write_release
 from testkit.release_v3 import write_release_v3
+from testkit.runs import one_thread  # noqa: F401  (one_thread: a fixture)
 
 PROMPTS = ["Hello there", "Why is the sky blue? Answer in one sentence."]
 STEPS = 5
 FP32_CPU = "backend=torch,dtype=fp32,device=cpu"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

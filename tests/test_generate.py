@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import runtime
 from encoding import encode_messages
 from random_release import write_release
 from model import ModelArgs, Transformer
+from testkit.runs import env, free_port, one_thread  # noqa: F401  (one_thread: a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GENERATE = os.path.join(ROOT, "generate.py")
@@ -39,27 +39,6 @@ PROMPTS = ["Hello there", "What is two plus two?", "Tell me a story about a drag
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
 GREEDY = ["--max-new-tokens", "6", "--temperature", "0", "--dtype", "fp32", "--max-batch-size", "3",
           "--max-seq-len", "256"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The in-process runs use one thread, like each torchrun worker (2 cores are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def env(**extra) -> dict:
-    out = {k: v for k, v in os.environ.items() if k not in ("USE_OGROUPS_COMM", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    out.update(OMP_NUM_THREADS="1", USE_FLAGGEMS="0", **extra)
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(n: int, *args: str) -> list:

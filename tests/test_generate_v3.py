@@ -10,7 +10,6 @@ and with run_node_0.sh + run_node_1.sh as two nodes on localhost. Every bad inpu
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import runtime
 from encoding import encode_messages_r1, parse_completion_r1
 from random_release import write_release
 from testkit.release_v3 import r1_config, without_mtp, write_release_v3
+from testkit.runs import env, free_port, one_thread  # noqa: F401  (one_thread: a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GENERATE = os.path.join(ROOT, "generate.py")
@@ -37,27 +37,6 @@ CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "co
                 {"role": "user", "content": "Another one?"}]
 GREEDY = ["--max-new-tokens", str(MAX_NEW), "--temperature", "0", "--dtype", "fp32", "--max-batch-size", "3",
           "--max-seq-len", "128"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The in-process runs use one thread, like each torchrun worker (2 cores are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def env(**extra) -> dict:
-    out = {k: v for k, v in os.environ.items() if k not in ("USE_OGROUPS_COMM", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    out.update(OMP_NUM_THREADS="1", USE_FLAGGEMS="0", **extra)
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_records(path) -> list:
