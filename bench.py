@@ -957,8 +957,9 @@ def lowp_layout(args, tp: Parallel) -> dict:
     it is one, else the release's."""
     experts = args.expert_weights if args.weights == "fp8" else ("fp4" if isinstance(args, ModelArgs) else "fp8")
     family = sys.modules[type(args).__module__]
-    with torch.device("meta"):
-        twin = family.Transformer(dataclasses.replace(args, weights="fp8", expert_weights=experts), tp)
+    with torch.device("meta"):                  # shapes only: the torch backend, which any device runs
+        twin = family.Transformer(dataclasses.replace(args, weights="fp8", expert_weights=experts, backend="torch"),
+                                  tp)
     return {name: "fp4" if p.dtype == torch.int8 else "fp8" for name, p in twin.named_parameters()
             if p.dtype in LOWP_DTYPES}
 

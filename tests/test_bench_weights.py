@@ -22,6 +22,16 @@ def test_fp8_and_bf16_models_hold_the_same_random_numbers():
     assert torch.equal(logits["fp8"], logits["bf16"])
 
 
+def test_the_quantised_layout_of_a_triton_model_is_read_on_the_meta_device():
+    """bench.py weights builds its models with backend triton; the twin that only tells which weights
+    are quantised is built on the meta device, where only the torch backend runs (seen failing on a GPU)."""
+    from model import ModelArgs
+    from parallel import Parallel
+    args = ModelArgs.from_file(TINY, n_layers=2, n_mtp_layers=0, backend="triton")
+    args.compress_ratios = args.compress_ratios[:2]
+    layout = bench.lowp_layout(args, Parallel())
+    assert layout["layers.1.ffn.experts.0.w1.weight"] == "fp4" and layout["layers.0.attn.wq_b.weight"] == "fp8"
+
 def test_rank_share_holds_rank_0s_part():
     whole = bench.build_filled(TINY, 2, "fp8", 1, 32, device="cpu", backend="torch")
     share = bench.build_filled(TINY, 2, "fp8", 1, 32, bench.RankShare(2, 2), device="cpu", backend="torch")
