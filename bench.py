@@ -1089,13 +1089,17 @@ def bench_weights(args) -> None:
                 for b in args.batch:
                     ids = torch.randint(0, model.args.vocab_size, (b, 1), device="cuda")
                     step = decode_step_ms(decoder, ids, ctx)
-                    layers = decode_step_ms(LayerSteps(model, b), ids, ctx)
+                    steps = LayerSteps(model, b)
+                    layers = decode_step_ms(steps, ids, ctx)
                     floor = layers_bytes(model, b, ctx) / ceil["bandwidth"] * 1e3
                     rows.append(dict(weights=weights, ctx=ctx, batch=b, step_ms=step, layer_ms=layers / args.layers,
                                      floor=floor / layers))
                     print(f"{weights}: ctx {ctx} batch {b}: decode step {step:.3f} ms, layers alone {layers:.3f} ms "
                           f"= {layers / args.layers:.3f} ms a layer ({floor / layers:.0%} of their floor "
                           f"{floor:.3f} ms)", flush=True)
+                    if args.profile:
+                        pos = torch.full((b,), ctx, device="cuda")
+                        print_profile(f"{weights} layers, decode batch {b} at {ctx}", lambda: steps(ids, pos), rows=25)
             ids = torch.randint(0, model.args.vocab_size, (1, args.prefill), device="cuda")
             whole = median_ms(lambda: model(ids, 0), reps=3, warmup=1)
             layers = layers_prefill_ms(model, args.prefill)
@@ -1104,13 +1108,13 @@ def bench_weights(args) -> None:
             rows.append(dict(weights=weights, prefill_ms=whole, prefill_layer_ms=layers / args.layers))
             print(f"{weights}: prefill {args.prefill} tokens {whole:.1f} ms, layers alone {layers:.1f} ms = "
                   f"{layers / args.layers:.2f} ms a layer; layers' weights {gb:.2f} GB", flush=True)
-        del model, decoder
+        model = decoder = steps = None
         torch.cuda.empty_cache()
     floor = flops / ceil["matmul"] * 1e3
     decode = {(r["weights"], r["ctx"], r["batch"]): r for r in rows if "step_ms" in r}
     prefill = {r["weights"]: r for r in rows if "prefill_ms" in r}
     print("\n| decode (ctx, batch) | bf16 step ms | fp8 step ms | bf16 ms/layer | fp8 ms/layer | layers fp8 speedup "
-          f"| fp8 of floor |\n|---|---|---|---|---|---|---|")
+          "| fp8 of floor |\n|---|---|---|---|---|---|---|")
     for ctx in args.context:
         for b in args.batch:
             lo, hi = decode["fp8", ctx, b], decode["bf16", ctx, b]
@@ -1134,6 +1138,7 @@ def add_weights(commands) -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--context", type=int, nargs="+", default=[1024])
     p.add_argument("--prefill", type=int, default=4096, help="tokens of the prefill from position 0")
+    p.add_argument("--profile", action="store_true", help="print the top kernels of each decode measurement")
     p.set_defaults(run=bench_weights)
 
 
@@ -1198,8 +1203,8 @@ def bench_memory(args) -> None:
         print(f"| {n} | " + " | ".join(cells) + " |")
     for (model_name, n), why in reasons.items():
         print(f"{model_name} fp8 on {n} ranks: a cut that splits an FP8 block between ranks ({why})")
-    print(f"\nan H100 has 80 GB, an H200 141 GB; the KV caches, activations and CUDA graphs need room beside "
-          f"the weights")
+    print("\nan H100 has 80 GB, an H200 141 GB; the KV caches, activations and CUDA graphs need room beside "
+          "the weights")
 
 
 def add_memory(commands) -> None:

@@ -117,16 +117,20 @@ if triton is not None:
         tl.store(o_ptr + m * so + cols, _rounded(out, o_ptr.dtype.element_ty), mask=cmask)
 
     @triton.jit
-    def _fp8_tile(w_ptr, s_ptr, n0, k0, N, K, sw, ss, BN: tl.constexpr, BK: tl.constexpr, UE8M0: tl.constexpr,
-                  DT: tl.constexpr):
-        # W[n0:n0+BN, k0:k0+BK]^T dequantised to DT (bf16 or float32) [BK, BN] for tl.dot: the product with
-        # its block scale (BN and BK divide 128, so one covers the tile) in float32, rounded to bf16 (exact
-        # for a ue8m0 scale).
+    def _fp8_dot(a, acc, w_ptr, s_ptr, n0, k0, N, K, sw, ss, BN: tl.constexpr, BK: tl.constexpr, UE8M0: tl.constexpr):
+        # acc + a [BM, BK] W[n0:n0+BN, k0:k0+BK]^T for an FP8 W whose tile shares one block scale (BN and BK
+        # divide 128). bf16 a with a ue8m0 scale: the e4m3 codes as bf16 on the tensor cores, the product
+        # times the scale (a power of two: exact). Otherwise the tile dequantised as the reference does (the
+        # product with the scale in float32, rounded to bf16) in a's dtype.
         cols = n0 + tl.arange(0, BN)
         ks = k0 + tl.arange(0, BK)
         w = tl.load(w_ptr + cols[None, :] * sw + ks[:, None], mask=(cols < N)[None, :] & (ks < K)[:, None], other=0.0)
         s = _fp8_scale(tl.load(s_ptr + (n0 // B8) * ss + k0 // B8), UE8M0)
-        return _rounded(w.to(tl.float32) * s, tl.bfloat16).to(DT)
+        if UE8M0 and a.dtype == tl.bfloat16:
+            acc += _dot(a, w.to(tl.bfloat16), tl.zeros_like(acc)) * s
+        else:
+            acc = _dot(a, _rounded(w.to(tl.float32) * s, tl.bfloat16).to(a.dtype), acc)
+        return acc
 
     @triton.jit
     def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, M, N, K, R, sx, sxg, sw, ss, so,
@@ -150,8 +154,7 @@ if triton is not None:
             ks = k0 + tl.arange(0, BK)
             x = tl.load(x_base + rows.to(tl.int64)[:, None] * sx + ks[None, :],
                         mask=rmask[:, None] & (ks < K)[None, :], other=0.0)
-            acc = _dot(x, _fp8_tile(w_ptr, s_ptr, nb * BN, k0, N, K, sw, ss, BN, BK, UE8M0, x_ptr.dtype.element_ty),
-                       acc)
+            acc = _fp8_dot(x, acc, w_ptr, s_ptr, nb * BN, k0, N, K, sw, ss, BN, BK, UE8M0)
         cols = nb * BN + tl.arange(0, BN)
         tl.store(o_ptr + rows.to(tl.int64)[:, None] * so + cols[None, :], _rounded(acc, o_ptr.dtype.element_ty),
                  mask=rmask[:, None] & (cols < N)[None, :])
@@ -187,7 +190,16 @@ if triton is not None:
         # of block scales, rows ss_n apart).
         cols = n0 + tl.arange(0, BN)
         cmask = cols < N
-        if FP4:
+        if FP4 and x_row.dtype.element_ty == tl.bfloat16:
+            # the row as the first of 16 (tl.dot's least), the others zero, through _fp4_dot
+            r = tl.arange(0, 16)
+            acc = tl.zeros([16, BN], tl.float32)
+            for k0 in range(0, K, G * FP4_G):
+                ks = k0 + tl.arange(0, G * FP4_G)
+                a = tl.load(x_row + r[:, None] * 0 + ks[None, :], mask=(r == 0)[:, None] & (ks < K)[None, :], other=0.0)
+                acc = _fp4_dot(a, acc, w_base, s_base, sw_n, ss_n, n0, k0, N, K, BN, G * FP4_G)
+            out = tl.sum(acc, 0)
+        elif FP4:
             acc = tl.zeros([BN, G], tl.float32)
             for k0 in range(0, K, G * FP4_G):
                 grp, gmask, xe, xo = _fp4_inputs(x_row, k0, K, G)
@@ -283,15 +295,34 @@ if triton is not None:
         return tl.trans(tl.join(lo, hi).reshape(BN, BK))
 
     @triton.jit
-    def _expert_tile(w_base, s_base, sw_n, ss_n, n0, k0, N, K, BN: tl.constexpr, BK: tl.constexpr,
-                     FP4: tl.constexpr, UE8M0: tl.constexpr, DT: tl.constexpr):
-        # W[n0:n0+BN, k0:k0+BK]^T of one expert's weight (N rows of K inputs), MXFP4 or FP8, as DT [BK, BN].
-        if FP4:
-            cols = n0 + tl.arange(0, BN)
-            tile = _fp4_tile(w_base, s_base, sw_n, ss_n, cols, cols < N, k0, K, BN, BK, DT)
+    def _fp4_dot(a, acc, w_base, s_base, sw_n, ss_n, n0, k0, N, K, BN: tl.constexpr, BK: tl.constexpr):
+        # acc + a [BM, BK] W[n0:n0+BN, k0:k0+BK]^T for MXFP4 rows of W (bytes sw_n apart, scale bytes ss_n apart).
+        # bf16 a: Triton's scaled dot, which widens the codes times their scales to bf16 (exact) in registers;
+        # float32 a: the tile dequantised by _fp4_tile.
+        cols = n0 + tl.arange(0, BN)
+        cmask = cols < N
+        if a.dtype == tl.bfloat16:
+            byte = k0 // 2 + tl.arange(0, BK // 2)
+            b = tl.load(w_base + cols[:, None] * sw_n + byte[None, :], mask=cmask[:, None] & (byte < K // 2)[None, :],
+                        other=0)
+            grp = k0 // FP4_G + tl.arange(0, BK // FP4_G)
+            e = tl.load(s_base + cols[:, None] * ss_n + grp[None, :], mask=cmask[:, None] & (grp < K // FP4_G)[None, :],
+                        other=0)
+            acc = tl.dot_scaled(a, None, "bf16", tl.trans(b.to(tl.uint8, bitcast=True)), e, "e2m1", acc,
+                                fast_math=True)
         else:
-            tile = _fp8_tile(w_base, s_base, n0, k0, N, K, sw_n, ss_n, BN, BK, UE8M0, DT)
-        return tile
+            acc = _dot(a, _fp4_tile(w_base, s_base, sw_n, ss_n, cols, cmask, k0, K, BN, BK, a.dtype), acc)
+        return acc
+
+    @triton.jit
+    def _expert_dot(a, acc, w_base, s_base, sw_n, ss_n, n0, k0, N, K, BN: tl.constexpr, BK: tl.constexpr,
+                    FP4: tl.constexpr, UE8M0: tl.constexpr):
+        # acc + a [BM, BK] W[n0:n0+BN, k0:k0+BK]^T of one expert's weight (N rows of K inputs), MXFP4 or FP8.
+        if FP4:
+            acc = _fp4_dot(a, acc, w_base, s_base, sw_n, ss_n, n0, k0, N, K, BN, BK)
+        else:
+            acc = _fp8_dot(a, acc, w_base, s_base, n0, k0, N, K, sw_n, ss_n, BN, BK, UE8M0)
+        return acc
 
     @triton.jit
     def _moe_lowp_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, token_ptr, weight_ptr, tile_expert_ptr, tile_start_ptr,
@@ -317,10 +348,9 @@ if triton is not None:
                 ks = k0 + tl.arange(0, BK)
                 a = tl.load(x_ptr + tok[:, None] * sx + ks[None, :], mask=rmask[:, None] & (ks < D)[None, :],
                             other=0.0)
-                gate = _dot(a, _expert_tile(w_base, s_base, sw_n, ss_n, nb * BN, k0, I, D, BN, BK, FP4, UE8M0,
-                                            x_ptr.dtype.element_ty), gate)
-                up = _dot(a, _expert_tile(w_base + UP * sw_n, s_base + up_s * ss_n, sw_n, ss_n, nb * BN, k0, I, D,
-                                          BN, BK, FP4, UE8M0, x_ptr.dtype.element_ty), up)
+                gate = _expert_dot(a, gate, w_base, s_base, sw_n, ss_n, nb * BN, k0, I, D, BN, BK, FP4, UE8M0)
+                up = _expert_dot(a, up, w_base + UP * sw_n, s_base + up_s * ss_n, sw_n, ss_n, nb * BN, k0, I, D,
+                                 BN, BK, FP4, UE8M0)
             if CLAMP:
                 gate = tl.minimum(gate, limit)
                 up = tl.minimum(tl.maximum(up, -limit), limit)
@@ -350,8 +380,7 @@ if triton is not None:
                 ks = k0 + tl.arange(0, BK)
                 a = tl.load(h_ptr + rows[:, None] * sh + ks[None, :], mask=rmask[:, None] & (ks < I)[None, :],
                             other=0.0)
-                acc = _dot(a, _expert_tile(w_base, s_base, sw_n, ss_n, nb * BN, k0, D, I, BN, BK, FP4, UE8M0,
-                                           h_ptr.dtype.element_ty), acc)
+                acc = _expert_dot(a, acc, w_base, s_base, sw_n, ss_n, nb * BN, k0, D, I, BN, BK, FP4, UE8M0)
             dest = tl.load(assign_ptr + rows, mask=rmask, other=0).to(tl.int64)
             tl.store(out_ptr + dest[:, None] * so + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
 

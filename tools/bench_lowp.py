@@ -17,6 +17,10 @@ meets them: once, after the other layers' weights). GB/s counts the bytes a call
 memory (weights and scales of the matrices, or of the distinct experts, it touches, plus its
 activations); % BW is that against a large device-to-device copy. Prints a table and writes it, with
 the device and settings, as JSON.
+
+With --sweep it times, instead, each kernel under a list of tile choices (FP8 linear at 1-128 rows,
+the MoE decode kernels at batch 1 and 32, both MoE paths) and prints the fastest per shape: the data
+behind the launchers' default tiles.
 """
 import argparse
 import json
@@ -182,14 +186,72 @@ def bench_moe(bw: float, g: torch.Generator, say) -> list:
     return rows
 
 
+FP8_SWEEP_ROWS = (1, 8, 32, 128)
+FP8_SWEEP = [(bn, bk, 4, st) for bn, bk in ((4, 1024), (8, 512), (16, 256), (32, 128)) for st in (2, 3, 4)] + \
+    [(bm, bn, bk, 1, w, st) for bm in (16, 32) for bn in (16, 32, 64, 128) for bk in (64, 128)
+     for w in (4, 8) for st in (3, 4) if bn * bk <= 8192]
+MOE_GEMV_SWEEP = [(bn, g, w, st) for bn in (16, 32, 64) for g in (2, 4, 8) for w in (4,) for st in (2, 3, 4)]
+MOE_GROUPED_SWEEP = [(16, bn, bk, w, st) for bn in (32, 64, 128) for bk in (64, 128, 256) for w in (4, 8)
+                     for st in (3, 4) if bn * bk <= 16384]
+
+
+def fastest(label: str, candidates, call, ref, say, reps: int = 20) -> None:
+    """Time call(tiles) for each candidate (a failure to build or a wrong result is skipped) and print the
+    fastest five."""
+    timed = []
+    for tiles in candidates:
+        try:
+            out = call(tiles)
+            err = max_err(out, ref)
+            if not err < 0.05 * ref.float().abs().max().item() + 1e-3:
+                say(f"  {label} {tiles}: wrong (max err {err:.3g})")
+                continue
+            timed.append((graph_ms([lambda: call(tiles)], reps), tiles))
+        except Exception as e:  # noqa: BLE001 - a tile choice the compiler or the device refuses is skipped
+            say(f"  {label} {tiles}: {type(e).__name__} {str(e).splitlines()[0][:100]}")
+    timed.sort()
+    say(f"{label}: " + ", ".join(f"{tiles} {ms * 1e3:.1f} us" for ms, tiles in timed[:5]))
+
+
+def sweep(g: torch.Generator, say, parts) -> None:
+    for name, (n, k) in LINEARS.items() if "fp8" in parts else ():
+        w, s = fp8_weight(n, k, g)
+        for m in FP8_SWEEP_ROWS:
+            x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+            ref = ops.linear_lowp_torch(x, w, s, torch.float32)
+            fastest(f"fp8 {name} rows {m}", [t for t in FP8_SWEEP if len(t) == 4 or m <= t[0] or m > 16],
+                    lambda t: kernel_lowp.linear_fp8_triton(x, w, s, tiles=t), ref, say)
+    if "moe" not in parts:
+        return
+    w13, w2 = fp4_weight(EXPERTS, 2 * INTER, DIM, g), fp4_weight(EXPERTS, DIM, INTER, g)
+    s13, sw2 = fp8_weight(2 * SHARED_INTER, DIM, g), fp8_weight(DIM, SHARED_INTER, g)
+    for t in MOE_DECODE_BATCHES:
+        x = torch.randn(t, DIM, device="cuda", generator=g).bfloat16()
+        experts = torch.rand(t, EXPERTS, device="cuda", generator=g).topk(TOPK, dim=-1).indices
+        weights = torch.rand(t, TOPK, device="cuda", generator=g)
+        gu = kernel_lowp.linear_fp8_triton(x, *s13)
+        ref = ops.moe_lowp_torch(x, w13, w2, weights, experts, 0, LIMIT, gu, sw2)
+        fastest(f"moe gemv batch {t}", MOE_GEMV_SWEEP,
+                lambda tl_: kernel_lowp.moe_gemv_lowp_triton(x, w13, w2, weights, experts, 0, LIMIT, gu, sw2,
+                                                             torch.float32, tl_), ref, say)
+        ref = ops.moe_lowp_torch(x, w13, w2, weights, experts, 0, LIMIT)
+        fastest(f"moe grouped batch {t}", MOE_GROUPED_SWEEP,
+                lambda tl_: kernel_lowp.moe_experts_lowp_triton(x, w13, w2, weights, experts, 0, LIMIT, tl_), ref, say)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="where to write the results as JSON")
+    p.add_argument("--sweep", nargs="*", choices=["fp8", "moe"],
+                   help="time the tile choices of these kernels (default both) instead (prints only)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available() or kernel.triton is None:
         raise SystemExit("bench_lowp.py needs a CUDA GPU and triton")
     began = time.time()
     g = torch.Generator(device="cuda").manual_seed(0)
+    if args.sweep is not None:
+        sweep(g, lambda line: print(line, flush=True), args.sweep or ["fp8", "moe"])
+        return
     bw = copy_gbps()
     device = torch.cuda.get_device_name()
     print(f"{device}: device-to-device copy {bw:.0f} GB/s (read + write)")

@@ -49,6 +49,13 @@ def compare(name: str, fp8: str, bf16: str, prompt: torch.Tensor) -> bool:
     apart = rel_err(along["fp8"], along["bf16"])
     ok = same and apart <= 2 * rounding
     where = "identical" if same else f"differ from step {(runs['fp8'][2].cpu() != tokens).any(0).nonzero()[0].item()}"
+    parted = (along["fp8"].argmax(-1)[:, :-1] != tokens).nonzero()
+    if not same and len(parted):    # how close the call was where they part: the BF16 shards' two best logits there
+        row, step = parted[0].tolist()
+        best = along["bf16"][row, step].float().topk(2).values
+        gap = (along["fp8"][row, step].float() - along["bf16"][row, step].float()).abs().max()
+        where += (f" (row {row}: BF16 shards' top-2 logits {best[0]:.4f} / {best[1]:.4f}, FP8 shards' logits up to "
+                  f"{gap:.4f} from BF16's there)")
     print(f"{name:26s} bf16 GPU, FP8 vs BF16 shards: greedy {STEPS} tokens x {prompt.size(0)} {where}; logits rel diff "
           f"{apart:.2e} (BF16 shards vs CPU fp32: {rounding:.2e}) {'ok' if ok else 'FAILED'}", flush=True)
     return ok
@@ -57,7 +64,7 @@ def compare(name: str, fp8: str, bf16: str, prompt: torch.Tensor) -> bool:
 def main() -> int:
     if not torch.cuda.is_available():
         raise SystemExit("tools/gpu_check_fp8.py needs a CUDA GPU")
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     kernels = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "test_kernel_lowp.py")], env=env).returncode
     print(f"kernel cases: {'FAILED' if kernels else 'ok'}", flush=True)
     models = subprocess.run([sys.executable, "-m", "testkit.fp8"], cwd=ROOT, env=env).returncode
