@@ -49,8 +49,8 @@ def compare(name: str, fp8: str, bf16: str, prompt: torch.Tensor) -> bool:
     apart = rel_err(along["fp8"], along["bf16"])
     ok = same and apart <= 2 * rounding
     where = "identical" if same else f"differ from step {(runs['fp8'][2].cpu() != tokens).any(0).nonzero()[0].item()}"
-    parted = (along["fp8"].argmax(-1)[:, :-1] != tokens).nonzero()
-    if not same and len(parted):    # how close the call was where they part: the BF16 shards' two best logits there
+    parted = [] if same else (along["fp8"].argmax(-1)[:, :-1] != tokens).nonzero()
+    if len(parted):     # how close the call was where they part: the BF16 shards' two best logits there
         row, step = parted[0].tolist()
         best = along["bf16"][row, step].float().topk(2).values
         gap = (along["fp8"][row, step].float() - along["bf16"][row, step].float()).abs().max()
