@@ -21,6 +21,7 @@ from safetensors.torch import load_file, load_model, save_file
 import convert
 import random_release
 from random_release import hf_config, read_release, write_release
+from testkit.convert_runs import check_failed_job_leaves_no_shards, check_interrupt_leaves_no_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_EXPERTS, O_GROUPS = 8, 2
@@ -153,29 +154,12 @@ def test_converted_model_gives_the_reference_logits(release, converted):
 # ----------------------------------------------------------------------------- failures
 
 def test_failed_job_leaves_no_shards(release, tmp_path, monkeypatch):
-    calls, dequant_fp4 = [], convert.dequant_fp4
-
-    def failing(weight, scale, dtype):
-        calls.append(1)
-        if len(calls) == 5:
-            raise ValueError("injected failure")
-        return dequant_fp4(weight, scale, dtype)
-
-    monkeypatch.setattr(convert, "dequant_fp4", failing)
-    dst = str(tmp_path / "out")
-    with pytest.raises(convert.ConvertError, match=r"tensor layers\.\d+\.ffn\.experts\.\d+\.w\d\.weight: injected"):
-        convert.convert(release[0], dst, 2, num_workers=1)
-    assert os.listdir(dst) == []
+    check_failed_job_leaves_no_shards(release[0], str(tmp_path / "out"), monkeypatch, "dequant_fp4",
+                                      r"tensor layers\.\d+\.ffn\.experts\.\d+\.w\d\.weight: injected")
 
 
 def test_interrupt_leaves_no_shards(release, tmp_path, monkeypatch):
-    def interrupted(self, job):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(convert.ShardWriter, "run", interrupted)
-    dst = str(tmp_path / "out")
-    with pytest.raises(KeyboardInterrupt):
-        convert.convert(release[0], dst, 2, num_workers=1)
-    assert os.listdir(dst) == []
+    check_interrupt_leaves_no_shards(release[0], str(tmp_path / "out"), monkeypatch)
 
 
 def _rewrite(path, edit):

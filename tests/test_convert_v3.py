@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 import convert
 from random_release import read_release
 from testkit.release_v3 import dequantize_release_v3, r1_config, write_release_v3
+from testkit.convert_runs import check_failed_job_leaves_no_shards, check_interrupt_leaves_no_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_EXPERTS, N_LAYERS = 16, 4
@@ -344,26 +345,9 @@ def test_command_line_exits_non_zero(release, tmp_path):
 
 
 def test_failed_job_leaves_no_shards(release, tmp_path, monkeypatch):
-    calls, dequant_fp8 = [], convert.dequant_fp8
-
-    def failing(weight, scale, dtype):
-        calls.append(1)
-        if len(calls) == 5:
-            raise ValueError("injected failure")
-        return dequant_fp8(weight, scale, dtype)
-
-    monkeypatch.setattr(convert, "dequant_fp8", failing)
-    dst = str(tmp_path / "out")
-    with pytest.raises(convert.ConvertError, match=r"tensor model\.layers\.\d+\..*: injected failure"):
-        convert.convert(release[0], dst, 2, num_workers=1)
-    assert os.listdir(dst) == []
+    check_failed_job_leaves_no_shards(release[0], str(tmp_path / "out"), monkeypatch, "dequant_fp8",
+                                      r"tensor model\.layers\.\d+\..*: injected failure")
 
 
 def test_interrupt_leaves_no_shards(release, tmp_path, monkeypatch):
-    def interrupted(self, job):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(convert.ShardWriter, "run", interrupted)
-    dst = str(tmp_path / "out")
-    with pytest.raises(KeyboardInterrupt):
-        convert.convert(release[0], dst, 2, num_workers=1)
-    assert os.listdir(dst) == []
+    check_interrupt_leaves_no_shards(release[0], str(tmp_path / "out"), monkeypatch)
