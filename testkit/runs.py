@@ -1,5 +1,6 @@
 """What the tests that start generate.py / check.py jobs share: one torch thread in this process
-(each torchrun worker has one too; the 2 cores are shared), the environment a job gets, a free port."""
+(each torchrun worker has one too; the 2 cores are shared), an environment cleared of launch and
+layout settings for in-process runs, the environment a job gets, a free port."""
 import os
 import socket
 
@@ -15,6 +16,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    """In-process runs see no launch, layout or FlagGems settings of the caller's, and one OpenMP thread.
+    Imported into a test module, it applies to each of its tests."""
+    for name in ("USE_FLAGGEMS", "USE_OGROUPS_COMM", "FLAGGEMS_EXCLUDE", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
 def env(**extra) -> dict:

@@ -24,17 +24,10 @@ import flaggems
 import ops
 from ops import Ops
 from model import ModelArgs
-from testkit.runs import free_port, one_thread  # noqa: F401  (one_thread: a fixture)
+from testkit.runs import clean_env, free_port, one_thread  # noqa: F401  (clean_env, one_thread: fixtures)
 
 PROMPTS = ["Hello there", "Why is the sky blue? Answer in one sentence."]
 STEPS = 5
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for name in ("USE_FLAGGEMS", "USE_OGROUPS_COMM", "FLAGGEMS_EXCLUDE", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="module")

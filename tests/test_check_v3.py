@@ -16,18 +16,11 @@ import runtime
 from encoding import encode_messages, encode_messages_r1
 from random_release import write_release
 from testkit.release_v3 import write_release_v3
-from testkit.runs import one_thread  # noqa: F401  (one_thread: a fixture)
+from testkit.runs import clean_env, one_thread  # noqa: F401  (fixtures)
 
 PROMPTS = ["Hello there", "Why is the sky blue? Answer in one sentence."]
 STEPS = 5
 FP32_CPU = "backend=torch,dtype=fp32,device=cpu"
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for name in ("USE_FLAGGEMS", "USE_OGROUPS_COMM", "FLAGGEMS_EXCLUDE", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="module")
