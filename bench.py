@@ -936,9 +936,10 @@ def add_convert(commands) -> None:
 
 class RankShare(Parallel):
     """Rank 0's place among world_size ranks, held alone: the layers are built with that rank's share
-    of the weights and the collectives do nothing (ParallelHead's gather aside, which the rank-share
-    timing leaves out). Above o_groups ranks its output groups are those of the o-groups layout, for
-    the memory table (its attention cannot run: heads are not gathered)."""
+    of the weights and the collectives do nothing (all_gather repeats the rank's own part in every
+    rank's place: the shape and the copy, not the numbers). Above o_groups ranks its output groups are
+    those of the o-groups layout, for the memory table (its attention cannot run: heads are not
+    gathered)."""
     def __init__(self, world_size: int, o_groups: int):
         super().__init__(world_size, 0)
         self.o_groups = o_groups
@@ -949,6 +950,9 @@ class RankShare(Parallel):
 
     def all_reduce(self, x: torch.Tensor, group=None) -> torch.Tensor:
         return x
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        return x.repeat(*[1] * (x.dim() - 1), self.world_size)
 
 
 def lowp_layout(args, tp: Parallel) -> dict:
