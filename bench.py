@@ -46,6 +46,7 @@ largest single tensor. The release stays in WORKDIR/release; each conversion's o
 after it has been measured, so the disk needs room for the release and one conversion.
 """
 import argparse
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -389,6 +390,272 @@ def collective_ms(model: Transformer, batch: int, ctx: int, steps: int = 5) -> t
     nccl = sum(e.device_time_total for e in kernels if "nccl" in e.key.lower())
     every = sum(e.device_time_total for e in kernels)
     return nccl / steps / 1e3, every / steps / 1e3
+
+
+# ----------------------------------------------------------------------------- speed under torchrun: the
+# step split into compute, collectives and the rest, and a model of the step on N ranks
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective of a step: op 'all_reduce' (in place) or 'all_gather' (of the head's logits, every
+    rank's part concatenated on the last dim), the tensor this rank hands in, its process group (None:
+    all ranks), and where: a layer's compress ratio (its kind), or None outside the layers."""
+    op: str
+    shape: tuple
+    dtype: torch.dtype
+    group: object
+    where: Optional[int]
+
+    @property
+    def bytes(self) -> int:
+        """Bytes this rank hands in (for all_gather its own part, not the gathered whole)."""
+        return torch.Size(self.shape).numel() * self.dtype.itemsize
+
+
+class Recorder(Parallel):
+    """inner's place in the world (world size, rank, groups); each collective is run by inner and
+    appended to calls (a list shared by the recorders of one step) as a Collective made at `where`."""
+    def __init__(self, inner: Parallel, calls: list, where: Optional[int]):
+        super().__init__(inner.world_size, inner.rank, inner.pair_group, inner.proj_group)
+        self.inner, self.calls, self.where = inner, calls, where
+
+    @property
+    def out_group_split(self) -> int:
+        return self.inner.out_group_split
+
+    def all_reduce(self, x: torch.Tensor, group=None) -> torch.Tensor:
+        self.calls.append(Collective("all_reduce", tuple(x.shape), x.dtype, group, self.where))
+        return self.inner.all_reduce(x, group)
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(Collective("all_gather", tuple(x.shape), x.dtype, None, self.where))
+        return self.inner.all_gather(x)
+
+
+def layer_kind(layer) -> int:
+    """A layer's kind: its attention's compress ratio (0 window only, 4 CSA, > 4 HCA; 0 for R1 / V3)."""
+    return getattr(layer.attn, "ratio", 0) or 0
+
+
+@contextlib.contextmanager
+def swapped_tp(model, stand_in):
+    """Inside the block every module of model holding model.tp holds stand_in(name) instead (name as
+    model.named_modules() gives it); back to model.tp on the way out, whatever happens."""
+    tp = model.tp
+    held = [(name, m) for name, m in model.named_modules() if getattr(m, "tp", None) is tp]
+    stand_ins = [stand_in(name) for name, _ in held]          # all made before any module changes
+    try:
+        for (_, m), other in zip(held, stand_ins):
+            m.tp = other
+        yield
+    finally:
+        for _, m in held:
+            m.tp = tp
+
+
+def record_step(model, ids: torch.Tensor, pos: torch.Tensor) -> list:
+    """The collectives of one eager decode step of ids [b, 1] at pos [b] (run for real, by model.tp),
+    in the order made -> [Collective], each with the kind of the layer that made it."""
+    calls, recorders, tp = [], {}, model.tp
+
+    def recorder(name: str) -> Recorder:
+        parts = name.split(".")
+        where = layer_kind(model.layers[int(parts[1])]) if parts[0] == "layers" and len(parts) > 1 else None
+        return recorders.setdefault(where, Recorder(tp, calls, where))
+    with swapped_tp(model, recorder):
+        model.decode(ids, pos)
+    return calls
+
+
+def silent_twin(model) -> Parallel:
+    """A Parallel of model.tp's world size whose collectives do nothing (RankShare; the rank does not
+    matter to a step, only to how the weights were cut). Only for N <= o_groups: in the o-groups
+    layout the heads' gather over the pair group goes to torch.distributed, not through tp."""
+    if model.tp.pair_group is not None:
+        raise ValueError("the compute-only step covers N <= o_groups (the o-groups layout gathers heads itself)")
+    return RankShare(model.tp.world_size, model.args.o_groups)
+
+
+class OneStep:
+    """model.decode for `batch` rows replayed from one CUDA graph (GraphedDecoder's, for one bucket and
+    without the warm-up on a side stream); call with ids [b, 1], pos [b] as a decoder."""
+    def __init__(self, model, batch: int):
+        device = model.embed.weight.device
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.replay = graphed(lambda: model.decode(self.ids, self.pos))
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor) -> None:
+        self.ids.copy_(ids)
+        self.pos.copy_(pos)
+        self.replay()
+
+
+def compute_step_ms(model, ids: torch.Tensor, ctx: int) -> float:
+    """decode_step_ms of the step with its collectives left out: the modules hold silent_twin(model)
+    while a graph of the step is captured and timed, then model.tp again. The numbers it computes are
+    wrong (partial sums never reduced, the head's logits not gathered); only its time counts: every
+    kernel of the step but the collectives'."""
+    twin = silent_twin(model)
+    with swapped_tp(model, lambda name: twin):
+        step = OneStep(model, ids.size(0)) if model.ops.graphs else model.decode
+        return decode_step_ms(step, ids, ctx)
+
+
+def replay_collectives(tp: Parallel, calls: list, device) -> callable:
+    """A function making calls' collectives alone, in order, through tp on zero tensors of their shapes
+    (zeros: a sum stays finite however often it runs)."""
+    buffers = [torch.zeros(c.shape, dtype=c.dtype, device=device) for c in calls]
+
+    def run():
+        for c, x in zip(calls, buffers):
+            if c.op == "all_reduce":
+                tp.all_reduce(x, c.group)
+            else:
+                tp.all_gather(x)
+    return run
+
+
+def all_reduce_points(tp: Parallel, sizes=(1 << 12, 1 << 16, 1 << 20, 1 << 24), reps: int = 16) -> list:
+    """[(bytes, ms)] of one bf16 all-reduce over all ranks at each size, timed as a CUDA graph of reps of
+    them in a row."""
+    points = []
+    for size in sizes:
+        x = torch.zeros(size // 2, dtype=torch.bfloat16, device="cuda")
+
+        def run():
+            for _ in range(reps):
+                tp.all_reduce(x)
+        points.append((size, median_ms(graphed(run)) / reps))
+    return points
+
+
+def fit_ring(points: list, n: int) -> tuple:
+    """(a ms, bus bytes/ms) of ms = a + 2 (n - 1) / n * bytes / bus fitted to points [(bytes, ms)] of
+    an all-reduce on n ranks, least squares (at least two sizes)."""
+    xs, ys = [b for b, _ in points], [ms for _, ms in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, 2 * (n - 1) / n / slope
+
+
+def collective_model_ms(c: Collective, live_n: int, n: int, a: float, bus: float) -> float:
+    """Model of c (made on live_n ranks) on n ranks, as rings with latency a ms and bus bytes/ms:
+    all-reduce a + 2 (n - 1) / n * bytes / bus (the bytes do not change with n), all-gather of the
+    head's logits a + (n - 1) / n * whole / bus, whole = live_n * the part this rank handed in."""
+    if c.op == "all_reduce":
+        return a + 2 * (n - 1) / n * c.bytes / bus
+    return a + (n - 1) / n * live_n * c.bytes / bus
+
+
+def step_model(n: int, layer_ms: dict, head_ms: float, depth: dict, calls: list, measured: dict, live_n: int,
+               a: float, bus: float) -> dict:
+    """A model of a decode step of the full depth on n ranks from measured inputs:
+    layer_ms kind -> ms of one layer at rank 0's share of n; head_ms the local head part at n;
+    depth kind -> layers of that kind in the full model; calls [Collective] of one step on live_n
+    ranks with measured kind -> layers of that kind in the model that made them; a, bus the fitted
+    ring (collective_model_ms). A layer's collectives are its kind's calls over its kind's layers;
+    those outside the layers (embedding, head) count once. -> {compute, collectives, step} ms (the
+    collectives assumed not to overlap compute, launches free as in a CUDA graph)."""
+    missing = sorted(set(depth) - set(layer_ms) | set(depth) - set(measured))
+    if missing:
+        raise ValueError(f"no measured layer of kind(s) {missing}")
+    compute = sum(count * layer_ms[kind] for kind, count in depth.items()) + head_ms
+    collectives = 0.0
+    for c in calls:
+        times = 1 if c.where is None else depth.get(c.where, 0) / measured[c.where]
+        collectives += times * collective_model_ms(c, live_n, n, a, bus)
+    return dict(compute=compute, collectives=collectives, step=compute + collectives)
+
+
+def bucket(decoder, batch: int) -> int:
+    """The rows a decoder's step runs for `batch` rows: GraphedDecoder's bucket, else batch."""
+    return next(x for x in decoder.buckets if x >= batch) if isinstance(decoder, GraphedDecoder) else batch
+
+
+def split_step(model, ids: torch.Tensor, ctx: int) -> dict:
+    """A decode step of ids [b, 1] at ctx (under torchrun) in parts: compute_ms (compute_step_ms),
+    collective_ms (its collectives alone, as record_step lists them, replayed from a CUDA graph), with
+    their count and bytes (those this rank hands in), and the calls themselves."""
+    pos = torch.full((ids.size(0),), ctx, device=ids.device)
+    calls = record_step(model, ids, pos)
+    alone = median_ms(graphed(replay_collectives(model.tp, calls, ids.device)))
+    return dict(compute_ms=compute_step_ms(model, ids, ctx), collective_ms=alone, count=len(calls),
+                bytes=sum(c.bytes for c in calls), calls=calls)
+
+
+def local_head_ms(model, batch: int) -> float:
+    """The local part of the head for `batch` rows (linear_fp32 on this rank's vocabulary slice), graphed."""
+    x = torch.randn(batch, model.args.dim, device="cuda").to(model.embed.weight.dtype)
+    return median_ms(graphed(lambda: linear_fp32(x, model.head.weight)))
+
+
+def kind_ms(model, ids: torch.Tensor, ctx: int) -> dict:
+    """kind -> mean decode_step_ms of one layer of that kind alone (LayerSteps of that layer)."""
+    times = {}
+    for layer in model.layers:
+        times.setdefault(layer_kind(layer), []).append(decode_step_ms(LayerSteps(model, ids.size(0), [layer]), ids, ctx))
+    return {kind: statistics.fmean(ms) for kind, ms in times.items()}
+
+
+def rank_share_inputs(args, ranks: int, max_seq: int) -> dict:
+    """(ctx, batch) -> (kind_ms, local_head_ms) of --layers layers of args.config at rank 0's share of
+    `ranks` ranks on this GPU (RankShare, weights as bench speed's: bf16), for step_model."""
+    config = ModelArgs.from_file(args.config)
+    model = build_filled(args.config, args.layers, "bf16", max(args.batch), max_seq, RankShare(ranks, config.o_groups),
+                         backend=args.backend)
+    out = {}
+    with torch.no_grad():
+        fill_caches(model)
+        for ctx in args.context:
+            for b in args.batch:
+                ids = torch.randint(0, model.args.vocab_size, (b, 1), device="cuda")
+                out[ctx, b] = kind_ms(model, ids, ctx), local_head_ms(model, b)
+    return out
+
+
+def model_lines(args, rows: list, live_n: int, measured: dict, fit: tuple, points: list, max_seq: int) -> list:
+    """The model of the full-depth step at each --model-ranks N (step_model), labelled, with its inputs;
+    an N that cannot be modelled gets its reason."""
+    config = ModelArgs.from_file(args.config)
+    depth = dict(collections.Counter(config.ratio(i) for i in range(config.n_layers)))
+    missing = sorted(set(depth) - set(measured))
+    if missing:
+        return [f"\nMODEL left out: the layers measured hold no layer of kind(s) {missing} (compress ratio) of "
+                f"{args.config}'s full depth; take more --layers"]
+    a, bus = fit
+    lines = ["\nMODEL (not a measurement) of a decode step of all {} layers of {} on N ranks: the layers' compute "
+             "measured per kind at rank 0's share of N on this GPU times the layers of that kind, plus the local head "
+             "part; collectives = the calls recorded in a step on these {} ranks (a layer's calls per layer of its "
+             "kind, times the layers of that kind; embedding and head once) each costed as a ring on N ranks: "
+             "all-reduce a + 2(N-1)/N * bytes / bus, head all-gather a + (N-1)/N * logits bytes / bus; no overlap, "
+             "embedding, HC head and norm left out.".format(config.n_layers, args.config, live_n),
+             f"inputs: layer kinds (compress ratio: layers) full depth {depth}, measured {measured}; all-reduce fitted "
+             f"on {live_n} ranks: a = {a * 1e3:.1f} us, bus {bus / 1e6:.0f} GB/s, from "
+             + ", ".join(f"{size} B: {ms * 1e3:.1f} us" for size, ms in points),
+             "the bus bandwidth and a are taken as the same at N (one NVSwitch node, N <= 8)"]
+    table = ["| N | ctx | batch | layer ms by kind (at N) | local head ms | compute ms | collectives ms | step ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n in args.model_ranks:
+        if n > config.o_groups:
+            lines.append(f"N = {n}: left out: above o_groups = {config.o_groups} the o-groups layout gathers heads "
+                         f"over pair groups, so rank 0's share cannot run alone here, and {n} GPUs span more than "
+                         f"one node, whose links a run on one node does not measure")
+            continue
+        try:
+            config.validate(n)
+        except ValueError as e:
+            lines.append(f"N = {n}: left out: {e}")
+            continue
+        inputs = rank_share_inputs(args, n, max_seq)
+        torch.cuda.empty_cache()
+        for r in rows:
+            per_kind, head = inputs[r["ctx"], r["batch"]]
+            m = step_model(n, per_kind, head, depth, r["calls"], measured, live_n, a, bus)
+            kinds = ", ".join(f"{k}: {ms:.3f}" for k, ms in sorted(per_kind.items()))
+            table.append(f"| {n} | {r['ctx']} | {r['batch']} | {kinds} | {head:.3f} | {m['compute']:.3f} | "
+                         f"{m['collectives']:.3f} | {m['step']:.3f} |")
+    return lines + [""] + table
 
 
 def print_profile(label: str, fn, steps: int = 3, rows: int = 60) -> None:
@@ -1031,8 +1298,9 @@ def build_filled(config: str, layers: int, weights: str, max_batch: int, max_seq
 
 class LayerSteps:
     """Decode steps through the layers alone (no embedding, HC head or head), replayed from a CUDA
-    graph: fixed random streams [b, 1, hc, D] in, positions [b] set per call."""
-    def __init__(self, model, batch: int):
+    graph: fixed random streams [b, 1, hc, D] in, positions [b] set per call. layers: those to run
+    (default all of model's)."""
+    def __init__(self, model, batch: int, layers=None):
         a, device = model.args, model.embed.weight.device
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)
         ids = torch.randint(0, a.vocab_size, (batch, 1), device=device)
@@ -1041,7 +1309,7 @@ class LayerSteps:
         def run():
             step = DecodeStep.at(self.pos, a.window_size, model.ops)
             x = h
-            for layer in model.layers:
+            for layer in model.layers if layers is None else layers:
                 x = layer.decode(x, step, ids)
             return x
         self.replay = graphed(run)
@@ -1245,8 +1513,7 @@ def bench_rank_share(args) -> None:
                 ids = torch.randint(0, model.args.vocab_size, (b, 1), device="cuda")
                 layers = decode_step_ms(LayerSteps(model, b), ids, ctx)
                 floor = layers_bytes(model, b, ctx) / ceil["bandwidth"] * 1e3
-                x = torch.randn(b, model.args.dim, device="cuda").to(model.embed.weight.dtype)
-                head = median_ms(graphed(lambda: linear_fp32(x, model.head.weight)))
+                head = local_head_ms(model, b)
                 print(f"| {ctx} | {b} | {layers:.3f} | {floor / layers:.0%} | {head:.3f} | {layers + head:.3f} |",
                       flush=True)
 
