@@ -2,7 +2,7 @@
 
     python bench.py speed [--layers 4] [--batch 1 8 32 128] [--context 1024 16384 65536] [--compare hf]
     python bench.py speed --config configs/config_r1.json [--layers 3 --dense-layers 1] [--compare hf]
-    torchrun --nproc-per-node 2 bench.py speed --batch 1 32
+    torchrun --nproc-per-node 2 bench.py speed --batch 1 32 [--model-ranks 4 8 16]
     python bench.py backends [--layers 4] [--backends torch triton flaggems] [--prompt-len 512] [--steps 16]
     python bench.py moe-tiles [--tokens 4096] [--decode-tokens 1 4 8 16]
     python bench.py attn-tiles [--tokens 4096]
@@ -20,6 +20,17 @@ prefill = matmul FLOPs over the bf16 matmul rate. A decode step's time is the me
 positions from C (see decode_step_ms). Under torchrun each rank holds its share, and the
 time spent in collectives per decode step is measured with the profiler. --compare hf runs
 transformers' DeepseekV4ForCausalLM on the same weights (experts shared, not copied) side by side.
+
+Under torchrun (N <= o_groups) a second table splits each decode step: compute, a CUDA graph of the
+same step with every collective left out (the modules hold a Parallel whose collectives do nothing:
+compute_step_ms); collectives, those an eager step makes (recorded with shapes and groups:
+record_step) replayed alone from one CUDA graph, with their count and the bytes a rank hands in; and
+unexplained = step - compute - collectives, signed (negative where they overlap). Then, for a V4 config,
+a MODEL (labelled so, its inputs printed) of the step at the config's full depth on --model-ranks N
+(default 4 8 16): each layer kind's decode ms measured at rank 0's share of N on this GPU (RankShare,
+--layers layers, the live model freed first) times that kind's layers in the full config, plus the
+local head; the recorded collectives costed as rings with latency and bus bandwidth fitted to
+all-reduces of 4 KB .. 16 MB on the live ranks (step_model). N above o_groups is left out, with why.
 
 The config's model_type picks the architecture (convert.architecture, as convert.py and generate.py
 do). A DeepSeek-R1 / V3 config (configs/config_r1.json) runs model_v3.py at R1's shapes: by default
@@ -473,7 +484,7 @@ def silent_twin(model) -> Parallel:
     layout the heads' gather over the pair group goes to torch.distributed, not through tp."""
     if model.tp.pair_group is not None:
         raise ValueError("the compute-only step covers N <= o_groups (the o-groups layout gathers heads itself)")
-    return RankShare(model.tp.world_size, model.args.o_groups)
+    return RankShare(model.tp.world_size, getattr(model.args, "o_groups", model.tp.world_size))   # R1 / V3: none
 
 
 class OneStep:
@@ -582,6 +593,18 @@ def split_step(model, ids: torch.Tensor, ctx: int) -> dict:
     alone = median_ms(graphed(replay_collectives(model.tp, calls, ids.device)))
     return dict(compute_ms=compute_step_ms(model, ids, ctx), collective_ms=alone, count=len(calls),
                 bytes=sum(c.bytes for c in calls), calls=calls)
+
+
+def split_lines(rows: list) -> list:
+    """The table of the steps split (rows with split_step's parts): unexplained = step - compute -
+    collectives, negative where they overlap."""
+    out = ["\n| context | batch | step ms (graph) | compute ms (graph, no collectives) | collectives ms alone (count, "
+           "MB handed in) | unexplained ms |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        rest = r["decode_ms"] - r["compute_ms"] - r["collective_ms"]
+        out.append(f"| {r['ctx']} | {r['batch']} | {r['decode_ms']:.3f} | {r['compute_ms']:.3f} | "
+                   f"{r['collective_ms']:.3f} ({r['count']}, {r['bytes'] / 1e6:.2f}) | {rest:+.3f} |")
+    return out
 
 
 def local_head_ms(model, batch: int) -> float:
@@ -700,6 +723,9 @@ def bench_speed(args) -> None:
     if isinstance(model, model_v3.Transformer):
         say(describe_v3(model, args.config))
     rows, versus = [], {}
+    split = world > 1 and model.tp.pair_group is None         # compute_step_ms covers N <= o_groups
+    if world > 1 and not split:
+        say("the step is not split into compute and collectives in the o-groups layout (N > o_groups)")
     with torch.no_grad():
         fill_caches(model)
         decoder = GraphedDecoder(model) if model.ops.graphs else model.decode
@@ -716,6 +742,9 @@ def bench_speed(args) -> None:
                 rows.append(dict(ctx=ctx, batch=b, decode_ms=ms, decode_floor=floor_ms / ms,
                                  prefill_rows=rows_pre, prefill_tok_s=rows_pre * chunk / pre_ms * 1e3,
                                  prefill_floor=pre_floor / pre_ms, comm_ms=comm[0], eager_ms=comm[1]))
+                if split:
+                    rows_run = torch.randint(0, model.args.vocab_size, (bucket(decoder, b), 1), device="cuda")
+                    rows[-1].update(split_step(model, rows_run, ctx))
                 say(f"ctx {ctx:6d} batch {b:4d}: decode {ms:7.3f} ms/step = {b / ms * 1e3:8.0f} tok/s "
                     f"({floor_ms / ms:5.1%} of floor {floor_ms:.3f} ms) | prefill {rows_pre}x{chunk} at ctx: "
                     f"{rows_pre * chunk / pre_ms * 1e3:7.0f} tok/s ({pre_floor / pre_ms:5.1%} of floor)"
@@ -755,6 +784,15 @@ def bench_speed(args) -> None:
             + (f" {r['comm_ms']:.3f} of {r['eager_ms']:.3f} |" if world > 1 else ""))
     if isinstance(model, model_v3.Transformer):
         say("\nissue 16's targets for R1 / V3:\n" + "\n".join(targets_v3(rows, versus)))
+    if split:
+        say("\n".join(split_lines(rows)))
+        if args.model_ranks and isinstance(model, Transformer):
+            points = all_reduce_points(model.tp)
+            measured = dict(collections.Counter(layer_kind(layer) for layer in model.layers))
+            model = decoder = None                              # room for the rank shares on this GPU
+            torch.cuda.empty_cache()
+            say("\n".join(model_lines(args, rows, world, measured, fit_ring(points, world), points,
+                                       max(args.context) + 128)))
 
 
 def add_speed(commands) -> None:
@@ -775,6 +813,8 @@ def add_speed(commands) -> None:
     p.add_argument("--prefill-tokens", type=int, default=4096, help="tokens per prefill chunk measurement, at most")
     p.add_argument("--prefill", type=int, default=4096, help="length of the prefill measured from position 0")
     p.add_argument("--profile", action="store_true", help="print the top kernels of a decode step and a prefill")
+    p.add_argument("--model-ranks", type=int, nargs="*", default=[4, 8, 16],
+                   help="under torchrun (V4): N of the model of the full-depth step (none: no model)")
     p.set_defaults(run=bench_speed)
 
 

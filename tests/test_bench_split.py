@@ -136,3 +136,28 @@ def test_step_model_on_the_live_ranks_costs_a_collective_as_fitted():
 def test_step_model_needs_every_kind_of_the_full_depth():
     with pytest.raises(ValueError, match=r"\[128\]"):
         bench.step_model(4, {0: 0.1, 4: 0.2}, 0.0, {0: 3, 4: 20, 128: 20}, [], {0: 2, 4: 1}, 2, 0.01, 1e8)
+
+
+def test_the_tables_print_the_split_and_the_labelled_model(monkeypatch):
+    """split_lines and model_lines on made-up measurements (rank_share_inputs needs a GPU): the
+    unexplained time signed, the model labelled with its inputs, N = 16 left out with its reason."""
+    calls = [call("all_reduce", 8192, None)] + [call("all_reduce", 8192, k) for k in (0, 0, 4, 128)]
+    row = dict(ctx=1024, batch=1, decode_ms=1.0, compute_ms=0.8, collective_ms=0.3, count=5, bytes=40960,
+               calls=calls)
+    assert bench.split_lines([row])[-1] == "| 1024 | 1 | 1.000 | 0.800 | 0.300 (5, 0.04) | -0.100 |"
+    flash = os.path.join(ROOT, "configs", "config_flash.json")
+    asked = []
+
+    def inputs(args, n, max_seq):
+        asked.append(n)
+        return {(1024, 1): ({0: 0.1, 4: 0.2, 128: 0.15}, 0.05)}
+    monkeypatch.setattr(bench, "rank_share_inputs", inputs)
+    args = types.SimpleNamespace(config=flash, model_ranks=[4, 8, 16])
+    lines = bench.model_lines(args, [row], 2, {0: 2, 4: 1, 128: 1}, (0.01, 1e8), [(4096, 0.011)], 1152)
+    text = "\n".join(lines)
+    assert asked == [4, 8] and "MODEL (not a measurement)" in text and "all 43 layers" in text
+    assert "full depth {0: 2, 4: 21, 128: 20}" in text and "N = 16: left out" in text
+    compute = 2 * 0.1 + 21 * 0.2 + 20 * 0.15 + 0.05
+    assert f"| 4 | 1024 | 1 | 0: 0.100, 4: 0.200, 128: 0.150 | 0.050 | {compute:.3f} |" in text
+    short = bench.model_lines(args, [row], 2, {0: 2}, (0.01, 1e8), [], 1152)
+    assert "MODEL left out" in short[0] and "[4, 128]" in short[0]
