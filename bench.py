@@ -2,7 +2,7 @@
 
     python bench.py speed [--layers 4] [--batch 1 8 32 128] [--context 1024 16384 65536] [--compare hf]
     python bench.py speed --config configs/config_r1.json [--layers 3 --dense-layers 1] [--compare hf]
-    torchrun --nproc-per-node 2 bench.py speed --batch 1 32
+    torchrun --nproc-per-node 2 bench.py speed --batch 1 32 [--model-ranks 4 8 16]
     python bench.py backends [--layers 4] [--backends torch triton flaggems] [--prompt-len 512] [--steps 16]
     python bench.py moe-tiles [--tokens 4096] [--decode-tokens 1 4 8 16]
     python bench.py attn-tiles [--tokens 4096]
@@ -20,6 +20,17 @@ prefill = matmul FLOPs over the bf16 matmul rate. A decode step's time is the me
 positions from C (see decode_step_ms). Under torchrun each rank holds its share, and the
 time spent in collectives per decode step is measured with the profiler. --compare hf runs
 transformers' DeepseekV4ForCausalLM on the same weights (experts shared, not copied) side by side.
+
+Under torchrun (N <= o_groups) a second table splits each decode step: compute, a CUDA graph of the
+same step with every collective left out (the modules hold a Parallel whose collectives do nothing:
+compute_step_ms); collectives, those an eager step makes (recorded with shapes and groups:
+record_step) replayed alone from one CUDA graph, with their count and the bytes a rank hands in; and
+unexplained = step - compute - collectives, signed (negative where they overlap). Then, for a V4 config,
+a MODEL (labelled so, its inputs printed) of the step at the config's full depth on --model-ranks N
+(default 4 8 16): each layer kind's decode ms measured at rank 0's share of N on this GPU (RankShare,
+--layers layers, the live model freed first) times that kind's layers in the full config, plus the
+local head; the recorded collectives costed as rings with latency and bus bandwidth fitted to
+all-reduces of 4 KB .. 16 MB on the live ranks (step_model). N above o_groups is left out, with why.
 
 The config's model_type picks the architecture (convert.architecture, as convert.py and generate.py
 do). A DeepSeek-R1 / V3 config (configs/config_r1.json) runs model_v3.py at R1's shapes: by default
@@ -46,6 +57,7 @@ largest single tensor. The release stays in WORKDIR/release; each conversion's o
 after it has been measured, so the disk needs room for the release and one conversion.
 """
 import argparse
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -391,6 +403,284 @@ def collective_ms(model: Transformer, batch: int, ctx: int, steps: int = 5) -> t
     return nccl / steps / 1e3, every / steps / 1e3
 
 
+# ----------------------------------------------------------------------------- speed under torchrun: the
+# step split into compute, collectives and the rest, and a model of the step on N ranks
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective of a step: op 'all_reduce' (in place) or 'all_gather' (of the head's logits, every
+    rank's part concatenated on the last dim), the tensor this rank hands in, its process group (None:
+    all ranks), and where: a layer's compress ratio (its kind), or None outside the layers."""
+    op: str
+    shape: tuple
+    dtype: torch.dtype
+    group: object
+    where: Optional[int]
+
+    @property
+    def bytes(self) -> int:
+        """Bytes this rank hands in (for all_gather its own part, not the gathered whole)."""
+        return torch.Size(self.shape).numel() * self.dtype.itemsize
+
+
+class Recorder(Parallel):
+    """inner's place in the world (world size, rank, groups); each collective is run by inner and
+    appended to calls (a list shared by the recorders of one step) as a Collective made at `where`."""
+    def __init__(self, inner: Parallel, calls: list, where: Optional[int]):
+        super().__init__(inner.world_size, inner.rank, inner.pair_group, inner.proj_group)
+        self.inner, self.calls, self.where = inner, calls, where
+
+    @property
+    def out_group_split(self) -> int:
+        return self.inner.out_group_split
+
+    def all_reduce(self, x: torch.Tensor, group=None) -> torch.Tensor:
+        self.calls.append(Collective("all_reduce", tuple(x.shape), x.dtype, group, self.where))
+        return self.inner.all_reduce(x, group)
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(Collective("all_gather", tuple(x.shape), x.dtype, None, self.where))
+        return self.inner.all_gather(x)
+
+
+def layer_kind(layer) -> int:
+    """A layer's kind: its attention's compress ratio (0 window only, 4 CSA, > 4 HCA; 0 for R1 / V3)."""
+    return getattr(layer.attn, "ratio", 0) or 0
+
+
+@contextlib.contextmanager
+def swapped_tp(model, stand_in):
+    """Inside the block every module of model holding model.tp holds stand_in(name) instead (name as
+    model.named_modules() gives it); back to model.tp on the way out, whatever happens."""
+    tp = model.tp
+    held = [(name, m) for name, m in model.named_modules() if getattr(m, "tp", None) is tp]
+    stand_ins = [stand_in(name) for name, _ in held]          # all made before any module changes
+    try:
+        for (_, m), other in zip(held, stand_ins):
+            m.tp = other
+        yield
+    finally:
+        for _, m in held:
+            m.tp = tp
+
+
+def record_step(model, ids: torch.Tensor, pos: torch.Tensor) -> list:
+    """The collectives of one eager decode step of ids [b, 1] at pos [b] (run for real, by model.tp),
+    in the order made -> [Collective], each with the kind of the layer that made it."""
+    calls, recorders, tp = [], {}, model.tp
+
+    def recorder(name: str) -> Recorder:
+        parts = name.split(".")
+        where = layer_kind(model.layers[int(parts[1])]) if parts[0] == "layers" and len(parts) > 1 else None
+        return recorders.setdefault(where, Recorder(tp, calls, where))
+    with swapped_tp(model, recorder):
+        model.decode(ids, pos)
+    return calls
+
+
+def silent_twin(model) -> Parallel:
+    """A Parallel of model.tp's world size whose collectives do nothing (RankShare; the rank does not
+    matter to a step, only to how the weights were cut). Only for N <= o_groups: in the o-groups
+    layout the heads' gather over the pair group goes to torch.distributed, not through tp."""
+    if model.tp.pair_group is not None:
+        raise ValueError("the compute-only step covers N <= o_groups (the o-groups layout gathers heads itself)")
+    return RankShare(model.tp.world_size, getattr(model.args, "o_groups", model.tp.world_size))   # R1 / V3: none
+
+
+class OneStep:
+    """model.decode for `batch` rows replayed from one CUDA graph (GraphedDecoder's, for one bucket and
+    without the warm-up on a side stream); call with ids [b, 1], pos [b] as a decoder."""
+    def __init__(self, model, batch: int):
+        device = model.embed.weight.device
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.replay = graphed(lambda: model.decode(self.ids, self.pos))
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor) -> None:
+        self.ids.copy_(ids)
+        self.pos.copy_(pos)
+        self.replay()
+
+
+def compute_step_ms(model, ids: torch.Tensor, ctx: int) -> float:
+    """decode_step_ms of the step with its collectives left out: the modules hold silent_twin(model)
+    while a graph of the step is captured and timed, then model.tp again. The numbers it computes are
+    wrong (partial sums never reduced, the head's logits not gathered); only its time counts: every
+    kernel of the step but the collectives'."""
+    twin = silent_twin(model)
+    with swapped_tp(model, lambda name: twin):
+        step = OneStep(model, ids.size(0)) if model.ops.graphs else model.decode
+        return decode_step_ms(step, ids, ctx)
+
+
+def replay_collectives(tp: Parallel, calls: list, device) -> callable:
+    """A function making calls' collectives alone, in order, through tp on zero tensors of their shapes
+    (zeros: a sum stays finite however often it runs)."""
+    buffers = [torch.zeros(c.shape, dtype=c.dtype, device=device) for c in calls]
+
+    def run():
+        for c, x in zip(calls, buffers):
+            if c.op == "all_reduce":
+                tp.all_reduce(x, c.group)
+            else:
+                tp.all_gather(x)
+    return run
+
+
+def all_reduce_points(tp: Parallel, sizes=(1 << 12, 1 << 16, 1 << 20, 1 << 24), reps: int = 16) -> list:
+    """[(bytes, ms)] of one bf16 all-reduce over all ranks at each size, timed as a CUDA graph of reps of
+    them in a row."""
+    points = []
+    for size in sizes:
+        x = torch.zeros(size // 2, dtype=torch.bfloat16, device="cuda")
+
+        def run():
+            for _ in range(reps):
+                tp.all_reduce(x)
+        points.append((size, median_ms(graphed(run)) / reps))
+    return points
+
+
+def fit_ring(points: list, n: int) -> tuple:
+    """(a ms, bus bytes/ms) of ms = a + 2 (n - 1) / n * bytes / bus fitted to points [(bytes, ms)] of
+    an all-reduce on n ranks, least squares (at least two sizes)."""
+    xs, ys = [b for b, _ in points], [ms for _, ms in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, 2 * (n - 1) / n / slope
+
+
+def collective_model_ms(c: Collective, live_n: int, n: int, a: float, bus: float) -> float:
+    """Model of c (made on live_n ranks) on n ranks, as rings with latency a ms and bus bytes/ms:
+    all-reduce a + 2 (n - 1) / n * bytes / bus (the bytes do not change with n), all-gather of the
+    head's logits a + (n - 1) / n * whole / bus, whole = live_n * the part this rank handed in."""
+    if c.op == "all_reduce":
+        return a + 2 * (n - 1) / n * c.bytes / bus
+    return a + (n - 1) / n * live_n * c.bytes / bus
+
+
+def step_model(n: int, layer_ms: dict, head_ms: float, depth: dict, calls: list, measured: dict, live_n: int,
+               a: float, bus: float) -> dict:
+    """A model of a decode step of the full depth on n ranks from measured inputs:
+    layer_ms kind -> ms of one layer at rank 0's share of n; head_ms the local head part at n;
+    depth kind -> layers of that kind in the full model; calls [Collective] of one step on live_n
+    ranks with measured kind -> layers of that kind in the model that made them; a, bus the fitted
+    ring (collective_model_ms). A layer's collectives are its kind's calls over its kind's layers;
+    those outside the layers (embedding, head) count once. -> {compute, collectives, step} ms (the
+    collectives assumed not to overlap compute, launches free as in a CUDA graph)."""
+    missing = sorted(set(depth) - set(layer_ms) | set(depth) - set(measured))
+    if missing:
+        raise ValueError(f"no measured layer of kind(s) {missing}")
+    compute = sum(count * layer_ms[kind] for kind, count in depth.items()) + head_ms
+    collectives = 0.0
+    for c in calls:
+        times = 1 if c.where is None else depth.get(c.where, 0) / measured[c.where]
+        collectives += times * collective_model_ms(c, live_n, n, a, bus)
+    return dict(compute=compute, collectives=collectives, step=compute + collectives)
+
+
+def bucket(decoder, batch: int) -> int:
+    """The rows a decoder's step runs for `batch` rows: GraphedDecoder's bucket, else batch."""
+    return next(x for x in decoder.buckets if x >= batch) if isinstance(decoder, GraphedDecoder) else batch
+
+
+def split_step(model, ids: torch.Tensor, ctx: int) -> dict:
+    """A decode step of ids [b, 1] at ctx (under torchrun) in parts: compute_ms (compute_step_ms),
+    collective_ms (its collectives alone, as record_step lists them, replayed from a CUDA graph), with
+    their count and bytes (those this rank hands in), and the calls themselves."""
+    pos = torch.full((ids.size(0),), ctx, device=ids.device)
+    calls = record_step(model, ids, pos)
+    alone = median_ms(graphed(replay_collectives(model.tp, calls, ids.device)))
+    return dict(compute_ms=compute_step_ms(model, ids, ctx), collective_ms=alone, count=len(calls),
+                bytes=sum(c.bytes for c in calls), calls=calls)
+
+
+def split_lines(rows: list) -> list:
+    """The table of the steps split (rows with split_step's parts): unexplained = step - compute -
+    collectives, negative where they overlap."""
+    out = ["\n| context | batch | step ms (graph) | compute ms (graph, no collectives) | collectives ms alone (count, "
+           "MB handed in) | unexplained ms |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        rest = r["decode_ms"] - r["compute_ms"] - r["collective_ms"]
+        out.append(f"| {r['ctx']} | {r['batch']} | {r['decode_ms']:.3f} | {r['compute_ms']:.3f} | "
+                   f"{r['collective_ms']:.3f} ({r['count']}, {r['bytes'] / 1e6:.2f}) | {rest:+.3f} |")
+    return out
+
+
+def local_head_ms(model, batch: int) -> float:
+    """The local part of the head for `batch` rows (linear_fp32 on this rank's vocabulary slice), graphed."""
+    x = torch.randn(batch, model.args.dim, device="cuda").to(model.embed.weight.dtype)
+    return median_ms(graphed(lambda: linear_fp32(x, model.head.weight)))
+
+
+def kind_ms(model, ids: torch.Tensor, ctx: int) -> dict:
+    """kind -> mean decode_step_ms of one layer of that kind alone (LayerSteps of that layer)."""
+    times = {}
+    for layer in model.layers:
+        times.setdefault(layer_kind(layer), []).append(decode_step_ms(LayerSteps(model, ids.size(0), [layer]), ids, ctx))
+    return {kind: statistics.fmean(ms) for kind, ms in times.items()}
+
+
+def rank_share_inputs(args, ranks: int, max_seq: int) -> dict:
+    """(ctx, batch) -> (kind_ms, local_head_ms) of --layers layers of args.config at rank 0's share of
+    `ranks` ranks on this GPU (RankShare, weights as bench speed's: bf16), for step_model."""
+    config = ModelArgs.from_file(args.config)
+    model = build_filled(args.config, args.layers, "bf16", max(args.batch), max_seq, RankShare(ranks, config.o_groups),
+                         backend=args.backend)
+    out = {}
+    with torch.no_grad():
+        fill_caches(model)
+        for ctx in args.context:
+            for b in args.batch:
+                ids = torch.randint(0, model.args.vocab_size, (b, 1), device="cuda")
+                out[ctx, b] = kind_ms(model, ids, ctx), local_head_ms(model, b)
+    return out
+
+
+def model_lines(args, rows: list, live_n: int, measured: dict, fit: tuple, points: list, max_seq: int) -> list:
+    """The model of the full-depth step at each --model-ranks N (step_model), labelled, with its inputs;
+    an N that cannot be modelled gets its reason."""
+    config = ModelArgs.from_file(args.config)
+    depth = dict(collections.Counter(config.ratio(i) for i in range(config.n_layers)))
+    missing = sorted(set(depth) - set(measured))
+    if missing:
+        return [f"\nMODEL left out: the layers measured hold no layer of kind(s) {missing} (compress ratio) of "
+                f"{args.config}'s full depth; take more --layers"]
+    a, bus = fit
+    lines = ["\nMODEL (not a measurement) of a decode step of all {} layers of {} on N ranks: the layers' compute "
+             "measured per kind at rank 0's share of N on this GPU times the layers of that kind, plus the local head "
+             "part; collectives = the calls recorded in a step on these {} ranks (a layer's calls per layer of its "
+             "kind, times the layers of that kind; embedding and head once) each costed as a ring on N ranks: "
+             "all-reduce a + 2(N-1)/N * bytes / bus, head all-gather a + (N-1)/N * logits bytes / bus; no overlap, "
+             "embedding, HC head and norm left out.".format(config.n_layers, args.config, live_n),
+             f"inputs: layer kinds (compress ratio: layers) full depth {depth}, measured {measured}; all-reduce fitted "
+             f"on {live_n} ranks: a = {a * 1e3:.1f} us, bus {bus / 1e6:.0f} GB/s, from "
+             + ", ".join(f"{size} B: {ms * 1e3:.1f} us" for size, ms in points),
+             "the bus bandwidth and a are taken as the same at N (one NVSwitch node, N <= 8)"]
+    table = ["| N | ctx | batch | layer ms by kind (at N) | local head ms | compute ms | collectives ms | step ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n in args.model_ranks:
+        if n > config.o_groups:
+            lines.append(f"N = {n}: left out: above o_groups = {config.o_groups} the o-groups layout gathers heads "
+                         f"over pair groups, so rank 0's share cannot run alone here, and {n} GPUs span more than "
+                         f"one node, whose links a run on one node does not measure")
+            continue
+        try:
+            config.validate(n)
+        except ValueError as e:
+            lines.append(f"N = {n}: left out: {e}")
+            continue
+        inputs = rank_share_inputs(args, n, max_seq)
+        torch.cuda.empty_cache()
+        for r in rows:
+            per_kind, head = inputs[r["ctx"], r["batch"]]
+            m = step_model(n, per_kind, head, depth, r["calls"], measured, live_n, a, bus)
+            kinds = ", ".join(f"{k}: {ms:.3f}" for k, ms in sorted(per_kind.items()))
+            table.append(f"| {n} | {r['ctx']} | {r['batch']} | {kinds} | {head:.3f} | {m['compute']:.3f} | "
+                         f"{m['collectives']:.3f} | {m['step']:.3f} |")
+    return lines + [""] + table
+
+
 def print_profile(label: str, fn, steps: int = 3, rows: int = 60) -> None:
     """The kernels of fn() by GPU time, and how many launches a call makes."""
     from torch.profiler import ProfilerActivity, profile
@@ -433,6 +723,9 @@ def bench_speed(args) -> None:
     if isinstance(model, model_v3.Transformer):
         say(describe_v3(model, args.config))
     rows, versus = [], {}
+    split = world > 1 and model.tp.pair_group is None         # compute_step_ms covers N <= o_groups
+    if world > 1 and not split:
+        say("the step is not split into compute and collectives in the o-groups layout (N > o_groups)")
     with torch.no_grad():
         fill_caches(model)
         decoder = GraphedDecoder(model) if model.ops.graphs else model.decode
@@ -449,6 +742,9 @@ def bench_speed(args) -> None:
                 rows.append(dict(ctx=ctx, batch=b, decode_ms=ms, decode_floor=floor_ms / ms,
                                  prefill_rows=rows_pre, prefill_tok_s=rows_pre * chunk / pre_ms * 1e3,
                                  prefill_floor=pre_floor / pre_ms, comm_ms=comm[0], eager_ms=comm[1]))
+                if split:
+                    rows_run = torch.randint(0, model.args.vocab_size, (bucket(decoder, b), 1), device="cuda")
+                    rows[-1].update(split_step(model, rows_run, ctx))
                 say(f"ctx {ctx:6d} batch {b:4d}: decode {ms:7.3f} ms/step = {b / ms * 1e3:8.0f} tok/s "
                     f"({floor_ms / ms:5.1%} of floor {floor_ms:.3f} ms) | prefill {rows_pre}x{chunk} at ctx: "
                     f"{rows_pre * chunk / pre_ms * 1e3:7.0f} tok/s ({pre_floor / pre_ms:5.1%} of floor)"
@@ -488,6 +784,15 @@ def bench_speed(args) -> None:
             + (f" {r['comm_ms']:.3f} of {r['eager_ms']:.3f} |" if world > 1 else ""))
     if isinstance(model, model_v3.Transformer):
         say("\nissue 16's targets for R1 / V3:\n" + "\n".join(targets_v3(rows, versus)))
+    if split:
+        say("\n".join(split_lines(rows)))
+        if args.model_ranks and isinstance(model, Transformer):
+            points = all_reduce_points(model.tp)
+            measured = dict(collections.Counter(layer_kind(layer) for layer in model.layers))
+            model = decoder = None                              # room for the rank shares on this GPU
+            torch.cuda.empty_cache()
+            say("\n".join(model_lines(args, rows, world, measured, fit_ring(points, world), points,
+                                       max(args.context) + 128)))
 
 
 def add_speed(commands) -> None:
@@ -508,6 +813,8 @@ def add_speed(commands) -> None:
     p.add_argument("--prefill-tokens", type=int, default=4096, help="tokens per prefill chunk measurement, at most")
     p.add_argument("--prefill", type=int, default=4096, help="length of the prefill measured from position 0")
     p.add_argument("--profile", action="store_true", help="print the top kernels of a decode step and a prefill")
+    p.add_argument("--model-ranks", type=int, nargs="*", default=[4, 8, 16],
+                   help="under torchrun (V4): N of the model of the full-depth step (none: no model)")
     p.set_defaults(run=bench_speed)
 
 
@@ -936,9 +1243,10 @@ def add_convert(commands) -> None:
 
 class RankShare(Parallel):
     """Rank 0's place among world_size ranks, held alone: the layers are built with that rank's share
-    of the weights and the collectives do nothing (ParallelHead's gather aside, which the rank-share
-    timing leaves out). Above o_groups ranks its output groups are those of the o-groups layout, for
-    the memory table (its attention cannot run: heads are not gathered)."""
+    of the weights and the collectives do nothing (all_gather repeats the rank's own part in every
+    rank's place: the shape and the copy, not the numbers). Above o_groups ranks its output groups are
+    those of the o-groups layout, for the memory table (its attention cannot run: heads are not
+    gathered)."""
     def __init__(self, world_size: int, o_groups: int):
         super().__init__(world_size, 0)
         self.o_groups = o_groups
@@ -949,6 +1257,9 @@ class RankShare(Parallel):
 
     def all_reduce(self, x: torch.Tensor, group=None) -> torch.Tensor:
         return x
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        return x.repeat(*[1] * (x.dim() - 1), self.world_size)
 
 
 def lowp_layout(args, tp: Parallel) -> dict:
@@ -1027,8 +1338,9 @@ def build_filled(config: str, layers: int, weights: str, max_batch: int, max_seq
 
 class LayerSteps:
     """Decode steps through the layers alone (no embedding, HC head or head), replayed from a CUDA
-    graph: fixed random streams [b, 1, hc, D] in, positions [b] set per call."""
-    def __init__(self, model, batch: int):
+    graph: fixed random streams [b, 1, hc, D] in, positions [b] set per call. layers: those to run
+    (default all of model's)."""
+    def __init__(self, model, batch: int, layers=None):
         a, device = model.args, model.embed.weight.device
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)
         ids = torch.randint(0, a.vocab_size, (batch, 1), device=device)
@@ -1037,7 +1349,7 @@ class LayerSteps:
         def run():
             step = DecodeStep.at(self.pos, a.window_size, model.ops)
             x = h
-            for layer in model.layers:
+            for layer in model.layers if layers is None else layers:
                 x = layer.decode(x, step, ids)
             return x
         self.replay = graphed(run)
@@ -1241,8 +1553,7 @@ def bench_rank_share(args) -> None:
                 ids = torch.randint(0, model.args.vocab_size, (b, 1), device="cuda")
                 layers = decode_step_ms(LayerSteps(model, b), ids, ctx)
                 floor = layers_bytes(model, b, ctx) / ceil["bandwidth"] * 1e3
-                x = torch.randn(b, model.args.dim, device="cuda").to(model.embed.weight.dtype)
-                head = median_ms(graphed(lambda: linear_fp32(x, model.head.weight)))
+                head = local_head_ms(model, b)
                 print(f"| {ctx} | {b} | {layers:.3f} | {floor / layers:.0%} | {head:.3f} | {layers + head:.3f} |",
                       flush=True)
 

@@ -84,6 +84,14 @@ class Parallel:
             dist.all_reduce(x, group=group)
         return x
 
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """x [.., n] of every rank -> [.., world_size * n], the ranks' parts in rank order."""
+        if self.world_size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x)
+        return torch.cat(parts, dim=-1)
+
 
 LOWP_DTYPES = {torch.float8_e4m3fn, torch.int8}    # weights kept as the release stores them: FP8, MXFP4 packed
 
@@ -290,9 +298,4 @@ class ParallelHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [b, D] -> float32 logits [b, vocab]."""
-        logits = linear_fp32(x, self.weight)
-        if self.tp.world_size == 1:
-            return logits
-        parts = [torch.empty_like(logits) for _ in range(self.tp.world_size)]
-        dist.all_gather(parts, logits)
-        return torch.cat(parts, dim=-1)
+        return self.tp.all_gather(linear_fp32(x, self.weight))
