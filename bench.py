@@ -117,15 +117,20 @@ def decode_step_ms(decoder, ids: torch.Tensor, first: int, count: int = 128, rep
     return median_ms(run, reps=reps, warmup=1) / count
 
 
-def graphed(fn):
-    """fn captured in a CUDA graph (after a warm-up call): a replay costs what the device does, not
-    the host's launches, as in the decode step."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+class Graphed:
+    """fn captured in a CUDA graph (after a warm-up call); a call replays it, which costs what the device
+    does, not the host's launches, as in the decode step. It holds fn, and so every tensor fn reads or
+    writes: a graph replays on the memory it was captured with, and a tensor only fn's closure held
+    would be freed and its memory reused while the graph still reads it."""
+    def __init__(self, fn):
         fn()
-    return graph.replay
+        torch.cuda.synchronize()
+        self.fn, self.graph = fn, torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            fn()
+
+    def __call__(self) -> None:
+        self.graph.replay()
 
 
 def ceilings() -> dict:
@@ -494,7 +499,7 @@ class OneStep:
         device = model.embed.weight.device
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)
-        self.replay = graphed(lambda: model.decode(self.ids, self.pos))
+        self.replay = Graphed(lambda: model.decode(self.ids, self.pos))
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor) -> None:
         self.ids.copy_(ids)
@@ -537,7 +542,7 @@ def all_reduce_points(tp: Parallel, sizes=(1 << 12, 1 << 16, 1 << 20, 1 << 24), 
         def run():
             for _ in range(reps):
                 tp.all_reduce(x)
-        points.append((size, median_ms(graphed(run)) / reps))
+        points.append((size, median_ms(Graphed(run)) / reps))
     return points
 
 
@@ -590,7 +595,7 @@ def split_step(model, ids: torch.Tensor, ctx: int) -> dict:
     their count and bytes (those this rank hands in), and the calls themselves."""
     pos = torch.full((ids.size(0),), ctx, device=ids.device)
     calls = record_step(model, ids, pos)
-    alone = median_ms(graphed(replay_collectives(model.tp, calls, ids.device)))
+    alone = median_ms(Graphed(replay_collectives(model.tp, calls, ids.device)))
     return dict(compute_ms=compute_step_ms(model, ids, ctx), collective_ms=alone, count=len(calls),
                 bytes=sum(c.bytes for c in calls), calls=calls)
 
@@ -610,7 +615,7 @@ def split_lines(rows: list) -> list:
 def local_head_ms(model, batch: int) -> float:
     """The local part of the head for `batch` rows (linear_fp32 on this rank's vocabulary slice), graphed."""
     x = torch.randn(batch, model.args.dim, device="cuda").to(model.embed.weight.dtype)
-    return median_ms(graphed(lambda: linear_fp32(x, model.head.weight)))
+    return median_ms(Graphed(lambda: linear_fp32(x, model.head.weight)))
 
 
 def kind_ms(model, ids: torch.Tensor, ctx: int) -> dict:
@@ -855,8 +860,8 @@ def bench_moe_tiles(args) -> None:
         experts = torch.rand(tokens, n_exp, device="cuda", generator=g).topk(k, dim=-1).indices
         weights = torch.rand(tokens, k, device="cuda", generator=g)
         distinct = experts.unique().numel()
-        grouped = median_ms(graphed(lambda: kernel.moe_experts_triton(x, w13, w2, weights, experts, 0, 10.0)))
-        gemv = median_ms(graphed(lambda: kernel.moe_gemv_triton(x, w13, w2, weights, experts, 0, 10.0)))
+        grouped = median_ms(Graphed(lambda: kernel.moe_experts_triton(x, w13, w2, weights, experts, 0, 10.0)))
+        gemv = median_ms(Graphed(lambda: kernel.moe_gemv_triton(x, w13, w2, weights, experts, 0, 10.0)))
         ref = kernel.moe_experts_triton(x, w13, w2, weights, experts, 0, 10.0)
         err = ((kernel.moe_gemv_triton(x, w13, w2, weights, experts, 0, 10.0) - ref).norm() / ref.norm()).item()
         floor = distinct * 3 * dim * inter * 2 / ceil_bw * 1e3
@@ -1352,7 +1357,7 @@ class LayerSteps:
             for layer in model.layers if layers is None else layers:
                 x = layer.decode(x, step, ids)
             return x
-        self.replay = graphed(run)
+        self.replay = Graphed(run)
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor) -> None:
         self.pos.copy_(pos)

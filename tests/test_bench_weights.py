@@ -1,7 +1,11 @@
 """bench.py's weights, memory and rank-share pieces on the CPU: the random weights are the same numbers
-held either way, and the memory table's shares follow the models and convert.py's rules."""
+held either way, the memory table's shares follow the models and convert.py's rules, and a graph
+holds what it reads."""
+import contextlib
 import dataclasses
+import gc
 import os
+import weakref
 
 import torch
 
@@ -52,3 +56,27 @@ def test_memory_shares_of_the_real_configs():
     size, why, _ = bench.share_bytes(pro, 16, bench.share_bytes(pro, 1)[2])
     assert size is None and why == "layers.0.ffn.shared_experts.w1.weight: 192 rows a rank"
     assert bench.share_bytes(flash, 3)[1] == "n_heads=64 is not divisible by the world size 3"
+
+
+def test_a_graph_holds_what_it_reads(monkeypatch):
+    """bench.Graphed keeps fn, and so the tensors only fn's closure holds, alive as long as the graph:
+    LayerSteps once lost its input streams and token ids that way (their memory reused under the graph,
+    the hash routing read garbage ids). CUDA graph capture is faked so that this runs on the CPU."""
+    class FakeGraph:
+        def replay(self):
+            pass
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph: contextlib.nullcontext())
+
+    def capture():
+        inputs = torch.zeros(4)
+        return bench.Graphed(lambda: inputs.add_(1)), weakref.ref(inputs)
+
+    replay, inputs = capture()
+    gc.collect()
+    assert inputs() is not None and inputs().tolist() == [2.0] * 4     # the warm-up call and the capture ran fn
+    replay()
+    del replay
+    gc.collect()
+    assert inputs() is None
