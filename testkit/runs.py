@@ -18,13 +18,16 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
+@pytest.fixture(autouse=True, scope="module")
+def clean_env():
     """In-process runs see no launch, layout or FlagGems settings of the caller's, and one OpenMP thread.
-    Imported into a test module, it applies to each of its tests."""
-    for name in ("USE_FLAGGEMS", "USE_OGROUPS_COMM", "FLAGGEMS_EXCLUDE", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    Imported into a test module, it applies to the whole module, its module-scoped fixtures included
+    (an autouse fixture of a wider scope is set up before them)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("USE_FLAGGEMS", "USE_OGROUPS_COMM", "FLAGGEMS_EXCLUDE", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            patch.delenv(name, raising=False)
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
 
 
 def env(**extra) -> dict:
