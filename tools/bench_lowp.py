@@ -18,6 +18,11 @@ memory (weights and scales of the matrices, or of the distinct experts, it touch
 activations); % BW is that against a large device-to-device copy. Prints a table and writes it, with
 the device and settings, as JSON.
 
+With --peer humming it times, instead, the same weights through humming-kernels (vLLM's JIT CUDA W4A16 /
+W8A16 GEMMs, `pip install humming-kernels`; it compiles with nvcc at first use) beside ours and cuBLAS
+BF16: the FP8 linears, and the 6 experts' MXFP4 w13 of a decode step as one dense [6 x 4096, 4096]
+matrix (the bytes our MoE up kernel reads for one token) at 1-4096 rows.
+
 With --sweep it times, instead, each kernel under a list of tile choices (FP8 linear at 1-128 rows,
 the MoE decode kernels at batch 1 and 32, both MoE paths) and prints the fastest per shape: the data
 behind the launchers' default tiles.
@@ -34,7 +39,7 @@ import torch.nn.functional as F
 import kernel
 import kernel_lowp
 import ops
-from quant import dequant_fp4, dequant_fp8
+from quant import FP8_BLOCK, dequant_fp4, dequant_fp8
 
 DIM, INTER, EXPERTS, TOPK, SHARED_INTER, LIMIT = 4096, 2048, 256, 6, 2048, 10.0
 LINEARS = {"wq_a": (1024, 4096), "wq_b": (64 * 512, 1024), "wo_b": (4096, 8192)}    # name: (out, in)
@@ -239,9 +244,77 @@ def sweep(g: torch.Generator, say, parts) -> None:
                 lambda tl_: kernel_lowp.moe_experts_lowp_triton(x, w13, w2, weights, experts, 0, LIMIT, tl_), ref, say)
 
 
+def humming_layer(weight_config: dict, n: int, k: int, tensors: dict):
+    """A humming-kernels dense layer [n, k] holding tensors (its schema's names), converted to its layout."""
+    from humming.layer import HummingLayer
+    layer = HummingLayer(shape_n=n, shape_k=k, weight_config=weight_config, torch_dtype=torch.bfloat16).cuda()
+    layer.load_from_tensors(tensors)
+    layer.transform()
+    return layer
+
+
+def moe_up_alone(x: torch.Tensor, w13) -> torch.Tensor:
+    """kernel_lowp's few-token MoE up kernel alone (its default tiles) for one token x [1, D] routed to
+    experts 0 .. E-1 of w13 (MXFP4, E of them): h [E, I]."""
+    packed, scale = w13[0], kernel_lowp.fp4_scale_arg(w13[1])
+    e, inter = packed.size(0), packed.size(1) // 2
+    experts = torch.arange(e, device=x.device).view(1, e)
+    weights = torch.ones(1, e, device=x.device)
+    h = torch.empty(e, inter, dtype=x.dtype, device=x.device)
+    bn, groups, warps, stages = kernel_lowp.MOE_LOWP_GEMV_TILES
+    kernel_lowp._moe_lowp_gemv_up_kernel[(e, -(-inter // bn))](
+        x, packed, scale, x, h, experts, weights, 0, e, e, e, DIM, inter, inter, 0, LIMIT, x.stride(0),
+        packed.stride(0), packed.stride(1), scale.stride(0), scale.stride(1), 0, h.stride(0),
+        BN=bn, G=groups, CLAMP=True, FP4=True, UE8M0=True, num_warps=warps, num_stages=stages)
+    return h
+
+
+def peer_humming(bw: float, g: torch.Generator, say) -> None:
+    """Ours, humming-kernels' and cuBLAS BF16 on the same weights: the FP8 linears (block scales as float32
+    scale_inv) and the decode step's 6 MXFP4 experts' w13 as one dense matrix."""
+    say(f"{'weight':34s} {'rows':>5s} {'ours us':>9s} {'humming us':>10s} {'bf16 us':>9s} {'ours %BW':>8s} "
+        f"{'humming %BW':>11s} {'humming err':>11s}")
+
+    def line(label, m, ours_ms, peer_ms, bf16_ms, lowp_bytes, err):
+        ours = "" if ours_ms is None else f"{ours_ms * 1e3:9.1f}"
+        ours_bw = "" if ours_ms is None else f"{100 * lowp_bytes / ours_ms / 1e6 / bw:7.0f}%"
+        say(f"{label:34s} {m:5d} {ours:>9s} {peer_ms * 1e3:10.1f} {bf16_ms * 1e3:9.1f} {ours_bw:>8s} "
+            f"{100 * lowp_bytes / peer_ms / 1e6 / bw:10.0f}% {err:11.2e}")
+
+    for name, (n, k) in LINEARS.items():
+        w, s = fp8_weight(n, k, g)
+        wb = dequant_fp8(w, s)
+        layer = humming_layer({"quant_method": "fp8", "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}, n, k,
+                              {"weight": w, "weight_scale_inv": s.float()})
+        for m in ROWS:
+            x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+            ref = ops.linear_lowp_torch(x, w, s, torch.float32)
+            err = max_err(layer(x), ref) / ref.abs().max().item()
+            reps = 10 if m >= 4096 else 30
+            line(f"fp8 {name} {k}->{n}", m, graph_ms([lambda: kernel_lowp.linear_fp8_triton(x, w, s)], reps),
+                 graph_ms([lambda: layer(x)], reps), graph_ms([lambda: F.linear(x, wb)], reps), nbytes(w, s, x), err)
+        del layer, wb
+    w13 = fp4_weight(TOPK, 2 * INTER, DIM, g)
+    n = TOPK * 2 * INTER
+    packed, scale = w13[0].view(torch.uint8).reshape(n, DIM // 2), w13[1].view(torch.uint8).reshape(n, DIM // 32)
+    layer = humming_layer({"quant_method": "mxfp4"}, n, DIM, {"weight": packed, "weight_scale": scale})
+    wb = fp4_as_bf16(*w13).reshape(n, DIM)
+    for m in ROWS:
+        x = torch.randn(m, DIM, device="cuda", generator=g).bfloat16()
+        ref = x.float() @ wb.float().t()
+        err = max_err(layer(x), ref) / ref.abs().max().item()
+        reps = 10 if m >= 4096 else 30
+        ours = None
+        if m == 1:      # our MoE decode up kernel alone on the same bytes: one token meeting the 6 experts
+            ours = graph_ms([lambda: moe_up_alone(x, w13)], reps)
+        line(f"mxfp4 {TOPK} experts' w13 {DIM}->{n}", m, ours, graph_ms([lambda: layer(x)], reps),
+             graph_ms([lambda: F.linear(x, wb)], reps), nbytes(packed, scale, x), err)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="where to write the results as JSON")
+    p.add_argument("--peer", choices=["humming"], help="time humming-kernels beside ours instead (prints only)")
     p.add_argument("--sweep", nargs="*", choices=["fp8", "moe"],
                    help="time the tile choices of these kernels (default both) instead (prints only)")
     args = p.parse_args(argv)
@@ -249,6 +322,11 @@ def main(argv=None) -> None:
         raise SystemExit("bench_lowp.py needs a CUDA GPU and triton")
     began = time.time()
     g = torch.Generator(device="cuda").manual_seed(0)
+    if args.peer:
+        bw = copy_gbps()
+        print(f"{torch.cuda.get_device_name()}: device-to-device copy {bw:.0f} GB/s (read + write)")
+        peer_humming(bw, g, lambda line: print(line, flush=True))
+        return
     if args.sweep is not None:
         sweep(g, lambda line: print(line, flush=True), args.sweep or ["fp8", "moe"])
         return
