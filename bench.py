@@ -7,7 +7,7 @@
     python bench.py moe-tiles [--tokens 4096] [--decode-tokens 1 4 8 16]
     python bench.py attn-tiles [--tokens 4096]
     python bench.py convert --layers 2 --workdir /tmp/bench
-    python bench.py weights [--layers 4] [--batch 1 32] [--context 1024] [--prefill 4096]
+    python bench.py weights [--layers 4] [--batch 1 32] [--context 1024] [--prefill 4096] [--humming]
     python bench.py memory [--ranks 1 2 4 8 16]
     python bench.py rank-share [--ranks 4] [--weights fp8] [--batch 1 32] [--context 1024]
 
@@ -1273,9 +1273,11 @@ def lowp_layout(args, tp: Parallel) -> dict:
     it is one, else the release's."""
     experts = args.expert_weights if args.weights == "fp8" else ("fp4" if isinstance(args, ModelArgs) else "fp8")
     family = sys.modules[type(args).__module__]
-    with torch.device("meta"):                  # shapes only: the torch backend, which any device runs
-        twin = family.Transformer(dataclasses.replace(args, weights="fp8", expert_weights=experts, backend="torch"),
-                                  tp)
+    runtime = dict(weights="fp8", expert_weights=experts, backend="torch")     # the torch backend: any device runs it
+    if isinstance(args, ModelArgs):
+        runtime["expert_kernels"] = "triton"                                       # which the torch backend takes
+    with torch.device("meta"):                  # shapes only
+        twin = family.Transformer(dataclasses.replace(args, **runtime), tp)
     return {name: "fp4" if p.dtype == torch.int8 else "fp8" for name, p in twin.named_parameters()
             if p.dtype in LOWP_DTYPES}
 
@@ -1327,11 +1329,12 @@ def fill_random(model, layout: dict, seed: int = 0) -> None:
 
 
 def build_filled(config: str, layers: int, weights: str, max_batch: int, max_seq: int, tp: Optional[Parallel] = None,
-                 device: str = "cuda", backend: str = "triton"):
+                 device: str = "cuda", backend: str = "triton", expert_kernels: str = "triton"):
     """model.py with `layers` layers of config (no MTP), holding its weights as shards of --dtype
-    weights would (fp8: MXFP4 experts), random (fill_random), on device."""
+    weights would (fp8: MXFP4 experts, on expert_kernels), random (fill_random), on device."""
     args = ModelArgs.from_file(config, n_layers=layers, n_mtp_layers=0, max_batch_size=max_batch, max_seq_len=max_seq,
-                               backend=backend, weights=weights, expert_weights="fp4" if weights == "fp8" else "bf16")
+                               backend=backend, weights=weights, expert_weights="fp4" if weights == "fp8" else "bf16",
+                               expert_kernels=expert_kernels)
     args.compress_ratios = args.compress_ratios[:layers]
     tp = tp or Parallel()
     layout = lowp_layout(args, tp)
@@ -1383,10 +1386,10 @@ def layers_prefill_ms(model, tokens: int) -> float:
 
 
 def bench_weights(args) -> None:
-    """The same random V4-Flash layers from BF16 shards and from FP8 shards (MXFP4 experts), one after
-    the other in this process: decode steps (whole, and the layers alone per layer, against the
-    bandwidth floor of the bytes they read) and a prefill (whole, and per layer), then both models'
-    logits on one prompt compared."""
+    """The same random V4-Flash layers from BF16 shards and from FP8 shards (MXFP4 experts; with
+    --humming once more with the experts on humming-kernels), one after the other in this process:
+    decode steps (whole, and the layers alone per layer, against the bandwidth floor of the bytes they
+    read) and a prefill (whole, and per layer), then each model's logits on one prompt against BF16's."""
     if not torch.cuda.is_available():
         raise SystemExit("bench.py weights: needs a CUDA GPU")
     ceil = ceilings()
@@ -1395,11 +1398,16 @@ def bench_weights(args) -> None:
     max_seq = max(max(args.context) + 128, args.prefill)
     prompt = torch.randint(0, 129280, (1, 64), generator=torch.Generator().manual_seed(0)).cuda()
     rows, logits, flops = [], {}, None
-    for weights in ("fp8", "bf16"):
-        model = build_filled(args.config, args.layers, weights, max(args.batch), max_seq)
-        gb = param_bytes(model.layers) / GB
+    variants = [("fp8", "fp8", "triton"), ("bf16", "bf16", "triton")]
+    if args.humming:
+        variants.append(("fp8 humming", "fp8", "humming"))
+    for label, weights, experts in variants:
+        model = build_filled(args.config, args.layers, weights, max(args.batch), max_seq, expert_kernels=experts)
+        gb = param_bytes(model.layers) / GB         # these two before a forward: packed experts drop their parameters
+        floors = {(ctx, b): layers_bytes(model, b, ctx) / ceil["bandwidth"] * 1e3 for ctx in args.context
+                  for b in args.batch}
         with torch.no_grad():
-            logits[weights] = model(prompt, 0).float().cpu()
+            logits[label] = model(prompt, 0).float().cpu()
             fill_caches(model)
             decoder = GraphedDecoder(model)
             for ctx in args.context:
@@ -1408,43 +1416,52 @@ def bench_weights(args) -> None:
                     step = decode_step_ms(decoder, ids, ctx)
                     steps = LayerSteps(model, b)
                     layers = decode_step_ms(steps, ids, ctx)
-                    floor = layers_bytes(model, b, ctx) / ceil["bandwidth"] * 1e3
-                    rows.append(dict(weights=weights, ctx=ctx, batch=b, step_ms=step, layer_ms=layers / args.layers,
+                    floor = floors[ctx, b]
+                    rows.append(dict(weights=label, ctx=ctx, batch=b, step_ms=step, layer_ms=layers / args.layers,
                                      floor=floor / layers))
-                    print(f"{weights}: ctx {ctx} batch {b}: decode step {step:.3f} ms, layers alone {layers:.3f} ms "
+                    print(f"{label}: ctx {ctx} batch {b}: decode step {step:.3f} ms, layers alone {layers:.3f} ms "
                           f"= {layers / args.layers:.3f} ms a layer ({floor / layers:.0%} of their floor "
                           f"{floor:.3f} ms)", flush=True)
                     if args.profile:
                         pos = torch.full((b,), ctx, device="cuda")
-                        print_profile(f"{weights} layers, decode batch {b} at {ctx}", lambda: steps(ids, pos), rows=25)
+                        print_profile(f"{label} layers, decode batch {b} at {ctx}", lambda: steps(ids, pos), rows=25)
             ids = torch.randint(0, model.args.vocab_size, (1, args.prefill), device="cuda")
             whole = median_ms(lambda: model(ids, 0), reps=3, warmup=1)
             layers = layers_prefill_ms(model, args.prefill)
             if weights == "bf16":                   # the FLOPs of the layers, counted on the BF16 weights
                 flops = prefill_flops(model, args.prefill, args.prefill // 2)
-            rows.append(dict(weights=weights, prefill_ms=whole, prefill_layer_ms=layers / args.layers))
-            print(f"{weights}: prefill {args.prefill} tokens {whole:.1f} ms, layers alone {layers:.1f} ms = "
+            rows.append(dict(weights=label, prefill_ms=whole, prefill_layer_ms=layers / args.layers))
+            print(f"{label}: prefill {args.prefill} tokens {whole:.1f} ms, layers alone {layers:.1f} ms = "
                   f"{layers / args.layers:.2f} ms a layer; layers' weights {gb:.2f} GB", flush=True)
         model = decoder = steps = None
         torch.cuda.empty_cache()
     floor = flops / ceil["matmul"] * 1e3
     decode = {(r["weights"], r["ctx"], r["batch"]): r for r in rows if "step_ms" in r}
     prefill = {r["weights"]: r for r in rows if "prefill_ms" in r}
-    print("\n| decode (ctx, batch) | bf16 step ms | fp8 step ms | bf16 ms/layer | fp8 ms/layer | layers fp8 speedup "
-          "| fp8 of floor |\n|---|---|---|---|---|---|---|")
+    lowp = [label for label, _, _ in variants if label != "bf16"]
+    print("\n| decode (ctx, batch) | shards | bf16 step ms | step ms | bf16 ms/layer | ms/layer | layers speedup "
+          "| of floor |\n|---|---|---|---|---|---|---|---|")
     for ctx in args.context:
         for b in args.batch:
-            lo, hi = decode["fp8", ctx, b], decode["bf16", ctx, b]
-            print(f"| {ctx}, {b} | {hi['step_ms']:.3f} | {lo['step_ms']:.3f} | {hi['layer_ms']:.3f} | "
-                  f"{lo['layer_ms']:.3f} | {hi['layer_ms'] / lo['layer_ms']:.2f}x | {lo['floor']:.0%} |")
-    lo, hi = prefill["fp8"], prefill["bf16"]
-    print(f"\n| prefill {args.prefill} tokens | bf16 ms | fp8 ms | fp8 speedup |\n|---|---|---|---|\n"
-          f"| whole | {hi['prefill_ms']:.1f} | {lo['prefill_ms']:.1f} | {hi['prefill_ms'] / lo['prefill_ms']:.2f}x |\n"
-          f"| a layer | {hi['prefill_layer_ms']:.2f} | {lo['prefill_layer_ms']:.2f} | "
-          f"{hi['prefill_layer_ms'] / lo['prefill_layer_ms']:.2f}x |")
-    print(f"prefill matmul floor (bf16 rate, the layers' FLOPs): {floor:.1f} ms; logits of a 64-token prompt, FP8 vs "
-          f"BF16 weights (the same numbers): max abs diff {(logits['fp8'] - logits['bf16']).abs().max():.3g}, "
-          f"argmax {'equal' if torch.equal(logits['fp8'].argmax(-1), logits['bf16'].argmax(-1)) else 'DIFFERENT'}")
+            hi = decode["bf16", ctx, b]
+            for label in lowp:
+                lo = decode[label, ctx, b]
+                print(f"| {ctx}, {b} | {label} | {hi['step_ms']:.3f} | {lo['step_ms']:.3f} | {hi['layer_ms']:.3f} | "
+                      f"{lo['layer_ms']:.3f} | {hi['layer_ms'] / lo['layer_ms']:.2f}x | {lo['floor']:.0%} |")
+    hi = prefill["bf16"]
+    print(f"\n| prefill {args.prefill} tokens | shards | bf16 ms | ms | speedup | bf16 ms/layer | ms/layer | layers "
+          f"speedup |\n|---|---|---|---|---|---|---|---|")
+    for label in lowp:
+        lo = prefill[label]
+        print(f"| | {label} | {hi['prefill_ms']:.1f} | {lo['prefill_ms']:.1f} | {hi['prefill_ms'] / lo['prefill_ms']:.2f}x "
+              f"| {hi['prefill_layer_ms']:.2f} | {lo['prefill_layer_ms']:.2f} | "
+              f"{hi['prefill_layer_ms'] / lo['prefill_layer_ms']:.2f}x |")
+    print(f"prefill matmul floor (bf16 rate, the layers' FLOPs): {floor:.1f} ms")
+    for label in lowp:
+        diff = (logits[label] - logits["bf16"]).abs().max()
+        same = torch.equal(logits[label].argmax(-1), logits["bf16"].argmax(-1))
+        print(f"logits of a 64-token prompt, {label} vs BF16 shards (the same numbers): max abs diff {diff:.3g}, "
+              f"argmax {'equal' if same else 'DIFFERENT'}")
 
 
 def add_weights(commands) -> None:
@@ -1456,6 +1473,8 @@ def add_weights(commands) -> None:
     p.add_argument("--context", type=int, nargs="+", default=[1024])
     p.add_argument("--prefill", type=int, default=4096, help="tokens of the prefill from position 0")
     p.add_argument("--profile", action="store_true", help="print the top kernels of each decode measurement")
+    p.add_argument("--humming", action="store_true",
+                   help="also the FP8 shards with their MXFP4 experts on humming-kernels (USE_HUMMING=1)")
     p.set_defaults(run=bench_weights)
 
 

@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ops import BACKENDS, Ops, compressed_entries, swiglu
+from ops import BACKENDS, EXPERT_KERNELS, Ops, compressed_entries, swiglu
 from parallel import (ColumnParallelLinear, ConfigFile, Linear, Parallel, ParallelEmbedding, ParallelHead,
                       RMSNorm, RowParallelLinear, dtype_of, linear_fp32, precompute_freqs_cis, quantised_formats,
                       row_block, row_starts, stack_rows, stored)
@@ -60,6 +60,7 @@ class ModelArgs(ConfigFile):
     backend: str = "auto"               # kernels: "torch", "triton", "flaggems", or "auto" (Triton on CUDA)
     weights: str = "bf16"               # how the shards hold what the release quantises: "bf16" or "fp8"
     expert_weights: str = "bf16"        # their routed experts: "bf16", or with "fp8": "fp4" (as released) or "fp8"
+    expert_kernels: str = "triton"      # MXFP4 experts on a GPU: "triton" (kernel_lowp) or "humming" (USE_HUMMING=1)
     vocab_size: int = 129280
     dim: int = 4096
     moe_inter_dim: int = 2048
@@ -96,7 +97,8 @@ class ModelArgs(ConfigFile):
 
     # Keys a config file need not give: runtime choices, and the shards' weight format (convert.py
     # writes it into their config.json; quant.shard_weights reads it), with defaults.
-    RUNTIME_KEYS = ("max_batch_size", "max_seq_len", "dtype", "ogroups_comm", "backend", "weights", "expert_weights")
+    RUNTIME_KEYS = ("max_batch_size", "max_seq_len", "dtype", "ogroups_comm", "backend", "weights", "expert_weights",
+                    "expert_kernels")
     SCALE_DTYPE = torch.float8_e8m0fnu  # the release's FP8 block scales: ue8m0
 
     @classmethod
@@ -132,6 +134,15 @@ class ModelArgs(ConfigFile):
         need(self.dtype in ("bf16", "fp32"), f"dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
         need(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         shard_weights({"weights": self.weights, "expert_weights": self.expert_weights})
+        need(self.expert_kernels in EXPERT_KERNELS,
+             f"expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {self.expert_kernels!r}")
+        need(self.expert_kernels != "humming" or (self.expert_weights == "fp4" and self.dtype == "bf16"),
+             "USE_HUMMING=1 (expert kernels 'humming') runs MXFP4 experts with bf16 activations: it needs shards "
+             f"of convert.py --dtype fp8 with MXFP4 experts and dtype bf16 (these: experts {self.expert_weights}, "
+             f"dtype {self.dtype})")
+        need(self.expert_kernels != "humming" or (self.dim >= 128 and self.moe_inter_dim >= 64),
+             f"USE_HUMMING=1: humming-kernels builds no GEMM for experts this narrow (dim {self.dim}, moe_inter_dim "
+             f"{self.moe_inter_dim}; it needs at least 128 and 64)")
         need(self.score_func in ("softmax", "sigmoid", "sqrtsoftplus"), f"score_func {self.score_func!r} is unknown")
         need(len(self.compress_ratios) >= self.n_layers,
              f"compress_ratios has {len(self.compress_ratios)} entries for n_layers={self.n_layers}")
@@ -598,7 +609,9 @@ class MoE(nn.Module):
     are views (made once, after loading). Few tokens (decode) take the routed and shared experts
     together in three launches (Ops.moe_gemv); more take grouped GEMMs over the tokens sorted by
     expert (Ops.moe_grouped). Weights kept as the release stores them stack with their scales
-    (parallel.stack_rows: FP8 ones with w3 from a multiple of 128 rows).
+    (parallel.stack_rows: FP8 ones with w3 from a multiple of 128 rows). Where the expert kernels keep
+    the routed experts in a layout of their own (Ops.pack_experts: humming-kernels for MXFP4), they get
+    the stacked tensors once and hold the only copy; the experts' parameters are emptied.
 
     The gate maps (x [T, D], token ids [T]) to (weights [T, k], experts [T, k]); shared_inter is the
     shared expert's width. DeepSeek-V3/R1 (model_v3.py) passes its own gate and width."""
@@ -618,8 +631,9 @@ class MoE(nn.Module):
 
     def stacked_weights(self):
         """(w13, w2) of the local experts, the shared expert's [w1; w3] and the row where its w3
-        starts; each a tensor, or (weight, scale) for weights kept as the release stores them.
-        Restacked whenever the parameters moved (load, .to())."""
+        starts; each a tensor, or (weight, scale) for weights kept as the release stores them; or, for
+        experts Ops.pack_experts packed, (their packed form, None, ...). Restacked whenever the
+        parameters moved (load, .to()), except packed experts: packed once, after loading."""
         experts = [self.experts[i] for i in self.local]
         shared = self.shared_experts
         if self.stacked is None or self.stacked_from != (experts[0].w1.weight.data_ptr(), shared.w1.weight.data_ptr()):
@@ -637,7 +651,14 @@ class MoE(nn.Module):
                 if s2 is not None:
                     e.w2.scale.data = s2[i]
             shared13, shared_scale, starts = stack_rows([shared.w1, shared.w3])
-            self.stacked = (stored(w13, s13), stored(w2, s2), stored(shared13, shared_scale), starts[1])
+            routed = (stored(w13, s13), stored(w2, s2))
+            packed = self.ops.pack_experts(*routed)
+            if packed is not None:
+                routed = (packed, None)
+                for e in experts:
+                    for p in (e.w1.weight, e.w1.scale, e.w2.weight, e.w2.scale, e.w3.weight, e.w3.scale):
+                        p.data = p.data.new_empty(0)
+            self.stacked = (*routed, stored(shared13, shared_scale), starts[1])
             self.stacked_from = (experts[0].w1.weight.data_ptr(), shared.w1.weight.data_ptr())
         return self.stacked
 
@@ -654,16 +675,17 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, experts = self.gate(x, ids.reshape(-1))
-        path = self.ops.moe_path(experts.numel())
+        stacked = self.stacked_weights() if self.ops.triton else None
+        path = self.ops.moe_path(experts.numel(), stacked[0] if stacked else None)
         if path == "gemv":
-            w13, w2, shared13, up = self.stacked_weights()
+            w13, w2, shared13, up = stacked
             y = self.ops.moe_gemv(x, w13, w2, weights, experts, self.local.start, self.swiglu_limit,
                                   self.shared_gate_up(x, shared13, up), self.shared_experts.w2.stored(),
                                   torch.float32 if self.tp.world_size > 1 else x.dtype)
             return self.tp.all_reduce(y).to(x.dtype).view(shape)
         y = self.shared_experts(x)                                  # float32 [T, D]
         if path == "grouped":
-            w13, w2, _, _ = self.stacked_weights()
+            w13, w2, _, _ = stacked
             y += self.ops.moe_grouped(x, w13, w2, weights, experts, self.local.start, self.swiglu_limit)
         else:
             counts = torch.bincount(experts.flatten(), minlength=len(self.experts)).tolist()
@@ -763,7 +785,7 @@ class Transformer(nn.Module):
         args.validate(tp.world_size)
         super().__init__()
         self.args, self.tp = args, tp
-        self.ops = ops = Ops(args.backend)              # for tensors on torch's default device
+        self.ops = ops = Ops(args.backend, expert_kernels=args.expert_kernels)   # tensors on the default device
         dtype = dtype_of(args.dtype)
         self.embed = ParallelEmbedding(args.vocab_size, args.dim, dtype, tp)
         self.layers = nn.ModuleList([Block(i, args, tp, ops) for i in range(args.n_layers)])

@@ -3,7 +3,8 @@
 Every operator has a pure-PyTorch version here (`<op>_torch`, or the plain name where there is no
 other version), which runs on CPU and GPU and is the reference the faster versions are tested
 against: our Triton kernels (kernel.py; kernel_lowp.py for weights kept as the release stores them,
-FP8 or MXFP4) and FlagGems' fused kernels (flaggems.py). An `Ops` object
+FP8 or MXFP4; kernel_humming.py for MXFP4 experts through humming-kernels, opt-in) and FlagGems'
+fused kernels (flaggems.py). An `Ops` object
 is that choice, made once for a model from the backend name and the device; every module of the
 model holds the same object, so switching a built model to another backend is one call,
 `model.ops.use(name, device)`.
@@ -17,10 +18,12 @@ import torch.nn.functional as F
 
 import flaggems
 import kernel
+import kernel_humming
 import kernel_lowp
 from quant import dequant_fp4, dequant_fp8
 
 BACKENDS = ("auto", "torch", "triton", "flaggems")
+EXPERT_KERNELS = ("triton", "humming")      # MXFP4 routed experts on a GPU: kernel_lowp's, or humming-kernels'
 LOWP_ACTIVATIONS = (torch.bfloat16, torch.float32)    # what kernel_lowp's kernels take with their weights
 
 
@@ -354,26 +357,38 @@ class Ops:
     Triton kernels for the rest (CUDA). 'auto': Triton on CUDA when it is installed, else torch.
     Weights kept as the release stores them (FP8, MXFP4) go through kernel_lowp's Triton kernels
     with 'triton' and 'flaggems' alike (FlagGems has none for them), through their references with
-    'torch'."""
+    'torch'. expert_kernels 'humming' puts MXFP4 routed experts on humming-kernels instead
+    (kernel_humming.PackedExperts, CUDA only)."""
 
     # Few-token MoE (decode): up to this many (token, expert) assignments go through one program per
     # assignment (kernel.moe_gemv_triton); more through grouped GEMMs over tokens sorted by expert.
     MOE_GEMV_MAX_ASSIGNMENTS = 96
+    # Low-precision linears of at least this many bf16 rows dequantise the weight, then cuBLAS.
+    LOWP_DEQUANT_MIN_ROWS = 1024
 
-    def __init__(self, backend: str = "auto", device=None):
+    def __init__(self, backend: str = "auto", device=None, expert_kernels: str = "triton"):
+        if expert_kernels not in EXPERT_KERNELS:
+            raise ValueError(f"expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {expert_kernels!r}")
+        self.expert_kernels = expert_kernels
         self.use(backend, device)
 
     def use(self, backend: str, device=None) -> None:
         """Choose the backend for tensors on device (default: torch's default device). Raises
-        ValueError for an unknown name, RuntimeError for one the device cannot run."""
+        ValueError for an unknown name, RuntimeError for one the device cannot run (or, with
+        expert_kernels 'humming', a device or install humming-kernels cannot run on)."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        cuda = torch.device(device if device is not None else torch.get_default_device()).type == "cuda"
+        device = torch.device(device if device is not None else torch.get_default_device())
+        cuda = device.type == "cuda"
         if backend == "auto":
             backend = "triton" if cuda and kernel.triton is not None else "torch"
         if backend != "torch" and (kernel.triton is None
                                    or not (cuda or (kernel.INTERPRETED and backend == "triton"))):
             raise RuntimeError(f"backend {backend!r} needs a CUDA device and the triton package")
+        if self.expert_kernels == "humming":
+            why = kernel_humming.unavailable(device) if backend != "torch" else "backend torch runs the references"
+            if why:
+                raise RuntimeError(f"expert kernels 'humming' (USE_HUMMING=1): {why}")
         self.backend = backend
         self.triton = backend != "torch"
         self.flaggems = backend == "flaggems"
@@ -383,29 +398,50 @@ class Ops:
         """Whether decode steps should be replayed from CUDA graphs: where the kernels are ours or FlagGems'."""
         return self.triton and not kernel.INTERPRETED
 
-    def moe_path(self, assignments: int) -> str:
+    def moe_path(self, assignments: int, routed=None) -> str:
         """How the routed experts run for this many (token, expert) assignments: 'gemv' (few tokens,
         with the shared expert, moe_gemv), 'grouped' (moe_grouped) or 'loop' (the torch reference:
-        each expert on its tokens). The same for experts in BF16 and kept as the release stores them."""
+        each expert on its tokens). The same for experts in BF16 and kept as the release stores them;
+        experts that pack_experts packed (routed) always take 'grouped'."""
         if not self.triton:
             return "loop"
+        if isinstance(routed, kernel_humming.PackedExperts):
+            return "grouped"
         return "gemv" if assignments <= self.MOE_GEMV_MAX_ASSIGNMENTS else "grouped"
+
+    def pack_experts(self, w13, w2):
+        """The stacked routed experts (tensors, or (weight, scale) pairs) in a form of their own where
+        the expert kernels take one: kernel_humming.PackedExperts for MXFP4 experts with expert_kernels
+        'humming' (it holds a copy in humming's layout: the caller drops its own). None otherwise."""
+        if self.triton and self.expert_kernels == "humming" and isinstance(w13, tuple) and w13[0].dtype == torch.int8:
+            return kernel_humming.PackedExperts(w13, w2)
+        return None
+
+    def dequantise_first(self, x: torch.Tensor) -> bool:
+        """Whether a low-precision linear of x [..., K] on the GPU takes its weight dequantised to bf16
+        first, then cuBLAS (the BF16 shards' own matmul): bf16 rows, at least LOWP_DEQUANT_MIN_ROWS of
+        them (a prefill), where that beats kernel_lowp's FP8 GEMM (2.7x on an H100 at 4096 rows)."""
+        return self.triton and not kernel.INTERPRETED and x.dtype == torch.bfloat16 \
+            and x.numel() >= self.LOWP_DEQUANT_MIN_ROWS * x.size(-1)
 
     def linear_lowp(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype=None) -> torch.Tensor:
         """x [..., K] W^T for a weight kept as the release stores it (FP8 or MXFP4, with its scale) ->
-        [..., N] out_dtype (default x's): kernel_lowp.linear_fp8_triton for FP8, else linear_lowp_torch
-        (MXFP4 dense layers run only as the experts' torch reference; their kernels take them stacked)."""
+        [..., N] out_dtype (default x's): kernel_lowp.linear_fp8_triton for FP8 (but see
+        dequantise_first), else linear_lowp_torch (MXFP4 dense layers run only as the experts' torch
+        reference; their kernels take them stacked)."""
         out_dtype = out_dtype or x.dtype
         if self.triton and weight.dtype == torch.float8_e4m3fn and x.dtype in LOWP_ACTIVATIONS \
-                and out_dtype in LOWP_ACTIVATIONS:
+                and out_dtype in LOWP_ACTIVATIONS and not (self.dequantise_first(x) and out_dtype == x.dtype):
             return kernel_lowp.linear_fp8_triton(x, weight, scale, out_dtype)
         return linear_lowp_torch(x, weight, scale, out_dtype)
 
     def grouped_linear_lowp(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """grouped_linear_lowp_torch: x [b, s, g, d] through group j's rows of the FP8 weight [g * r, d]
-        -> [b, s, g, r]; one launch of kernel_lowp.linear_fp8_triton (r a multiple of 16)."""
+        -> [b, s, g, r]; one launch of kernel_lowp.linear_fp8_triton (r a multiple of 16), or, see
+        dequantise_first, the reference's batched matmul."""
         g = x.size(2)
-        if self.triton and x.dtype in LOWP_ACTIVATIONS and (weight.size(0) // g) % 16 == 0:
+        if self.triton and x.dtype in LOWP_ACTIVATIONS and (weight.size(0) // g) % 16 == 0 \
+                and not self.dequantise_first(x):
             return kernel_lowp.linear_fp8_triton(x.flatten(-2), weight, scale, x.dtype, groups=g).unflatten(-1, (g, -1))
         return grouped_linear_lowp_torch(x, weight, scale)
 
@@ -419,7 +455,10 @@ class Ops:
 
     def moe_grouped(self, x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float) -> torch.Tensor:
         """moe_path 'grouped': the routed experts as grouped GEMMs over the assignments sorted by expert
-        (kernel.moe_experts_triton, or kernel_lowp.moe_experts_lowp_triton for (weight, scale) pairs)."""
+        (kernel.moe_experts_triton, kernel_lowp.moe_experts_lowp_triton for (weight, scale) pairs, or the
+        experts pack_experts packed: w13 the PackedExperts, w2 None)."""
+        if isinstance(w13, kernel_humming.PackedExperts):
+            return w13(x, weights, experts, first_expert, swiglu_limit)
         fn = kernel_lowp.moe_experts_lowp_triton if isinstance(w13, tuple) else kernel.moe_experts_triton
         return fn(x, w13, w2, weights, experts, first_expert, swiglu_limit)
 

@@ -224,10 +224,11 @@ def tokenize(prompts: List[Prompt], tokenizer: Tokenizer, mode: str, raw: bool,
 # ---------------------------------------------------------------- checkpoint and model
 
 def load_args(ckpt_path: str, world: int, config: Optional[str] = None, ogroups_comm: bool = False,
-              **overrides) -> Union[ModelArgs, model_v3.ModelArgs]:
+              humming: bool = False, **overrides) -> Union[ModelArgs, model_v3.ModelArgs]:
     """The ModelArgs of the checkpoint's architecture (checkpoint_family), checked for world ranks.
     config: the config file (default ckpt_path/config.json); ogroups_comm: V4's o-groups layout;
-    overrides: runtime fields (max_batch_size, max_seq_len, dtype, backend), None keeping the config's."""
+    humming: V4's MXFP4 experts on humming-kernels (USE_HUMMING=1); overrides: runtime fields
+    (max_batch_size, max_seq_len, dtype, backend), None keeping the config's."""
     if not os.path.isdir(ckpt_path):
         raise SetupError(f"checkpoint folder {ckpt_path} not found")
     config = config or os.path.join(ckpt_path, "config.json")
@@ -237,6 +238,10 @@ def load_args(ckpt_path: str, world: int, config: Optional[str] = None, ogroups_
         if family is not V4:
             raise SetupError(f"USE_OGROUPS_COMM=1 is DeepSeek-V4's o-groups layout; {config} is {family.title}")
         overrides["ogroups_comm"] = True
+    if humming:
+        if family is not V4:
+            raise SetupError(f"USE_HUMMING=1 runs DeepSeek-V4's MXFP4 experts; {config} is {family.title}")
+        overrides["expert_kernels"] = "humming"
     try:
         args = family.args_class.from_file(config, **overrides)
         args.validate(world)

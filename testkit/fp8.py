@@ -33,9 +33,9 @@ R1_FP8 = dict(num_attention_heads=8, qk_nope_head_dim=32, qk_rope_head_dim=32, v
               moe_intermediate_size=256)
 
 
-def write_v4(path: str, seed: int = 0) -> dict:
-    """A V4 release with V4_FP8's sizes; the float32 state dict it encodes."""
-    return write_release(path, config=hf_config(**V4_FP8), seed=seed, n_files=2)
+def write_v4(path: str, seed: int = 0, **sizes) -> dict:
+    """A V4 release with V4_FP8's sizes (and `sizes`, more config keys); the float32 state dict it encodes."""
+    return write_release(path, config=hf_config(**V4_FP8, **sizes), seed=seed, n_files=2)
 
 
 def write_r1(path: str, seed: int = 0) -> dict:
@@ -50,14 +50,15 @@ def convert_to(release: str, root: str, n: int, dtype: str, expert_dtype=None) -
     return out
 
 
-def shard_model(folder: str, dtype: str, backend: str, device, max_seq_len: int = 64, max_batch_size: int = 3):
+def shard_model(folder: str, dtype: str, backend: str, device, max_seq_len: int = 64, max_batch_size: int = 3,
+                **overrides):
     """The model of folder's config.json (model.py or model_v3.py), built on device and loaded from
-    its single-rank shard."""
+    its single-rank shard; overrides: more runtime fields (V4's expert_kernels)."""
     config = os.path.join(folder, "config.json")
     with open(config) as f:
         family = model_v3 if convert.architecture(json.load(f)) == "deepseek_v3" else model
     args = family.ModelArgs.from_file(config, dtype=dtype, backend=backend, max_seq_len=max_seq_len,
-                                      max_batch_size=max_batch_size)
+                                      max_batch_size=max_batch_size, **overrides)
     with torch.device(device):
         built = family.Transformer(args)
     load_model(built, os.path.join(folder, "model0-mp1.safetensors"), device=str(device))

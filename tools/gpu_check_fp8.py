@@ -10,9 +10,11 @@ on a CUDA machine (not by pytest); about 3 minutes on an H100:
    R1 fixtures converted both ways: from three prompts, STEPS greedy tokens from the FP8 shards must
    equal those from the BF16 shards, and the logits along those tokens must lie within bf16 rounding
    of the BF16 shards': their relative difference at most twice the BF16 shards' own distance from
-   the float32 torch path on the CPU (the rounding a bf16 run carries).
+   the float32 torch path on the CPU (the rounding a bf16 run carries). Where humming-kernels can run
+   (USE_HUMMING=1, kernel_humming.py), the V4 FP8 shards once more with the MXFP4 experts on it.
 One line a check, then GPU CHECK PASSED or FAILED (exit status 1).
 """
+import functools
 import os
 import subprocess
 import sys
@@ -20,6 +22,7 @@ import tempfile
 
 import torch
 
+import kernel_humming
 from runtime import GraphedDecoder, greedy
 from testkit.fp8 import convert_to, rel_err, shard_model, write_r1, write_v4
 
@@ -33,11 +36,12 @@ def forced(model, prompt: torch.Tensor, tokens: torch.Tensor, step) -> torch.Ten
     return greedy(model, prompt.to(device), tokens.size(1) + 1, tokens.to(device), step)[0]
 
 
-def compare(name: str, fp8: str, bf16: str, prompt: torch.Tensor) -> bool:
-    """Check 3 for one fixture: one line, True when it passed."""
+def compare(name: str, fp8: str, bf16: str, prompt: torch.Tensor, **fp8_overrides) -> bool:
+    """Check 3 for one fixture (fp8_overrides: runtime fields of the FP8 shards' model): one line, True
+    when it passed."""
     runs = {}
-    for shards, folder in (("bf16", bf16), ("fp8", fp8)):
-        model = shard_model(folder, "bf16", "triton", "cuda", max_seq_len=128, max_batch_size=4)
+    for shards, folder, overrides in (("bf16", bf16, {}), ("fp8", fp8, fp8_overrides)):
+        model = shard_model(folder, "bf16", "triton", "cuda", max_seq_len=128, max_batch_size=4, **overrides)
         decoder = GraphedDecoder(model)
         logits, tokens = greedy(model, prompt.cuda(), STEPS + 1, step=decoder)
         runs[shards] = (model, decoder, tokens, logits)
@@ -73,12 +77,19 @@ def main() -> int:
     root = tempfile.mkdtemp()
     prompt = torch.randint(0, 129280, (3, 21), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        for name, write, experts in (("V4, MXFP4 experts", write_v4, None), ("V4, FP8 experts", write_v4, "fp8"),
-                                     ("R1", write_r1, None)):
+        cases = [("V4, MXFP4 experts", write_v4, None, {}), ("V4, FP8 experts", write_v4, "fp8", {}),
+                 ("R1", write_r1, None, {})]
+        why = kernel_humming.unavailable(torch.device("cuda"))
+        if why:
+            print(f"V4, MXFP4 experts on humming-kernels: not run, {why}", flush=True)
+        else:
+            wide = functools.partial(write_v4, hidden_size=128)      # outputs humming builds GEMMs for: 128+
+            cases.append(("V4, MXFP4 on humming", wide, None, {"expert_kernels": "humming"}))
+        for name, write, experts, overrides in cases:
             release = os.path.join(root, name.replace(" ", "").replace(",", "_"))
             write(release)
             failed |= not compare(name, convert_to(release, release, 1, "fp8", experts),
-                                  convert_to(release, release, 1, "bf16"), prompt)
+                                  convert_to(release, release, 1, "bf16"), prompt, **overrides)
     print("GPU CHECK", "FAILED" if failed else "PASSED")
     return 1 if failed else 0
 

@@ -1,0 +1,153 @@
+"""The routed experts' MXFP4 GEMMs through humming-kernels, an opt-in alternative to kernel_lowp's.
+
+humming-kernels (`pip install humming-kernels`, from the vLLM project) builds W4A16 CUDA GEMMs at
+first use with the system's nvcc. On an H100 its grouped MXFP4 GEMMs ran the routed experts of a
+V4-Flash layer about 1.9x faster than kernel_lowp's at 32 tokens and 1.3x at 4096 (BENCHMARKS.md).
+ModelArgs.expert_kernels = "humming" (USE_HUMMING=1) chooses it; ops.Ops packs the stacked experts
+through `PackedExperts` once, after loading, and the model then drops its own copy of them.
+
+The MoE here: the (token, expert) assignments sorted by local expert on the device (no host sync;
+assignments of experts this rank does not hold sort last and count for nothing), the tokens' rows
+gathered in that order, w13 as one GEMM over the contiguous runs of each expert, SwiGLU times the
+routing weight (_swiglu_rows_kernel, bf16 as the other paths round it), w2 likewise, and each
+token's k outputs found in that order and summed in float32 (_combine_kernel). It computes
+what ops.moe_lowp_torch does, each expert's output rounded to bf16 as the reference's BF16 linear
+rounds it; the order of the float32 sums inside a GEMM is humming's.
+
+Shapes: T tokens, k experts a token, A = T k assignments, E local experts, D model dim, I expert
+width (w3 starts at row UP of the stacked w13).
+"""
+import importlib.util
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from kernel import triton
+
+if triton is not None:
+    import triton.language as tl
+    from kernel_lowp import _rounded
+
+    @triton.jit
+    def _swiglu_rows_kernel(gu_ptr, w_ptr, n_ptr, h_ptr, I, UP, limit, sg, sh,
+                            BLOCK: tl.constexpr, CLAMP: tl.constexpr):
+        # Row r < n (read on the device): h[r] = w[r] * silu(min(g, limit)) * clamp(u, -limit, limit) with
+        # g = gu[r, :I], u = gu[r, UP:UP+I]; rows from n on (assignments of no local expert) are zero.
+        r, cb = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        c = cb * BLOCK + tl.arange(0, BLOCK)
+        live = (r + tl.zeros_like(c)) < tl.load(n_ptr)
+        mask = (c < I) & live
+        g = tl.load(gu_ptr + r * sg + c, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + r * sg + UP + c, mask=mask, other=0.0).to(tl.float32)
+        if CLAMP:
+            g = tl.minimum(g, limit)
+            u = tl.minimum(tl.maximum(u, -limit), limit)
+        h = g / (1.0 + tl.exp(-g)) * u * tl.load(w_ptr + r)
+        tl.store(h_ptr + r * sh + c, _rounded(h, h_ptr.dtype.element_ty), mask=c < I)
+
+
+    @triton.jit
+    def _combine_kernel(y_ptr, pos_ptr, n_ptr, out_ptr, D, sy, so, K: tl.constexpr, BLOCK: tl.constexpr):
+        # out[t] = sum over its k assignments a = t k + j of y[pos[a]] (float32), those at or past row n
+        # of y (no local expert) left out: the grouped outputs back in token order, summed.
+        t, cb = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        c = cb * BLOCK + tl.arange(0, BLOCK)
+        n = tl.load(n_ptr)
+        acc = tl.zeros([BLOCK], tl.float32)
+        for j in tl.static_range(K):
+            row = tl.load(pos_ptr + t * K + j)
+            acc += tl.load(y_ptr + row * sy + c, mask=(c < D) & (row + tl.zeros_like(c) < n), other=0.0).to(tl.float32)
+        tl.store(out_ptr + t * so + c, acc, mask=c < D)
+
+
+def unavailable(device: torch.device) -> Optional[str]:
+    """Why humming-kernels cannot run the experts on device, or None when it can."""
+    if device.type != "cuda":
+        return "it runs on CUDA GPUs only"
+    if importlib.util.find_spec("humming") is None:
+        return "the package is not installed: pip install humming-kernels (it compiles with nvcc at first use)"
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        return "this project has run it on Hopper GPUs (sm_90) and newer only"
+    return None
+
+
+def swiglu_rows_triton(gu: torch.Tensor, weights: torch.Tensor, n_live: torch.Tensor, inter: int, up: int,
+                       limit: float) -> torch.Tensor:
+    """gu [A, >= UP + I] (gate in columns 0 .. I-1, up from column UP), weights [A] float32, n_live a
+    one-element int64 tensor -> h [A, I] in gu's dtype: weight * silu(gate) * up (clamped with limit > 0)
+    for rows below n_live, zero from there on."""
+    rows = gu.size(0)
+    h = torch.empty(rows, inter, dtype=gu.dtype, device=gu.device)
+    if rows:
+        block = 1024
+        _swiglu_rows_kernel[(rows, triton.cdiv(inter, block))](
+            gu, weights, n_live, h, inter, up, limit, gu.stride(0), h.stride(0), BLOCK=block, CLAMP=limit > 0,
+            num_warps=4)
+    return h
+
+
+def combine_triton(y: torch.Tensor, pos: torch.Tensor, n_live: torch.Tensor, k: int) -> torch.Tensor:
+    """y [A, D] (assignments in sorted order), pos [A] int64 (where assignment a sits in y), n_live a
+    one-element int64 tensor -> float32 [A / k, D]: each token's k rows of y summed, the rows at or past
+    n_live left out."""
+    rows, dim = pos.numel() // k, y.size(1)
+    out = torch.empty(rows, dim, dtype=torch.float32, device=y.device)
+    if rows:
+        block = 1024
+        _combine_kernel[(rows, triton.cdiv(dim, block))](y, pos, n_live, out, dim, y.stride(0), out.stride(0), K=k,
+                                                        BLOCK=block, num_warps=4)
+    return out
+
+
+def expert_runs(experts: torch.Tensor, first_expert: int, n_local: int):
+    """experts [T, k] global ids -> (order [A]: the assignments sorted by local expert, those of no
+    local expert last; layout [E + 1] int64: where each local expert's run starts in that order, and
+    after the last one, the number of local assignments). No host sync."""
+    local = experts.flatten() - first_expert
+    local = torch.where((local >= 0) & (local < n_local), local, n_local)
+    order = torch.argsort(local, stable=True)
+    counts = torch.zeros(n_local + 1, dtype=torch.long, device=local.device)
+    counts.scatter_add_(0, local, torch.ones_like(local))
+    return order, F.pad(torch.cumsum(counts[:n_local], 0), (1, 0))
+
+
+def humming_grouped(packed: torch.Tensor, scale: torch.Tensor) -> Callable:
+    """A humming-kernels grouped GEMM over MXFP4 experts packed [E, N, K/2] (int8, two e2m1 codes a
+    byte, the low nibble first) with ue8m0 scales [E, N, K/32], repacked into its layout:
+    fn(rows [R, K] bf16, layout [E + 1]) -> [R, N] bf16, rows layout[e] .. layout[e+1]-1 through
+    expert e (rows from layout[E] on are left unwritten)."""
+    from humming.layer import HummingLayer
+    e, n, half_k = packed.shape
+    layer = HummingLayer(shape_n=n, shape_k=2 * half_k, weight_config={"quant_method": "mxfp4"}, num_experts=e,
+                         torch_dtype=torch.bfloat16).to(packed.device)
+    layer.load_from_tensors({"weight": packed.view(torch.uint8), "weight_scale": scale.view(torch.uint8)})
+    layer.transform()
+    config = {"gemm_type": "grouped_contiguous"}
+    return lambda rows, layout: layer(rows, expert_layout=layout, compute_config=config)
+
+
+class PackedExperts:
+    """A rank's routed experts, MXFP4 w13 = (weight [E, 2 UP, D/2], scale [E, 2 UP, D/32]) and w2 =
+    (weight [E, D, I/2], scale [E, D, I/32]), as grouped GEMMs of `grouped` (humming_grouped; the
+    tests pass a torch stand-in). Called as the grouped MoE path: (x [T, D] bf16, weights [T, k],
+    experts [T, k] global ids, first_expert, swiglu_limit) -> float32 [T, D], the sum over the local
+    experts of weight * expert(x)."""
+    def __init__(self, w13, w2, grouped: Callable = humming_grouped):
+        (w13p, w13s), (w2p, w2s) = w13, w2
+        if w13p.dtype != torch.int8 or w2p.dtype != torch.int8:
+            raise TypeError(f"PackedExperts takes MXFP4 experts (int8), got {w13p.dtype} and {w2p.dtype}")
+        self.n_local, self.dim = w13p.size(0), 2 * w13p.size(2)
+        self.inter, self.up = 2 * w2p.size(2), w13p.size(1) // 2
+        self.w13, self.w2 = grouped(w13p, w13s), grouped(w2p, w2s)
+
+    def __call__(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, first_expert: int,
+                 swiglu_limit: float) -> torch.Tensor:
+        t, k = experts.shape
+        order, layout = expert_runs(experts, first_expert, self.n_local)
+        n_live = layout[-1:]
+        rows = x.contiguous()[order // k]                                          # [A, D]
+        h = swiglu_rows_triton(self.w13(rows, layout), weights.flatten()[order].float().contiguous(), n_live,
+                               self.inter, self.up, swiglu_limit)                  # [A, I]
+        pos = torch.empty_like(order).scatter_(0, order, torch.arange(t * k, device=x.device))
+        return combine_triton(self.w2(h, layout), pos, n_live, k)                 # y [A, D] bf16 -> [T, D]
