@@ -9,7 +9,7 @@
     python bench.py convert --layers 2 --workdir /tmp/bench
     python bench.py weights [--layers 4] [--batch 1 32] [--context 1024] [--prefill 4096] [--humming]
     python bench.py memory [--ranks 1 2 4 8 16]
-    python bench.py rank-share [--ranks 4] [--weights fp8] [--batch 1 32] [--context 1024]
+    python bench.py rank-share [--ranks 4] [--weights fp8] [--humming] [--batch 1 32] [--context 1024]
 
 speed (CUDA): model.py with the real V4-Flash layer shapes (configs/config_flash.json cut to
 --layers layers, all experts), random weights made on the GPU, no disk. Caches are filled with
@@ -1562,12 +1562,15 @@ def bench_rank_share(args) -> None:
         raise SystemExit(f"bench.py rank-share: up to o_groups={config.o_groups} ranks (the o-groups layout gathers "
                          f"heads across ranks)")
     ceil = ceilings()
+    experts = "humming" if args.humming else "triton"
     model = build_filled(args.config, config.n_layers, args.weights, max(args.batch), max(args.context) + 128,
-                         RankShare(args.ranks, config.o_groups))
+                         RankShare(args.ranks, config.o_groups), expert_kernels=experts)
     allocated = torch.cuda.memory_allocated() / GB
+    floors = {(ctx, b): layers_bytes(model, b, ctx) / ceil["bandwidth"] * 1e3 for ctx in args.context
+              for b in args.batch}                  # before a forward: packed experts drop their parameters
     print(f"device {torch.cuda.get_device_name()}: {config.n_layers} layers of {args.config} at rank 0's share of "
-          f"{args.ranks} ranks, {args.weights} weights: {param_bytes(model) / GB:.1f} GB of weights, "
-          f"{allocated:.1f} GB allocated; copy {ceil['bandwidth'] / 1e12:.2f} TB/s", flush=True)
+          f"{args.ranks} ranks, {args.weights} weights (experts on {experts} kernels): {param_bytes(model) / GB:.1f} "
+          f"GB of weights, {allocated:.1f} GB allocated; copy {ceil['bandwidth'] / 1e12:.2f} TB/s", flush=True)
     print("\n| ctx | batch | layers ms/step | of floor | local head ms | step ms, collectives excluded |\n"
           "|---|---|---|---|---|---|")
     with torch.no_grad():
@@ -1576,10 +1579,12 @@ def bench_rank_share(args) -> None:
             for b in args.batch:
                 ids = torch.randint(0, model.args.vocab_size, (b, 1), device="cuda")
                 layers = decode_step_ms(LayerSteps(model, b), ids, ctx)
-                floor = layers_bytes(model, b, ctx) / ceil["bandwidth"] * 1e3
+                floor = floors[ctx, b]
                 head = local_head_ms(model, b)
                 print(f"| {ctx} | {b} | {layers:.3f} | {floor / layers:.0%} | {head:.3f} | {layers + head:.3f} |",
                       flush=True)
+    print(f"allocated after the steps {torch.cuda.memory_allocated() / GB:.1f} GB, at most "
+          f"{torch.cuda.max_memory_allocated() / GB:.1f} GB")
 
 
 def add_rank_share(commands) -> None:
@@ -1588,6 +1593,7 @@ def add_rank_share(commands) -> None:
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "config_flash.json"))
     p.add_argument("--ranks", type=int, default=4, help="N, at most o_groups")
     p.add_argument("--weights", choices=("bf16", "fp8"), default="fp8", help="as shards of convert.py --dtype")
+    p.add_argument("--humming", action="store_true", help="MXFP4 experts on humming-kernels (USE_HUMMING=1)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--context", type=int, nargs="+", default=[1024])
     p.set_defaults(run=bench_rank_share)

@@ -6,13 +6,14 @@ V4-Flash layer about 1.9x faster than kernel_lowp's at 32 tokens and 1.3x at 409
 ModelArgs.expert_kernels = "humming" (USE_HUMMING=1) chooses it; ops.Ops packs the stacked experts
 through `PackedExperts` once, after loading, and the model then drops its own copy of them.
 
-The MoE here: the (token, expert) assignments sorted by local expert on the device (no host sync;
-assignments of experts this rank does not hold sort last and count for nothing), the tokens' rows
-gathered in that order, w13 as one GEMM over the contiguous runs of each expert, SwiGLU times the
-routing weight (_swiglu_rows_kernel, bf16 as the other paths round it), w2 likewise, and each
-token's k outputs found in that order and summed in float32 (_combine_kernel). It computes
-what ops.moe_lowp_torch does, each expert's output rounded to bf16 as the reference's BF16 linear
-rounds it; the order of the float32 sums inside a GEMM is humming's.
+The MoE here: the (token, expert) assignments sorted by local expert on the device and the tokens'
+rows gathered in that order (no host sync; one Triton launch for up to SORT_ROWS_MAX assignments;
+assignments of experts this rank does not hold sort last and count for nothing), w13 as one GEMM
+over the contiguous runs of each expert, SwiGLU times the routing weight (_swiglu_rows_kernel, bf16
+as the other paths round it), w2 likewise, and each token's k outputs found in that order and
+summed in float32 (_combine_kernel). It computes what ops.moe_lowp_torch does, except that
+humming's GEMMs round each expert's gate/up and output to bf16 (as DeepSeek's own code does);
+the order of the float32 sums inside a GEMM is humming's.
 
 Shapes: T tokens, k experts a token, A = T k assignments, E local experts, D model dim, I expert
 width (w3 starts at row UP of the stacked w13).
@@ -61,6 +62,32 @@ if triton is not None:
         tl.store(out_ptr + t * so + c, acc, mask=c < D)
 
 
+    @triton.jit
+    def _sort_rows_kernel(x_ptr, w_ptr, e_ptr, rows_ptr, ws_ptr, pos_ptr, layout_ptr, A, first, n_local, D, sx, sr,
+                          K: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Assignment a (of A <= BLOCK_A, token a // K): its place p in the order by local expert (experts
+        # outside first .. first + n_local count as n_local, last; ties keep the assignments' order)
+        # from comparing all keys; pos[a] = p, its token's row of x to rows[p], its weight to ws[p].
+        # Program 0 also writes layout[e] = how many keys are below e, for e = 0 .. n_local.
+        a = tl.program_id(0)
+        i = tl.arange(0, BLOCK_A)
+        g = tl.load(e_ptr + i, mask=i < A, other=0) - first
+        keys = tl.where((g >= 0) & (g < n_local), g, n_local)
+        keys = tl.where(i < A, keys, n_local + 1)
+        mine = tl.sum(tl.where(i == a, keys, 0), 0)
+        p = tl.sum((keys < mine).to(tl.int64), 0) + tl.sum(((keys == mine) & (i < a)).to(tl.int64), 0)
+        tl.store(pos_ptr + a, p)
+        tl.store(ws_ptr + p, tl.load(w_ptr + a).to(tl.float32))
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            tl.store(rows_ptr + p * sr + d, tl.load(x_ptr + (a // K) * sx + d, mask=d < D), mask=d < D)
+        if a == 0:
+            for e0 in range(0, n_local + 1, BLOCK_E):
+                e = e0 + tl.arange(0, BLOCK_E)
+                below = tl.sum((keys[None, :] < e[:, None]).to(tl.int64), 1)
+                tl.store(layout_ptr + e, below, mask=e <= n_local)
+
+
 def unavailable(device: torch.device) -> Optional[str]:
     """Why humming-kernels cannot run the experts on device, or None when it can."""
     if device.type != "cuda":
@@ -98,6 +125,32 @@ def combine_triton(y: torch.Tensor, pos: torch.Tensor, n_live: torch.Tensor, k: 
         _combine_kernel[(rows, triton.cdiv(dim, block))](y, pos, n_live, out, dim, y.stride(0), out.stride(0), K=k,
                                                         BLOCK=block, num_warps=4)
     return out
+
+
+SORT_ROWS_MAX = 1024     # up to this many assignments are sorted and gathered in one launch (_sort_rows_kernel)
+
+
+def sorted_rows(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, first_expert: int, n_local: int,
+                one_launch_max: int = SORT_ROWS_MAX):
+    """The assignments of experts [T, k] sorted by local expert (expert_runs' order), no host sync:
+    (rows [A, D]: their tokens' rows of x; their weights [A] float32; pos [A] int64: where each
+    assignment went; layout [E + 1] int64 as expert_runs gives it). Up to one_launch_max assignments
+    in one Triton launch, more through torch's sort and gathers."""
+    t, k = experts.shape
+    a = t * k
+    if a > one_launch_max:
+        order, layout = expert_runs(experts, first_expert, n_local)
+        pos = torch.empty_like(order).scatter_(0, order, torch.arange(a, device=x.device))
+        return x[order // k], weights.flatten()[order].float(), pos, layout
+    x = x.contiguous()
+    rows = torch.empty(a, x.size(1), dtype=x.dtype, device=x.device)
+    ws = torch.empty(a, dtype=torch.float32, device=x.device)
+    pos = torch.empty(a, dtype=torch.long, device=x.device)
+    layout = torch.empty(n_local + 1, dtype=torch.long, device=x.device)
+    _sort_rows_kernel[(a,)](x, weights.contiguous(), experts.contiguous(), rows, ws, pos, layout, a, first_expert,
+                            n_local, x.size(1), x.stride(0), rows.stride(0), K=k,
+                            BLOCK_A=triton.next_power_of_2(a), BLOCK_E=16, BLOCK_D=1024, num_warps=4)
+    return rows, ws, pos, layout
 
 
 def expert_runs(experts: torch.Tensor, first_expert: int, n_local: int):
@@ -143,11 +196,7 @@ class PackedExperts:
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, first_expert: int,
                  swiglu_limit: float) -> torch.Tensor:
-        t, k = experts.shape
-        order, layout = expert_runs(experts, first_expert, self.n_local)
+        rows, ws, pos, layout = sorted_rows(x, weights, experts, first_expert, self.n_local)
         n_live = layout[-1:]
-        rows = x.contiguous()[order // k]                                          # [A, D]
-        h = swiglu_rows_triton(self.w13(rows, layout), weights.flatten()[order].float().contiguous(), n_live,
-                               self.inter, self.up, swiglu_limit)                  # [A, I]
-        pos = torch.empty_like(order).scatter_(0, order, torch.arange(t * k, device=x.device))
-        return combine_triton(self.w2(h, layout), pos, n_live, k)                 # y [A, D] bf16 -> [T, D]
+        h = swiglu_rows_triton(self.w13(rows, layout), ws, n_live, self.inter, self.up, swiglu_limit)   # [A, I]
+        return combine_triton(self.w2(h, layout), pos, n_live, experts.size(1))    # y [A, D] bf16 -> [T, D]

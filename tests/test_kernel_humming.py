@@ -83,11 +83,26 @@ def test_swiglu_rows(dtype, limit):
 
 
 @needs_triton
+@pytest.mark.parametrize("t,k,first,n_local,n_all", [(1, 6, 0, 8, 8), (7, 3, 4, 4, 12), (40, 2, 2, 20, 24)])
+def test_sorted_rows_in_one_launch_as_through_torch(t, k, first, n_local, n_all):
+    g = torch.Generator().manual_seed(t)
+    x = torch.randn(t, 48, generator=g)
+    experts = torch.stack([torch.randperm(n_all, generator=g)[:k] for _ in range(t)])
+    weights = torch.rand(t, k, generator=g)
+    one = kernel_humming.sorted_rows(x, weights, experts, first, n_local)
+    torch_path = kernel_humming.sorted_rows(x, weights, experts, first, n_local, one_launch_max=0)
+    order, layout = kernel_humming.expert_runs(experts, first, n_local)
+    assert torch.equal(torch_path[2][order], torch.arange(t * k)) and torch.equal(torch_path[3], layout)
+    for got, want in zip(one, torch_path):
+        assert torch.equal(got, want)
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("t,first,n_all,limit", [(1, 0, 4, 10.0), (5, 4, 10, 0.0), (12, 2, 10, 0.5)])
 def test_packed_experts_match_the_reference(dtype, t, first, n_all, limit):
     """Against ops.moe_lowp_torch: one token on this rank's 4 experts, then more tokens with experts
-    outside this rank's (first .. first + 3) among their picks."""
+    outside this rank's (first .. first + 3) among their picks (sorted in one launch)."""
     g = torch.Generator().manual_seed(t)
     n_local, k, dim, inter = 4, 3, 64, 96
     w13, w2 = fp4_experts(n_local, 2 * inter, dim, g), fp4_experts(n_local, dim, inter, g)
@@ -140,12 +155,12 @@ def test_model_packs_its_experts_once_and_drops_its_copy(fp8_shards, monkeypatch
 def test_interpreter_cases():
     """The @needs_triton tests above, in a child with TRITON_INTERPRET=1 (kernels run on the CPU)."""
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__,
-                          "-k", "swiglu_rows or packed or packs"],
+                          "-k", "swiglu_rows or sorted_rows or packed or packs"],
                          env=dict(os.environ, TRITON_INTERPRET="1"), cwd=ROOT, capture_output=True, text=True,
                          timeout=900)
     print(run.stdout[-3000:])
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-3000:]
-    assert re.search(r"\b11 passed", run.stdout), run.stdout[-2000:]
+    assert re.search(r"\b14 passed", run.stdout), run.stdout[-2000:]
 
 
 def test_humming_is_refused_where_it_cannot_run():
