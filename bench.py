@@ -1453,9 +1453,9 @@ def bench_weights(args) -> None:
           f"speedup |\n|---|---|---|---|---|---|---|---|")
     for label in lowp:
         lo = prefill[label]
-        print(f"| | {label} | {hi['prefill_ms']:.1f} | {lo['prefill_ms']:.1f} | {hi['prefill_ms'] / lo['prefill_ms']:.2f}x "
-              f"| {hi['prefill_layer_ms']:.2f} | {lo['prefill_layer_ms']:.2f} | "
-              f"{hi['prefill_layer_ms'] / lo['prefill_layer_ms']:.2f}x |")
+        print(f"| | {label} | {hi['prefill_ms']:.1f} | {lo['prefill_ms']:.1f} | "
+              f"{hi['prefill_ms'] / lo['prefill_ms']:.2f}x | {hi['prefill_layer_ms']:.2f} | "
+              f"{lo['prefill_layer_ms']:.2f} | {hi['prefill_layer_ms'] / lo['prefill_layer_ms']:.2f}x |")
     print(f"prefill matmul floor (bf16 rate, the layers' FLOPs): {floor:.1f} ms")
     for label in lowp:
         diff = (logits[label] - logits["bf16"]).abs().max()

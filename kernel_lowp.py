@@ -12,6 +12,7 @@ between them.
   row at a time on CUDA cores, or all rows padded to a tl.dot tile; many rows (prefill) take a tiled
   GEMM that turns each [BK, BN] weight tile into the activations' dtype before tl.dot. With groups
   > 1, output group g reads its own slice of the input row (V4's grouped output projection wo_a).
+- dequant_fp8_triton: an FP8 weight widened to bf16 in one pass (for a prefill's cuBLAS matmul).
 - moe_gemv_lowp_triton / moe_experts_lowp_triton: the routed experts, MXFP4 or FP8, with the FP8
   shared expert's down projection, the twins of kernel.moe_gemv_triton (few tokens: one program per
   assignment, no sorting, no host sync) and kernel.moe_experts_triton (many tokens: grouped GEMMs
@@ -158,6 +159,18 @@ if triton is not None:
         cols = nb * BN + tl.arange(0, BN)
         tl.store(o_ptr + rows.to(tl.int64)[:, None] * so + cols[None, :], _rounded(acc, o_ptr.dtype.element_ty),
                  mask=rmask[:, None] & (cols < N)[None, :])
+
+    @triton.jit
+    def _fp8_dequant_kernel(w_ptr, s_ptr, o_ptr, N, K, sw, ss, so, UE8M0: tl.constexpr):
+        # One 128x128 block (one scale) of an FP8 W [N, K] as bf16: the product in float32, rounded
+        # (quant.dequant_fp8).
+        nb, kb = tl.program_id(0), tl.program_id(1)
+        rows = nb * B8 + tl.arange(0, B8)
+        cols = kb * B8 + tl.arange(0, B8)
+        mask = (rows < N)[:, None] & (cols < K)[None, :]
+        w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * sw + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = _fp8_scale(tl.load(s_ptr + nb * ss + kb), UE8M0)
+        tl.store(o_ptr + rows.to(tl.int64)[:, None] * so + cols[None, :], _rounded(w * s, tl.bfloat16), mask=mask)
 
     @triton.jit
     def _fp4_part(w_base, s_base, sw_n, ss_n, cols, cmask, grp, gmask, xe, xo):
@@ -485,6 +498,20 @@ def linear_fp8_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
             rows, weight, s, out, m, n, k, group_rows, rows.stride(0), k, weight.stride(0), s.stride(0),
             out.stride(0), BM=bm, BN=bn, BK=bk, GROUP=group, UE8M0=ue8m0, num_warps=warps, num_stages=stages)
     return out.view(*x.shape[:-1], n)
+
+
+def dequant_fp8_triton(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """quant.dequant_fp8 to bf16 in one pass: weight [N, K] float8_e4m3fn (unit column stride), scale
+    [ceil(N/128), ceil(K/128)] ue8m0 or float32 -> bf16 [N, K]."""
+    n, k = weight.shape
+    if weight.stride(1) != 1:
+        raise ValueError(f"dequant_fp8: weight strides {weight.stride()}, expected unit column stride")
+    s, ue8m0 = fp8_scale_arg(scale)
+    out = torch.empty(n, k, dtype=torch.bfloat16, device=weight.device)
+    if out.numel():
+        _fp8_dequant_kernel[(triton.cdiv(n, FP8_BLOCK), triton.cdiv(k, FP8_BLOCK))](
+            weight, s, out, n, k, weight.stride(0), s.stride(0), out.stride(0), UE8M0=ue8m0, num_warps=8)
+    return out
 
 
 def expert_weights(w13, w2):

@@ -418,9 +418,10 @@ class Ops:
         return None
 
     def dequantise_first(self, x: torch.Tensor) -> bool:
-        """Whether a low-precision linear of x [..., K] on the GPU takes its weight dequantised to bf16
-        first, then cuBLAS (the BF16 shards' own matmul): bf16 rows, at least LOWP_DEQUANT_MIN_ROWS of
-        them (a prefill), where that beats kernel_lowp's FP8 GEMM (2.7x on an H100 at 4096 rows)."""
+        """Whether an FP8 linear of x [..., K] on the GPU takes its weight dequantised to bf16 first
+        (kernel_lowp.dequant_fp8_triton), then cuBLAS (the BF16 shards' own matmul): bf16 rows, at
+        least LOWP_DEQUANT_MIN_ROWS of them (a prefill), where that beats kernel_lowp's FP8 GEMM (2.7x
+        on an H100 at 4096 rows)."""
         return self.triton and not kernel.INTERPRETED and x.dtype == torch.bfloat16 \
             and x.numel() >= self.LOWP_DEQUANT_MIN_ROWS * x.size(-1)
 
@@ -431,17 +432,21 @@ class Ops:
         reference; their kernels take them stacked)."""
         out_dtype = out_dtype or x.dtype
         if self.triton and weight.dtype == torch.float8_e4m3fn and x.dtype in LOWP_ACTIVATIONS \
-                and out_dtype in LOWP_ACTIVATIONS and not (self.dequantise_first(x) and out_dtype == x.dtype):
+                and out_dtype in LOWP_ACTIVATIONS:
+            if self.dequantise_first(x) and out_dtype == x.dtype:
+                return F.linear(x, kernel_lowp.dequant_fp8_triton(weight, scale))
             return kernel_lowp.linear_fp8_triton(x, weight, scale, out_dtype)
         return linear_lowp_torch(x, weight, scale, out_dtype)
 
     def grouped_linear_lowp(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """grouped_linear_lowp_torch: x [b, s, g, d] through group j's rows of the FP8 weight [g * r, d]
         -> [b, s, g, r]; one launch of kernel_lowp.linear_fp8_triton (r a multiple of 16), or, see
-        dequantise_first, the reference's batched matmul."""
+        dequantise_first, the weight widened by kernel_lowp.dequant_fp8_triton and a batched matmul."""
         g = x.size(2)
-        if self.triton and x.dtype in LOWP_ACTIVATIONS and (weight.size(0) // g) % 16 == 0 \
-                and not self.dequantise_first(x):
+        if self.dequantise_first(x):
+            w = kernel_lowp.dequant_fp8_triton(weight, scale)
+            return torch.einsum("bsgd,grd->bsgr", x, w.view(g, -1, x.size(-1)))
+        if self.triton and x.dtype in LOWP_ACTIVATIONS and (weight.size(0) // g) % 16 == 0:
             return kernel_lowp.linear_fp8_triton(x.flatten(-2), weight, scale, x.dtype, groups=g).unflatten(-1, (g, -1))
         return grouped_linear_lowp_torch(x, weight, scale)
 

@@ -14,6 +14,7 @@ import torch
 
 import kernel_lowp
 import ops
+from quant import dequant_fp8
 
 
 def fp8_weight(n: int, k: int, scale_dtype, g: torch.Generator, device):
@@ -75,6 +76,14 @@ def linear_case(device, m, n, k, scale_dtype, out_dtype, seed, tiles=None, lead=
     tol = 1e-2 if torch.bfloat16 in (out_dtype, ref.dtype) else 1e-5
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
     return rel_err(out, ref)
+
+
+def dequant_case(device, n, k, scale_dtype, seed):
+    """dequant_fp8_triton against quant.dequant_fp8: bit for bit."""
+    w, scale = fp8_weight(n, k, scale_dtype, torch.Generator().manual_seed(seed), device)
+    out = kernel_lowp.dequant_fp8_triton(w, scale)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, dequant_fp8(w, scale))
+    return 0.0
 
 
 def moe_case(device, t, k, dim, inter, n_local, first, n_total, limit, shared_inter, out_dtype, seed,
@@ -142,6 +151,8 @@ CASES = {
     "fp8 gemm grouped tiles": lambda d: linear_case(d, 75, 200, 320, F32, F32, 7, (32, 64, 64, 2, 4, 1), (2,)),
     "fp8 gemm grouped e8 fp32": lambda d: linear_case(d, 150, 130, 192, E8, F32, 8, (32, 64, 64, 3, 4, 1)),
     "fp8 gemm fp32 x 4 groups": lambda d: linear_case(d, 70, 128, 96, F32, F32, 19, groups=4, act=F32),
+    "fp8 dequant partial blocks": lambda d: dequant_case(d, 200, 320, E8, 24),
+    "fp8 dequant f32 scale": lambda d: dequant_case(d, 256, 130, F32, 25),
     "moe gemv + shared + clamp": lambda d: moe_case(d, 1, 4, 192, 64, 6, 2, 8, 0.5, 96, F32, 11),
     "moe gemv some local bf16": lambda d: moe_case(d, 3, 2, 192, 64, 4, 4, 12, 0.0, 0, BF, 12),
     "moe gemv fp8 + shared": lambda d: moe_case(d, 2, 3, 160, 48, 4, 0, 8, 0.5, 96, F32, 20, experts_fp8=E8),
