@@ -343,8 +343,8 @@ def run(opts: argparse.Namespace, ranks: Ranks) -> None:
     def prepare():
         """Everything checked before the model is built; rank 0 also reads and tokenizes the input."""
         opts.backend = requested_backend(opts.backend)
-        args = load_args(opts.ckpt_path, ranks.world, opts.config, env_flag("USE_OGROUPS_COMM"), env_flag("USE_HUMMING"),
-                         max_batch_size=1 if opts.interactive else opts.max_batch_size,
+        args = load_args(opts.ckpt_path, ranks.world, opts.config, env_flag("USE_OGROUPS_COMM"),
+                         env_flag("USE_HUMMING"), max_batch_size=1 if opts.interactive else opts.max_batch_size,
                          max_seq_len=opts.max_seq_len, dtype=opts.dtype, backend=opts.backend)
         if env_flag("USE_HUMMING"):
             why = kernel_humming.unavailable(ranks.device)

@@ -7,6 +7,7 @@ Triton's interpreter, in a child process), the weighted sum back into tokens, th
 its experts (and dropping its own copy), and the clear refusals. tools/gpu_check_fp8.py compares the
 real library with kernel_lowp's kernels on a GPU.
 """
+import json
 import os
 import re
 import subprocess
@@ -20,7 +21,9 @@ import kernel_humming
 import ops
 from model import ModelArgs
 from quant import dequant_fp4
+from runtime import SetupError, load_args
 from testkit.fp8 import convert_to, shard_model, write_v4
+from testkit.release_v3 import r1_config
 from testkit.runs import clean_env  # noqa: F401  (a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,3 +196,10 @@ def test_generate_with_use_humming_says_why_it_cannot(fp8_shards, shards, messag
     err = capsys.readouterr().err
     assert code == 1 and re.search(message, err), err
     assert not out.exists()
+
+
+def test_use_humming_on_an_r1_checkpoint_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(r1_config()))
+    with pytest.raises(SetupError, match=r"USE_HUMMING=1 runs DeepSeek-V4's MXFP4 experts; .*config\.json is "
+                                         r"DeepSeek-R1"):
+        load_args(str(tmp_path), 1, humming=True)
