@@ -1373,6 +1373,12 @@ def layers_bytes(model, batch: int, ctx: int) -> float:
     return decode_bytes(model, batch, ctx) - param_bytes(model.head) - param_bytes(model.norm)
 
 
+def layer_floors_ms(model, contexts, batches, bandwidth: float) -> dict:
+    """(ctx, batch) -> ms the layers' decode bytes (layers_bytes) take at bandwidth. Call it before
+    the first forward: experts that Ops.pack_experts packs then drop their parameters."""
+    return {(ctx, b): layers_bytes(model, b, ctx) / bandwidth * 1e3 for ctx in contexts for b in batches}
+
+
 def layers_prefill_ms(model, tokens: int) -> float:
     """Median ms of `tokens` new tokens (one row, from position 0) through the layers alone, eager."""
     a, device = model.args, model.embed.weight.device
@@ -1404,9 +1410,8 @@ def bench_weights(args) -> None:
         variants.append(("fp8 humming", "fp8", "humming"))
     for label, weights, experts in variants:
         model = build_filled(args.config, args.layers, weights, max(args.batch), max_seq, expert_kernels=experts)
-        gb = param_bytes(model.layers) / GB         # these two before a forward: packed experts drop their parameters
-        floors = {(ctx, b): layers_bytes(model, b, ctx) / ceil["bandwidth"] * 1e3 for ctx in args.context
-                  for b in args.batch}
+        gb = param_bytes(model.layers) / GB         # these two before a forward (layer_floors_ms)
+        floors = layer_floors_ms(model, args.context, args.batch, ceil["bandwidth"])
         with torch.no_grad():
             logits[label] = model(prompt, 0).float().cpu()
             fill_caches(model)
@@ -1567,8 +1572,7 @@ def bench_rank_share(args) -> None:
     model = build_filled(args.config, config.n_layers, args.weights, max(args.batch), max(args.context) + 128,
                          RankShare(args.ranks, config.o_groups), expert_kernels=experts)
     allocated = torch.cuda.memory_allocated() / GB
-    floors = {(ctx, b): layers_bytes(model, b, ctx) / ceil["bandwidth"] * 1e3 for ctx in args.context
-              for b in args.batch}                  # before a forward: packed experts drop their parameters
+    floors = layer_floors_ms(model, args.context, args.batch, ceil["bandwidth"])   # before a forward
     print(f"device {torch.cuda.get_device_name()}: {config.n_layers} layers of {args.config} at rank 0's share of "
           f"{args.ranks} ranks, {args.weights} weights (experts on {experts} kernels): {param_bytes(model) / GB:.1f} "
           f"GB of weights, {allocated:.1f} GB allocated; copy {ceil['bandwidth'] / 1e12:.2f} TB/s", flush=True)

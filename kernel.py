@@ -762,6 +762,24 @@ def sparse_attn_triton(q, kv, attn_sink, topk_idxs, softmax_scale, tiles=None):
     return o
 
 
+def local_experts(experts: torch.Tensor, first_expert: int, n_local: int) -> torch.Tensor:
+    """experts [T, k] global ids -> [T k] this rank's expert of each assignment (first_expert ..
+    first_expert + n_local - 1 as 0 .. n_local - 1), n_local for an expert it does not hold."""
+    local = experts.flatten() - first_expert
+    return torch.where((local >= 0) & (local < n_local), local, n_local)
+
+
+def sort_by_expert(experts: torch.Tensor, n_experts: int):
+    """experts [A] as local_experts gives them -> (order [A]: the assignments sorted by expert, stable,
+    those of no expert here last; counts [n_experts]: each expert's assignments; ends [n_experts]:
+    where each expert's run ends in that order). On the device, no host sync."""
+    order = torch.argsort(experts, stable=True)
+    counts = torch.zeros(n_experts + 1, dtype=torch.long, device=experts.device)
+    counts.scatter_add_(0, experts, torch.ones_like(experts))
+    counts = counts[:n_experts]
+    return order, counts, torch.cumsum(counts, 0)
+
+
 def moe_schedule(experts: torch.Tensor, n_experts: int, block_m: int):
     """Sort routing assignments by expert on the device, with no host sync.
 
@@ -769,11 +787,7 @@ def moe_schedule(experts: torch.Tensor, n_experts: int, block_m: int):
     Returns order [A] (assignments sorted by expert) and, for a fixed number of tiles
     (ceil(A / block_m) + n_experts), each tile's expert (-1 when unused) and its row range in order.
     """
-    order = torch.argsort(experts, stable=True)
-    counts = torch.zeros(n_experts + 1, dtype=torch.long, device=experts.device)
-    counts.scatter_add_(0, experts, torch.ones_like(experts))
-    counts = counts[:n_experts]
-    seg_end = torch.cumsum(counts, 0)
+    order, counts, seg_end = sort_by_expert(experts, n_experts)
     tiles = (counts + block_m - 1) // block_m
     tile_end_cum = torch.cumsum(tiles, 0)
     n_tiles = -(-experts.numel() // block_m) + n_experts
@@ -815,8 +829,7 @@ def moe_experts_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_l
     n_local, two_i, dim = w13.shape
     inter = two_i // 2
     t, k = experts.shape
-    local = experts.flatten() - first_expert
-    local = torch.where((local >= 0) & (local < n_local), local, n_local)
+    local = local_experts(experts, first_expert, n_local)
     block_m, block_n, block_k, warps, stages = tiles or moe_tiles(x, t * k)
     precision = _precision(x)
     order, tile_expert, tile_start, tile_end = moe_schedule(local, n_local, block_m)

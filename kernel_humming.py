@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from kernel import triton
+from kernel import local_experts, sort_by_expert, triton
 
 if triton is not None:
     import triton.language as tl
@@ -157,12 +157,20 @@ def expert_runs(experts: torch.Tensor, first_expert: int, n_local: int):
     """experts [T, k] global ids -> (order [A]: the assignments sorted by local expert, those of no
     local expert last; layout [E + 1] int64: where each local expert's run starts in that order, and
     after the last one, the number of local assignments). No host sync."""
-    local = experts.flatten() - first_expert
-    local = torch.where((local >= 0) & (local < n_local), local, n_local)
-    order = torch.argsort(local, stable=True)
-    counts = torch.zeros(n_local + 1, dtype=torch.long, device=local.device)
-    counts.scatter_add_(0, local, torch.ones_like(local))
-    return order, F.pad(torch.cumsum(counts[:n_local], 0), (1, 0))
+    order, _, ends = sort_by_expert(local_experts(experts, first_expert, n_local), n_local)
+    return order, F.pad(ends, (1, 0))
+
+
+def humming_layer(weight_config: dict, n: int, k: int, tensors: dict, num_experts: Optional[int] = None):
+    """A humming-kernels layer of bf16 activations for a weight [n, k] (or [num_experts, n, k]) in the
+    format weight_config names, holding tensors (under its schema's names), repacked into its layout."""
+    from humming.layer import HummingLayer
+    device = next(iter(tensors.values())).device
+    layer = HummingLayer(shape_n=n, shape_k=k, weight_config=weight_config, num_experts=num_experts,
+                         torch_dtype=torch.bfloat16).to(device)
+    layer.load_from_tensors(tensors)
+    layer.transform()
+    return layer
 
 
 def humming_grouped(packed: torch.Tensor, scale: torch.Tensor) -> Callable:
@@ -170,12 +178,9 @@ def humming_grouped(packed: torch.Tensor, scale: torch.Tensor) -> Callable:
     byte, the low nibble first) with ue8m0 scales [E, N, K/32], repacked into its layout:
     fn(rows [R, K] bf16, layout [E + 1]) -> [R, N] bf16, rows layout[e] .. layout[e+1]-1 through
     expert e (rows from layout[E] on are left unwritten)."""
-    from humming.layer import HummingLayer
     e, n, half_k = packed.shape
-    layer = HummingLayer(shape_n=n, shape_k=2 * half_k, weight_config={"quant_method": "mxfp4"}, num_experts=e,
-                         torch_dtype=torch.bfloat16).to(packed.device)
-    layer.load_from_tensors({"weight": packed.view(torch.uint8), "weight_scale": scale.view(torch.uint8)})
-    layer.transform()
+    layer = humming_layer({"quant_method": "mxfp4"}, n, 2 * half_k,
+                          {"weight": packed.view(torch.uint8), "weight_scale": scale.view(torch.uint8)}, e)
     config = {"gemm_type": "grouped_contiguous"}
     return lambda rows, layout: layer(rows, expert_layout=layout, compute_config=config)
 

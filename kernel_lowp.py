@@ -25,7 +25,7 @@ import functools
 
 import torch
 
-from kernel import INTERPRETED, moe_schedule, rows_view, triton
+from kernel import INTERPRETED, local_experts, moe_schedule, rows_view, triton
 from quant import FP4_BLOCK, FP8_BLOCK
 
 if triton is not None:
@@ -592,8 +592,7 @@ def moe_experts_lowp_triton(x, w13, w2, weights, experts, first_expert: int, swi
     w13p, w2p = w13[0], w2[0]
     n_local = w13p.size(0)
     t, k = experts.shape
-    local = experts.flatten() - first_expert
-    local = torch.where((local >= 0) & (local < n_local), local, n_local)
+    local = local_experts(experts, first_expert, n_local)
     block_m, block_n, block_k, warps, stages = tiles or moe_lowp_tiles(t * k, x.dtype == torch.float32)
     order, tile_expert, tile_start, tile_end = moe_schedule(local, n_local, block_m)
     token = order // k

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 import kernel
 import kernel_lowp
+from kernel_humming import humming_layer
 import ops
 from quant import FP8_BLOCK, dequant_fp4, dequant_fp8
 
@@ -242,15 +243,6 @@ def sweep(g: torch.Generator, say, parts) -> None:
         ref = ops.moe_lowp_torch(x, w13, w2, weights, experts, 0, LIMIT)
         fastest(f"moe grouped batch {t}", MOE_GROUPED_SWEEP,
                 lambda tl_: kernel_lowp.moe_experts_lowp_triton(x, w13, w2, weights, experts, 0, LIMIT, tl_), ref, say)
-
-
-def humming_layer(weight_config: dict, n: int, k: int, tensors: dict):
-    """A humming-kernels dense layer [n, k] holding tensors (its schema's names), converted to its layout."""
-    from humming.layer import HummingLayer
-    layer = HummingLayer(shape_n=n, shape_k=k, weight_config=weight_config, torch_dtype=torch.bfloat16).cuda()
-    layer.load_from_tensors(tensors)
-    layer.transform()
-    return layer
 
 
 def moe_up_alone(x: torch.Tensor, w13) -> torch.Tensor:
