@@ -4,6 +4,7 @@ Run by tests/test_triton.py on the CPU through Triton's interpreter (TRITON_INTE
 tools/gpu_check.py natively on a GPU, as `python -m testkit.cases`. Prints one line per case and exits non-zero on a mismatch."""
 import os
 import sys
+from contextlib import contextmanager
 
 import torch
 
@@ -53,6 +54,17 @@ def moe_reference(x, w13, w2, weights, experts, first, limit):
     return ref
 
 
+@contextmanager
+def kernel_constant(name: str, value):
+    """kernel.<name> set to value (None: left as it is) for the cases run inside: a launch rule's other branch."""
+    kept = getattr(kernel, name)
+    setattr(kernel, name, kept if value is None else value)
+    try:
+        yield
+    finally:
+        setattr(kernel, name, kept)
+
+
 def hc_split_case(device, dtype, n, hc, iters, seed):
     g = torch.Generator().manual_seed(seed)
     mixes = torch.randn(n, (2 + hc) * hc, generator=g).to(device)
@@ -79,6 +91,21 @@ def hc_pre_case(device, dtype, t, hc, dim, seed, norm=False, head=False):
     return max(rel_err(a, b) for a, b in zip(out, ref) if b is not None)
 
 
+def hc_mix_case(device, dtype, t, hc, dim, seed, programs=None):
+    """HC pre of bf16 streams: post and comb (float32, functions of the mixes alone) as accurate as float32
+    arithmetic allows, whatever the tensor-core precision; programs: kernel.HC_MIX_PROGRAMS for this call
+    (few make each program sum several K blocks)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, 1, hc, dim, generator=g).to(device, torch.bfloat16)
+    fn = (torch.randn((2 + hc) * hc, hc * dim, generator=g) * 0.05).to(device)
+    scale, base = (torch.rand(3, generator=g) + 0.5).to(device), torch.randn((2 + hc) * hc, generator=g).to(device)
+    with kernel_constant("HC_MIX_PROGRAMS", programs):
+        out = kernel.hc_pre_triton(x, fn, scale, base, hc, 20, 1e-6, 1e-6)
+    ref = ops.hc_pre_torch(x.double(), fn, scale.double(), base.double(), hc, 20, 1e-6, 1e-6)
+    assert out[0].dtype == torch.bfloat16
+    return max(rel_err(out[1], ref[1]), rel_err(out[2], ref[2]), rel_err(out[0], ref[0]) / 100)
+
+
 def hc_post_case(device, dtype, t, hc, dim, seed):
     g = torch.Generator().manual_seed(seed)
     f = torch.randn(t, 1, dim, generator=g).to(device, dtype)
@@ -89,7 +116,9 @@ def hc_post_case(device, dtype, t, hc, dim, seed):
     return rel_err(out, ops.hc_post_torch(f.double(), res.double(), post.double(), comb.double()))
 
 
-def norm_rope_case(device, dtype, shape, rd, norm, weighted, inverse, per_row, seed, strided=False):
+def norm_rope_case(device, dtype, shape, rd, norm, weighted, inverse, per_row, seed, strided=False,
+                   many_rows=None):
+    """many_rows: kernel.NORM_ROPE_MANY_ROWS for this call (0: the launch for many rows)."""
     g = torch.Generator().manual_seed(seed)
     x = (column_slice(shape, g) if strided else torch.randn(*shape, generator=g)).to(device, dtype)
     b, s, d = shape[0], shape[1], shape[-1]
@@ -98,7 +127,8 @@ def norm_rope_case(device, dtype, shape, rd, norm, weighted, inverse, per_row, s
     freqs = freqs if per_row else freqs[0]
     w = (torch.rand(d, generator=g) + 0.5).to(device) if weighted else None
     eps = 1e-6 if norm else None
-    out = kernel.norm_rope_triton(x, freqs, rd, eps, w, inverse)
+    with kernel_constant("NORM_ROPE_MANY_ROWS", many_rows):
+        out = kernel.norm_rope_triton(x, freqs, rd, eps, w, inverse)
     ref = ops.norm_rope_torch(x.double(), freqs.double(), rd, eps, None if w is None else w.double(), inverse)
     return rel_err(out, ref)
 
@@ -294,11 +324,15 @@ def run(device, dtypes, real_shapes):
              ("hc pre + norm", lambda dt: hc_pre_case(device, dt, 3, 4, 96, 51, norm=True)),
              ("hc pre many + norm", lambda dt: hc_pre_case(device, dt, 40, 4, 160, 52, norm=True)),
              ("hc head + norm", lambda dt: hc_pre_case(device, dt, 2, 4, 96, 53, norm=True, head=True)),
+             ("hc mixes bf16 streams", lambda dt: hc_mix_case(device, dt, 150, 4, 160, 69, programs=2),
+              [torch.float32]),
              ("hc post", lambda dt: hc_post_case(device, dt, 3, 4, 300, 12)),
              ("norm+rope q", lambda dt: norm_rope_case(device, dt, (2, 3, 5, 64), 16, True, False, False, True, 13)),
              ("norm+rope kv weighted", lambda dt: norm_rope_case(device, dt, (2, 3, 64), 16, True, True, False,
                                                                    False, 14)),
              ("rope inverse", lambda dt: norm_rope_case(device, dt, (3, 1, 4, 32), 8, False, False, True, True, 15)),
+             ("norm+rope q two rows a program", lambda dt: norm_rope_case(device, dt, (1, 7, 5, 64), 16, True, False,
+                                                                          False, False, 71, many_rows=0)),
              ("hadamard", lambda dt: hadamard_case(device, dt, (2, 9, 3, 32), 16)),
              ("index scores", lambda dt: index_scores_case(device, dt, 2, 3, 20, 32, 70, 17)),
              ("rms norm", lambda dt: rms_norm_case(device, dt, (3, 5, 96), True, 35)),
@@ -341,9 +375,12 @@ def run(device, dtypes, real_shapes):
                   ("hc pre V4 b1 + norm", lambda dt: hc_pre_case(device, dt, 1, 4, 4096, 54, norm=True)),
                   ("hc head V4 b8", lambda dt: hc_pre_case(device, dt, 8, 4, 4096, 55, norm=True, head=True)),
                   ("hc pre V4 prefill 1K", lambda dt: hc_pre_case(device, dt, 1024, 4, 4096, 19)),
+                  ("hc mixes V4 prefill 4K", lambda dt: hc_mix_case(device, dt, 4096, 4, 4096, 70), [torch.float32]),
                   ("hc post V4 b8", lambda dt: hc_post_case(device, dt, 8, 4, 4096, 20)),
                   ("norm+rope V4 q b32", lambda dt: norm_rope_case(device, dt, (32, 1, 64, 512), 64, True, False,
                                                                    False, True, 21)),
+                  ("norm+rope V4 q prefill 1K", lambda dt: norm_rope_case(device, dt, (1, 1024, 64, 512), 64, True,
+                                                                          False, False, False, 72)),
                   ("hadamard V4 q 1K", lambda dt: hadamard_case(device, dt, (1, 1024, 64, 128), 22)),
                   ("norm+rope into V4 kv b32", lambda dt: norm_rope_into_case(device, dt, 32, 128, 512, 64, 65)),
                   ("topk V4 b1 64K", lambda dt: topk_case(device, dt, 1, 16640, 512, 16384, 66), [torch.float32]),
