@@ -7,9 +7,9 @@
     python bench.py moe-tiles [--tokens 4096] [--decode-tokens 1 4 8 16]
     python bench.py attn-tiles [--tokens 4096]
     python bench.py convert --layers 2 --workdir /tmp/bench
-    python bench.py weights [--layers 4] [--batch 1 32] [--context 1024] [--prefill 4096] [--humming]
+    python bench.py weights [--layers 4] [--batch 1 32] [--context 1024] [--prefill 4096] [--humming [bf16] [fp8]]
     python bench.py memory [--ranks 1 2 4 8 16]
-    python bench.py rank-share [--ranks 4] [--weights fp8] [--humming] [--batch 1 32] [--context 1024]
+    python bench.py rank-share [--ranks 4] [--weights fp8] [--humming {bf16,fp8}] [--batch 1 32] [--context 1024]
 
 speed (CUDA): model.py with the real V4-Flash layer shapes (configs/config_flash.json cut to
 --layers layers, all experts), random weights made on the GPU, no disk. Caches are filled with
@@ -1394,7 +1394,8 @@ def layers_prefill_ms(model, tokens: int) -> float:
 
 def bench_weights(args) -> None:
     """The same random V4-Flash layers from BF16 shards and from FP8 shards (MXFP4 experts; with
-    --humming once more with the experts on humming-kernels), one after the other in this process:
+    --humming once more for each of its activations, the experts on humming-kernels: USE_HUMMING=1 for
+    bf16, USE_HUMMING=fp8 for fp8), one after the other in this process:
     decode steps (whole, and the layers alone per layer, against the bandwidth floor of the bytes they
     read) and a prefill (whole, and per layer), then each model's logits on one prompt against BF16's."""
     if not torch.cuda.is_available():
@@ -1406,8 +1407,9 @@ def bench_weights(args) -> None:
     prompt = torch.randint(0, 129280, (1, 64), generator=torch.Generator().manual_seed(0)).cuda()
     rows, logits, flops = [], {}, None
     variants = [("fp8", "fp8", "triton"), ("bf16", "bf16", "triton")]
-    if args.humming:
-        variants.append(("fp8 humming", "fp8", "humming"))
+    for activations in [] if args.humming is None else args.humming or ["bf16"]:
+        kernels = "humming" if activations == "bf16" else "humming-fp8"
+        variants.append((f"fp8 {kernels}", "fp8", kernels))
     for label, weights, experts in variants:
         model = build_filled(args.config, args.layers, weights, max(args.batch), max_seq, expert_kernels=experts)
         gb = param_bytes(model.layers) / GB         # these two before a forward (layer_floors_ms)
@@ -1479,8 +1481,9 @@ def add_weights(commands) -> None:
     p.add_argument("--context", type=int, nargs="+", default=[1024])
     p.add_argument("--prefill", type=int, default=4096, help="tokens of the prefill from position 0")
     p.add_argument("--profile", action="store_true", help="print the top kernels of each decode measurement")
-    p.add_argument("--humming", action="store_true",
-                   help="also the FP8 shards with their MXFP4 experts on humming-kernels (USE_HUMMING=1)")
+    p.add_argument("--humming", nargs="*", choices=("bf16", "fp8"),
+                   help="also the FP8 shards with their MXFP4 experts on humming-kernels, with bf16 activations "
+                        "(USE_HUMMING=1; the default) and / or fp8 ones (USE_HUMMING=fp8)")
     p.set_defaults(run=bench_weights)
 
 
@@ -1568,7 +1571,7 @@ def bench_rank_share(args) -> None:
         raise SystemExit(f"bench.py rank-share: up to o_groups={config.o_groups} ranks (the o-groups layout gathers "
                          f"heads across ranks)")
     ceil = ceilings()
-    experts = "humming" if args.humming else "triton"
+    experts = {None: "triton", "bf16": "humming", "fp8": "humming-fp8"}[args.humming]
     model = build_filled(args.config, config.n_layers, args.weights, max(args.batch), max(args.context) + 128,
                          RankShare(args.ranks, config.o_groups), expert_kernels=experts)
     allocated = torch.cuda.memory_allocated() / GB
@@ -1598,7 +1601,9 @@ def add_rank_share(commands) -> None:
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "config_flash.json"))
     p.add_argument("--ranks", type=int, default=4, help="N, at most o_groups")
     p.add_argument("--weights", choices=("bf16", "fp8"), default="fp8", help="as shards of convert.py --dtype")
-    p.add_argument("--humming", action="store_true", help="MXFP4 experts on humming-kernels (USE_HUMMING=1)")
+    p.add_argument("--humming", nargs="?", const="bf16", choices=("bf16", "fp8"),
+                   help="MXFP4 experts on humming-kernels, activations bf16 (USE_HUMMING=1; the default) or fp8 "
+                        "(USE_HUMMING=fp8)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--context", type=int, nargs="+", default=[1024])
     p.set_defaults(run=bench_rank_share)

@@ -27,7 +27,8 @@ Environment: USE_OGROUPS_COMM=1 runs the o-groups layout (more ranks than o_grou
 too); USE_FLAGGEMS=1 is --backend flaggems: FlagGems' fused V4 kernels (CUDA only); with
 FLAGGEMS_EXCLUDE set, also every aten operator except the ones it names and FLAGGEMS_BROKEN;
 USE_HUMMING=1 runs V4's MXFP4 routed experts (shards of convert.py --dtype fp8) on humming-kernels
-(pip install humming-kernels; CUDA, compiled with nvcc at first use).
+(pip install humming-kernels; CUDA, compiled with nvcc at first use); USE_HUMMING=fp8 also quantises
+their inputs to FP8 per 128 channels, as DeepSeek's code does (faster prefill, not bf16's numbers).
 """
 import argparse
 import json
@@ -48,8 +49,8 @@ from tqdm import tqdm
 import kernel_humming
 from ops import BACKENDS
 from runtime import (V4, Family, GraphedDecoder, Prompt, Ranks, SetupError, Tokenizer, build_model,
-                     end_process_groups, env_flag, family_of, load_args, read_prompts, ready_flaggems,
-                     requested_backend, shard_path, tokenize, write_atomically)
+                     end_process_groups, env_expert_kernels, env_flag, family_of, load_args, read_prompts,
+                     ready_flaggems, requested_backend, shard_path, tokenize, write_atomically)
 
 
 
@@ -343,13 +344,15 @@ def run(opts: argparse.Namespace, ranks: Ranks) -> None:
     def prepare():
         """Everything checked before the model is built; rank 0 also reads and tokenizes the input."""
         opts.backend = requested_backend(opts.backend)
+        experts = env_expert_kernels()
         args = load_args(opts.ckpt_path, ranks.world, opts.config, env_flag("USE_OGROUPS_COMM"),
-                         env_flag("USE_HUMMING"), max_batch_size=1 if opts.interactive else opts.max_batch_size,
+                         experts, max_batch_size=1 if opts.interactive else opts.max_batch_size,
                          max_seq_len=opts.max_seq_len, dtype=opts.dtype, backend=opts.backend)
-        if env_flag("USE_HUMMING"):
+        if experts != "triton":
             why = kernel_humming.unavailable(ranks.device)
             if why:
-                raise SetupError(f"USE_HUMMING=1: humming-kernels cannot run the experts: {why}")
+                raise SetupError(f"USE_HUMMING={os.environ['USE_HUMMING']}: humming-kernels cannot run the experts: "
+                                 f"{why}")
         if args.backend == "flaggems":
             ready_flaggems("USE_FLAGGEMS=1" if env_flag("USE_FLAGGEMS") else "--backend flaggems")
         path = shard_path(opts.ckpt_path, ranks.rank, ranks.world, args.vocab_size)

@@ -6,6 +6,11 @@ V4-Flash layer about 1.9x faster than kernel_lowp's at 32 tokens and 1.3x at 409
 ModelArgs.expert_kernels = "humming" (USE_HUMMING=1) chooses it; ops.Ops packs the stacked experts
 through `PackedExperts` once, after loading, and the model then drops its own copy of them.
 
+ModelArgs.expert_kernels = "humming-fp8" (USE_HUMMING=fp8) feeds the GEMMs FP8 activations instead:
+each row quantised per 128 channels with a power-of-two scale (quant.act_quant_fp8, DeepSeek's own
+numerics for these GEMMs), which humming multiplies on FP8 tensor cores; faster for prefill, and
+about 2.6% RMS per activation away from the bf16 numbers.
+
 The MoE here: the (token, expert) assignments sorted by local expert on the device and the tokens'
 rows gathered in that order (no host sync; one Triton launch for up to SORT_ROWS_MAX assignments;
 assignments of experts this rank does not hold sort last and count for nothing), w13 as one GEMM
@@ -19,22 +24,64 @@ Shapes: T tokens, k experts a token, A = T k assignments, E local experts, D mod
 width (w3 starts at row UP of the stacked w13).
 """
 import importlib.util
+import json
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from kernel import local_experts, sort_by_expert, triton
+from quant import FP8_BLOCK
+
+# The activations humming's GEMMs take: its input_config for each ModelArgs choice (bf16: as they are;
+# fp8: e4m3 rows with one float32 scale per 128 channels, quantised here beforehand).
+INPUTS = {"bf16": None,
+          "fp8": {"quant_method": "humming", "a_dtype": "float8e4m3", "input_scale_group_size": FP8_BLOCK,
+                  "input_quant_mode": "dynamic_group"}}
 
 if triton is not None:
     import triton.language as tl
     from kernel_lowp import _rounded
 
     @triton.jit
-    def _swiglu_rows_kernel(gu_ptr, w_ptr, n_ptr, h_ptr, I, UP, limit, sg, sh,
-                            BLOCK: tl.constexpr, CLAMP: tl.constexpr):
+    def _e4m3(v):
+        # float32 v (|v| <= 448) rounded to the nearest float8_e4m3fn value, ties to even, still float32:
+        # 3 mantissa bits from 2^-6 up (bit arithmetic), multiples of 2^-9 below (adding and taking away
+        # 1.5 * 2^14, whose float32 spacing is 2^-9, to |v|; the sign kept, -0 too). The cast after it is
+        # then exact, in Triton's interpreter too (whose own conversion does not round to nearest).
+        bits = v.to(tl.int32, bitcast=True)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+        small = (((tl.abs(v) + 24576.0) - 24576.0).to(tl.int32, bitcast=True) | (bits & -2147483648))
+        return tl.where(tl.abs(v) >= 0.015625, normal, small.to(tl.float32, bitcast=True))
+
+    @triton.jit
+    def _store_fp8_groups(v, cols, q_row, s_row, n_cols, G: tl.constexpr, N: tl.constexpr):
+        # v [N G] float32 at columns cols [N G] of a row -> q_row[cols] float8 e4m3 and s_row[cols // G]
+        # float32, as quant.act_quant_fp8: per G columns, the power of two at or above amax / 448.
+        groups = tl.reshape(v, (N, G))
+        at = tl.reshape(cols, (N, G))
+        amax = tl.maximum(tl.max(tl.abs(groups), 1), 1e-4) * (1.0 / 448.0)
+        bits = amax.to(tl.int32, bitcast=True)
+        scale = (((bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)) << 23).to(tl.float32, bitcast=True)
+        q = _e4m3(tl.minimum(tl.maximum(groups / scale[:, None], -448.0), 448.0))
+        tl.store(q_row + at, q.to(q_row.dtype.element_ty), mask=at < n_cols)
+        first = tl.min(cols, 0) // G
+        tl.store(s_row + first + tl.arange(0, N), scale, mask=(first + tl.arange(0, N)) * G < n_cols)
+
+    @triton.jit
+    def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, D, sx, sq, ss, BLOCK: tl.constexpr, G: tl.constexpr):
+        # Row r, columns cb BLOCK ..: x quantised to FP8 with a scale per G columns (_store_fp8_groups).
+        r, cb = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        c = cb * BLOCK + tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + r * sx + c, mask=c < D, other=0.0).to(tl.float32)
+        _store_fp8_groups(v, c, q_ptr + r * sq, s_ptr + r * ss, D, G, BLOCK // G)
+
+    @triton.jit
+    def _swiglu_rows_kernel(gu_ptr, w_ptr, n_ptr, h_ptr, hs_ptr, I, UP, limit, sg, sh, shs,
+                            BLOCK: tl.constexpr, CLAMP: tl.constexpr, FP8: tl.constexpr, G: tl.constexpr):
         # Row r < n (read on the device): h[r] = w[r] * silu(min(g, limit)) * clamp(u, -limit, limit) with
         # g = gu[r, :I], u = gu[r, UP:UP+I]; rows from n on (assignments of no local expert) are zero.
+        # FP8: h rounded to gu's dtype, then quantised (h FP8, hs its scales per G columns).
         r, cb = tl.program_id(0).to(tl.int64), tl.program_id(1)
         c = cb * BLOCK + tl.arange(0, BLOCK)
         live = (r + tl.zeros_like(c)) < tl.load(n_ptr)
@@ -45,7 +92,11 @@ if triton is not None:
             g = tl.minimum(g, limit)
             u = tl.minimum(tl.maximum(u, -limit), limit)
         h = g / (1.0 + tl.exp(-g)) * u * tl.load(w_ptr + r)
-        tl.store(h_ptr + r * sh + c, _rounded(h, h_ptr.dtype.element_ty), mask=c < I)
+        if FP8:
+            h = _rounded(h, gu_ptr.dtype.element_ty).to(tl.float32)
+            _store_fp8_groups(h, c, h_ptr + r * sh, hs_ptr + r * shs, I, G, BLOCK // G)
+        else:
+            tl.store(h_ptr + r * sh + c, _rounded(h, h_ptr.dtype.element_ty), mask=c < I)
 
 
     @triton.jit
@@ -99,19 +150,35 @@ def unavailable(device: torch.device) -> Optional[str]:
     return None
 
 
+def quant_rows_triton(x: torch.Tensor):
+    """x [R, K] (K a multiple of 128) -> (float8_e4m3fn [R, K], float32 scales [R, K/128]) as
+    quant.act_quant_fp8 gives them."""
+    x = x.contiguous()
+    rows, k = x.shape
+    q = torch.empty(rows, k, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(rows, k // FP8_BLOCK, dtype=torch.float32, device=x.device)
+    if rows:
+        block = 1024
+        _quant_rows_kernel[(rows, triton.cdiv(k, block))](x, q, scale, k, x.stride(0), q.stride(0), scale.stride(0),
+                                                          BLOCK=block, G=FP8_BLOCK, num_warps=4)
+    return q, scale
+
+
 def swiglu_rows_triton(gu: torch.Tensor, weights: torch.Tensor, n_live: torch.Tensor, inter: int, up: int,
-                       limit: float) -> torch.Tensor:
+                       limit: float, fp8: bool = False):
     """gu [A, >= UP + I] (gate in columns 0 .. I-1, up from column UP), weights [A] float32, n_live a
     one-element int64 tensor -> h [A, I] in gu's dtype: weight * silu(gate) * up (clamped with limit > 0)
-    for rows below n_live, zero from there on."""
+    for rows below n_live, zero from there on. fp8: h as quant_rows_triton(h) gives it, (FP8 [A, I],
+    scales [A, I/128])."""
     rows = gu.size(0)
-    h = torch.empty(rows, inter, dtype=gu.dtype, device=gu.device)
+    h = torch.empty(rows, inter, dtype=torch.float8_e4m3fn if fp8 else gu.dtype, device=gu.device)
+    scale = torch.empty(rows, inter // FP8_BLOCK if fp8 else 0, dtype=torch.float32, device=gu.device)
     if rows:
         block = 1024
         _swiglu_rows_kernel[(rows, triton.cdiv(inter, block))](
-            gu, weights, n_live, h, inter, up, limit, gu.stride(0), h.stride(0), BLOCK=block, CLAMP=limit > 0,
-            num_warps=4)
-    return h
+            gu, weights, n_live, h, scale, inter, up, limit, gu.stride(0), h.stride(0), max(1, scale.stride(0)),
+            BLOCK=block, CLAMP=limit > 0, FP8=fp8, G=FP8_BLOCK, num_warps=4)
+    return (h, scale) if fp8 else h
 
 
 def combine_triton(y: torch.Tensor, pos: torch.Tensor, n_live: torch.Tensor, k: int) -> torch.Tensor:
@@ -161,47 +228,71 @@ def expert_runs(experts: torch.Tensor, first_expert: int, n_local: int):
     return order, F.pad(ends, (1, 0))
 
 
-def humming_layer(weight_config: dict, n: int, k: int, tensors: dict, num_experts: Optional[int] = None):
-    """A humming-kernels layer of bf16 activations for a weight [n, k] (or [num_experts, n, k]) in the
-    format weight_config names, holding tensors (under its schema's names), repacked into its layout."""
+def humming_layer(weight_config: dict, n: int, k: int, tensors: dict, num_experts: Optional[int] = None,
+                  input_config: Optional[dict] = None):
+    """A humming-kernels layer for a weight [n, k] (or [num_experts, n, k]) in the format weight_config
+    names, holding tensors (under its schema's names), repacked into its layout, producing bf16; its
+    activations bf16, or as input_config says."""
     from humming.layer import HummingLayer
     device = next(iter(tensors.values())).device
-    layer = HummingLayer(shape_n=n, shape_k=k, weight_config=weight_config, num_experts=num_experts,
-                         torch_dtype=torch.bfloat16).to(device)
+    layer = HummingLayer(shape_n=n, shape_k=k, weight_config=weight_config, input_config=input_config,
+                         num_experts=num_experts, torch_dtype=torch.bfloat16).to(device)
     layer.load_from_tensors(tensors)
     layer.transform()
     return layer
 
 
-def humming_grouped(packed: torch.Tensor, scale: torch.Tensor) -> Callable:
+def humming_grouped(packed: torch.Tensor, scale: torch.Tensor, activations: str = "bf16") -> Callable:
     """A humming-kernels grouped GEMM over MXFP4 experts packed [E, N, K/2] (int8, two e2m1 codes a
     byte, the low nibble first) with ue8m0 scales [E, N, K/32], repacked into its layout:
-    fn(rows [R, K] bf16, layout [E + 1]) -> [R, N] bf16, rows layout[e] .. layout[e+1]-1 through
-    expert e (rows from layout[E] on are left unwritten)."""
+    fn(rows, layout [E + 1]) -> [R, N] bf16, rows layout[e] .. layout[e+1]-1 through expert e (rows from
+    layout[E] on are left unwritten). rows: [R, K] bf16, or with activations 'fp8' the pair (FP8 [R, K],
+    float32 scales [R, K/128]) of quant_rows_triton."""
+    from humming.tune import get_heuristics_config
     e, n, half_k = packed.shape
     layer = humming_layer({"quant_method": "mxfp4"}, n, 2 * half_k,
-                          {"weight": packed.view(torch.uint8), "weight_scale": scale.view(torch.uint8)}, e)
-    config = {"gemm_type": "grouped_contiguous"}
-    return lambda rows, layout: layer(rows, expert_layout=layout, compute_config=config)
+                          {"weight": packed.view(torch.uint8), "weight_scale": scale.view(torch.uint8)}, e,
+                          INPUTS[activations])
+    config = json.dumps({"gemm_type": "grouped_contiguous"})        # as strings: no JSON work a call
+    # humming's own tiles for each row count, without stream-K: its stream-K adds partial sums rounded
+    # to bf16, up to 2.4x the error of one rounding (H100, BENCHMARKS.md); without it each output is
+    # one rounding of a float32 sum, as DeepSeek's GEMMs give.
+    tiles = json.dumps([(lo, hi, dict(tile, use_stream_k=False))
+                        for lo, hi, tile in get_heuristics_config(layer.humming_metas[""], gemm_type="grouped_contiguous")])
+    if activations == "fp8":
+        return lambda rows, layout: layer(rows[0], input_scale=rows[1], expert_layout=layout, compute_config=config,
+                                          tuning_config=tiles)
+    return lambda rows, layout: layer(rows, expert_layout=layout, compute_config=config, tuning_config=tiles)
 
 
 class PackedExperts:
     """A rank's routed experts, MXFP4 w13 = (weight [E, 2 UP, D/2], scale [E, 2 UP, D/32]) and w2 =
     (weight [E, D, I/2], scale [E, D, I/32]), as grouped GEMMs of `grouped` (humming_grouped; the
-    tests pass a torch stand-in). Called as the grouped MoE path: (x [T, D] bf16, weights [T, k],
-    experts [T, k] global ids, first_expert, swiglu_limit) -> float32 [T, D], the sum over the local
-    experts of weight * expert(x)."""
-    def __init__(self, w13, w2, grouped: Callable = humming_grouped):
+    tests pass a torch stand-in) taking activations 'bf16' or 'fp8' (INPUTS). Called as the grouped
+    MoE path: (x [T, D] bf16, weights [T, k], experts [T, k] global ids, first_expert, swiglu_limit)
+    -> float32 [T, D], the sum over the local experts of weight * expert(x)."""
+    def __init__(self, w13, w2, grouped: Callable = humming_grouped, activations: str = "bf16"):
         (w13p, w13s), (w2p, w2s) = w13, w2
         if w13p.dtype != torch.int8 or w2p.dtype != torch.int8:
             raise TypeError(f"PackedExperts takes MXFP4 experts (int8), got {w13p.dtype} and {w2p.dtype}")
+        if activations not in INPUTS:
+            raise ValueError(f"activations must be one of {', '.join(INPUTS)}, got {activations!r}")
         self.n_local, self.dim = w13p.size(0), 2 * w13p.size(2)
         self.inter, self.up = 2 * w2p.size(2), w13p.size(1) // 2
-        self.w13, self.w2 = grouped(w13p, w13s), grouped(w2p, w2s)
+        self.fp8 = activations == "fp8"
+        self.w13, self.w2 = grouped(w13p, w13s, activations), grouped(w2p, w2s, activations)
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, first_expert: int,
                  swiglu_limit: float) -> torch.Tensor:
-        rows, ws, pos, layout = sorted_rows(x, weights, experts, first_expert, self.n_local)
+        k = experts.size(1)
+        if self.fp8:        # each token quantised once; its FP8 row (as bytes) and its scales go to its k places
+            q, scale = quant_rows_triton(x)
+            rows, ws, pos, layout = sorted_rows(q.view(torch.uint8), weights, experts, first_expert, self.n_local)
+            placed = scale.new_empty(pos.numel(), scale.size(1)).index_copy_(0, pos, scale.repeat_interleave(k, 0))
+            rows = (rows.view(torch.float8_e4m3fn), placed)
+        else:
+            rows, ws, pos, layout = sorted_rows(x, weights, experts, first_expert, self.n_local)
         n_live = layout[-1:]
-        h = swiglu_rows_triton(self.w13(rows, layout), ws, n_live, self.inter, self.up, swiglu_limit)   # [A, I]
-        return combine_triton(self.w2(h, layout), pos, n_live, experts.size(1))    # y [A, D] bf16 -> [T, D]
+        gu = self.w13(rows, layout)                                                            # [A, 2 UP] bf16
+        h = swiglu_rows_triton(gu, ws, n_live, self.inter, self.up, swiglu_limit, self.fp8)   # [A, I]
+        return combine_triton(self.w2(h, layout), pos, n_live, k)                  # y [A, D] bf16 -> [T, D]

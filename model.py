@@ -60,7 +60,8 @@ class ModelArgs(ConfigFile):
     backend: str = "auto"               # kernels: "torch", "triton", "flaggems", or "auto" (Triton on CUDA)
     weights: str = "bf16"               # how the shards hold what the release quantises: "bf16" or "fp8"
     expert_weights: str = "bf16"        # their routed experts: "bf16", or with "fp8": "fp4" (as released) or "fp8"
-    expert_kernels: str = "triton"      # MXFP4 experts on a GPU: "triton" (kernel_lowp) or "humming" (USE_HUMMING=1)
+    expert_kernels: str = "triton"      # MXFP4 experts on a GPU: "triton" (kernel_lowp), "humming" or "humming-fp8"
+                                        # (USE_HUMMING=1 or fp8; ops.EXPERT_KERNELS)
     vocab_size: int = 129280
     dim: int = 4096
     moe_inter_dim: int = 2048
@@ -136,13 +137,17 @@ class ModelArgs(ConfigFile):
         shard_weights({"weights": self.weights, "expert_weights": self.expert_weights})
         need(self.expert_kernels in EXPERT_KERNELS,
              f"expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {self.expert_kernels!r}")
-        need(self.expert_kernels != "humming" or (self.expert_weights == "fp4" and self.dtype == "bf16"),
-             "USE_HUMMING=1 (expert kernels 'humming') runs MXFP4 experts with bf16 activations: it needs shards "
-             f"of convert.py --dtype fp8 with MXFP4 experts and dtype bf16 (these: experts {self.expert_weights}, "
-             f"dtype {self.dtype})")
-        need(self.expert_kernels != "humming" or (self.dim >= 128 and self.moe_inter_dim >= 64),
-             f"USE_HUMMING=1: humming-kernels builds no GEMM for experts this narrow (dim {self.dim}, moe_inter_dim "
+        humming = self.expert_kernels != "triton"
+        need(not humming or (self.expert_weights == "fp4" and self.dtype == "bf16"),
+             f"USE_HUMMING (expert kernels {self.expert_kernels!r}) runs MXFP4 experts with bf16 activations: it needs "
+             f"shards of convert.py --dtype fp8 with MXFP4 experts and dtype bf16 (these: experts "
+             f"{self.expert_weights}, dtype {self.dtype})")
+        need(not humming or (self.dim >= 128 and self.moe_inter_dim >= 64),
+             f"USE_HUMMING: humming-kernels builds no GEMM for experts this narrow (dim {self.dim}, moe_inter_dim "
              f"{self.moe_inter_dim}; it needs at least 128 and 64)")
+        need(self.expert_kernels != "humming-fp8" or (self.dim % 128 == 0 and self.moe_inter_dim % 128 == 0),
+             f"USE_HUMMING=fp8 quantises the experts' inputs per 128 channels: dim {self.dim} and moe_inter_dim "
+             f"{self.moe_inter_dim} must be multiples of 128")
         need(self.score_func in ("softmax", "sigmoid", "sqrtsoftplus"), f"score_func {self.score_func!r} is unknown")
         need(len(self.compress_ratios) >= self.n_layers,
              f"compress_ratios has {len(self.compress_ratios)} entries for n_layers={self.n_layers}")

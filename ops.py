@@ -20,10 +20,12 @@ import flaggems
 import kernel
 import kernel_humming
 import kernel_lowp
-from quant import dequant_fp4, dequant_fp8
+from quant import act_quant_fp8, dequant_act_fp8, dequant_fp4, dequant_fp8
 
 BACKENDS = ("auto", "torch", "triton", "flaggems")
-EXPERT_KERNELS = ("triton", "humming")      # MXFP4 routed experts on a GPU: kernel_lowp's, or humming-kernels'
+# MXFP4 routed experts on a GPU: kernel_lowp's (None), or humming-kernels' taking bf16 activations
+# (USE_HUMMING=1) or FP8 ones (USE_HUMMING=fp8, DeepSeek's numerics): name -> kernel_humming.INPUTS key.
+EXPERT_KERNELS = {"triton": None, "humming": "bf16", "humming-fp8": "fp8"}
 LOWP_ACTIVATIONS = (torch.bfloat16, torch.float32)    # what kernel_lowp's kernels take with their weights
 
 
@@ -321,25 +323,34 @@ def grouped_linear_lowp_torch(x: torch.Tensor, weight: torch.Tensor, scale: torc
 
 
 def moe_lowp_torch(x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float, shared_gu=None,
-                   shared_w2=None, out_dtype=torch.float32):
+                   shared_w2=None, out_dtype=torch.float32, fp8_activations: bool = False):
     """The routed experts of low-precision weights, one expert at a time (host syncs): x [T, D]; w13 =
     (weight, scale) of the stacked [w1; w3] (w1 in rows 0 .. I-1, w3 from row UP = rows / 2: MXFP4 int8
     [E, 2 UP, D/2] with ue8m0 [E, 2 UP, D/32], or FP8 [E, 2 UP, D] with block scales), w2 = (weight,
     scale) [E, D, I] alike (kernel_lowp.expert_weights); weights, experts [T, k] (global ids; those
     outside first_expert .. +E are skipped); shared_gu [T, 2 Is] and shared_w2 = (FP8 [D, Is], block
     scale) add the shared expert. As the BF16 kernels: gate and up in float32, h = weight * swiglu
-    rounded to x's dtype, down in float32. Returns out_dtype [T, D]."""
+    rounded to x's dtype, down in float32. Returns out_dtype [T, D].
+
+    fp8_activations (USE_HUMMING=fp8, DeepSeek's numerics): each GEMM's input through
+    quant.act_quant_fp8, and gate, up and each expert's output rounded to x's dtype."""
     (w13p, w13s), (w2p, w2s) = w13, w2
     n_local, up = w13p.size(0), w13p.size(1) // 2
+
+    def gemm(a, w):                       # a [R, K] in x's dtype times w^T [K, N] in float32
+        if fp8_activations:
+            return (dequant_act_fp8(*act_quant_fp8(a), x.dtype).float() @ w.T).to(x.dtype).float()
+        return a.float() @ w.T
+
     out = torch.zeros(x.size(0), w2p.size(1), dtype=torch.float32, device=x.device)
     for e in range(n_local):
         token, slot = torch.where(experts == first_expert + e)
         if token.numel():
             down = dequantised(w2p[e], w2s[e], x.dtype).float()
             inter = down.size(1)
-            gu = x[token].float() @ dequantised(w13p[e], w13s[e], x.dtype).float().T
+            gu = gemm(x[token], dequantised(w13p[e], w13s[e], x.dtype).float())
             h = swiglu(gu[:, :inter], gu[:, up:up + inter], swiglu_limit) * weights[token, slot, None].float()
-            out.index_add_(0, token, h.to(x.dtype).float() @ down.T)
+            out.index_add_(0, token, gemm(h.to(x.dtype), down))
     if shared_gu is not None:
         inter_s = shared_gu.size(1) // 2
         hs = swiglu(shared_gu[:, :inter_s], shared_gu[:, inter_s:], 0.0).to(x.dtype)
@@ -357,8 +368,8 @@ class Ops:
     Triton kernels for the rest (CUDA). 'auto': Triton on CUDA when it is installed, else torch.
     Weights kept as the release stores them (FP8, MXFP4) go through kernel_lowp's Triton kernels
     with 'triton' and 'flaggems' alike (FlagGems has none for them), through their references with
-    'torch'. expert_kernels 'humming' puts MXFP4 routed experts on humming-kernels instead
-    (kernel_humming.PackedExperts, CUDA only)."""
+    'torch'. expert_kernels 'humming' or 'humming-fp8' puts MXFP4 routed experts on humming-kernels
+    instead (kernel_humming.PackedExperts, CUDA only)."""
 
     # Few-token MoE (decode): up to this many (token, expert) assignments go through one program per
     # assignment (kernel.moe_gemv_triton); more through grouped GEMMs over tokens sorted by expert.
@@ -375,7 +386,7 @@ class Ops:
     def use(self, backend: str, device=None) -> None:
         """Choose the backend for tensors on device (default: torch's default device). Raises
         ValueError for an unknown name, RuntimeError for one the device cannot run (or, with
-        expert_kernels 'humming', a device or install humming-kernels cannot run on)."""
+        expert_kernels on humming, a device or install humming-kernels cannot run on)."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         device = torch.device(device if device is not None else torch.get_default_device())
@@ -385,10 +396,10 @@ class Ops:
         if backend != "torch" and (kernel.triton is None
                                    or not (cuda or (kernel.INTERPRETED and backend == "triton"))):
             raise RuntimeError(f"backend {backend!r} needs a CUDA device and the triton package")
-        if self.expert_kernels == "humming":
+        if EXPERT_KERNELS[self.expert_kernels]:
             why = kernel_humming.unavailable(device) if backend != "torch" else "backend torch runs the references"
             if why:
-                raise RuntimeError(f"expert kernels 'humming' (USE_HUMMING=1): {why}")
+                raise RuntimeError(f"expert kernels {self.expert_kernels!r} (USE_HUMMING): {why}")
         self.backend = backend
         self.triton = backend != "torch"
         self.flaggems = backend == "flaggems"
@@ -412,9 +423,10 @@ class Ops:
     def pack_experts(self, w13, w2):
         """The stacked routed experts (tensors, or (weight, scale) pairs) in a form of their own where
         the expert kernels take one: kernel_humming.PackedExperts for MXFP4 experts with expert_kernels
-        'humming' (it holds a copy in humming's layout: the caller drops its own). None otherwise."""
-        if self.triton and self.expert_kernels == "humming" and isinstance(w13, tuple) and w13[0].dtype == torch.int8:
-            return kernel_humming.PackedExperts(w13, w2)
+        on humming (it holds a copy in humming's layout: the caller drops its own). None otherwise."""
+        activations = EXPERT_KERNELS[self.expert_kernels]
+        if self.triton and activations and isinstance(w13, tuple) and w13[0].dtype == torch.int8:
+            return kernel_humming.PackedExperts(w13, w2, activations=activations)
         return None
 
     def dequantise_first(self, x: torch.Tensor) -> bool:

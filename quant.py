@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 FP8_BLOCK = 128  # FP8 e4m3 weights: one ue8m0 scale per 128x128 block
 FP4_BLOCK = 32   # MXFP4 experts: one ue8m0 scale per 32 inputs of a row
+E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 
 # How shards may hold the weights the release quantises: the dense format and the experts' formats
 # that go with it ('bf16': dequantised; 'fp8': FP8 e4m3 with the block scales; 'fp4': MXFP4 as released).
@@ -71,6 +72,26 @@ def dequant_fp4(weight: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16)
     pairs = torch.stack([values[byte & 0xF], values[byte >> 4]], dim=-1)          # [256, 2]: a byte's two values
     w = pairs[weight.view(torch.uint8).int()]                                      # [out, in/2, 2]
     return (w.view(out_f, -1, FP4_BLOCK) * scale.to(dtype).unsqueeze(-1)).view(out_f, in_f)
+
+
+def act_quant_fp8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's activation quantisation (its act_quant with ue8m0 scales): x [.., K] (K a multiple of
+    128) -> (float8_e4m3fn [.., K], float32 scale [.., K/128]). Each 128 channels take the power of two
+    at or above amax * (1/448) (amax at least 1e-4), the values x / scale clamped to +-448 and rounded
+    to nearest even. q times scale is exact in bf16: dequant_act_fp8 gives the numbers a GEMM sees."""
+    if x.size(-1) % FP8_BLOCK:
+        raise ValueError(f"FP8 activations take a multiple of {FP8_BLOCK} channels, got {x.size(-1)}")
+    blocks = x.float().unflatten(-1, (-1, FP8_BLOCK))
+    amax = blocks.abs().amax(-1).clamp(min=1e-4) * torch.tensor(1 / E4M3_MAX, dtype=torch.float32)
+    mant, exp = torch.frexp(amax)                       # amax = mant 2^exp, mant in [0.5, 1)
+    scale = torch.ldexp(torch.ones_like(amax), torch.where(mant == 0.5, exp - 1, exp))
+    q = (blocks / scale.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q.flatten(-2), scale
+
+
+def dequant_act_fp8(q: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat16) -> torch.Tensor:
+    """act_quant_fp8's (q [.., K], scale [.., K/128]) -> [.., K] dtype, exactly."""
+    return (q.float().unflatten(-1, (-1, FP8_BLOCK)) * scale.unsqueeze(-1)).flatten(-2).to(dtype)
 
 
 def shard_weights(config: dict) -> Tuple[str, str]:

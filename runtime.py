@@ -43,6 +43,17 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+def env_expert_kernels() -> str:
+    """The routed experts' kernels USE_HUMMING asks for (model.ModelArgs.expert_kernels): unset or 0
+    'triton', 1 'humming' (bf16 activations), fp8 'humming-fp8'. SetupError for any other value."""
+    value = os.environ.get("USE_HUMMING", "0").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return "triton"
+    if value in ("1", "true", "yes", "on", "fp8"):
+        return "humming-fp8" if value == "fp8" else "humming"
+    raise SetupError(f"USE_HUMMING must be 0, 1 or fp8, got {os.environ['USE_HUMMING']!r}")
+
+
 # ---------------------------------------------------------------- architectures
 
 @dataclass(frozen=True)
@@ -224,10 +235,10 @@ def tokenize(prompts: List[Prompt], tokenizer: Tokenizer, mode: str, raw: bool,
 # ---------------------------------------------------------------- checkpoint and model
 
 def load_args(ckpt_path: str, world: int, config: Optional[str] = None, ogroups_comm: bool = False,
-              humming: bool = False, **overrides) -> Union[ModelArgs, model_v3.ModelArgs]:
+              expert_kernels: str = "triton", **overrides) -> Union[ModelArgs, model_v3.ModelArgs]:
     """The ModelArgs of the checkpoint's architecture (checkpoint_family), checked for world ranks.
     config: the config file (default ckpt_path/config.json); ogroups_comm: V4's o-groups layout;
-    humming: V4's MXFP4 experts on humming-kernels (USE_HUMMING=1); overrides: runtime fields
+    expert_kernels: V4's MXFP4 experts on humming-kernels (env_expert_kernels); overrides: runtime fields
     (max_batch_size, max_seq_len, dtype, backend), None keeping the config's."""
     if not os.path.isdir(ckpt_path):
         raise SetupError(f"checkpoint folder {ckpt_path} not found")
@@ -238,10 +249,10 @@ def load_args(ckpt_path: str, world: int, config: Optional[str] = None, ogroups_
         if family is not V4:
             raise SetupError(f"USE_OGROUPS_COMM=1 is DeepSeek-V4's o-groups layout; {config} is {family.title}")
         overrides["ogroups_comm"] = True
-    if humming:
+    if expert_kernels != "triton":
         if family is not V4:
-            raise SetupError(f"USE_HUMMING=1 runs DeepSeek-V4's MXFP4 experts; {config} is {family.title}")
-        overrides["expert_kernels"] = "humming"
+            raise SetupError(f"USE_HUMMING runs DeepSeek-V4's MXFP4 experts; {config} is {family.title}")
+        overrides["expert_kernels"] = expert_kernels
     try:
         args = family.args_class.from_file(config, **overrides)
         args.validate(world)

@@ -43,6 +43,20 @@ def write_r1(path: str, seed: int = 0) -> dict:
     return write_release_v3(path, config=r1_config(**R1_FP8), seed=seed, n_files=2)
 
 
+def awkward_rows(rows: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """bf16 rows [rows, k] whose 128-channel groups meet quantisation's edges: ordinary values, tiny ones
+    (amax floored at 1e-4), e4m3 subnormals beside a large value, ties halfway between e4m3 values, an
+    amax that is 448 times a power of two, zeros, and both signs."""
+    x = torch.randn(rows, k, generator=g) * torch.exp2(torch.randint(-8, 9, (rows, 1), generator=g).float())
+    x[0] = 0.0
+    x[1] = torch.randn(k, generator=g) * 1e-7
+    x[2, :128] = torch.randn(128, generator=g) * 1e-3
+    x[2, 0] = 448.0                                       # scale 1: the rest falls among e4m3's subnormals
+    # scale 1 again; after 448 ties between neighbouring e4m3 values, normal and subnormal
+    x[3, :128] = torch.tensor([448.0, -13.5, 25.0, -9.5, 7 / 1024, 3 / 1024, 1.0, 0.0] * 16)
+    return x.bfloat16()
+
+
 def convert_to(release: str, root: str, n: int, dtype: str, expert_dtype=None) -> str:
     """release converted for n ranks (the o-groups layout above 2) into a new folder under root."""
     out = os.path.join(root, f"{dtype}{'-' + expert_dtype if expert_dtype else ''}-mp{n}")

@@ -20,9 +20,9 @@ import generate
 import kernel_humming
 import ops
 from model import ModelArgs
-from quant import dequant_fp4
-from runtime import SetupError, load_args
-from testkit.fp8 import convert_to, shard_model, write_v4
+from quant import act_quant_fp8, dequant_act_fp8, dequant_fp4
+from runtime import SetupError, env_expert_kernels, load_args
+from testkit.fp8 import awkward_rows, convert_to, shard_model, write_v4
 from testkit.release_v3 import r1_config
 from testkit.runs import clean_env  # noqa: F401  (a fixture)
 
@@ -37,12 +37,15 @@ def fp4_experts(e: int, n: int, k: int, g: torch.Generator):
     return packed, (exp + 127).to(torch.uint8).view(torch.float8_e8m0fnu)
 
 
-def stand_in(packed: torch.Tensor, scale: torch.Tensor):
-    """kernel_humming.humming_grouped's contract in torch: each expert's run of rows times its
-    dequantised weight, rounded to the rows' dtype; rows past layout[E] NaN."""
+def stand_in(packed: torch.Tensor, scale: torch.Tensor, activations: str = "bf16"):
+    """kernel_humming.humming_grouped's contract in torch: each expert's run of rows (with activations
+    'fp8' the pair (FP8 rows, scales), which give bf16 rows exactly) times its dequantised weight,
+    rounded to the rows' dtype; rows past layout[E] NaN."""
     w = torch.stack([dequant_fp4(packed[e], scale[e], torch.float32) for e in range(packed.size(0))])
 
-    def run(rows: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+    def run(rows, layout: torch.Tensor) -> torch.Tensor:
+        if activations == "fp8":
+            rows = dequant_act_fp8(*rows, torch.bfloat16)
         out = torch.full((rows.size(0), w.size(1)), float("nan"), dtype=rows.dtype)
         bounds = layout.tolist()
         for e in range(w.size(0)):
@@ -86,6 +89,36 @@ def test_swiglu_rows(dtype, limit):
 
 
 @needs_triton
+def test_quant_rows_as_deepseek_quantises():
+    g = torch.Generator().manual_seed(3)
+    x = awkward_rows(6, 384, g)
+    q, scale = kernel_humming.quant_rows_triton(x)
+    want_q, want_scale = act_quant_fp8(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (6, 3)
+    assert torch.equal(scale, want_scale)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(want_scale[3, 0], torch.tensor(1.0)) and want_scale[1, 0] == 2.0 ** -22
+    err = (dequant_act_fp8(q, scale, torch.float32) - x.float()).norm() / x.float().norm()
+    assert 0 < err < 0.04
+
+
+@needs_triton
+@pytest.mark.parametrize("limit", [0.0, 1.5])
+def test_swiglu_rows_into_fp8(limit):
+    """h rounded to bf16, then quantised per 128 columns (rows from n_live on: zero)."""
+    g = torch.Generator().manual_seed(7)
+    rows, inter, up = 5, 256, 384
+    gu = (torch.randn(rows, 2 * up, generator=g) * 2).bfloat16()
+    weights = torch.rand(rows, generator=g)
+    q, scale = kernel_humming.swiglu_rows_triton(gu, weights, torch.tensor([4]), inter, up, limit, fp8=True)
+    h = kernel_humming.swiglu_rows_triton(gu, weights, torch.tensor([4]), inter, up, limit)
+    want_q, want_scale = act_quant_fp8(h)
+    assert q.shape == (rows, inter) and scale.shape == (rows, 2)
+    assert torch.equal(scale, want_scale) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    assert not q[4].float().any() and q[:4].float().abs().max() == 448
+
+
+@needs_triton
 @pytest.mark.parametrize("t,k,first,n_local,n_all", [(1, 6, 0, 8, 8), (7, 3, 4, 4, 12), (40, 2, 2, 20, 24)])
 def test_sorted_rows_in_one_launch_as_through_torch(t, k, first, n_local, n_all):
     g = torch.Generator().manual_seed(t)
@@ -118,6 +151,26 @@ def test_packed_experts_match_the_reference(dtype, t, first, n_all, limit):
     print(f"packed experts {dtype} t {t}: relative error {err:.1e}")
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     assert err < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@needs_triton
+@pytest.mark.parametrize("t,first,n_all", [(1, 0, 4), (12, 2, 10), (350, 2, 10)])
+def test_packed_experts_with_fp8_activations_match_the_reference(t, first, n_all):
+    """USE_HUMMING=fp8 against ops.moe_lowp_torch(fp8_activations=True), DeepSeek's numerics; the
+    weight-only reference is much farther away, so the check tells the two apart. 350 tokens: more
+    assignments than one sorting launch takes."""
+    g = torch.Generator().manual_seed(40 + t)
+    n_local, k, dim, inter = 4, 3, 128, 256
+    w13, w2 = fp4_experts(n_local, 2 * inter, dim, g), fp4_experts(n_local, dim, inter, g)
+    x = torch.randn(t, dim, generator=g).bfloat16()
+    experts = torch.stack([torch.randperm(n_all, generator=g)[:k] for _ in range(t)])
+    weights = torch.rand(t, k, generator=g)
+    got = kernel_humming.PackedExperts(w13, w2, grouped=stand_in, activations="fp8")(x, weights, experts, first, 10.0)
+    want = ops.moe_lowp_torch(x, w13, w2, weights, experts, first, 10.0, fp8_activations=True)
+    bf16 = ops.moe_lowp_torch(x, w13, w2, weights, experts, first, 10.0)
+    err, apart = ((got - want).norm() / want.norm()).item(), ((bf16 - want).norm() / want.norm()).item()
+    print(f"fp8 activations t {t}: relative error {err:.1e}, weight-only reference {apart:.1e} away")
+    assert torch.isfinite(got).all() and err < 2e-3 and apart > max(1e-2, 10 * err)
 
 
 @pytest.fixture(scope="module")
@@ -158,36 +211,59 @@ def test_model_packs_its_experts_once_and_drops_its_copy(fp8_shards, monkeypatch
 def test_interpreter_cases():
     """The @needs_triton tests above, in a child with TRITON_INTERPRET=1 (kernels run on the CPU)."""
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__,
-                          "-k", "swiglu_rows or sorted_rows or packed or packs"],
+                          "-k", "swiglu_rows or sorted_rows or packed or packs or quant_rows"],
                          env=dict(os.environ, TRITON_INTERPRET="1"), cwd=ROOT, capture_output=True, text=True,
                          timeout=900)
     print(run.stdout[-3000:])
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-3000:]
-    assert re.search(r"\b14 passed", run.stdout), run.stdout[-2000:]
+    assert re.search(r"\b20 passed", run.stdout), run.stdout[-2000:]
 
 
 def test_humming_is_refused_where_it_cannot_run():
-    with pytest.raises(ValueError, match="expert_kernels must be one of triton, humming, got 'cutlass'"):
+    with pytest.raises(ValueError, match="expert_kernels must be one of triton, humming, humming-fp8, got 'cutlass'"):
         ops.Ops("torch", expert_kernels="cutlass")
-    with pytest.raises(RuntimeError, match=r"'humming' \(USE_HUMMING=1\): backend torch runs the references"):
-        ops.Ops("torch", device="cpu", expert_kernels="humming")
+    for kernels in ("humming", "humming-fp8"):
+        with pytest.raises(RuntimeError, match=rf"'{kernels}' \(USE_HUMMING\): backend torch runs the references"):
+            ops.Ops("torch", device="cpu", expert_kernels=kernels)
     assert kernel_humming.unavailable(torch.device("cpu")) == "it runs on CUDA GPUs only"
     base = dict(weights="fp8", expert_weights="fp4", dtype="bf16", expert_kernels="humming", compress_ratios=[0])
     ModelArgs(n_layers=1, **base).validate()
     for change in (dict(expert_weights="fp8"), dict(dtype="fp32")):
-        with pytest.raises(ValueError, match="USE_HUMMING=1 .* needs shards of convert.py --dtype fp8 with MXFP4"):
+        with pytest.raises(ValueError, match="USE_HUMMING .* needs shards of convert.py --dtype fp8 with MXFP4"):
             ModelArgs(n_layers=1, **dict(base, **change)).validate()
-    with pytest.raises(ValueError, match=r"USE_HUMMING=1: humming-kernels builds no GEMM for experts this narrow "
+    with pytest.raises(ValueError, match=r"USE_HUMMING: humming-kernels builds no GEMM for experts this narrow "
                                          r"\(dim 64, moe_inter_dim 2048; it needs at least 128 and 64\)"):
         ModelArgs(n_layers=1, dim=64, **base).validate()
+    ModelArgs(n_layers=1, **dict(base, expert_kernels="humming-fp8")).validate()
+    ModelArgs(n_layers=1, moe_inter_dim=64, **base).validate()
+    with pytest.raises(ValueError, match=r"USE_HUMMING=fp8 quantises the experts' inputs per 128 channels: dim 4096 "
+                                         r"and moe_inter_dim 64 must be multiples of 128"):
+        ModelArgs(n_layers=1, moe_inter_dim=64, **dict(base, expert_kernels="humming-fp8")).validate()
 
 
-@pytest.mark.parametrize("shards,message", [
-    ("bf16", r"USE_HUMMING=1 \(expert kernels 'humming'\) runs MXFP4 experts .* \(these: experts bf16, dtype bf16\)"),
-    ("fp8", r"USE_HUMMING=1: humming-kernels cannot run the experts: it runs on CUDA GPUs only"),
+@pytest.mark.parametrize("value,kernels", [(None, "triton"), ("0", "triton"), ("1", "humming"), (" FP8", "humming-fp8"),
+                                           ("2", None), ("bf16", None)])
+def test_use_humming_values(value, kernels, monkeypatch):
+    if value is None:
+        monkeypatch.delenv("USE_HUMMING", raising=False)
+    else:
+        monkeypatch.setenv("USE_HUMMING", value)
+    if kernels:
+        assert env_expert_kernels() == kernels
+    else:
+        with pytest.raises(SetupError, match=f"USE_HUMMING must be 0, 1 or fp8, got '{value}'"):
+            env_expert_kernels()
+
+
+@pytest.mark.parametrize("shards,value,message", [
+    ("bf16", "1", r"USE_HUMMING \(expert kernels 'humming'\) runs MXFP4 experts .* \(these: experts bf16, dtype bf16\)"),
+    ("fp8", "1", r"USE_HUMMING=1: humming-kernels cannot run the experts: it runs on CUDA GPUs only"),
+    ("fp8", "fp8", r"USE_HUMMING=fp8: humming-kernels cannot run the experts: it runs on CUDA GPUs only"),
+    ("fp8", "yes please", r"USE_HUMMING must be 0, 1 or fp8, got 'yes please'"),
 ])
-def test_generate_with_use_humming_says_why_it_cannot(fp8_shards, shards, message, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("USE_HUMMING", "1")
+def test_generate_with_use_humming_says_why_it_cannot(fp8_shards, shards, value, message, tmp_path, monkeypatch,
+                                                      capsys):
+    monkeypatch.setenv("USE_HUMMING", value)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Hello\n")
     out = tmp_path / "out.jsonl"
@@ -200,6 +276,6 @@ def test_generate_with_use_humming_says_why_it_cannot(fp8_shards, shards, messag
 
 def test_use_humming_on_an_r1_checkpoint_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(r1_config()))
-    with pytest.raises(SetupError, match=r"USE_HUMMING=1 runs DeepSeek-V4's MXFP4 experts; .*config\.json is "
+    with pytest.raises(SetupError, match=r"USE_HUMMING runs DeepSeek-V4's MXFP4 experts; .*config\.json is "
                                          r"DeepSeek-R1"):
-        load_args(str(tmp_path), 1, humming=True)
+        load_args(str(tmp_path), 1, expert_kernels="humming-fp8")

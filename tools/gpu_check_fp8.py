@@ -12,6 +12,12 @@ on a CUDA machine (not by pytest); about 3 minutes on an H100:
    of the BF16 shards': their relative difference at most twice the BF16 shards' own distance from
    the float32 torch path on the CPU (the rounding a bf16 run carries). Where humming-kernels can run
    (USE_HUMMING=1, kernel_humming.py), the V4 FP8 shards once more with the MXFP4 experts on it.
+4. USE_HUMMING=fp8 (FP8 activations, DeepSeek's numerics): kernel_humming's quantisation kernels,
+   compiled, bit for bit against quant.act_quant_fp8; where humming-kernels can run, its grouped
+   GEMM on those FP8 rows against float32 (within FP8_GEMM_TOL), and its MoE at V4-Flash's expert
+   shapes against ops.moe_lowp_torch(fp8_activations=True): nearer than a third of the weight-only
+   path's distance (a different summation order flips some of the intermediate's FP8 roundings, each
+   a 6% step, so the two FP8 paths do not agree to bf16 rounding).
 One line a check, then GPU CHECK PASSED or FAILED (exit status 1).
 """
 import functools
@@ -23,11 +29,14 @@ import tempfile
 import torch
 
 import kernel_humming
+import ops
+from quant import act_quant_fp8, dequant_act_fp8, dequant_fp4
 from runtime import GraphedDecoder, greedy
-from testkit.fp8 import convert_to, rel_err, shard_model, write_r1, write_v4
+from testkit.fp8 import awkward_rows, convert_to, rel_err, shard_model, write_r1, write_v4
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 40
+FP8_GEMM_TOL = 5e-3  # humming's FP8-activation GEMM against float32 on the same inputs: its bf16 output
 
 
 def forced(model, prompt: torch.Tensor, tokens: torch.Tensor, step) -> torch.Tensor:
@@ -65,6 +74,55 @@ def compare(name: str, fp8: str, bf16: str, prompt: torch.Tensor, **fp8_override
     return ok
 
 
+def check_fp8_activations(humming: bool) -> bool:
+    """Check 4: one line each, True when all passed."""
+    g = torch.Generator().manual_seed(2)
+    x = awkward_rows(64, 4096, g).cuda()
+    q, scale = kernel_humming.quant_rows_triton(x)
+    want_q, want_scale = act_quant_fp8(x)
+    ok = torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(scale, want_scale)
+    gu = (torch.randn(300, 4096, generator=g) * 3).bfloat16().cuda()
+    weights, live = torch.rand(300, generator=g).cuda(), torch.tensor([250]).cuda()
+    hq, hs = kernel_humming.swiglu_rows_triton(gu, weights, live, 2048, 2048, 10.0, fp8=True)
+    want_hq, want_hs = act_quant_fp8(kernel_humming.swiglu_rows_triton(gu, weights, live, 2048, 2048, 10.0))
+    ok &= torch.equal(hq.view(torch.uint8), want_hq.view(torch.uint8)) and torch.equal(hs, want_hs)
+    print(f"FP8 activations, quantisation kernels vs quant.act_quant_fp8: {'bit for bit' if ok else 'FAILED'}",
+          flush=True)
+    if not humming:
+        return ok
+    n_local, dim, inter, k = 8, 4096, 2048, 6
+    w13 = (torch.randint(-128, 128, (n_local, 2 * inter, dim // 2), generator=g, dtype=torch.int8),
+           (torch.randint(-1, 2, (n_local, 2 * inter, dim // 32), generator=g) + 121).to(torch.uint8))
+    w2 = (torch.randint(-128, 128, (n_local, dim, inter // 2), generator=g, dtype=torch.int8),
+          (torch.randint(-1, 2, (n_local, dim, inter // 32), generator=g) + 122).to(torch.uint8))
+    w13, w2 = [(w.cuda(), e.view(torch.float8_e8m0fnu).cuda()) for w, e in (w13, w2)]
+    gemm = kernel_humming.humming_grouped(*w13, "fp8")
+    w0 = dequant_fp4(w13[0][1], w13[1][1], torch.float32)
+    for m in (1, 40, 2400):                 # expert 1's run of m rows, the GEMM alone against float32
+        rows = kernel_humming.quant_rows_triton(torch.randn(m, dim, generator=g).bfloat16().cuda())
+        layout = torch.tensor([0, 0] + [m] * (n_local - 1)).cuda()
+        err = rel_err(gemm(rows, layout), dequant_act_fp8(*rows, torch.float32) @ w0.T)
+        good = err < FP8_GEMM_TOL
+        ok &= good
+        print(f"FP8 activations, humming's grouped w13 GEMM, {m} rows: rel diff {err:.2e} from float32 on the "
+              f"same FP8 rows {'ok' if good else 'FAILED'}", flush=True)
+    packed = kernel_humming.PackedExperts(w13, w2, activations="fp8")
+    for t in (1, 40, 400):                  # 400 x 6 assignments: more than one sorting launch takes
+        x = torch.randn(t, dim, generator=g).bfloat16().cuda()
+        experts = torch.randint(0, 2 * n_local, (t, k), generator=g).cuda()       # half of them on this rank
+        weights = torch.rand(t, k, generator=g).cuda()
+        got = packed(x, weights, experts, 4, 10.0)
+        want = ops.moe_lowp_torch(x, w13, w2, weights, experts, 4, 10.0, fp8_activations=True)
+        bf16 = ops.moe_lowp_torch(x, w13, w2, weights, experts, 4, 10.0)
+        err, apart = rel_err(got, want), rel_err(bf16, want)
+        good = err < apart / 3
+        ok &= good
+        print(f"FP8 activations, humming MoE at V4-Flash's expert shapes, {t} tokens: rel diff {err:.2e} from "
+              f"DeepSeek's numerics, under a third of the weight-only path's {apart:.2e} "
+              f"{'ok' if good else 'FAILED'}", flush=True)
+    return ok
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         raise SystemExit("tools/gpu_check_fp8.py needs a CUDA GPU")
@@ -80,6 +138,7 @@ def main() -> int:
         cases = [("V4, MXFP4 experts", write_v4, None, {}), ("V4, FP8 experts", write_v4, "fp8", {}),
                  ("R1", write_r1, None, {})]
         why = kernel_humming.unavailable(torch.device("cuda"))
+        failed |= not check_fp8_activations(why is None)
         if why:
             print(f"V4, MXFP4 experts on humming-kernels: not run, {why}", flush=True)
         else:
