@@ -4,7 +4,9 @@
 # 1. generate.py greedy on a fixture checkpoint: N = 1 vs N = 2 over NCCL, the two-node launch
 #    simulated by run_node_0.sh / run_node_1.sh (one GPU each, 127.0.0.1), and the o-groups layout
 #    (a fixture with o_groups 1, USE_OGROUPS_COMM=1): every completion identical to N = 1. The same
-#    N = 1 vs N = 2 on the R1 fixture (testkit/release_v3: DeepSeek-R1's format, model_v3.py).
+#    N = 1 vs N = 2 on the R1 fixture (testkit/release_v3: DeepSeek-R1's format, model_v3.py). Where
+#    humming-kernels is installed, N = 1 vs N = 2 with USE_HUMMING=1 and USE_HUMMING=fp8 (bf16, FP8
+#    shards of a V4 fixture 128 wide: each rank's experts on humming).
 # 2. bench.py speed at N = 1 and N = 2 (real V4-Flash layer shapes), collectives per decode step.
 # Exits non-zero when a run fails or outputs differ.
 set -euo pipefail
@@ -50,6 +52,25 @@ python generate.py --ckpt-path "$WORK/ckpt_r1" "${GEN[@]}" --output-file "$OUT/g
 torchrun --standalone --nproc-per-node 2 generate.py --ckpt-path "$WORK/ckpt_r1" "${GEN[@]}" \
     --output-file "$OUT/gen_r1_mp2.jsonl"
 same "R1 fixture, N = 2 over NCCL" "$OUT/gen_r1_mp1.jsonl" "$OUT/gen_r1_mp2.jsonl"
+if python -c "import humming" 2>/dev/null; then
+    python -c "
+from testkit.fp8 import write_v4
+write_v4('$WORK/release_wide', hidden_size=128)"
+    for n in 1 2; do
+        python convert.py --hf-ckpt-path "$WORK/release_wide" --save-path "$WORK/ckpt_wide" --model-parallel $n --dtype fp8
+    done
+    for mode in 1 fp8; do
+        HUMMING=(--ckpt-path "$WORK/ckpt_wide" --input-file "$WORK/prompts.txt" --temperature 0 --max-new-tokens 32
+                 --max-batch-size 4 --dtype bf16)
+        USE_HUMMING=$mode python generate.py "${HUMMING[@]}" --output-file "$OUT/gen_humming_${mode}_mp1.jsonl"
+        USE_HUMMING=$mode torchrun --standalone --nproc-per-node 2 generate.py "${HUMMING[@]}" \
+            --output-file "$OUT/gen_humming_${mode}_mp2.jsonl"
+        same "USE_HUMMING=$mode (bf16, FP8 shards), N = 2 over NCCL" "$OUT/gen_humming_${mode}_mp1.jsonl" \
+            "$OUT/gen_humming_${mode}_mp2.jsonl"
+    done
+else
+    echo "USE_HUMMING at N = 2: not run, humming-kernels is not installed"
+fi
 
 python bench.py speed --batch 1 32 --context 1024 16384 --prefill 4096 2>&1 | tee "$OUT/bench_mp1.log"
 torchrun --standalone --nproc-per-node 2 bench.py speed --batch 1 32 --context 1024 16384 --prefill 4096 2>&1 \
