@@ -5,8 +5,12 @@
 #    simulated by run_node_0.sh / run_node_1.sh (one GPU each, 127.0.0.1), and the o-groups layout
 #    (a fixture with o_groups 1, USE_OGROUPS_COMM=1): every completion identical to N = 1. The same
 #    N = 1 vs N = 2 on the R1 fixture (testkit/release_v3: DeepSeek-R1's format, model_v3.py). Where
-#    humming-kernels is installed, N = 1 vs N = 2 with USE_HUMMING=1 and USE_HUMMING=fp8 (bf16, FP8
-#    shards of a V4 fixture 128 wide: each rank's experts on humming).
+#    humming-kernels is installed, N = 1 vs N = 2 with USE_HUMMING=1 and USE_HUMMING=fp8 (FP8 shards
+#    of a V4 fixture 128 wide, each rank's experts on humming). humming runs in bf16 only, where N = 2
+#    sums in another order than N = 1 and this random fixture amplifies the roundings that flips, so
+#    these completions may part after some tokens: checked is the first token of each (it parts only
+#    if the prefill's two best logits nearly tie; an expert on the wrong rank changes it), and where
+#    the rest parts is printed.
 # 2. bench.py speed at N = 1 and N = 2 (real V4-Flash layer shapes), collectives per decode step.
 # Exits non-zero when a run fails or outputs differ.
 set -euo pipefail
@@ -65,8 +69,17 @@ write_v4('$WORK/release_wide', hidden_size=128)"
         USE_HUMMING=$mode python generate.py "${HUMMING[@]}" --output-file "$OUT/gen_humming_${mode}_mp1.jsonl"
         USE_HUMMING=$mode torchrun --standalone --nproc-per-node 2 generate.py "${HUMMING[@]}" \
             --output-file "$OUT/gen_humming_${mode}_mp2.jsonl"
-        same "USE_HUMMING=$mode (bf16, FP8 shards), N = 2 over NCCL" "$OUT/gen_humming_${mode}_mp1.jsonl" \
-            "$OUT/gen_humming_${mode}_mp2.jsonl"
+        python - "$OUT/gen_humming_${mode}_mp1.jsonl" "$OUT/gen_humming_${mode}_mp2.jsonl" "USE_HUMMING=$mode" <<'PY' \
+            || status=1
+import json, sys
+one, two = ([json.loads(line) for line in open(path)] for path in sys.argv[1:3])
+parts = [next((i for i, (a, b) in enumerate(zip(x["completion_ids"], y["completion_ids"])) if a != b), None)
+         for x, y in zip(one, two)]
+ok = len(one) == len(two) and all(p != 0 for p in parts)
+print(f"{sys.argv[3]} (bf16, FP8 shards), N = 2 over NCCL: first tokens {'equal' if ok else 'DIFFERENT'} to N = 1's; "
+      f"completions part at token {parts} (None: identical)")
+sys.exit(0 if ok else 1)
+PY
     done
 else
     echo "USE_HUMMING at N = 2: not run, humming-kernels is not installed"
