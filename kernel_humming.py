@@ -257,8 +257,8 @@ def humming_grouped(packed: torch.Tensor, scale: torch.Tensor, activations: str 
     # humming's own tiles for each row count, without stream-K: its stream-K adds partial sums rounded
     # to bf16, up to 2.4x the error of one rounding (H100, BENCHMARKS.md); without it each output is
     # one rounding of a float32 sum, as DeepSeek's GEMMs give.
-    tiles = json.dumps([(lo, hi, dict(tile, use_stream_k=False))
-                        for lo, hi, tile in get_heuristics_config(layer.humming_metas[""], gemm_type="grouped_contiguous")])
+    choices = get_heuristics_config(layer.humming_metas[""], gemm_type="grouped_contiguous")
+    tiles = json.dumps([(lo, hi, dict(tile, use_stream_k=False)) for lo, hi, tile in choices])
     if activations == "fp8":
         return lambda rows, layout: layer(rows[0], input_scale=rows[1], expert_layout=layout, compute_config=config,
                                           tuning_config=tiles)

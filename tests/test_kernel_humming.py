@@ -256,7 +256,8 @@ def test_use_humming_values(value, kernels, monkeypatch):
 
 
 @pytest.mark.parametrize("shards,value,message", [
-    ("bf16", "1", r"USE_HUMMING \(expert kernels 'humming'\) runs MXFP4 experts .* \(these: experts bf16, dtype bf16\)"),
+    ("bf16", "1", r"USE_HUMMING \(expert kernels 'humming'\) runs MXFP4 experts .* \(these: experts bf16, "
+                  r"dtype bf16\)"),
     ("fp8", "1", r"USE_HUMMING=1: humming-kernels cannot run the experts: it runs on CUDA GPUs only"),
     ("fp8", "fp8", r"USE_HUMMING=fp8: humming-kernels cannot run the experts: it runs on CUDA GPUs only"),
     ("fp8", "yes please", r"USE_HUMMING must be 0, 1 or fp8, got 'yes please'"),
