@@ -15,6 +15,9 @@ A configuration (a spec) is comma-separated key=value pairs:
     device   cpu | cuda (default cuda when a GPU is visible)
     dtype    fp32 | bf16 (default: the checkpoint config's)
     ogroups  0 | 1: the o-groups layout (USE_OGROUPS_COMM=1; mp above o_groups, converted with it)
+    experts  triton | humming | humming-fp8: V4's MXFP4 routed experts on our kernels (default) or on
+             humming-kernels (USE_HUMMING=1 / fp8; bf16, CUDA): e.g. A experts=humming, B
+             experts=humming-fp8 measures how far DeepSeek's FP8-activation numerics move the logits
 
 For each prompt (encoded as generate.py does, in the chat format of the checkpoint's family: V4's,
 or R1's for a deepseek_v3 config.json; one prompt at a time), A runs the prefill and then greedy
@@ -56,11 +59,12 @@ from typing import Callable, List, Optional
 import torch
 
 import runtime
-from ops import BACKENDS
+import kernel_humming
+from ops import BACKENDS, EXPERT_KERNELS
 from runtime import SetupError, greedy, write_atomically
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SPEC_KEYS = ("ckpt", "mp", "backend", "device", "dtype", "ogroups")
+SPEC_KEYS = ("ckpt", "mp", "backend", "device", "dtype", "ogroups", "experts")
 DEFINITIONS = {
     "step": "forward pass i of a prompt: 0 the prefill, i > 0 one token after it; logits of the last position",
     "max_abs": "max over steps and vocabulary of |a - b|, B teacher-forced with A's greedy tokens",
@@ -82,8 +86,9 @@ class RunError(Exception):
 # ---------------------------------------------------------------- specs
 
 def parse_spec(text: str, name: str, default_ckpt: Optional[str]) -> dict:
-    """A spec string -> {ckpt, mp, backend, device, dtype, ogroups}; UsageError naming the bad key."""
-    spec = {"ckpt": default_ckpt, "mp": 1, "backend": "auto", "device": None, "dtype": None, "ogroups": False}
+    """A spec string -> {ckpt, mp, backend, device, dtype, ogroups, experts}; UsageError naming the bad key."""
+    spec = {"ckpt": default_ckpt, "mp": 1, "backend": "auto", "device": None, "dtype": None, "ogroups": False,
+            "experts": "triton"}
     seen = set()
     for item in text.split(","):
         item = item.strip()
@@ -118,6 +123,10 @@ def parse_spec(text: str, name: str, default_ckpt: Optional[str]) -> dict:
             if value not in ("0", "1"):
                 raise UsageError(f"{name}: ogroups={value!r} must be 0 or 1")
             spec["ogroups"] = value == "1"
+        elif key == "experts":
+            if value not in EXPERT_KERNELS:
+                raise UsageError(f"{name}: experts={value!r} is unknown (one of {', '.join(EXPERT_KERNELS)})")
+            spec["experts"] = value
         else:
             if not value:
                 raise UsageError(f"{name}: ckpt= needs a folder")
@@ -145,6 +154,10 @@ def check_spec(spec: dict, name: str, max_seq_len: Optional[int]):
         if torch.cuda.device_count() < spec["mp"]:
             raise UsageError(f"{name}: mp={spec['mp']} on CUDA needs {spec['mp']} GPUs, "
                              f"{torch.cuda.device_count()} visible")
+    if spec["experts"] != "triton":
+        why = kernel_humming.unavailable(torch.device(spec["device"]))
+        if why:
+            raise UsageError(f"{name}: experts={spec['experts']}: humming-kernels cannot run the experts: {why}")
     if spec["backend"] == "flaggems":
         import importlib.util
         if importlib.util.find_spec("flag_gems") is None:
@@ -163,8 +176,8 @@ def check_spec(spec: dict, name: str, max_seq_len: Optional[int]):
 
 def side_args(spec: dict, max_seq_len: Optional[int], world: int):
     """The ModelArgs of one side, checked for world ranks (runtime.load_args)."""
-    return runtime.load_args(spec["ckpt"], world, ogroups_comm=spec["ogroups"], max_batch_size=1,
-                             max_seq_len=max_seq_len, dtype=spec["dtype"], backend=spec["backend"])
+    return runtime.load_args(spec["ckpt"], world, ogroups_comm=spec["ogroups"], expert_kernels=spec["experts"],
+                             max_batch_size=1, max_seq_len=max_seq_len, dtype=spec["dtype"], backend=spec["backend"])
 
 
 # ---------------------------------------------------------------- one side

@@ -137,7 +137,7 @@ class ModelArgs(ConfigFile):
         shard_weights({"weights": self.weights, "expert_weights": self.expert_weights})
         need(self.expert_kernels in EXPERT_KERNELS,
              f"expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {self.expert_kernels!r}")
-        humming = self.expert_kernels != "triton"
+        humming = EXPERT_KERNELS[self.expert_kernels] is not None
         need(not humming or (self.expert_weights == "fp4" and self.dtype == "bf16"),
              f"USE_HUMMING (expert kernels {self.expert_kernels!r}) runs MXFP4 experts with bf16 activations: it needs "
              f"shards of convert.py --dtype fp8 with MXFP4 experts and dtype bf16 (these: experts "

@@ -120,6 +120,9 @@ def test_bf16_differs_more_than_fp32_and_a_tight_threshold_fails(ckpt, fp32_mp1_
     ("mp=1", "mp=2", r"--b: .*model0-mp2\.safetensors not found: .*present in .*: mp1"),
     ("ckpt=/nonexistent/ckpt", "mp=1", r"--a: checkpoint folder /nonexistent/ckpt not found"),
     ("mp=1", "backend=triton,device=cpu", r"--b: backend=triton needs a CUDA GPU"),
+    ("mp=1", "experts=cutlass", r"--b: experts='cutlass' is unknown \(one of triton, humming, humming-fp8\)"),
+    ("mp=1", "experts=humming-fp8,device=cpu", r"--b: experts=humming-fp8: humming-kernels cannot run the experts: "
+                                               r"it runs on CUDA GPUs only"),
 ])
 def test_bad_spec_exits_2_naming_the_key(ckpt, tmp_path, capsys, a, b, match):
     start = time.monotonic()
@@ -246,7 +249,8 @@ def test_compare_on_known_differences():
 def test_parse_spec_defaults_and_overrides():
     spec = check.parse_spec("mp=2, backend=torch ,ckpt=/x/mp2,ogroups=1", "--b", "/x/mp1")
     assert spec == {"ckpt": "/x/mp2", "mp": 2, "backend": "torch", "device": "cpu" if not torch.cuda.is_available()
-                    else "cuda", "dtype": None, "ogroups": True}
+                    else "cuda", "dtype": None, "ogroups": True, "experts": "triton"}
+    assert check.parse_spec("experts=humming-fp8", "--b", "/x")["experts"] == "humming-fp8"
     assert check.parse_spec("", "--a", "/x")["ckpt"] == "/x"
     with pytest.raises(check.UsageError, match="--a: no checkpoint"):
         check.parse_spec("mp=1", "--a", None)
