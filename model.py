@@ -803,10 +803,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """input_ids [b, s] at positions start_pos .. start_pos+s-1 (caches hold the earlier ones)
         -> float32 logits of the last position [b, vocab]."""
-        bsz, seqlen = input_ids.shape
-        if bsz > self.args.max_batch_size or start_pos + seqlen > self.args.max_seq_len:
-            raise ValueError(f"batch {bsz} x positions up to {start_pos + seqlen} exceed max_batch_size="
-                             f"{self.args.max_batch_size} / max_seq_len={self.args.max_seq_len}")
+        self.args.check_step(*input_ids.shape, start_pos)
         h = self.embed(input_ids).unsqueeze(2).repeat(1, 1, self.args.hc_mult, 1)   # [b, s, hc, D]
         for layer in self.layers:
             h = layer(h, start_pos, input_ids)

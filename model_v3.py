@@ -525,9 +525,7 @@ class Transformer(nn.Module):
         """input_ids [b, s] at positions start_pos .. start_pos+s-1 (caches hold the earlier ones)
         -> float32 logits of the last position [b, vocab]."""
         bsz, seqlen = input_ids.shape
-        if bsz > self.args.max_batch_size or start_pos + seqlen > self.args.max_seq_len:
-            raise ValueError(f"batch {bsz} x positions up to {start_pos + seqlen} exceed max_batch_size="
-                             f"{self.args.max_batch_size} / max_seq_len={self.args.max_seq_len}")
+        self.args.check_step(bsz, seqlen, start_pos)
         freqs = self.freqs_cis[start_pos:start_pos + seqlen]                      # [s, r/2, 2]
         mask = None
         if seqlen > 1:                                                            # [s, start_pos + s]

@@ -40,6 +40,13 @@ class ConfigFile:
                 raise ValueError(f"{path}: not valid JSON ({e})") from None
         return cls.from_config(raw, path, **overrides)
 
+    def check_step(self, bsz: int, seqlen: int, start_pos: int) -> None:
+        """ValueError when a forward of bsz rows at positions start_pos .. start_pos+seqlen-1 passes
+        max_batch_size or max_seq_len (the sizes the caches were built for)."""
+        if bsz > self.max_batch_size or start_pos + seqlen > self.max_seq_len:
+            raise ValueError(f"batch {bsz} x positions up to {start_pos + seqlen} exceed max_batch_size="
+                             f"{self.max_batch_size} / max_seq_len={self.max_seq_len}")
+
 
 @dataclass
 class Parallel:
