@@ -27,6 +27,17 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 if triton is not None:
     @triton.jit
+    def _softmax_block(scores, values, m, denom, acc, PRECISION: tl.constexpr):
+        # One block of an online softmax: scores [BH, BN] of the block's values [BN, C] folded into the
+        # running max m [BH], denominator [BH] and unnormalised weighted sum acc [BH, C] (returned new).
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        denom = denom * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=PRECISION)
+        return m_new, denom, acc
+
+    @triton.jit
     def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, part_ptr, S, H, K, keys_per_split, scale,
                             sq_b, sq_s, sq_h, skv_b, skv_n, si_b, si_s, so_b, so_s, so_h,
                             D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -58,12 +69,7 @@ if triton is not None:
                          mask=valid[:, None], other=0.0)
             scores = tl.dot(q, tl.trans(kv), input_precision=PRECISION) * scale
             scores = tl.where(valid[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, 1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(scores - m_new[:, None])
-            denom = denom * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv, input_precision=PRECISION)
-            m = m_new
+            m, denom, acc = _softmax_block(scores, kv, m, denom, acc, PRECISION)
         if SPLIT:
             row = (pid * H + heads).to(tl.int64) * tl.num_programs(2) + sp                   # [BLOCK_H]
             tl.store(part_ptr + row[:, None] * (D + 2) + dims[None, :], acc, mask=hmask[:, None])
@@ -1042,12 +1048,7 @@ if triton is not None:
             s = tl.dot(q, tl.trans(kv), input_precision=PRECISION)
             s = tl.dot(qp, tl.trans(pe), s, input_precision=PRECISION)
             s = tl.where(seen[None, :], s * scale, float("-inf"))                        # [BH, BN]
-            m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new[:, None])
-            den = den * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv, input_precision=PRECISION)
-            m = m_new
+            m, den, acc = _softmax_block(s, kv, m, den, acc, PRECISION)
         row = (b * n_splits + sp) * H + heads
         tl.store(part_ptr + row[:, None] * C + ch[None, :], acc, mask=live[:, None] & (ch[None, :] < C))
         tl.store(stat_ptr + row * 2, m, mask=live)
