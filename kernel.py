@@ -101,21 +101,25 @@ if triton is not None:
         tl.store(o_ptr + b * so_b + s * so_s + h * so_h + dims, out.to(o_ptr.dtype.element_ty))
 
     @triton.jit
+    def _expert_tile(tile_expert_ptr, tile_start_ptr, tile_end_ptr, N, BM: tl.constexpr, BN: tl.constexpr):
+        # This program's tile of a grouped MoE GEMM (moe_schedule's tiles): its expert (-1: an unused
+        # tile), its BM rows of the sorted assignments (rows, rmask) and BN of the N output columns.
+        tile, nb = tl.program_id(0), tl.program_id(1)
+        start, end = tl.load(tile_start_ptr + tile), tl.load(tile_end_ptr + tile)
+        rows = start + tl.arange(0, BM)
+        cols = nb * BN + tl.arange(0, BN)
+        return tl.load(tile_expert_ptr + tile), rows, rows < end, cols, cols < N
+
+    @triton.jit
     def _moe_up_kernel(x_ptr, w_ptr, h_ptr, token_ptr, weight_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
                        D, I, limit, sx, sw_e, sw_n, sh,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CLAMP: tl.constexpr,
                        PRECISION: tl.constexpr):
         # h[r] = weight[r] * silu(x[token[r]] W1[e]^T) * (x[token[r]] W3[e]^T) for the rows r of one tile,
         # all routed to expert e; W13[e] = [W1; W3] is [2I, D].
-        tile, nb = tl.program_id(0), tl.program_id(1)
-        e = tl.load(tile_expert_ptr + tile)
+        e, rows, rmask, cols, cmask = _expert_tile(tile_expert_ptr, tile_start_ptr, tile_end_ptr, I, BM, BN)
         if e >= 0:
-            start, end = tl.load(tile_start_ptr + tile), tl.load(tile_end_ptr + tile)
-            rows = start + tl.arange(0, BM)
-            rmask = rows < end
             tok = tl.load(token_ptr + rows, mask=rmask, other=0).to(tl.int64)
-            cols = nb * BN + tl.arange(0, BN)
-            cmask = cols < I
             w_base = w_ptr + e.to(tl.int64) * sw_e
             gate = tl.zeros([BM, BN], tl.float32)
             up = tl.zeros([BM, BN], tl.float32)
@@ -141,14 +145,8 @@ if triton is not None:
                          D, I, sh, sw_e, sw_n, so,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
         # out[assign[r]] = h[r] W2[e]^T for the rows r of one tile; W2[e] is [D, I].
-        tile, nb = tl.program_id(0), tl.program_id(1)
-        e = tl.load(tile_expert_ptr + tile)
+        e, rows, rmask, cols, cmask = _expert_tile(tile_expert_ptr, tile_start_ptr, tile_end_ptr, D, BM, BN)
         if e >= 0:
-            start, end = tl.load(tile_start_ptr + tile), tl.load(tile_end_ptr + tile)
-            rows = start + tl.arange(0, BM)
-            rmask = rows < end
-            cols = nb * BN + tl.arange(0, BN)
-            cmask = cols < D
             w_base = w_ptr + e.to(tl.int64) * sw_e
             acc = tl.zeros([BM, BN], tl.float32)
             for k0 in range(0, I, BK):

@@ -30,7 +30,7 @@ from quant import FP4_BLOCK, FP8_BLOCK
 
 if triton is not None:
     import triton.language as tl
-    from kernel import _moe_gemv_sum_kernel
+    from kernel import _expert_tile, _moe_gemv_sum_kernel
 
 
 # ---------------------------------------------------------------- Triton kernels
@@ -344,15 +344,10 @@ if triton is not None:
                             FP4: tl.constexpr, UE8M0: tl.constexpr):
         # kernel._moe_up_kernel with low-precision W13 (as _moe_lowp_gemv_up_kernel): for the rows r of one
         # tile, all routed to expert e, h[r] = weight[r] * silu(x[token[r]] W1[e]^T) * (x[token[r]] W3[e]^T).
-        tile, nb = tl.program_id(0), tl.program_id(1)
-        e = tl.load(tile_expert_ptr + tile)
+        e, rows, rmask, cols, cmask = _expert_tile(tile_expert_ptr, tile_start_ptr, tile_end_ptr, I, BM, BN)
+        n0 = tl.program_id(1) * BN                                       # the tile's first column
         if e >= 0:
-            start, end = tl.load(tile_start_ptr + tile), tl.load(tile_end_ptr + tile)
-            rows = start + tl.arange(0, BM)
-            rmask = rows < end
             tok = tl.load(token_ptr + rows, mask=rmask, other=0).to(tl.int64)
-            cols = nb * BN + tl.arange(0, BN)
-            cmask = cols < I
             w_base, s_base = w_ptr + e.to(tl.int64) * sw_e, s_ptr + e.to(tl.int64) * ss_e
             up_s = _up_scale_row(UP, FP4)
             gate = tl.zeros([BM, BN], tl.float32)
@@ -361,8 +356,8 @@ if triton is not None:
                 ks = k0 + tl.arange(0, BK)
                 a = tl.load(x_ptr + tok[:, None] * sx + ks[None, :], mask=rmask[:, None] & (ks < D)[None, :],
                             other=0.0)
-                gate = _expert_dot(a, gate, w_base, s_base, sw_n, ss_n, nb * BN, k0, I, D, BN, BK, FP4, UE8M0)
-                up = _expert_dot(a, up, w_base + UP * sw_n, s_base + up_s * ss_n, sw_n, ss_n, nb * BN, k0, I, D,
+                gate = _expert_dot(a, gate, w_base, s_base, sw_n, ss_n, n0, k0, I, D, BN, BK, FP4, UE8M0)
+                up = _expert_dot(a, up, w_base + UP * sw_n, s_base + up_s * ss_n, sw_n, ss_n, n0, k0, I, D,
                                  BN, BK, FP4, UE8M0)
             if CLAMP:
                 gate = tl.minimum(gate, limit)
@@ -379,21 +374,16 @@ if triton is not None:
                               UE8M0: tl.constexpr):
         # kernel._moe_down_kernel with low-precision W2 (as _moe_lowp_gemv_down_kernel):
         # out[assign[r]] = h[r] W2[e]^T for the rows r of one tile.
-        tile, nb = tl.program_id(0), tl.program_id(1)
-        e = tl.load(tile_expert_ptr + tile)
+        e, rows, rmask, cols, cmask = _expert_tile(tile_expert_ptr, tile_start_ptr, tile_end_ptr, D, BM, BN)
+        n0 = tl.program_id(1) * BN                                       # the tile's first column
         if e >= 0:
-            start, end = tl.load(tile_start_ptr + tile), tl.load(tile_end_ptr + tile)
-            rows = start + tl.arange(0, BM)
-            rmask = rows < end
-            cols = nb * BN + tl.arange(0, BN)
-            cmask = cols < D
             w_base, s_base = w_ptr + e.to(tl.int64) * sw_e, s_ptr + e.to(tl.int64) * ss_e
             acc = tl.zeros([BM, BN], tl.float32)
             for k0 in range(0, I, BK):
                 ks = k0 + tl.arange(0, BK)
                 a = tl.load(h_ptr + rows[:, None] * sh + ks[None, :], mask=rmask[:, None] & (ks < I)[None, :],
                             other=0.0)
-                acc = _expert_dot(a, acc, w_base, s_base, sw_n, ss_n, nb * BN, k0, D, I, BN, BK, FP4, UE8M0)
+                acc = _expert_dot(a, acc, w_base, s_base, sw_n, ss_n, n0, k0, D, I, BN, BK, FP4, UE8M0)
             dest = tl.load(assign_ptr + rows, mask=rmask, other=0).to(tl.int64)
             tl.store(out_ptr + dest[:, None] * so + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
 
