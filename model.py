@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ops import BACKENDS, EXPERT_KERNELS, Ops, compressed_entries, swiglu
+from ops import EXPERT_KERNELS, Ops, compressed_entries, swiglu
 from parallel import (ColumnParallelLinear, ConfigFile, Linear, Parallel, ParallelEmbedding, ParallelHead,
                       RMSNorm, RowParallelLinear, dtype_of, linear_fp32, precompute_freqs_cis, quantised_formats,
                       row_block, row_starts, stack_rows, stored)
@@ -132,8 +132,7 @@ class ModelArgs(ConfigFile):
         def need(ok, msg):
             if not ok:
                 raise ValueError(msg)
-        need(self.dtype in ("bf16", "fp32"), f"dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
-        need(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        self.check_runtime()
         shard_weights({"weights": self.weights, "expert_weights": self.expert_weights})
         need(self.expert_kernels in EXPERT_KERNELS,
              f"expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {self.expert_kernels!r}")

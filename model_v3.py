@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from model import Expert, MoE as V4MoE         # the expert machinery shared with DeepSeek-V4
-from ops import BACKENDS, Ops, apply_rotary
+from ops import Ops, apply_rotary
 from parallel import (ColumnParallelLinear, ConfigFile, Linear, Parallel, ParallelEmbedding, ParallelHead,
                       RMSNorm, RowParallelLinear, dtype_of, linear_fp32, precompute_freqs_cis, quantised_formats)
 from quant import shard_weights
@@ -194,8 +194,7 @@ class ModelArgs(ConfigFile):
         def need(ok, msg):
             if not ok:
                 raise ValueError(msg)
-        need(self.dtype in ("bf16", "fp32"), f"dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
-        need(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        self.check_runtime()
         need(self.attn_impl in ("auto", "naive", "absorb"),
              f"attn_impl must be 'auto', 'naive' or 'absorb', got {self.attn_impl!r}")
         shard_weights({"weights": self.weights, "expert_weights": self.expert_weights})

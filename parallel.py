@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ops import Ops, dequantised
+from ops import BACKENDS, Ops, dequantised
 from quant import FP8_BLOCK, fp4_scale_shape, fp8_scale_shape
 
 
@@ -39,6 +39,13 @@ class ConfigFile:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not valid JSON ({e})") from None
         return cls.from_config(raw, path, **overrides)
+
+    def check_runtime(self) -> None:
+        """ValueError naming dtype or backend, the runtime fields both families share, when unknown."""
+        if self.dtype not in ("bf16", "fp32"):
+            raise ValueError(f"dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
     def check_step(self, bsz: int, seqlen: int, start_pos: int) -> None:
         """ValueError when a forward of bsz rows at positions start_pos .. start_pos+seqlen-1 passes

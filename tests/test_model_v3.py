@@ -356,6 +356,12 @@ def test_config_file_errors(tmp_path):
         ModelArgs.from_file(write_config(tmp_path, odd))
     with pytest.raises(ValueError, match="attn_impl"):
         ModelArgs(attn_impl="flash").validate()
+    with pytest.raises(ValueError, match="dtype must be 'bf16' or 'fp32', got 'fp16'"):
+        ModelArgs(dtype="fp16").validate()
+    with pytest.raises(ValueError, match="backend must be one of auto, torch, triton, flaggems, got 'cuda'"):
+        ModelArgs(backend="cuda").validate()
+    with pytest.raises(ValueError, match="batch 2 x positions up to 9 exceed max_batch_size=1 / max_seq_len=8"):
+        ModelArgs(max_batch_size=1, max_seq_len=8).check_step(2, 4, 5)
     full_q = ModelArgs.from_file(write_config(tmp_path, {**R1_CONFIG, "q_lora_rank": None}))
     assert full_q.q_lora_rank == 0
 
