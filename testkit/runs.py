@@ -1,6 +1,8 @@
 """What the tests that start generate.py / check.py jobs share: one torch thread in this process
 (each torchrun worker has one too; the 2 cores are shared), an environment cleared of launch and
-layout settings for in-process runs, the environment a job gets, a free port."""
+layout settings for in-process runs, the environment a job gets, a free port, and generate.py's
+bad-input cases."""
+import json
 import os
 import socket
 
@@ -24,7 +26,8 @@ def clean_env():
     Imported into a test module, it applies to the whole module, its module-scoped fixtures included
     (an autouse fixture of a wider scope is set up before them)."""
     with pytest.MonkeyPatch.context() as patch:
-        for name in ("USE_FLAGGEMS", "USE_OGROUPS_COMM", "FLAGGEMS_EXCLUDE", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        for name in ("USE_FLAGGEMS", "USE_OGROUPS_COMM", "USE_HUMMING", "FLAGGEMS_EXCLUDE", "RANK", "WORLD_SIZE",
+                     "LOCAL_RANK"):
             patch.delenv(name, raising=False)
         patch.setenv("OMP_NUM_THREADS", "1")
         yield
@@ -33,7 +36,8 @@ def clean_env():
 def env(**extra) -> dict:
     """This process's environment for a job: no launch or layout settings of its own, one thread a
     rank, FlagGems off, then extra."""
-    out = {k: v for k, v in os.environ.items() if k not in ("USE_OGROUPS_COMM", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out = {k: v for k, v in os.environ.items()
+           if k not in ("USE_OGROUPS_COMM", "USE_HUMMING", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     out.update(OMP_NUM_THREADS="1", USE_FLAGGEMS="0", **extra)
     return out
 
@@ -42,3 +46,38 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def bad_input(case: str, argv: dict, tmp_path, broken: dict, messages: list, no_shards: str, monkeypatch) -> list:
+    """One of generate.py's bad-input cases, as the V4 and R1 tests share them: argv (--ckpt-path,
+    --input-file, --output-file) and the environment changed for it; returns its extra arguments.
+    broken: checkpoint folders by case; messages: a conversation (for --raw, which takes none);
+    no_shards: a checkpoint folder without this N's shards."""
+    files = {"empty_file": ("empty.txt", " \n\n"), "bad_jsonl": ("bad.jsonl", '{"prompt": "a"}\n\n{"prompt": }\n'),
+             "bad_record": ("bad_record.jsonl", '{"text": "a"}\n'),
+             "bad_messages": ("m.jsonl", json.dumps({"messages": [{"role": "assistant", "content": "a"}]}) + "\n"),
+             "raw_messages": ("m.jsonl", json.dumps({"messages": messages}) + "\n"),
+             "too_long": ("long.txt", "short\n\n" + "word " * 40)}
+    if case in files:
+        name, text = files[case]
+        (tmp_path / name).write_text(text)
+        argv["--input-file"] = str(tmp_path / name)
+    elif case == "missing_file":
+        argv["--input-file"] = str(tmp_path / "absent.txt")
+    elif case == "missing_shards":
+        argv["--ckpt-path"] = no_shards
+    elif case in broken:
+        argv["--ckpt-path"] = broken[case]
+    elif case == "no_output_folder":
+        argv["--output-file"] = str(tmp_path / "nowhere" / "out.jsonl")
+    elif case == "output_is_a_folder":
+        argv["--output-file"] = str(tmp_path)
+    elif case == "output_not_writable":
+        argv["--output-file"] = "/proc/out.jsonl"      # no file can be made there, even by root
+    elif case == "no_ckpt_folder":
+        argv["--ckpt-path"] = str(tmp_path / "absent")
+    elif case == "flaggems_on_cpu":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        monkeypatch.setenv("USE_FLAGGEMS", "1")
+    return {"too_long": ["--max-seq-len", "16"], "raw_messages": ["--raw"]}.get(case, [])

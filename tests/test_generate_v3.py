@@ -23,7 +23,7 @@ import runtime
 from encoding import encode_messages_r1, parse_completion_r1
 from random_release import write_release
 from testkit.release_v3 import r1_config, without_mtp, write_release_v3
-from testkit.runs import env, free_port, one_thread  # noqa: F401  (one_thread: a fixture)
+from testkit.runs import bad_input, env, free_port, one_thread  # noqa: F401  (one_thread: a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GENERATE = os.path.join(ROOT, "generate.py")
@@ -230,28 +230,7 @@ def broken(release, tmp_path_factory):
 def test_bad_input_is_refused_with_a_clear_message(case, match, release, broken, inputs, tmp_path, capsys,
                                                     monkeypatch):
     argv = {"--ckpt-path": release[2][1], "--input-file": inputs}
-    files = {"empty_file": ("empty.txt", " \n\n"), "bad_jsonl": ("bad.jsonl", '{"prompt": "a"}\n\n{"prompt": }\n'),
-             "bad_record": ("bad_record.jsonl", '{"text": "a"}\n'),
-             "bad_messages": ("m.jsonl", json.dumps({"messages": [{"role": "assistant", "content": "a"}]}) + "\n"),
-             "raw_messages": ("m.jsonl", json.dumps({"messages": CONVERSATION}) + "\n"),
-             "too_long": ("long.txt", "short\n\n" + "word " * 40)}
-    if case in files:
-        name, text = files[case]
-        (tmp_path / name).write_text(text)
-        argv["--input-file"] = str(tmp_path / name)
-    elif case == "missing_file":
-        argv["--input-file"] = str(tmp_path / "absent.txt")
-    elif case == "missing_shards":
-        argv["--ckpt-path"] = release[2][2]
-    elif case in broken:
-        argv["--ckpt-path"] = broken[case]
-    elif case == "no_output_folder":
-        argv["--output-file"] = str(tmp_path / "nowhere" / "out.jsonl")
-    elif case == "flaggems_on_cpu":
-        if torch.cuda.is_available():
-            pytest.skip("this machine has a GPU")
-        monkeypatch.setenv("USE_FLAGGEMS", "1")
-    extra = {"too_long": ["--max-seq-len", "16"], "raw_messages": ["--raw"]}.get(case, [])
+    extra = bad_input(case, argv, tmp_path, broken, CONVERSATION, release[2][2], monkeypatch)
     assert generate.main([a for kv in argv.items() for a in kv] + GREEDY + extra) == 1
     err = capsys.readouterr().err
     assert err.startswith("generate.py: error: ") and err.count("\n") == 1, err
