@@ -77,7 +77,7 @@ import torch.distributed as dist
 import convert
 import model_v3
 from model import DecodeStep, ModelArgs, Transformer
-from ops import BACKENDS, dequantised
+from ops import BACKENDS, EXPERT_KERNELS, dequantised
 from parallel import LOWP_DTYPES, Parallel, linear_fp32
 from peers import hf_twin, hf_twin_v3
 from quant import FP8_BLOCK, fp4_scale_shape, fp8_scale_shape
@@ -86,6 +86,7 @@ from random_release import hf_config, release_specs
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 GB = 1e9
+KERNELS_TAKING = {acts: name for name, acts in EXPERT_KERNELS.items()}   # --humming's activations -> expert_kernels
 
 
 # ----------------------------------------------------------------------------- speed
@@ -1408,7 +1409,7 @@ def bench_weights(args) -> None:
     rows, logits, flops = [], {}, None
     variants = [("fp8", "fp8", "triton"), ("bf16", "bf16", "triton")]
     for activations in [] if args.humming is None else args.humming or ["bf16"]:
-        kernels = "humming" if activations == "bf16" else "humming-fp8"
+        kernels = KERNELS_TAKING[activations]
         variants.append((f"fp8 {kernels}", "fp8", kernels))
     for label, weights, experts in variants:
         model = build_filled(args.config, args.layers, weights, max(args.batch), max_seq, expert_kernels=experts)
@@ -1571,7 +1572,7 @@ def bench_rank_share(args) -> None:
         raise SystemExit(f"bench.py rank-share: up to o_groups={config.o_groups} ranks (the o-groups layout gathers "
                          f"heads across ranks)")
     ceil = ceilings()
-    experts = {None: "triton", "bf16": "humming", "fp8": "humming-fp8"}[args.humming]
+    experts = KERNELS_TAKING[args.humming]
     model = build_filled(args.config, config.n_layers, args.weights, max(args.batch), max(args.context) + 128,
                          RankShare(args.ranks, config.o_groups), expert_kernels=experts)
     allocated = torch.cuda.memory_allocated() / GB

@@ -47,10 +47,12 @@ def env_expert_kernels() -> str:
     """The routed experts' kernels USE_HUMMING asks for (model.ModelArgs.expert_kernels): unset or 0
     'triton', 1 'humming' (bf16 activations), fp8 'humming-fp8'. SetupError for any other value."""
     value = os.environ.get("USE_HUMMING", "0").strip().lower()
+    if value == "fp8":
+        return "humming-fp8"
+    if env_flag("USE_HUMMING"):
+        return "humming"
     if value in ("", "0", "false", "no", "off"):
         return "triton"
-    if value in ("1", "true", "yes", "on", "fp8"):
-        return "humming-fp8" if value == "fp8" else "humming"
     raise SetupError(f"USE_HUMMING must be 0, 1 or fp8, got {os.environ['USE_HUMMING']!r}")
 
 
