@@ -446,7 +446,8 @@ def launch(opts: argparse.Namespace, argv: List[str]) -> int:
 
     torchrun logs its agent's steps, and after a failed job prints a ChildFailedError traceback and
     report of some 35 lines, below the line in which rank 0 already said what was wrong. Here the
-    agent's logging is off and its report is replaced by failure_line(). The ranks get the same
+    agent's logging is off and its report is replaced by failure_line(), on a line of its own: the
+    agent may have stopped rank 0 halfway through redrawing its progress bar. The ranks get the same
     command line; they ignore the launch options, since torchrun sets RANK."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -467,10 +468,10 @@ def launch(opts: argparse.Namespace, argv: List[str]) -> int:
     except ChildFailedError as e:
         line = failure_line(e.failures)
         if line:
-            print(f"generate.py: error: {line}", file=sys.stderr, flush=True)
+            print(f"\ngenerate.py: error: {line}", file=sys.stderr, flush=True)
         return 1
     except SignalException as e:     # the agent has stopped the ranks
-        print("generate.py: interrupted" if e.sigval == signal.SIGINT else f"generate.py: stopped by {e.sigval.name}",
+        print("\ngenerate.py: interrupted" if e.sigval == signal.SIGINT else f"\ngenerate.py: stopped by {e.sigval.name}",
               file=sys.stderr, flush=True)
         return 128 + int(e.sigval)
     except Exception as e:           # the ranks never started: a rendezvous that timed out, a port in use

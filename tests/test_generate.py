@@ -432,6 +432,27 @@ def test_failure_line_names_what_no_rank_said():
     assert generate.failure_line(failures(r3=-signal.SIGTERM)) == "rank 3 ended with exit status -15"
 
 
+@pytest.mark.parametrize("ending", ["killed", "interrupted"])
+def test_the_launchers_line_follows_an_unfinished_progress_bar_on_a_line_of_its_own(ending, monkeypatch, capsys):
+    """The agent stops rank 0 wherever it is, perhaps after it drew a progress bar and before it
+    ended that line (CI once read the launcher's line glued to the bar's)."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    def stopped_mid_bar(config):
+        sys.stderr.write("\rgenerate: 12token [00:01, 9.0token/s, 0/8 prompts]")
+        if ending == "interrupted":
+            raise SignalException("stopped", signal.SIGINT)
+        raise ChildFailedError("generate.py", {r: ProcessFailure(r, 100 + r, code, "/nonexistent")
+                                               for r, code in ((0, -signal.SIGTERM), (1, -signal.SIGKILL))})
+    monkeypatch.setattr(torchrun, "run", stopped_mid_bar)
+    assert run_here("--nproc-per-node", "2", "--ckpt-path", "/ckpt", "--input-file", "p.txt") == \
+        {"killed": 1, "interrupted": 130}[ending]
+    assert said(capsys.readouterr().err) == [{"killed": "generate.py: error: rank 1 was killed by SIGKILL",
+                                               "interrupted": "generate.py: interrupted"}[ending]]
+
+
 def ranks_by_hand(n: int, cmd: list) -> list:
     """n ranks of cmd started as torchrun starts them (RANK, WORLD_SIZE, MASTER_*), but with no agent
     that would stop the others once one exits: each one's own exit can be timed."""
