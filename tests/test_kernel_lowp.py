@@ -6,7 +6,6 @@ process, as tests/test_triton.py does) and, where CUDA is available, natively, o
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -244,24 +243,13 @@ def test_lowp_kernels_compile_for_hopper_without_spills():
     """The compiler's path, which the interpreter skips: each kernel at its default tiles built for
     sm_90 (no GPU needed), pointers and sizes marked divisible by 16 as Triton specialises V4's
     shapes (top-k, expert ids and row counts not); no register spills."""
-    triton = kernel_lowp.triton
-    from triton.backends.compiler import GPUTarget
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    from testkit.sm90 import build_sm90, spills
     unhinted = {"first", "n_local", "A", "M", "limit"}
     for fn, types, consts, warps, stages in sm90_builds():
         if fn is kernel_lowp._moe_lowp_gemv_up_kernel:
             unhinted = unhinted | {"K"}               # there: experts a token
-        signature = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-                 if name not in consts and name not in unhinted}
-        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
-        built = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-        if os.path.exists(cuobjdump):
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(built.asm["cubin"])
-                f.flush()
-                usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-            assert "STACK:0 " in usage, f"{fn.__name__} {consts}: {usage}"
+        usage = build_sm90(fn, types, consts, warps, stages, unhinted)
+        assert not spills(usage), f"{fn.__name__} {consts}: {usage}"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or kernel_lowp.triton is None, reason="needs CUDA and triton")
