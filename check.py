@@ -59,7 +59,6 @@ from typing import Callable, List, Optional
 import torch
 
 import runtime
-import kernel_humming
 from ops import BACKENDS, EXPERT_KERNELS
 from runtime import SetupError, greedy, write_atomically
 
@@ -154,10 +153,6 @@ def check_spec(spec: dict, name: str, max_seq_len: Optional[int]):
         if torch.cuda.device_count() < spec["mp"]:
             raise UsageError(f"{name}: mp={spec['mp']} on CUDA needs {spec['mp']} GPUs, "
                              f"{torch.cuda.device_count()} visible")
-    if spec["experts"] != "triton":
-        why = kernel_humming.unavailable(torch.device(spec["device"]))
-        if why:
-            raise UsageError(f"{name}: experts={spec['experts']}: humming-kernels cannot run the experts: {why}")
     if spec["backend"] == "flaggems":
         import importlib.util
         if importlib.util.find_spec("flag_gems") is None:
@@ -177,7 +172,7 @@ def check_spec(spec: dict, name: str, max_seq_len: Optional[int]):
 def side_args(spec: dict, max_seq_len: Optional[int], world: int):
     """The ModelArgs of one side, checked for world ranks (runtime.load_args)."""
     return runtime.load_args(spec["ckpt"], world, ogroups_comm=spec["ogroups"], expert_kernels=spec["experts"],
-                             max_batch_size=1, max_seq_len=max_seq_len, dtype=spec["dtype"], backend=spec["backend"])
+                             device=torch.device(spec["device"]), max_batch_size=1, max_seq_len=max_seq_len, dtype=spec["dtype"], backend=spec["backend"])
 
 
 # ---------------------------------------------------------------- one side

@@ -46,7 +46,6 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import kernel_humming
 from ops import BACKENDS
 from runtime import (V4, Family, GraphedDecoder, Prompt, Ranks, SetupError, Tokenizer, build_model,
                      end_process_groups, env_expert_kernels, env_flag, family_of, load_args, read_prompts,
@@ -346,13 +345,8 @@ def run(opts: argparse.Namespace, ranks: Ranks) -> None:
         opts.backend = requested_backend(opts.backend)
         experts = env_expert_kernels()
         args = load_args(opts.ckpt_path, ranks.world, opts.config, env_flag("USE_OGROUPS_COMM"),
-                         experts, max_batch_size=1 if opts.interactive else opts.max_batch_size,
+                         experts, ranks.device, max_batch_size=1 if opts.interactive else opts.max_batch_size,
                          max_seq_len=opts.max_seq_len, dtype=opts.dtype, backend=opts.backend)
-        if experts != "triton":
-            why = kernel_humming.unavailable(ranks.device)
-            if why:
-                raise SetupError(f"USE_HUMMING={os.environ['USE_HUMMING']}: humming-kernels cannot run the experts: "
-                                 f"{why}")
         if args.backend == "flaggems":
             ready_flaggems("USE_FLAGGEMS=1" if env_flag("USE_FLAGGEMS") else "--backend flaggems")
         path = shard_path(opts.ckpt_path, ranks.rank, ranks.world, args.vocab_size)

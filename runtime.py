@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model
 
 import flaggems
+import kernel_humming
 import model_v3
 from convert import architecture
 from encoding import (ASSISTANT, BOS, EOS, THINK_END, THINK_START, USER, check_messages, encode_messages,
@@ -237,11 +238,13 @@ def tokenize(prompts: List[Prompt], tokenizer: Tokenizer, mode: str, raw: bool,
 # ---------------------------------------------------------------- checkpoint and model
 
 def load_args(ckpt_path: str, world: int, config: Optional[str] = None, ogroups_comm: bool = False,
-              expert_kernels: str = "triton", **overrides) -> Union[ModelArgs, model_v3.ModelArgs]:
+              expert_kernels: str = "triton", device: Optional[torch.device] = None,
+              **overrides) -> Union[ModelArgs, model_v3.ModelArgs]:
     """The ModelArgs of the checkpoint's architecture (checkpoint_family), checked for world ranks.
     config: the config file (default ckpt_path/config.json); ogroups_comm: V4's o-groups layout;
-    expert_kernels: V4's MXFP4 experts on humming-kernels (env_expert_kernels); overrides: runtime fields
-    (max_batch_size, max_seq_len, dtype, backend), None keeping the config's."""
+    expert_kernels: V4's MXFP4 experts on humming-kernels (env_expert_kernels), checked to run on device
+    where it is given; overrides: runtime fields (max_batch_size, max_seq_len, dtype, backend), None
+    keeping the config's."""
     if not os.path.isdir(ckpt_path):
         raise SetupError(f"checkpoint folder {ckpt_path} not found")
     config = config or os.path.join(ckpt_path, "config.json")
@@ -262,6 +265,9 @@ def load_args(ckpt_path: str, world: int, config: Optional[str] = None, ogroups_
         raise SetupError(f"config {config} not found") from None
     except (OSError, ValueError, TypeError) as e:
         raise SetupError(f"config {config}: {e}") from None
+    why = kernel_humming.unavailable(device) if expert_kernels != "triton" and device is not None else None
+    if why:
+        raise SetupError(f"experts on {expert_kernels} (USE_HUMMING): humming-kernels cannot run them: {why}")
     return args
 
 

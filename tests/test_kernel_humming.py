@@ -258,8 +258,9 @@ def test_use_humming_values(value, kernels, monkeypatch):
 @pytest.mark.parametrize("shards,value,message", [
     ("bf16", "1", r"USE_HUMMING \(expert kernels 'humming'\) runs MXFP4 experts .* \(these: experts bf16, "
                   r"dtype bf16\)"),
-    ("fp8", "1", r"USE_HUMMING=1: humming-kernels cannot run the experts: it runs on CUDA GPUs only"),
-    ("fp8", "fp8", r"USE_HUMMING=fp8: humming-kernels cannot run the experts: it runs on CUDA GPUs only"),
+    ("fp8", "1", r"experts on humming \(USE_HUMMING\): humming-kernels cannot run them: it runs on CUDA GPUs only"),
+    ("fp8", "fp8", r"experts on humming-fp8 \(USE_HUMMING\): humming-kernels cannot run them: it runs on CUDA GPUs "
+                   r"only"),
     ("fp8", "yes please", r"USE_HUMMING must be 0, 1 or fp8, got 'yes please'"),
 ])
 def test_generate_with_use_humming_says_why_it_cannot(fp8_shards, shards, value, message, tmp_path, monkeypatch,
