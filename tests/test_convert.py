@@ -21,7 +21,7 @@ from safetensors.torch import load_file, load_model, save_file
 import convert
 import random_release
 from random_release import hf_config, read_release, write_release
-from testkit.convert_runs import check_failed_job_leaves_no_shards, check_interrupt_leaves_no_shards
+from testkit.convert_runs import DAMAGED_FILES, check_failed_job_leaves_no_shards, check_interrupt_leaves_no_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_EXPERTS, O_GROUPS = 8, 2
@@ -186,29 +186,13 @@ def _drop_from_index(src, name):
         json.dump(index, f)
 
 
-def _overwrite(path, offset, data):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
-
-
 SCALE = "layers.1.attn.wq_b.scale"
 EXPERT_SCALE = "layers.0.ffn.experts.3.w2.scale"
 
-# name -> (how to spoil a copy of the release, extra CLI arguments, environment, words the error must have)
+# name -> (how to spoil a copy of the release, extra CLI arguments, environment, words the error must have):
+# the damaged files both families refuse, then V4's own
 BAD_INPUTS = {
-    "missing_src": (lambda src: shutil.rmtree(src), [], {}, ["checkpoint folder not found"]),
-    "missing_index": (lambda src: os.remove(os.path.join(src, convert.INDEX_FILE)), [], {},
-                      [convert.INDEX_FILE, "not found"]),
-    "missing_file": (lambda src: os.remove(os.path.join(src, "model-00002-of-00003.safetensors")), [], {},
-                     ["model-00002-of-00003.safetensors", "not found"]),
-    "truncated_file": (lambda src: os.truncate(os.path.join(src, "model-00003-of-00003.safetensors"), 10**6),
-                       [], {}, ["model-00003-of-00003.safetensors", "truncated"]),
-    "bad_header_length": (lambda src: _overwrite(os.path.join(src, "model-00001-of-00003.safetensors"), 0,
-                                                 (10**12).to_bytes(8, "little")),
-                          [], {}, ["model-00001-of-00003.safetensors", "header length"]),
-    "corrupt_header": (lambda src: _overwrite(os.path.join(src, "model-00001-of-00003.safetensors"), 8, b"\xff#!~"),
-                       [], {}, ["model-00001-of-00003.safetensors", "not valid JSON"]),
+    **DAMAGED_FILES,
     "scale_absent_from_file": (lambda src: _rewrite(_file_of(src, SCALE), lambda t: t.pop(SCALE)), [], {},
                                [SCALE, "absent from the file"]),
     "weight_without_scale": (lambda src: (_rewrite(_file_of(src, SCALE), lambda t: t.pop(SCALE)),

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 import convert
 from random_release import read_release
 from testkit.release_v3 import dequantize_release_v3, r1_config, write_release_v3
-from testkit.convert_runs import check_failed_job_leaves_no_shards, check_interrupt_leaves_no_shards
+from testkit.convert_runs import DAMAGED_FILES, check_failed_job_leaves_no_shards, check_interrupt_leaves_no_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_EXPERTS, N_LAYERS = 16, 4
@@ -221,22 +221,6 @@ def _edit_config(src, **values):
         json.dump(config, f)
 
 
-def _own(src, fname):
-    """A file of the copied release made a copy of its own (in place of the link), so that it can
-    be damaged without touching the module's release; its path."""
-    path = os.path.join(src, fname)
-    target = os.path.realpath(path)
-    os.remove(path)
-    shutil.copyfile(target, path)
-    return path
-
-
-def _overwrite(src, fname, offset, data):
-    with open(_own(src, fname), "r+b") as f:
-        f.seek(offset)
-        f.write(data)
-
-
 def _drop(src, name):
     _edit(src, name, lambda t: t.pop(name))
     _edit_index(src, lambda m: m.pop(name))
@@ -254,20 +238,9 @@ DENSE = "model.layers.0.mlp.gate_proj.weight"
 NORM = "model.layers.0.input_layernorm.weight"
 
 # name -> (how to spoil a copy of the release, extra CLI arguments, environment, words the error must have).
-# The first ones are V4's list (tests/test_convert.py) on the R1 release, the rest R1's own.
+# The damaged files both families refuse (testkit.convert_runs), then R1's own.
 BAD_INPUTS = {
-    "missing_src": (lambda src: shutil.rmtree(src), [], {}, ["checkpoint folder not found"]),
-    "missing_index": (lambda src: os.remove(os.path.join(src, convert.INDEX_FILE)), [], {},
-                      [convert.INDEX_FILE, "not found"]),
-    "missing_file": (lambda src: os.remove(os.path.join(src, "model-00002-of-00003.safetensors")), [], {},
-                     ["model-00002-of-00003.safetensors", "not found"]),
-    "truncated_file": (lambda src: os.truncate(_own(src, "model-00003-of-00003.safetensors"), 10**6), [], {},
-                       ["model-00003-of-00003.safetensors", "truncated"]),
-    "bad_header_length": (lambda src: _overwrite(src, "model-00001-of-00003.safetensors", 0,
-                                                 (10**12).to_bytes(8, "little")), [], {},
-                          ["model-00001-of-00003.safetensors", "header length"]),
-    "corrupt_header": (lambda src: _overwrite(src, "model-00001-of-00003.safetensors", 8, b"\xff#!~"), [], {},
-                       ["model-00001-of-00003.safetensors", "not valid JSON"]),
+    **DAMAGED_FILES,
     "scale_inv_absent_from_file": (lambda src: _edit(src, S, lambda t: t.pop(S)), [], {}, [S, "absent from the file"]),
     "float16_tensor": (lambda src: _edit(src, NORM, lambda t: t.update({NORM: t[NORM].half()})), [], {},
                        [NORM, "F16"]),
