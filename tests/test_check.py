@@ -5,7 +5,6 @@ a bf16 bound; thresholds set below the measured differences must fail the run; b
 backends this machine cannot run are refused with exit status 2 before anything runs. The report's
 numbers are checked against the saved logits and against compare() on logits with known differences.
 """
-import json
 import os
 import re
 import subprocess
@@ -16,7 +15,6 @@ import pytest
 import torch
 
 import check
-import convert
 import generate
 import runtime
 from random_release import write_release
@@ -24,33 +22,13 @@ import flaggems
 import ops
 from ops import Ops
 from model import ModelArgs
+from testkit.checks import PROMPTS, STEPS, converted_release, run_check
 from testkit.runs import clean_env, free_port, one_thread  # noqa: F401  (clean_env, one_thread: fixtures)
-
-PROMPTS = ["Hello there", "Why is the sky blue? Answer in one sentence."]
-STEPS = 5
-
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """{N: folder converted for N ranks}, and the prompt file."""
-    root = tmp_path_factory.mktemp("check")
-    release = str(root / "release")
-    write_release(release, seed=3, n_files=1)
-    out = {}
-    for n in (1, 2):
-        out[n] = str(root / f"mp{n}")
-        convert.convert(release, out[n], n, num_workers=1, ogroups_comm=False)
-    prompts = root / "prompts.txt"
-    prompts.write_text("\n\n".join(PROMPTS) + "\n")
-    out["prompts"] = str(prompts)
-    return out
-
-
-def run_check(ckpt, a, b, tmp_path, *extra):
-    report = tmp_path / "report.json"
-    rc = check.main(["--ckpt-path", ckpt[1], "--input-file", ckpt["prompts"], "--a", a, "--b", b,
-                     "--steps", str(STEPS), "--max-seq-len", "128", "--report", str(report), *extra])
-    return rc, (json.loads(report.read_text()) if report.exists() else None)
+    return converted_release(tmp_path_factory.mktemp("check"), write_release, 3, ogroups_comm=False)
 
 
 @pytest.fixture(scope="module")

@@ -9,41 +9,22 @@ import json
 
 import pytest
 
-import check
 import convert
 import generate
 import runtime
 from encoding import encode_messages, encode_messages_r1
 from random_release import write_release
+from testkit.checks import PROMPTS, STEPS, converted_release, run_check
 from testkit.release_v3 import write_release_v3
 from testkit.runs import clean_env, one_thread  # noqa: F401  (fixtures)
 
-PROMPTS = ["Hello there", "Why is the sky blue? Answer in one sentence."]
-STEPS = 5
 FP32_CPU = "backend=torch,dtype=fp32,device=cpu"
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """{N: R1 folder converted for N ranks}, and the prompt file."""
-    root = tmp_path_factory.mktemp("check_v3")
-    release = str(root / "release")
-    write_release_v3(release, seed=1, n_files=1)
-    out = {}
-    for n in (1, 2):
-        out[n] = str(root / f"mp{n}")
-        convert.convert(release, out[n], n, num_workers=1)
-    prompts = root / "prompts.txt"
-    prompts.write_text("\n\n".join(PROMPTS) + "\n")
-    out["prompts"] = str(prompts)
-    return out
-
-
-def run_check(ckpt, a, b, tmp_path, *extra):
-    report = tmp_path / "report.json"
-    rc = check.main(["--ckpt-path", ckpt[1], "--input-file", ckpt["prompts"], "--a", a, "--b", b,
-                     "--steps", str(STEPS), "--max-seq-len", "128", "--report", str(report), *extra])
-    return rc, (json.loads(report.read_text()) if report.exists() else None)
+    return converted_release(tmp_path_factory.mktemp("check_v3"), write_release_v3, 1)
 
 
 def prompt_lengths(ckpt, encode, mode="chat"):
