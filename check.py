@@ -172,7 +172,8 @@ def check_spec(spec: dict, name: str, max_seq_len: Optional[int]):
 def side_args(spec: dict, max_seq_len: Optional[int], world: int):
     """The ModelArgs of one side, checked for world ranks (runtime.load_args)."""
     return runtime.load_args(spec["ckpt"], world, ogroups_comm=spec["ogroups"], expert_kernels=spec["experts"],
-                             device=torch.device(spec["device"]), max_batch_size=1, max_seq_len=max_seq_len, dtype=spec["dtype"], backend=spec["backend"])
+                             device=torch.device(spec["device"]), max_batch_size=1, max_seq_len=max_seq_len,
+                             dtype=spec["dtype"], backend=spec["backend"])
 
 
 # ---------------------------------------------------------------- one side

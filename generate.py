@@ -465,8 +465,8 @@ def launch(opts: argparse.Namespace, argv: List[str]) -> int:
             print(f"\ngenerate.py: error: {line}", file=sys.stderr, flush=True)
         return 1
     except SignalException as e:     # the agent has stopped the ranks
-        print("\ngenerate.py: interrupted" if e.sigval == signal.SIGINT else f"\ngenerate.py: stopped by {e.sigval.name}",
-              file=sys.stderr, flush=True)
+        said = "interrupted" if e.sigval == signal.SIGINT else f"stopped by {e.sigval.name}"
+        print(f"\ngenerate.py: {said}", file=sys.stderr, flush=True)
         return 128 + int(e.sigval)
     except Exception as e:           # the ranks never started: a rendezvous that timed out, a port in use
         print(f"generate.py: error: starting the ranks failed: {type(e).__name__}: {brief(e)}", file=sys.stderr,

@@ -48,6 +48,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# generate.py's bad-input cases that both families' tests run (bad_input sets each up): case -> a
+# pattern of the one line that refuses it
+BAD_INPUT_LINES = {
+    "missing_file": r"input file .*absent\.txt not found",
+    "empty_file": r"is empty: no prompts",
+    "bad_jsonl": r"bad\.jsonl line 3: not valid JSON",
+    "bad_record": r"bad_record\.jsonl line 1: expected",
+    "bad_messages": r"line 1: the last message must be from the user",
+    "too_long": r"prompt 2 has \d+ tokens, which leaves no room for a reply within max_seq_len=16",
+    "raw_messages": r"--raw takes plain prompts",
+    "missing_shards": r"model0-mp1\.safetensors not found: .*present in .*: mp2",
+    "no_tokenizer": r"no tokenizer in .*: expected tokenizer\.json or tokenizer\.model",
+    "no_config": r"config .*config\.json not found",
+    "no_output_folder": r"the folder of --output-file .* does not exist",
+    "flaggems_on_cpu": r"USE_FLAGGEMS=1 needs a CUDA GPU",
+}
+
+
 def bad_input(case: str, argv: dict, tmp_path, broken: dict, messages: list, no_shards: str, monkeypatch) -> list:
     """One of generate.py's bad-input cases, as the V4 and R1 tests share them: argv (--ckpt-path,
     --input-file, --output-file) and the environment changed for it; returns its extra arguments.

@@ -28,7 +28,8 @@ import runtime
 from encoding import encode_messages
 from random_release import write_release
 from model import ModelArgs, Transformer
-from testkit.runs import bad_input, env, free_port, one_thread  # noqa: F401  (one_thread: a fixture)
+from testkit.runs import (BAD_INPUT_LINES, bad_input, env, free_port,  # noqa: F401  (one_thread: a fixture)
+                          one_thread)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GENERATE = os.path.join(ROOT, "generate.py")
@@ -265,24 +266,13 @@ def broken(ckpt, tmp_path_factory):
     }
 
 
-@pytest.mark.parametrize("case, match", [
-    ("missing_file", r"input file .*absent\.txt not found"),
-    ("empty_file", r"is empty: no prompts"),
-    ("bad_jsonl", r"bad\.jsonl line 3: not valid JSON"),
-    ("bad_record", r"bad_record\.jsonl line 1: expected"),
-    ("bad_messages", r"line 1: the last message must be from the user"),
-    ("too_long", r"prompt 2 has \d+ tokens, which leaves no room for a reply within max_seq_len=16"),
-    ("raw_messages", r"--raw takes plain prompts"),
-    ("missing_shards", r"model0-mp1\.safetensors not found: .*present in .*: mp2"),
-    ("other_n", r"holds 64640 of the 129280 vocabulary rows: it was made for mp2, not for mp1"),
-    ("no_tokenizer", r"no tokenizer in .*: expected tokenizer\.json or tokenizer\.model"),
-    ("no_config", r"config .*config\.json not found"),
-    ("no_output_folder", r"the folder of --output-file .* does not exist"),
-    ("output_is_a_folder", r"--output-file .* is a folder: give a file name"),
-    ("output_not_writable", r"--output-file /proc/out\.jsonl cannot be written: "),
-    ("no_ckpt_folder", r"checkpoint folder .*absent not found"),
-    ("flaggems_on_cpu", r"USE_FLAGGEMS=1 needs a CUDA GPU"),
-])
+@pytest.mark.parametrize("case, match", {
+    **BAD_INPUT_LINES,
+    "other_n": r"holds 64640 of the 129280 vocabulary rows: it was made for mp2, not for mp1",
+    "output_is_a_folder": r"--output-file .* is a folder: give a file name",
+    "output_not_writable": r"--output-file /proc/out\.jsonl cannot be written: ",
+    "no_ckpt_folder": r"checkpoint folder .*absent not found",
+}.items())
 def test_bad_input_is_refused_with_a_clear_message(case, match, ckpt, broken, inputs, tmp_path, capsys, monkeypatch):
     argv = {"--ckpt-path": ckpt[1], "--input-file": inputs["text"]}
     extra = bad_input(case, argv, tmp_path, broken, MESSAGES, ckpt[2], monkeypatch)

@@ -23,7 +23,8 @@ import runtime
 from encoding import encode_messages_r1, parse_completion_r1
 from random_release import write_release
 from testkit.release_v3 import r1_config, without_mtp, write_release_v3
-from testkit.runs import bad_input, env, free_port, one_thread  # noqa: F401  (one_thread: a fixture)
+from testkit.runs import (BAD_INPUT_LINES, bad_input, env, free_port,  # noqa: F401  (one_thread: a fixture)
+                          one_thread)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GENERATE = os.path.join(ROOT, "generate.py")
@@ -212,21 +213,10 @@ def broken(release, tmp_path_factory):
     }
 
 
-@pytest.mark.parametrize("case, match", [
-    ("missing_file", r"input file .*absent\.txt not found"),
-    ("empty_file", r"is empty: no prompts"),
-    ("bad_jsonl", r"bad\.jsonl line 3: not valid JSON"),
-    ("bad_record", r"bad_record\.jsonl line 1: expected"),
-    ("bad_messages", r"line 1: the last message must be from the user"),
-    ("too_long", r"prompt 2 has \d+ tokens, which leaves no room for a reply within max_seq_len=16"),
-    ("raw_messages", r"--raw takes plain prompts"),
-    ("missing_shards", r"model0-mp1\.safetensors not found: .*present in .*: mp2"),
-    ("no_tokenizer", r"no tokenizer in .*: expected tokenizer\.json or tokenizer\.model"),
-    ("no_config", r"config .*config\.json not found"),
-    ("bad_config", r"config .*config\.json: n_routed_experts=16 is not divisible by n_expert_groups=3"),
-    ("no_output_folder", r"the folder of --output-file .* does not exist"),
-    ("flaggems_on_cpu", r"USE_FLAGGEMS=1 needs a CUDA GPU"),
-])
+@pytest.mark.parametrize("case, match", {
+    **BAD_INPUT_LINES,
+    "bad_config": r"config .*config\.json: n_routed_experts=16 is not divisible by n_expert_groups=3",
+}.items())
 def test_bad_input_is_refused_with_a_clear_message(case, match, release, broken, inputs, tmp_path, capsys,
                                                     monkeypatch):
     argv = {"--ckpt-path": release[2][1], "--input-file": inputs}
