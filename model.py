@@ -177,12 +177,7 @@ class ModelArgs(ConfigFile):
 
 def _from_hf_config(raw: dict, path: str) -> dict:
     """Map a Hugging Face DeepSeek-V4 config.json onto ModelArgs fields."""
-    def get(key, default=None):
-        if key in raw:
-            return raw[key]
-        if default is None:
-            raise ValueError(f"{path}: missing config key '{key}'")
-        return default
+    get = ConfigFile.reader(raw, path)
     out = dict(
         vocab_size=get("vocab_size"), dim=get("hidden_size"), moe_inter_dim=get("moe_intermediate_size"),
         n_layers=get("num_hidden_layers"), n_heads=get("num_attention_heads"),

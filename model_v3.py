@@ -233,13 +233,7 @@ def _from_hf_config(raw: dict, path: str) -> dict:
         raise ValueError(f"{path}: not a JSON object")
     if raw.get("model_type", "deepseek_v3") != "deepseek_v3":
         raise ValueError(f"{path}: model_type is {raw.get('model_type')!r}, not 'deepseek_v3'")
-
-    def get(key, default=None):
-        if key in raw and raw[key] is not None:
-            return raw[key]
-        if default is None:
-            raise ValueError(f"{path}: missing config key '{key}'")
-        return default
+    get = ConfigFile.reader(raw, path)
     out = dict(
         vocab_size=get("vocab_size"), dim=get("hidden_size"), inter_dim=get("intermediate_size"),
         moe_inter_dim=get("moe_intermediate_size"), n_layers=get("num_hidden_layers"),

@@ -40,6 +40,18 @@ class ConfigFile:
                 raise ValueError(f"{path}: not valid JSON ({e})") from None
         return cls.from_config(raw, path, **overrides)
 
+    @staticmethod
+    def reader(raw: dict, path: str):
+        """get(key, default=None) of the config raw read from path: its value, the default where the key
+        is absent or null, and a ValueError naming the key where there is no default."""
+        def get(key, default=None):
+            if raw.get(key) is not None:
+                return raw[key]
+            if default is None:
+                raise ValueError(f"{path}: missing config key '{key}'")
+            return default
+        return get
+
     def check_runtime(self) -> None:
         """ValueError naming dtype or backend, the runtime fields both families share, when unknown."""
         if self.dtype not in ("bf16", "fp32"):

@@ -233,6 +233,9 @@ def test_config_errors_name_the_field(tmp_path):
     del broken["num_attention_heads"]
     with pytest.raises(ValueError, match="missing config key 'num_attention_heads'"):
         ModelArgs.from_file(write_json(tmp_path, broken))
+    with pytest.raises(ValueError, match="missing config key 'head_dim'"):              # null, no default
+        ModelArgs.from_file(write_json(tmp_path, dict(cfg, head_dim=None)))
+    assert ModelArgs.from_file(write_json(tmp_path, dict(cfg, swiglu_limit=None))).swiglu_limit == 0.0  # the default
     with open(os.path.join(os.path.dirname(__file__), "..", "configs", "config_tiny.json")) as f:
         tiny = json.load(f)
     with pytest.raises(ValueError, match=r"missing config key\(s\) \['dim'\]"):
