@@ -277,8 +277,27 @@ def _draw(spec: _Spec, cfg: dict, gen: torch.Generator) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- writing
 
-def _shard_name(i: int, n: int) -> str:
-    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+def save_release(path: str, units: list, n_files: int, cfg: dict) -> None:
+    """Write a release into the folder path as the official ones are laid out: the units (each a
+    {name: tensor} that stays in one file, such as a weight with its scale) spread in order over
+    n_files safetensors files (fewer where there are fewer units), their index, config.json (cfg)
+    and the real tokenizer's files."""
+    n_files = max(1, min(n_files, len(units)))
+    bounds = [round(len(units) * j / n_files) for j in range(n_files + 1)]
+    weight_map, total = {}, 0
+    for j in range(n_files):
+        shard = {name: t for unit in units[bounds[j]:bounds[j + 1]] for name, t in unit.items()}
+        fname = f"model-{j + 1:05d}-of-{n_files:05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in shard.items()}, os.path.join(path, fname), metadata={"format": "pt"})
+        for name, t in shard.items():
+            weight_map[name] = fname
+            total += t.numel() * t.element_size()
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    for fname in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(os.path.join(tokenizer_dir(), fname), os.path.join(path, fname))
 
 
 def tokenizer_dir() -> str:
@@ -324,30 +343,10 @@ def write_release(path, config: dict = None, seed: int = 0, n_files: int = 3,
             reference[spec.name] = raw
             units.append({spec.name: raw})
 
-    n_files = max(1, min(n_files, len(units)))
-    bounds = [round(len(units) * j / n_files) for j in range(n_files + 1)]
-    weight_map, total = {}, 0
-    for j in range(n_files):
-        shard = {}
-        for unit in units[bounds[j]:bounds[j + 1]]:
-            shard.update(unit)
-        fname = _shard_name(j, n_files)
-        save_file({k: v.contiguous() for k, v in shard.items()}, os.path.join(path, fname),
-                  metadata={"format": "pt"})
-        for name, t in shard.items():
-            weight_map[name] = fname
-            total += t.numel() * t.element_size()
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total},
-                   "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
-
     if bf16:
         cfg.pop("quantization_config", None)
         cfg.pop("expert_dtype", None)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    for fname in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(os.path.join(tokenizer_dir(), fname), os.path.join(path, fname))
+    save_release(path, units, n_files, cfg)
     return reference
 
 

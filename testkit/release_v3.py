@@ -18,15 +18,12 @@ as float32, a quantised weight as the product of its FP8 values and block scales
 float32 and rounded to BF16 (as DeepSeek's fp8_cast_bf16.py, and what convert.py writes).
 """
 import copy
-import json
 import math
 import os
-import shutil
 
 import torch
-from safetensors.torch import save_file
 
-from random_release import read_release, tokenizer_dir
+from random_release import read_release, save_release
 
 FP8_MAX = 448.0   # largest finite float8_e4m3fn
 BLOCK = 128       # one float32 scale per BLOCK x BLOCK block of a weight
@@ -202,25 +199,9 @@ def write_release_v3(path, config: dict = None, seed: int = 0, n_files: int = 3,
             reference[name] = stored.float()
             units.append({name: stored})
 
-    n_files = max(1, min(n_files, len(units)))
-    bounds = [round(len(units) * j / n_files) for j in range(n_files + 1)]
-    weight_map, total = {}, 0
-    for j in range(n_files):
-        shard = {name: t for unit in units[bounds[j]:bounds[j + 1]] for name, t in unit.items()}
-        fname = f"model-{j + 1:05d}-of-{n_files:05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in shard.items()}, os.path.join(path, fname), metadata={"format": "pt"})
-        for name, t in shard.items():
-            weight_map[name] = fname
-            total += t.numel() * t.element_size()
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
-
     if bf16:
         cfg.pop("quantization_config", None)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    for fname in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(os.path.join(tokenizer_dir(), fname), os.path.join(path, fname))
+    save_release(path, units, n_files, cfg)
     return reference
 
 
