@@ -9,7 +9,7 @@
     python bench.py convert --layers 2 --workdir /tmp/bench
     python bench.py weights [--layers 4] [--batch 1 32] [--context 1024] [--prefill 4096] [--humming [bf16] [fp8]]
     python bench.py memory [--ranks 1 2 4 8 16]
-    python bench.py rank-share [--ranks 4] [--weights fp8] [--humming {bf16,fp8}] [--batch 1 32] [--context 1024]
+    python bench.py rank-share [--ranks 4] [--weights fp8] [--humming [{bf16,fp8}]] [--batch 1 32] [--context 1024]
 
 speed (CUDA): model.py with the real V4-Flash layer shapes (configs/config_flash.json cut to
 --layers layers, all experts), random weights made on the GPU, no disk. Caches are filled with
@@ -87,6 +87,7 @@ from random_release import hf_config, release_specs
 ROOT = os.path.dirname(os.path.abspath(__file__))
 GB = 1e9
 KERNELS_TAKING = {acts: name for name, acts in EXPERT_KERNELS.items()}   # --humming's activations -> expert_kernels
+HUMMING_ACTIVATIONS = [acts for acts in KERNELS_TAKING if acts]            # --humming's choices
 
 
 # ----------------------------------------------------------------------------- speed
@@ -1482,7 +1483,7 @@ def add_weights(commands) -> None:
     p.add_argument("--context", type=int, nargs="+", default=[1024])
     p.add_argument("--prefill", type=int, default=4096, help="tokens of the prefill from position 0")
     p.add_argument("--profile", action="store_true", help="print the top kernels of each decode measurement")
-    p.add_argument("--humming", nargs="*", choices=("bf16", "fp8"),
+    p.add_argument("--humming", nargs="*", choices=HUMMING_ACTIVATIONS,
                    help="also the FP8 shards with their MXFP4 experts on humming-kernels, with bf16 activations "
                         "(USE_HUMMING=1; the default) and / or fp8 ones (USE_HUMMING=fp8)")
     p.set_defaults(run=bench_weights)
@@ -1602,7 +1603,7 @@ def add_rank_share(commands) -> None:
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "config_flash.json"))
     p.add_argument("--ranks", type=int, default=4, help="N, at most o_groups")
     p.add_argument("--weights", choices=("bf16", "fp8"), default="fp8", help="as shards of convert.py --dtype")
-    p.add_argument("--humming", nargs="?", const="bf16", choices=("bf16", "fp8"),
+    p.add_argument("--humming", nargs="?", const="bf16", choices=HUMMING_ACTIVATIONS,
                    help="MXFP4 experts on humming-kernels, activations bf16 (USE_HUMMING=1; the default) or fp8 "
                         "(USE_HUMMING=fp8)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])

@@ -1,10 +1,11 @@
 """The routed experts' MXFP4 GEMMs through humming-kernels, an opt-in alternative to kernel_lowp's.
 
-humming-kernels (`pip install humming-kernels`, from the vLLM project) builds W4A16 CUDA GEMMs at
-first use with the system's nvcc. On an H100 its grouped MXFP4 GEMMs ran the routed experts of a
-V4-Flash layer about 1.9x faster than kernel_lowp's at 32 tokens and 1.3x at 4096 (BENCHMARKS.md).
-ModelArgs.expert_kernels = "humming" (USE_HUMMING=1) chooses it; ops.Ops packs the stacked experts
-through `PackedExperts` once, after loading, and the model then drops its own copy of them.
+humming-kernels (`pip install humming-kernels`, from the vLLM project) builds W4A16 (and, with FP8
+activations, W4A8) CUDA GEMMs at first use with the system's nvcc. On an H100 its grouped MXFP4
+GEMMs ran the routed experts of a V4-Flash layer about 1.9x faster than kernel_lowp's at 32 tokens
+and 1.3x at 4096 (BENCHMARKS.md). ModelArgs.expert_kernels = "humming" (USE_HUMMING=1) chooses it;
+ops.Ops packs the stacked experts through `PackedExperts` once, after loading, and the model then
+drops its own copy of them.
 
 ModelArgs.expert_kernels = "humming-fp8" (USE_HUMMING=fp8) feeds the GEMMs FP8 activations instead:
 each row quantised per 128 channels with a power-of-two scale (quant.act_quant_fp8, DeepSeek's own
@@ -33,8 +34,9 @@ import torch.nn.functional as F
 from kernel import local_experts, sort_by_expert, triton
 from quant import FP8_BLOCK
 
-# The activations humming's GEMMs take: its input_config for each ModelArgs choice (bf16: as they are;
-# fp8: e4m3 rows with one float32 scale per 128 channels, quantised here beforehand).
+# The activations humming's GEMMs take, by kind (ops.EXPERT_KERNELS maps ModelArgs.expert_kernels to
+# one): its input_config for each (bf16: as they are; fp8: e4m3 rows with one float32 scale per 128
+# channels, quantised here beforehand).
 INPUTS = {"bf16": None,
           "fp8": {"quant_method": "humming", "a_dtype": "float8e4m3", "input_scale_group_size": FP8_BLOCK,
                   "input_quant_mode": "dynamic_group"}}
@@ -139,8 +141,11 @@ if triton is not None:
                 tl.store(layout_ptr + e, below, mask=e <= n_local)
 
 
-def unavailable(device: torch.device) -> Optional[str]:
-    """Why humming-kernels cannot run the experts on device, or None when it can."""
+def unavailable(device: torch.device, backend: str = "auto") -> Optional[str]:
+    """Why humming-kernels cannot run the experts on device with backend (ModelArgs.backend), or None
+    when it can."""
+    if backend == "torch":
+        return "backend torch runs the references"
     if device.type != "cuda":
         return "it runs on CUDA GPUs only"
     if importlib.util.find_spec("humming") is None:

@@ -35,7 +35,7 @@ from ops import EXPERT_KERNELS, Ops, compressed_entries, swiglu
 from parallel import (ColumnParallelLinear, ConfigFile, Linear, Parallel, ParallelEmbedding, ParallelHead,
                       RMSNorm, RowParallelLinear, dtype_of, linear_fp32, precompute_freqs_cis, quantised_formats,
                       row_block, row_starts, stack_rows, stored)
-from quant import shard_weights
+from quant import FP8_BLOCK, shard_weights
 
 
 # How the checkpoint's tensors are split over the ranks (convert.py cuts them so; the layers below are
@@ -138,15 +138,16 @@ class ModelArgs(ConfigFile):
              f"expert_kernels must be one of {', '.join(EXPERT_KERNELS)}, got {self.expert_kernels!r}")
         humming = EXPERT_KERNELS[self.expert_kernels] is not None
         need(not humming or (self.expert_weights == "fp4" and self.dtype == "bf16"),
-             f"USE_HUMMING (expert kernels {self.expert_kernels!r}) runs MXFP4 experts with bf16 activations: it needs "
+             f"expert kernels {self.expert_kernels!r} (USE_HUMMING) run MXFP4 experts in a bf16 model: they need "
              f"shards of convert.py --dtype fp8 with MXFP4 experts and dtype bf16 (these: experts "
              f"{self.expert_weights}, dtype {self.dtype})")
         need(not humming or (self.dim >= 128 and self.moe_inter_dim >= 64),
-             f"USE_HUMMING: humming-kernels builds no GEMM for experts this narrow (dim {self.dim}, moe_inter_dim "
-             f"{self.moe_inter_dim}; it needs at least 128 and 64)")
-        need(self.expert_kernels != "humming-fp8" or (self.dim % 128 == 0 and self.moe_inter_dim % 128 == 0),
-             f"USE_HUMMING=fp8 quantises the experts' inputs per 128 channels: dim {self.dim} and moe_inter_dim "
-             f"{self.moe_inter_dim} must be multiples of 128")
+             f"expert kernels {self.expert_kernels!r} (USE_HUMMING): humming-kernels builds no GEMM for experts "
+             f"this narrow (dim {self.dim}, moe_inter_dim {self.moe_inter_dim}; it needs at least 128 and 64)")
+        need(EXPERT_KERNELS[self.expert_kernels] != "fp8" or (self.dim % FP8_BLOCK == 0
+                                                              and self.moe_inter_dim % FP8_BLOCK == 0),
+             f"expert kernels {self.expert_kernels!r} (USE_HUMMING=fp8) quantise the experts' inputs per {FP8_BLOCK} "
+             f"channels: dim {self.dim} and moe_inter_dim {self.moe_inter_dim} must be multiples of {FP8_BLOCK}")
         need(self.score_func in ("softmax", "sigmoid", "sqrtsoftplus"), f"score_func {self.score_func!r} is unknown")
         need(len(self.compress_ratios) >= self.n_layers,
              f"compress_ratios has {len(self.compress_ratios)} entries for n_layers={self.n_layers}")

@@ -397,7 +397,7 @@ class Ops:
                                    or not (cuda or (kernel.INTERPRETED and backend == "triton"))):
             raise RuntimeError(f"backend {backend!r} needs a CUDA device and the triton package")
         if EXPERT_KERNELS[self.expert_kernels]:
-            why = kernel_humming.unavailable(device) if backend != "torch" else "backend torch runs the references"
+            why = kernel_humming.unavailable(device, backend)
             if why:
                 raise RuntimeError(f"expert kernels {self.expert_kernels!r} (USE_HUMMING): {why}")
         self.backend = backend

@@ -256,7 +256,8 @@ def load_args(ckpt_path: str, world: int, config: Optional[str] = None, ogroups_
         overrides["ogroups_comm"] = True
     if expert_kernels != "triton":
         if family is not V4:
-            raise SetupError(f"USE_HUMMING runs DeepSeek-V4's MXFP4 experts; {config} is {family.title}")
+            raise SetupError(f"expert kernels {expert_kernels!r} (USE_HUMMING) run DeepSeek-V4's MXFP4 experts; "
+                             f"{config} is {family.title}")
         overrides["expert_kernels"] = expert_kernels
     try:
         args = family.args_class.from_file(config, **overrides)
@@ -265,9 +266,9 @@ def load_args(ckpt_path: str, world: int, config: Optional[str] = None, ogroups_
         raise SetupError(f"config {config} not found") from None
     except (OSError, ValueError, TypeError) as e:
         raise SetupError(f"config {config}: {e}") from None
-    why = kernel_humming.unavailable(device) if expert_kernels != "triton" and device is not None else None
+    why = None if expert_kernels == "triton" or device is None else kernel_humming.unavailable(device, args.backend)
     if why:
-        raise SetupError(f"experts on {expert_kernels} (USE_HUMMING): humming-kernels cannot run them: {why}")
+        raise SetupError(f"expert kernels {expert_kernels!r} (USE_HUMMING): humming-kernels cannot run them: {why}")
     return args
 
 

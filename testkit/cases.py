@@ -94,7 +94,7 @@ def hc_pre_case(device, dtype, t, hc, dim, seed, norm=False, head=False):
 def hc_mix_case(device, dtype, t, hc, dim, seed, programs=None):
     """HC pre of bf16 streams: post and comb (float32, functions of the mixes alone) as accurate as float32
     arithmetic allows, whatever the tensor-core precision; programs: kernel.HC_MIX_PROGRAMS for this call
-    (few make each program sum several K blocks)."""
+    (few make each program sum several K blocks). The streams are bf16 whatever dtype (the case list's)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(t, 1, hc, dim, generator=g).to(device, torch.bfloat16)
     fn = (torch.randn((2 + hc) * hc, hc * dim, generator=g) * 0.05).to(device)

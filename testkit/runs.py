@@ -62,6 +62,9 @@ BAD_INPUT_LINES = {
     "no_tokenizer": r"no tokenizer in .*: expected tokenizer\.json or tokenizer\.model",
     "no_config": r"config .*config\.json not found",
     "no_output_folder": r"the folder of --output-file .* does not exist",
+    "output_is_a_folder": r"--output-file .* is a folder: give a file name",
+    "output_not_writable": r"--output-file /proc/out\.jsonl cannot be written: ",
+    "no_ckpt_folder": r"checkpoint folder .*absent not found",
     "flaggems_on_cpu": r"USE_FLAGGEMS=1 needs a CUDA GPU",
 }
 

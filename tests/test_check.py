@@ -99,7 +99,7 @@ def test_bf16_differs_more_than_fp32_and_a_tight_threshold_fails(ckpt, fp32_mp1_
     ("ckpt=/nonexistent/ckpt", "mp=1", r"--a: checkpoint folder /nonexistent/ckpt not found"),
     ("mp=1", "backend=triton,device=cpu", r"--b: backend=triton needs a CUDA GPU"),
     ("mp=1", "experts=cutlass", r"--b: experts='cutlass' is unknown \(one of triton, humming, humming-fp8\)"),
-    ("mp=1", "experts=humming-fp8,device=cpu", r"--b: config .*: USE_HUMMING \(expert kernels 'humming-fp8'\) runs "
+    ("mp=1", "experts=humming-fp8,device=cpu", r"--b: config .*: expert kernels 'humming-fp8' \(USE_HUMMING\) run "
                                                r"MXFP4 experts .* \(these: experts bf16, dtype bf16\)"),
 ])
 def test_bad_spec_exits_2_naming_the_key(ckpt, tmp_path, capsys, a, b, match):

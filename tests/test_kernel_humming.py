@@ -226,17 +226,20 @@ def test_humming_is_refused_where_it_cannot_run():
         with pytest.raises(RuntimeError, match=rf"'{kernels}' \(USE_HUMMING\): backend torch runs the references"):
             ops.Ops("torch", device="cpu", expert_kernels=kernels)
     assert kernel_humming.unavailable(torch.device("cpu")) == "it runs on CUDA GPUs only"
+    assert kernel_humming.unavailable(torch.device("cuda"), "torch") == "backend torch runs the references"
     base = dict(weights="fp8", expert_weights="fp4", dtype="bf16", expert_kernels="humming", compress_ratios=[0])
     ModelArgs(n_layers=1, **base).validate()
     for change in (dict(expert_weights="fp8"), dict(dtype="fp32")):
-        with pytest.raises(ValueError, match="USE_HUMMING .* needs shards of convert.py --dtype fp8 with MXFP4"):
+        with pytest.raises(ValueError, match=r"expert kernels 'humming' \(USE_HUMMING\) run MXFP4 experts in a bf16 "
+                                             r"model: they need shards of convert.py --dtype fp8 with MXFP4"):
             ModelArgs(n_layers=1, **dict(base, **change)).validate()
-    with pytest.raises(ValueError, match=r"USE_HUMMING: humming-kernels builds no GEMM for experts this narrow "
-                                         r"\(dim 64, moe_inter_dim 2048; it needs at least 128 and 64\)"):
+    with pytest.raises(ValueError, match=r"'humming' \(USE_HUMMING\): humming-kernels builds no GEMM for experts "
+                                         r"this narrow \(dim 64, moe_inter_dim 2048; it needs at least 128 and 64\)"):
         ModelArgs(n_layers=1, dim=64, **base).validate()
     ModelArgs(n_layers=1, **dict(base, expert_kernels="humming-fp8")).validate()
     ModelArgs(n_layers=1, moe_inter_dim=64, **base).validate()
-    with pytest.raises(ValueError, match=r"USE_HUMMING=fp8 quantises the experts' inputs per 128 channels: dim 4096 "
+    with pytest.raises(ValueError, match=r"'humming-fp8' \(USE_HUMMING=fp8\) quantise the experts' inputs per 128 "
+                                         r"channels: dim 4096 "
                                          r"and moe_inter_dim 64 must be multiples of 128"):
         ModelArgs(n_layers=1, moe_inter_dim=64, **dict(base, expert_kernels="humming-fp8")).validate()
 
@@ -256,11 +259,12 @@ def test_use_humming_values(value, kernels, monkeypatch):
 
 
 @pytest.mark.parametrize("shards,value,message", [
-    ("bf16", "1", r"USE_HUMMING \(expert kernels 'humming'\) runs MXFP4 experts .* \(these: experts bf16, "
+    ("bf16", "1", r"expert kernels 'humming' \(USE_HUMMING\) run MXFP4 experts .* \(these: experts bf16, "
                   r"dtype bf16\)"),
-    ("fp8", "1", r"experts on humming \(USE_HUMMING\): humming-kernels cannot run them: it runs on CUDA GPUs only"),
-    ("fp8", "fp8", r"experts on humming-fp8 \(USE_HUMMING\): humming-kernels cannot run them: it runs on CUDA GPUs "
-                   r"only"),
+    ("fp8", "1", r"expert kernels 'humming' \(USE_HUMMING\): humming-kernels cannot run them: it runs on CUDA GPUs "
+                 r"only"),
+    ("fp8", "fp8", r"expert kernels 'humming-fp8' \(USE_HUMMING\): humming-kernels cannot run them: it runs on CUDA "
+                   r"GPUs only"),
     ("fp8", "yes please", r"USE_HUMMING must be 0, 1 or fp8, got 'yes please'"),
 ])
 def test_generate_with_use_humming_says_why_it_cannot(fp8_shards, shards, value, message, tmp_path, monkeypatch,
@@ -278,6 +282,7 @@ def test_generate_with_use_humming_says_why_it_cannot(fp8_shards, shards, value,
 
 def test_use_humming_on_an_r1_checkpoint_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(r1_config()))
-    with pytest.raises(SetupError, match=r"USE_HUMMING runs DeepSeek-V4's MXFP4 experts; .*config\.json is "
+    with pytest.raises(SetupError, match=r"expert kernels 'humming-fp8' \(USE_HUMMING\) run DeepSeek-V4's MXFP4 "
+                                         r"experts; .*config\.json is "
                                          r"DeepSeek-R1"):
         load_args(str(tmp_path), 1, expert_kernels="humming-fp8")
