@@ -401,7 +401,7 @@ def run(opts: argparse.Namespace) -> int:
     if args_a.vocab_size != args_b.vocab_size:
         raise UsageError(f"--a has a vocabulary of {args_a.vocab_size}, --b of {args_b.vocab_size}: not one model")
     try:
-        tokenizer = runtime.Tokenizer(spec_a["ckpt"])
+        tokenizer = runtime.Tokenizer(spec_a["ckpt"], args_a.vocab_size)
         prompts = runtime.read_prompts(opts.input_file)
         ids = runtime.tokenize(prompts, tokenizer, "thinking" if opts.thinking else "chat", opts.raw,
                                max_seq_len - opts.steps + 1, family)

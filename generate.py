@@ -47,8 +47,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ops import BACKENDS
-from runtime import (V4, Family, GraphedDecoder, Prompt, Ranks, SetupError, Tokenizer, build_model,
-                     end_process_groups, env_expert_kernels, env_flag, family_of, load_args, read_prompts,
+from runtime import (V4, Family, GraphedDecoder, Prompt, Ranks, SetupError, Tokenizer, brief, build_model,
+                     check_text, end_process_groups, env_expert_kernels, env_flag, family_of, load_args, read_prompts,
                      ready_flaggems, requested_backend, shard_path, tokenize, write_atomically)
 
 
@@ -205,14 +205,27 @@ def report(opts: argparse.Namespace, records: List[dict]) -> None:
         print(flush=True)
 
 
-def check_writable(path: str) -> None:
-    """Refuse an output path that write_jsonl could not fill, before any work: a folder, a missing
-    folder, or one where no file can be created (tried with a file of the temporary name, removed)."""
+# The files of a converted checkpoint, which an output file must not replace
+CHECKPOINT_FILE = re.compile(r"config\.json|tokenizer.*|.*\.safetensors")
+
+
+def check_writable(path: str, input_file: str, ckpt_path: str) -> None:
+    """Refuse an output path that write_jsonl could not fill or must not replace, before any work: a
+    folder, a missing folder, the input file, a file of the checkpoint, or a folder where no file can
+    be created (tried with a file of the temporary name, removed). A device or pipe is written in place."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise SetupError(f"--output-file {path} is a folder: give a file name")
     if not os.path.isdir(folder):
         raise SetupError(f"the folder of --output-file {path} does not exist")
+    if os.path.exists(path) and not os.path.isfile(path):
+        if not os.access(path, os.W_OK):
+            raise SetupError(f"--output-file {path} cannot be written")
+        return
+    if os.path.isfile(path) and os.path.isfile(input_file) and os.path.samefile(path, input_file):
+        raise SetupError(f"--output-file {path} is the input file: give another name")
+    if os.path.samefile(folder, ckpt_path) and CHECKPOINT_FILE.fullmatch(os.path.basename(path)):
+        raise SetupError(f"--output-file {path} would replace a file of the checkpoint: give another name")
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "w", encoding="utf-8"):
@@ -267,6 +280,11 @@ def next_turn(messages: List[dict], tokenizer: Tokenizer, mode: str, max_seq_len
             messages.clear()
             continue
         if not line.strip():
+            continue
+        try:
+            check_text(line, "that line")
+        except SetupError as e:
+            print(f"{e}: type it again.", flush=True)
             continue
         messages.append({"role": "user", "content": line})
         ids = tokenizer.encode(family.encode(messages, mode))
@@ -326,11 +344,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--raw works with --input-file only")
     if opts.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
-    if opts.temperature < 0 or not 0 < opts.top_p <= 1:
-        p.error("--temperature must be >= 0 and --top-p in (0, 1]")
+    if not 0 <= opts.temperature < float("inf") or not 0 < opts.top_p <= 1:
+        p.error("--temperature must be finite and >= 0, and --top-p in (0, 1]")
+    if not -2 ** 63 <= opts.seed < 2 ** 64:
+        p.error("--seed must fit in 64 bits")
+    if not opts.timeout > 0:
+        p.error("--timeout must be a positive number of seconds")
+    if opts.output_file == "":
+        p.error("--output-file must name a file (leave it out to print to stdout)")
     if opts.nproc_per_node is not None and opts.nproc_per_node < 1:
         p.error("--nproc-per-node must be at least 1")
-    if opts.nnodes < 1 or not 0 <= opts.node_rank < opts.nnodes:
+    if opts.nnodes < 1:
+        p.error("--nnodes must be at least 1")
+    if not 0 <= opts.node_rank < opts.nnodes:
         p.error(f"--node-rank must be in 0 .. {opts.nnodes - 1} (--nnodes {opts.nnodes})")
     if opts.nnodes > 1 and not opts.master_addr:
         p.error("--nnodes above 1 needs --master-addr, the address of node 0")
@@ -352,10 +378,10 @@ def run(opts: argparse.Namespace, ranks: Ranks) -> None:
         path = shard_path(opts.ckpt_path, ranks.rank, ranks.world, args.vocab_size)
         tokenizer, prompts, ids = None, None, None
         if ranks.rank == 0:
-            tokenizer = Tokenizer(opts.ckpt_path)
+            tokenizer = Tokenizer(opts.ckpt_path, args.vocab_size)
             if not opts.interactive:
                 if opts.output_file:
-                    check_writable(opts.output_file)
+                    check_writable(opts.output_file, opts.input_file, opts.ckpt_path)
                 prompts = read_prompts(opts.input_file)
                 ids = tokenize(prompts, tokenizer, mode, opts.raw, args.max_seq_len, family_of(args))
         return args, path, tokenizer, prompts, ids
@@ -393,14 +419,6 @@ def lost_contact(e: BaseException) -> bool:
     """Whether e is a collective that failed because another rank stopped or did not answer within
     the timeout: NCCL raises a DistError, gloo a RuntimeError from its transport."""
     return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and "gloo" in str(e))
-
-
-def brief(e: BaseException) -> str:
-    """The first sentence of an error, without the source location gloo puts before it."""
-    text = str(e).strip()
-    if not text:
-        return type(e).__name__
-    return re.split(r"(?<=\.) ", re.sub(r"^\[[^\]]*\] ", "", text.splitlines()[0]))[0]
 
 
 def main(argv=None) -> int:

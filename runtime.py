@@ -94,24 +94,51 @@ def family_of(args) -> Family:
 
 # ---------------------------------------------------------------- tokenizer
 
+def brief(e: BaseException) -> str:
+    """The first sentence of an error, without the source location (gloo's, for one) put before it."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    return re.split(r"(?<=\.) ", re.sub(r"^\[[^\]]*\] ", "", text.splitlines()[0]))[0]
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse text that is not Unicode the tokenizer can take: lone surrogates, which undecodable
+    input bytes or a JSON escape such as \\ud800 leave in a Python string."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SetupError(f"{what} is not valid Unicode text (undecodable bytes or a lone surrogate)") from None
+
+
 class Tokenizer:
     """The checkpoint's tokenizer: tokenizer.json through `tokenizers`, else tokenizer.model
-    through sentencepiece. Special tokens are never added implicitly (the chat text carries BOS)."""
+    through sentencepiece. Special tokens are never added implicitly (the chat text carries BOS).
+    vocab_size: the model's; a tokenizer with ids at or above it is refused (another model's)."""
     SPECIAL = (BOS, EOS, USER, ASSISTANT, THINK_START, THINK_END)   # kept whole when sentencepiece encodes
 
-    def __init__(self, folder: str):
-        if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-            from tokenizers import Tokenizer as HFTokenizer
-            self.hf = HFTokenizer.from_file(os.path.join(folder, "tokenizer.json"))
-            self.sp = None
-        elif os.path.isfile(os.path.join(folder, "tokenizer.model")):
-            import sentencepiece
-            self.hf = None
-            self.sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(folder, "tokenizer.model"))
-            self.special = {s: self.sp.piece_to_id(s) for s in self.SPECIAL
-                            if self.sp.piece_to_id(s) != self.sp.unk_id()}
-        else:
-            raise SetupError(f"no tokenizer in {folder}: expected tokenizer.json or tokenizer.model")
+    def __init__(self, folder: str, vocab_size: Optional[int] = None):
+        path = os.path.join(folder, "tokenizer.json")
+        try:
+            if os.path.isfile(path):
+                from tokenizers import Tokenizer as HFTokenizer
+                self.hf, self.sp = HFTokenizer.from_file(path), None
+                size = max(self.hf.get_vocab(with_added_tokens=True).values()) + 1
+            elif os.path.isfile(path := os.path.join(folder, "tokenizer.model")):
+                import sentencepiece
+                self.hf, self.sp = None, sentencepiece.SentencePieceProcessor(model_file=path)
+                self.special = {s: self.sp.piece_to_id(s) for s in self.SPECIAL
+                                if self.sp.piece_to_id(s) != self.sp.unk_id()}
+                size = self.sp.get_piece_size()
+            else:
+                raise SetupError(f"no tokenizer in {folder}: expected tokenizer.json or tokenizer.model")
+        except (SetupError, MemoryError):
+            raise
+        except Exception as e:       # the tokenizer libraries' own error types
+            raise SetupError(f"cannot read the tokenizer {path}: {brief(e)}") from None
+        if vocab_size is not None and size > vocab_size:
+            raise SetupError(f"the tokenizer {path} has ids up to {size - 1}, beyond the model's vocab_size "
+                             f"{vocab_size}: it is not this model's tokenizer")
         self.eos_id = self._eos_id(folder)
 
     def token_id(self, text: str) -> Optional[int]:
@@ -169,9 +196,10 @@ def read_json(path: str) -> dict:
 # ---------------------------------------------------------------- inputs
 
 def read_prompts(path: str) -> List[Prompt]:
-    """Prompts of an input file: blank-line separated text, or JSON lines (by extension or content)."""
+    """Prompts of an input file (UTF-8, a byte-order mark dropped): blank-line separated text, or JSON
+    lines (by extension or content)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             text = f.read()
     except FileNotFoundError:
         raise SetupError(f"input file {path} not found") from None
@@ -227,7 +255,10 @@ def prompt_text(prompt: Prompt, mode: str, raw: bool, family: Family = V4) -> st
 
 def tokenize(prompts: List[Prompt], tokenizer: Tokenizer, mode: str, raw: bool,
              max_seq_len: int, family: Family = V4) -> List[List[int]]:
-    ids = [tokenizer.encode(prompt_text(p, mode, raw, family)) for p in prompts]
+    texts = [prompt_text(p, mode, raw, family) for p in prompts]
+    for number, text in enumerate(texts, 1):
+        check_text(text, f"prompt {number}")
+    ids = [tokenizer.encode(text) for text in texts]
     for number, t in enumerate(ids, 1):
         if len(t) >= max_seq_len:
             raise SetupError(f"prompt {number} has {len(t)} tokens, which leaves no room for a reply "
@@ -463,10 +494,16 @@ def greedy(model, prompt: torch.Tensor, steps: int, forced: Optional[torch.Tenso
 
 def write_atomically(path: str, write: Callable, binary: bool = False) -> None:
     """write(f) into a file at a temporary name beside path, then renamed to path: an interrupted
-    run leaves no file that looks complete (and no temporary one)."""
+    run leaves no file that looks complete (and no temporary one). A path that exists but is not a
+    regular file (/dev/null, /dev/stdout, a pipe) is written in place: a rename would replace it."""
+    mode, kw = ("wb", {}) if binary else ("w", {"encoding": "utf-8"})
+    if os.path.exists(path) and not os.path.isfile(path):
+        with open(path, mode, **kw) as f:
+            write(f)
+        return
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+        with open(tmp, mode, **kw) as f:
             write(f)
         os.replace(tmp, path)
     finally:

@@ -65,8 +65,33 @@ BAD_INPUT_LINES = {
     "output_is_a_folder": r"--output-file .* is a folder: give a file name",
     "output_not_writable": r"--output-file /proc/out\.jsonl cannot be written: ",
     "no_ckpt_folder": r"checkpoint folder .*absent not found",
+    "output_is_the_input": r"--output-file .* is the input file: give another name",
+    "output_in_checkpoint": r"--output-file .*config\.json would replace a file of the checkpoint",
+    "lone_surrogate": r"prompt 2 is not valid Unicode text",
+    "damaged_tokenizer": r"cannot read the tokenizer .*tokenizer\.json: ",
+    "foreign_tokenizer": r"tokenizer\.json has ids up to \d+, beyond the model's vocab_size 129280: it is not this "
+                         r"model's tokenizer",
     "flaggems_on_cpu": r"USE_FLAGGEMS=1 needs a CUDA GPU",
 }
+
+
+def tokenizer_spoiled(ckpt: str, folder: str, truncated: bool) -> str:
+    """folder: ckpt's files linked, but for a tokenizer.json cut short (truncated) or given one more
+    token (the tokenizers library numbers it after the last: beyond the models' vocabularies here)."""
+    os.makedirs(folder)
+    for name in os.listdir(ckpt):
+        if name != "tokenizer.json":
+            os.symlink(os.path.join(ckpt, name), os.path.join(folder, name))
+    with open(os.path.join(ckpt, "tokenizer.json")) as f:
+        text = f.read()
+    if not truncated:
+        spec = json.loads(text)
+        spec["added_tokens"].append({"id": 199999, "content": "<|foreign|>", "single_word": False, "lstrip": False,
+                                     "rstrip": False, "normalized": False, "special": True})
+        text = json.dumps(spec)
+    with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+        f.write(text[:len(text) // 2] if truncated else text)
+    return folder
 
 
 def bad_input(case: str, argv: dict, tmp_path, broken: dict, messages: list, no_shards: str, monkeypatch) -> list:
@@ -78,7 +103,8 @@ def bad_input(case: str, argv: dict, tmp_path, broken: dict, messages: list, no_
              "bad_record": ("bad_record.jsonl", '{"text": "a"}\n'),
              "bad_messages": ("m.jsonl", json.dumps({"messages": [{"role": "assistant", "content": "a"}]}) + "\n"),
              "raw_messages": ("m.jsonl", json.dumps({"messages": messages}) + "\n"),
-             "too_long": ("long.txt", "short\n\n" + "word " * 40)}
+             "too_long": ("long.txt", "short\n\n" + "word " * 40),
+             "lone_surrogate": ("s.jsonl", '{"prompt": "a"}\n{"prompt": "b\\ud800"}\n')}
     if case in files:
         name, text = files[case]
         (tmp_path / name).write_text(text)
@@ -97,6 +123,12 @@ def bad_input(case: str, argv: dict, tmp_path, broken: dict, messages: list, no_
         argv["--output-file"] = "/proc/out.jsonl"      # no file can be made there, even by root
     elif case == "no_ckpt_folder":
         argv["--ckpt-path"] = str(tmp_path / "absent")
+    elif case == "output_is_the_input":
+        argv["--output-file"] = argv["--input-file"]
+    elif case == "output_in_checkpoint":
+        argv["--output-file"] = os.path.join(argv["--ckpt-path"], "config.json")
+    elif case in ("damaged_tokenizer", "foreign_tokenizer"):
+        argv["--ckpt-path"] = tokenizer_spoiled(argv["--ckpt-path"], str(tmp_path / "ckpt"), case == "damaged_tokenizer")
     elif case == "flaggems_on_cpu":
         if torch.cuda.is_available():
             pytest.skip("this machine has a GPU")

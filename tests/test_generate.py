@@ -14,8 +14,10 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import threading
 import time
 import types
 
@@ -277,6 +279,42 @@ def test_bad_input_is_refused_with_a_clear_message(case, match, ckpt, broken, in
     err = capsys.readouterr().err
     assert err.startswith("generate.py: error: ") and err.count("\n") == 1, err
     assert re.search(match, err), err
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--temperature", "nan"], "--temperature must be finite and >= 0"),
+    (["--temperature", "inf"], "--temperature must be finite and >= 0"),
+    (["--seed", str(2 ** 64)], "--seed must fit in 64 bits"),
+    (["--timeout", "0"], "--timeout must be a positive number of seconds"),
+    (["--output-file", ""], "--output-file must name a file"),
+    (["--nnodes", "0"], "--nnodes must be at least 1"),
+])
+def test_flag_values_are_checked_before_any_work(flags, match, capsys):
+    with pytest.raises(SystemExit) as stop:
+        generate.parse_args(["--ckpt-path", "/nonexistent", "--input-file", "p.txt", *flags])
+    assert stop.value.code == 2 and f"error: {match}" in capsys.readouterr().err
+
+
+def test_a_byte_order_mark_is_not_part_of_the_prompts(tmp_path):
+    for name, text, want in (("p.txt", "Hello\n\nThere\n", ["Hello", "There"]),
+                             ("p.txt", '{"prompt": "hi"}\n{"prompt": "there"}\n', ["hi", "there"]),    # JSON lines
+                             ("p.jsonl", '{"prompt": "hi"}\n', ["hi"])):
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert runtime.read_prompts(str(tmp_path / name)) == want
+
+
+def test_an_output_file_that_is_not_a_regular_file_is_written_in_place(tmp_path):
+    """Renaming over /dev/null or /dev/stdout would replace them (as root), over a pipe would leave its
+    reader waiting: such paths are written as they are. Here a pipe, read by a thread."""
+    pipe = str(tmp_path / "pipe")
+    os.mkfifo(pipe)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(pipe).read()), daemon=True)
+    reader.start()
+    generate.write_jsonl(pipe, [{"index": 0}, {"index": 1}])
+    reader.join(timeout=30)
+    assert got == ['{"index": 0}\n{"index": 1}\n'] and stat.S_ISFIFO(os.stat(pipe).st_mode)
+    generate.check_writable(pipe, str(tmp_path / "p.txt"), str(tmp_path))
 
 
 @pytest.mark.slow
