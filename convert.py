@@ -576,6 +576,9 @@ def check_parallel(config: dict, n: int, n_experts: Optional[int], o_groups: Opt
     """DeepSeek-V4: settle the expert count and o_groups, and refuse layouts the model cannot run
     (with formats (dense, experts) as the shards will hold the quantised weights)."""
     n_experts = _expert_count(config, n, n_experts)
+    if o_groups is not None and (o_groups < 1 or o_groups != config.get("o_groups", o_groups)):
+        raise ConvertError(f"--o-groups {o_groups} " + ("must be at least 1" if o_groups < 1 else
+                           f"differs from o_groups={config['o_groups']} of config.json, which the model reads"))
     g = o_groups if o_groups is not None else config.get("o_groups", 8)
     _check_runs(ModelArgs, config, n, n_routed_experts=n_experts, o_groups=g, ogroups_comm=ogroups_comm,
                 weights=formats[0], expert_weights=formats[1])

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ops import BACKENDS
+from ops import BACKENDS, backend_unavailable
 from runtime import (V4, Family, GraphedDecoder, Prompt, Ranks, SetupError, Tokenizer, brief, build_model,
                      check_text, end_process_groups, env_expert_kernels, env_flag, family_of, load_args, read_prompts,
                      ready_flaggems, requested_backend, shard_path, tokenize, write_atomically)
@@ -375,6 +375,9 @@ def run(opts: argparse.Namespace, ranks: Ranks) -> None:
                          max_seq_len=opts.max_seq_len, dtype=opts.dtype, backend=opts.backend)
         if args.backend == "flaggems":
             ready_flaggems("USE_FLAGGEMS=1" if env_flag("USE_FLAGGEMS") else "--backend flaggems")
+        why = backend_unavailable(args.backend, ranks.device)
+        if why:
+            raise SetupError(f"{why}: leave --backend out, or give torch")
         path = shard_path(opts.ckpt_path, ranks.rank, ranks.world, args.vocab_size)
         tokenizer, prompts, ids = None, None, None
         if ranks.rank == 0:

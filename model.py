@@ -100,6 +100,7 @@ class ModelArgs(ConfigFile):
     # writes it into their config.json; quant.shard_weights reads it), with defaults.
     RUNTIME_KEYS = ("max_batch_size", "max_seq_len", "dtype", "ogroups_comm", "backend", "weights", "expert_weights",
                     "expert_kernels")
+    MAY_BE_ZERO = ("n_hash_layers", "n_mtp_layers", "n_shared_experts", "original_seq_len")
     SCALE_DTYPE = torch.float8_e8m0fnu  # the release's FP8 block scales: ue8m0
 
     @classmethod
@@ -132,6 +133,7 @@ class ModelArgs(ConfigFile):
         def need(ok, msg):
             if not ok:
                 raise ValueError(msg)
+        self.check_fields()
         self.check_runtime()
         shard_weights({"weights": self.weights, "expert_weights": self.expert_weights})
         need(self.expert_kernels in EXPERT_KERNELS,
@@ -206,6 +208,8 @@ def _from_hf_config(raw: dict, path: str) -> dict:
     else:
         raise ValueError(f"{path}: missing config key 'num_hash_layers'")
     rope = raw.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"{path}: rope_scaling must be an object, got {rope!r}")
     if rope:
         out.update(rope_factor=rope.get("factor", 1.0),
                    original_seq_len=rope.get("original_max_position_embeddings", 0),

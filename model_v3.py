@@ -158,6 +158,7 @@ class ModelArgs(ConfigFile):
     # Read by model.MoE, whose expert machinery the V3 MoE reuses: V3 has no SwiGLU clamp (0 is none).
     swiglu_limit = 0.0
     RUNTIME_KEYS = ("max_batch_size", "max_seq_len", "dtype", "backend", "attn_impl")
+    MAY_BE_ZERO = ("n_dense_layers", "n_shared_experts", "q_lora_rank", "original_seq_len")
     SCALE_DTYPE = torch.float32         # the release's FP8 block scales (weight_scale_inv): float32
 
     @classmethod
@@ -194,6 +195,7 @@ class ModelArgs(ConfigFile):
         def need(ok, msg):
             if not ok:
                 raise ValueError(msg)
+        self.check_fields()
         self.check_runtime()
         need(self.attn_impl in ("auto", "naive", "absorb"),
              f"attn_impl must be 'auto', 'naive' or 'absorb', got {self.attn_impl!r}")
@@ -229,8 +231,6 @@ class ModelArgs(ConfigFile):
 
 def _from_hf_config(raw: dict, path: str) -> dict:
     """Map a Hugging Face DeepSeek-V3 config.json (R1's, V3's) onto ModelArgs fields."""
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: not a JSON object")
     if raw.get("model_type", "deepseek_v3") != "deepseek_v3":
         raise ValueError(f"{path}: model_type is {raw.get('model_type')!r}, not 'deepseek_v3'")
     get = ConfigFile.reader(raw, path)
@@ -242,13 +242,15 @@ def _from_hf_config(raw: dict, path: str) -> dict:
         n_activated_experts=get("num_experts_per_tok"), n_expert_groups=get("n_group"),
         n_limited_groups=get("topk_group"), route_scale=float(get("routed_scaling_factor")),
         score_func=get("scoring_func", "sigmoid"), topk_method=get("topk_method", "noaux_tc"),
-        norm_topk_prob=bool(get("norm_topk_prob")),
+        norm_topk_prob=get("norm_topk_prob"),
         q_lora_rank=raw.get("q_lora_rank") or 0, kv_lora_rank=get("kv_lora_rank"),
         qk_nope_head_dim=get("qk_nope_head_dim"), qk_rope_head_dim=get("qk_rope_head_dim"),
         v_head_dim=get("v_head_dim"), norm_eps=float(get("rms_norm_eps", 1e-6)),
     )
     # transformers 5 writes rope_parameters (rope_theta inside), releases rope_scaling.
     rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"{path}: rope_scaling must be an object, got {rope!r}")
     out["rope_theta"] = float(raw.get("rope_theta") or rope.get("rope_theta") or 10000.0)
     kind = rope.get("type", rope.get("rope_type", "default"))
     if kind == "yarn":

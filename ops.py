@@ -12,6 +12,7 @@ model holds the same object, so switching a built model to another backend is on
 Shapes use: b batch, s query tokens, h heads, d head dim, n key slots, k selected keys per query.
 """
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -360,6 +361,15 @@ def moe_lowp_torch(x, w13, w2, weights, experts, first_expert: int, swiglu_limit
 
 # ---------------------------------------------------------------- the choice
 
+def backend_unavailable(backend: str, device: torch.device) -> Optional[str]:
+    """Why backend (one of BACKENDS) cannot run on device, or None: triton and flaggems need CUDA and
+    the triton package (triton also runs in Triton's CPU interpreter); auto picks what can run."""
+    if backend in ("auto", "torch") or (kernel.triton is not None and (
+            device.type == "cuda" or (kernel.INTERPRETED and backend == "triton"))):
+        return None
+    return f"backend {backend!r} needs a CUDA device and the triton package"
+
+
 class Ops:
     """The operators as one backend runs them.
 
@@ -390,12 +400,11 @@ class Ops:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         device = torch.device(device if device is not None else torch.get_default_device())
-        cuda = device.type == "cuda"
         if backend == "auto":
-            backend = "triton" if cuda and kernel.triton is not None else "torch"
-        if backend != "torch" and (kernel.triton is None
-                                   or not (cuda or (kernel.INTERPRETED and backend == "triton"))):
-            raise RuntimeError(f"backend {backend!r} needs a CUDA device and the triton package")
+            backend = "triton" if device.type == "cuda" and kernel.triton is not None else "torch"
+        why = backend_unavailable(backend, device)
+        if why:
+            raise RuntimeError(why)
         if EXPERT_KERNELS[self.expert_kernels]:
             why = kernel_humming.unavailable(device, backend)
             if why:

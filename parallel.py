@@ -14,7 +14,7 @@ model_v3.py); convert.py cuts the release by it and these layers hold the pieces
 """
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import List, Optional, Tuple
 
 import torch
@@ -28,7 +28,8 @@ from quant import FP8_BLOCK, fp4_scale_shape, fp8_scale_shape
 
 class ConfigFile:
     """What a model's ModelArgs shares: from_file reads a JSON config and hands it to the class's
-    from_config(raw, path, **overrides)."""
+    from_config(raw, path, **overrides); check_fields refuses values of the wrong kind."""
+    MAY_BE_ZERO: Tuple[str, ...] = ()   # the integer fields that may be 0 (the others count from 1)
 
     @classmethod
     def from_file(cls, path: str, **overrides):
@@ -38,7 +39,32 @@ class ConfigFile:
                 raw = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: not a JSON object")
         return cls.from_config(raw, path, **overrides)
+
+    def check_fields(self) -> None:
+        """ValueError naming the first field whose value is not of its annotated kind: an integer (not a
+        bool; at least 1, or 0 for MAY_BE_ZERO), a finite number, a bool, a string, a list of integers
+        at least 0. Config files are JSON: "64" or 64.0 for a width is a mistake to name, not to run."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), str(f.type).replace("typing.", "")
+            if kind in ("int", "<class 'int'>"):
+                least = 0 if f.name in self.MAY_BE_ZERO else 1
+                ok, want = type(value) is int and value >= least, f"an integer >= {least}"
+            elif kind in ("float", "<class 'float'>"):
+                ok, want = type(value) in (int, float) and math.isfinite(value), "a finite number"
+            elif kind in ("bool", "<class 'bool'>"):
+                ok, want = type(value) is bool, "true or false"
+            elif kind in ("str", "<class 'str'>"):
+                ok, want = type(value) is str, "a string"
+            elif kind == "List[int]":
+                ok, want = type(value) in (list, tuple) and all(type(v) is int and v >= 0 for v in value), \
+                    "a list of integers >= 0"
+            else:
+                continue
+            if not ok:
+                raise ValueError(f"{f.name} must be {want}, got {value!r}")
 
     @staticmethod
     def reader(raw: dict, path: str):

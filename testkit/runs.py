@@ -72,6 +72,7 @@ BAD_INPUT_LINES = {
     "foreign_tokenizer": r"tokenizer\.json has ids up to \d+, beyond the model's vocab_size 129280: it is not this "
                          r"model's tokenizer",
     "flaggems_on_cpu": r"USE_FLAGGEMS=1 needs a CUDA GPU",
+    "triton_on_cpu": r"backend 'triton' needs a CUDA device and the triton package: leave --backend out, or give torch",
 }
 
 
@@ -129,8 +130,10 @@ def bad_input(case: str, argv: dict, tmp_path, broken: dict, messages: list, no_
         argv["--output-file"] = os.path.join(argv["--ckpt-path"], "config.json")
     elif case in ("damaged_tokenizer", "foreign_tokenizer"):
         argv["--ckpt-path"] = tokenizer_spoiled(argv["--ckpt-path"], str(tmp_path / "ckpt"), case == "damaged_tokenizer")
-    elif case == "flaggems_on_cpu":
+    elif case in ("flaggems_on_cpu", "triton_on_cpu"):
         if torch.cuda.is_available():
             pytest.skip("this machine has a GPU")
-        monkeypatch.setenv("USE_FLAGGEMS", "1")
-    return {"too_long": ["--max-seq-len", "16"], "raw_messages": ["--raw"]}.get(case, [])
+        if case == "flaggems_on_cpu":
+            monkeypatch.setenv("USE_FLAGGEMS", "1")
+    return {"too_long": ["--max-seq-len", "16"], "raw_messages": ["--raw"],
+            "triton_on_cpu": ["--backend", "triton"]}.get(case, [])

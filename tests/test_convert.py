@@ -214,7 +214,21 @@ BAD_INPUTS = {
     "above_o_groups": (lambda src: None, ["--model-parallel", "4"], {}, ["USE_OGROUPS_COMM=1", "o_groups=2"]),
     "o_groups_comm_too_few_ranks": (lambda src: None, ["--model-parallel", "2"], {"USE_OGROUPS_COMM": "1"},
                                     ["USE_OGROUPS_COMM=1 needs", "got 2"]),
+    "o_groups_disagree": (lambda src: None, ["--model-parallel", "4", "--o-groups", "1"], {"USE_OGROUPS_COMM": "1"},
+                          ["--o-groups 1 differs from o_groups=2 of config.json"]),
+    "o_groups_zero": (lambda src: None, ["--o-groups", "0"], {}, ["--o-groups 0 must be at least 1"]),
+    "config_width_a_string": (lambda src: _edit_config(src, hidden_size="64"), [], {},
+                              ["config.json", "dim must be an integer >= 1, got '64'"]),
+    "config_rope_scaling_a_string": (lambda src: _edit_config(src, rope_scaling="yarn"), [], {},
+                                     ["rope_scaling must be an object, got 'yarn'"]),
 }
+
+
+def _edit_config(src, **changes):
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(src, "config.json"), "w") as f:
+        json.dump(dict(config, **changes), f)
 
 
 def _spoiled(release, root, case):

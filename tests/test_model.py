@@ -236,6 +236,15 @@ def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="missing config key 'head_dim'"):              # null, no default
         ModelArgs.from_file(write_json(tmp_path, dict(cfg, head_dim=None)))
     assert ModelArgs.from_file(write_json(tmp_path, dict(cfg, swiglu_limit=None))).swiglu_limit == 0.0  # the default
+    for change, message in (({"hidden_size": "64"}, "dim must be an integer >= 1, got '64'"),
+                            ({"o_groups": 0}, "o_groups must be an integer >= 1, got 0"),
+                            ({"rms_norm_eps": "1e-6"}, "norm_eps must be a finite number, got '1e-6'"),
+                            ({"compress_ratios": [0, -4]}, r"compress_ratios must be a list of integers >= 0"),
+                            ({"rope_scaling": "yarn"}, "rope_scaling must be an object, got 'yarn'")):
+        with pytest.raises(ValueError, match=message):
+            ModelArgs.from_file(write_json(tmp_path, dict(cfg, **change))).validate()
+    with pytest.raises(ValueError, match="not a JSON object"):
+        ModelArgs.from_file(write_json(tmp_path, [1, 2]))
     with open(os.path.join(os.path.dirname(__file__), "..", "configs", "config_tiny.json")) as f:
         tiny = json.load(f)
     with pytest.raises(ValueError, match=r"missing config key\(s\) \['dim'\]"):
