@@ -331,8 +331,15 @@ def shard_path(ckpt: str, rank: int, world: int, vocab_size: int) -> str:
 def build_model(args: Union[ModelArgs, model_v3.ModelArgs], path: str, device: torch.device,
                 world: int) -> Transformer:
     """The Transformer of args' family, with this rank's shard loaded."""
-    with torch.device(device):
-        built = family_of(args).model_class(args)
+    try:
+        with torch.device(device):
+            built = family_of(args).model_class(args)
+    except RuntimeError as e:   # torch.OutOfMemoryError on a GPU, the CPU allocator's RuntimeError
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        raise SetupError(f"the model with its caches for max_batch_size={args.max_batch_size} x max_seq_len="
+                         f"{args.max_seq_len} does not fit in memory ({device}, {world} rank{'s' * (world > 1)}): lower --max-seq-len "
+                         f"or --max-batch-size, or use more ranks") from None
     try:
         load_model(built, path, device=str(device))
     except RuntimeError as e:
@@ -368,8 +375,9 @@ class Ranks:
                 self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
     def agree(self, error: Optional[str]) -> None:
-        """Raise SetupError on every rank if any rank has an error (a message shared by all
-        ranks is said once, others with their rank)."""
+        """Raise SetupError on every rank if any rank has an error, in one line: a message shared by
+        all ranks as it is, else the first failing rank's with its number (and the others' numbers:
+        their messages are its own for their files, such as each rank's missing shard)."""
         errors = [error]
         if self.world > 1:
             errors = [None] * self.world
@@ -379,7 +387,9 @@ class Ranks:
             return
         if len(found) == len(errors) and len({e for _, e in found}) == 1:
             raise SetupError(error)
-        raise SetupError("\n".join(f"rank {r}: {e}" for r, e in found))
+        others = [str(r) for r, _ in found[1:]]
+        more = f" (rank{'s' * (len(others) > 1)} {', '.join(others)} failed too)" if others else ""
+        raise SetupError(f"rank {found[0][0]}: {found[0][1]}{more}")
 
     def share(self, obj, group=None):
         """rank 0's obj, on every rank."""

@@ -8,6 +8,7 @@ of several ranks started by generate.py --nproc-per-node (as the README document
 line; every rank must end by itself, promptly, after success and after failure. Tests that start
 several ranks are marked slow.
 """
+import dataclasses
 import io
 import json
 import os
@@ -281,6 +282,18 @@ def test_bad_input_is_refused_with_a_clear_message(case, match, ckpt, broken, in
     assert re.search(match, err), err
 
 
+def test_a_model_too_large_for_memory_is_one_line(ckpt, inputs, monkeypatch, capsys):
+    """The caches of a huge --max-seq-len (here the CPU allocator's refusal, raised by hand: a real one
+    would first take the machine's memory)."""
+    def refused(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 32000000000 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(runtime, "family_of", lambda args: dataclasses.replace(runtime.V4, model_class=refused))
+    assert run_here("--ckpt-path", ckpt[1], "--input-file", inputs["text"], "--max-seq-len", "100000") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "max_seq_len=100000 does not fit in memory (cpu, 1 rank): lower" in err, err
+
+
 @pytest.mark.parametrize("flags, match", [
     (["--temperature", "nan"], "--temperature must be finite and >= 0"),
     (["--temperature", "inf"], "--temperature must be finite and >= 0"),
@@ -318,15 +331,16 @@ def test_an_output_file_that_is_not_a_regular_file_is_written_in_place(tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["rank1_missing", "too_long", "missing_file", "no_tokenizer"])
+@pytest.mark.parametrize("case", ["rank1_missing", "all_missing", "too_long", "missing_file", "no_tokenizer"])
 def test_a_clean_error_of_several_ranks_is_one_line(case, ckpt, broken, inputs, tmp_path):
-    """A shard missing on rank 1 only, a prompt rank 0 refuses, a missing input file, no tokenizer:
+    """A shard missing on rank 1 only or on both, a prompt rank 0 refuses, a missing input file, no tokenizer:
     every rank exits, with status 1, and the user reads one line (torchrun itself adds some 35 lines
     of report, and a rank exiting with gloo's threads alive added an abort message)."""
     args = {"rank1_missing": ["--ckpt-path", broken["rank1_missing"], "--input-file", inputs["text"]],
             "too_long": ["--ckpt-path", ckpt[2], "--input-file", inputs["text"], "--max-seq-len", "8"],
             "missing_file": ["--ckpt-path", ckpt[2], "--input-file", str(tmp_path / "absent.txt")],
-            "no_tokenizer": ["--ckpt-path", str(tmp_path / "mp2"), "--input-file", inputs["text"]]}[case]
+            "no_tokenizer": ["--ckpt-path", str(tmp_path / "mp2"), "--input-file", inputs["text"]],
+            "all_missing": ["--ckpt-path", ckpt[1], "--input-file", inputs["text"]]}[case]
     if case == "no_tokenizer":
         shutil.copytree(ckpt[2], tmp_path / "mp2", ignore=shutil.ignore_patterns("tokenizer*"))
     start = time.monotonic()
@@ -336,8 +350,10 @@ def test_a_clean_error_of_several_ranks_is_one_line(case, ckpt, broken, inputs, 
     assert len(done.stderr.splitlines()) == 1, done.stderr
     line = done.stderr.strip()
     assert {"rank1_missing": "generate.py: error: rank 1: ", "too_long": "generate.py: error: rank 0: prompt 2 has 10 tokens",
-            "missing_file": "generate.py: error: rank 0: input file ", "no_tokenizer": "generate.py: error: rank 0: no tokenizer"
-            }[case] in line, line
+            "missing_file": "generate.py: error: rank 0: input file ", "no_tokenizer": "generate.py: error: rank 0: no tokenizer",
+            "all_missing": "generate.py: error: rank 0: "}[case] in line, line
+    if case == "all_missing":
+        assert "model0-mp2.safetensors not found" in line and line.endswith("(rank 1 failed too)"), line
     if case == "rank1_missing":
         assert "model1-mp2.safetensors not found" in line
 
