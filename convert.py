@@ -516,7 +516,6 @@ _writer: Optional[ShardWriter] = None   # one per pool worker
 
 def _start_worker(outputs: List[str], threads: int) -> None:
     global _writer
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent handles Ctrl-C and cleans up
     torch.set_num_threads(threads)
     _writer = ShardWriter(outputs)
 
@@ -527,8 +526,9 @@ def _run_job(job: Job) -> int:
 
 # ----------------------------------------------------------------------------- driver
 
-def _truthy(value: Optional[str]) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes")
+def env_flag(name: str) -> bool:
+    """A USE_* switch of the environment, read alike by every entry point: on for 1, true, yes, on."""
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _read_json(path: str, what: str) -> dict:
@@ -651,7 +651,7 @@ def convert(hf_ckpt_path: str, save_path: str, model_parallel: int, n_experts: O
     config_path = os.path.join(hf_ckpt_path, "config.json")
     config = _read_json(config_path, "config") if os.path.exists(config_path) else {}
     if ogroups_comm is None:
-        ogroups_comm = _truthy(os.environ.get("USE_OGROUPS_COMM"))
+        ogroups_comm = env_flag("USE_OGROUPS_COMM")
     release, formats = check_release(config, model_parallel, n_experts, o_groups, ogroups_comm, dtype, expert_dtype)
 
     index_path = os.path.join(hf_ckpt_path, INDEX_FILE)
@@ -720,7 +720,14 @@ def _write_all(jobs: List[Job], temps: List[str], workers: int, total: int) -> N
             return
         threads = max(1, (os.cpu_count() or 1) // workers)
         context = multiprocessing.get_context("spawn")   # no fork of a process that already runs torch threads
-        with context.Pool(workers, initializer=_start_worker, initargs=(temps, threads)) as pool:
+        # The workers are born ignoring Ctrl-C (Python keeps an ignored SIGINT ignored), even while they
+        # import torch: the parent handles it and cleans up.
+        parents = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            pool = context.Pool(workers, initializer=_start_worker, initargs=(temps, threads))
+        finally:
+            signal.signal(signal.SIGINT, parents)
+        with pool:
             for written in pool.imap_unordered(_run_job, jobs):
                 bar.update(written)
 
@@ -737,6 +744,14 @@ def _check_written(path: str, header: bytes, size: int) -> None:
         os.fsync(f.fileno())
 
 
+class Stopped(Exception):
+    """SIGTERM (a job scheduler, kill) raised in the main thread, so that the partial shards are removed."""
+
+
+def _stopped(signum, frame):
+    raise Stopped()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hf-ckpt-path", required=True, help="the release folder (with " + INDEX_FILE + ")")
@@ -745,7 +760,8 @@ def main() -> None:
     parser.add_argument("--model-parallel", type=int, required=True, help="number of ranks N")
     parser.add_argument("--o-groups", type=int,
                         help="DeepSeek-V4's output projection groups (default: config.json, else 8)")
-    parser.add_argument("--num-workers", type=int, help="worker processes (default: min(N, CPU count))")
+    parser.add_argument("--num-workers", type=int,
+                        help="worker processes, 1 .. CPU count (default: min(N, CPU count))")
     parser.add_argument("--dtype", choices=SHARD_WEIGHTS, default="bf16",
                         help="bf16: dequantise the quantised weights (any GPU); fp8: keep them as released, with "
                              "their scales, for the FP8 / MXFP4 kernels")
@@ -753,6 +769,9 @@ def main() -> None:
                         help="with --dtype fp8, DeepSeek-V4's routed experts: fp4 (as released, the default) or "
                              "fp8 (cast exactly to FP8 with 128x128 block scales, twice the bytes)")
     args = parser.parse_args()
+    if args.num_workers is not None and not 1 <= args.num_workers <= (os.cpu_count() or 1):
+        parser.error(f"--num-workers must be in 1 .. {os.cpu_count() or 1} (the CPU count)")
+    signal.signal(signal.SIGTERM, _stopped)
     try:
         convert(args.hf_ckpt_path, args.save_path, args.model_parallel, args.n_experts, args.o_groups,
                 args.num_workers, dtype=args.dtype, expert_dtype=args.expert_dtype,
@@ -763,6 +782,10 @@ def main() -> None:
     except KeyboardInterrupt:
         print("convert.py: interrupted; partial shards removed", file=sys.stderr)
         sys.exit(130)
+    except Stopped:
+        print("convert.py: stopped by SIGTERM; partial shards removed", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
+
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from safetensors.torch import load_model
 import flaggems
 import kernel_humming
 import model_v3
-from convert import architecture
+from convert import architecture, env_flag
 from encoding import (ASSISTANT, BOS, EOS, THINK_END, THINK_START, USER, check_messages, encode_messages,
                       encode_messages_r1, parse_completion, parse_completion_r1)
 from model import ModelArgs, Transformer
@@ -38,10 +38,6 @@ Prompt = Union[str, List[dict]]   # a user prompt, or a conversation ending with
 
 class SetupError(Exception):
     """A problem with the setup or the inputs: reported as a message, exit status 1."""
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def env_expert_kernels() -> str:
@@ -337,9 +333,10 @@ def build_model(args: Union[ModelArgs, model_v3.ModelArgs], path: str, device: t
     except RuntimeError as e:   # torch.OutOfMemoryError on a GPU, the CPU allocator's RuntimeError
         if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
             raise
+        ranks = f"{world} rank{'s' * (world > 1)}"
         raise SetupError(f"the model with its caches for max_batch_size={args.max_batch_size} x max_seq_len="
-                         f"{args.max_seq_len} does not fit in memory ({device}, {world} rank{'s' * (world > 1)}): lower --max-seq-len "
-                         f"or --max-batch-size, or use more ranks") from None
+                         f"{args.max_seq_len} does not fit in memory ({device}, {ranks}): lower --max-seq-len or "
+                         f"--max-batch-size, or use more ranks") from None
     try:
         load_model(built, path, device=str(device))
     except RuntimeError as e:

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -162,6 +163,44 @@ def test_interrupt_leaves_no_shards(release, tmp_path, monkeypatch):
     check_interrupt_leaves_no_shards(release[0], str(tmp_path / "out"), monkeypatch)
 
 
+def test_sigterm_leaves_no_shards_and_one_line(release, tmp_path, monkeypatch, capsys):
+    """A scheduler's SIGTERM while two workers (where there are two CPUs) write: the signal arrives in
+    the main thread, the partial shards go, one line, status 143 (128 + SIGTERM)."""
+    write_all, pool = convert._write_all, min(2, os.cpu_count() or 1)
+
+    def stopped_midway(jobs, temps, workers, total):
+        assert workers == pool and all(os.path.exists(t) for t in temps)
+        os.kill(os.getpid(), signal.SIGTERM)
+        write_all(jobs, temps, workers, total)         # the handler raises before or during it
+
+    monkeypatch.setattr(convert, "_write_all", stopped_midway)
+    argv = _argv(release[0], str(tmp_path / "out"), ["--num-workers", str(pool)])
+    monkeypatch.setattr(sys, "argv", ["convert.py", *argv])
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            convert.main()
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.splitlines()[-1] == "convert.py: stopped by SIGTERM; partial shards removed"
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_switches_and_worker_counts(release, tmp_path, monkeypatch):
+    """USE_OGROUPS_COMM reads as generate.py reads it (on/off too); --num-workers stays within the CPUs."""
+    for value, on in (("on", True), ("1", True), ("yes", True), ("off", False), ("0", False), ("", False)):
+        monkeypatch.setenv("USE_OGROUPS_COMM", value)
+        assert convert.env_flag("USE_OGROUPS_COMM") is on
+    monkeypatch.delenv("USE_OGROUPS_COMM")
+    for workers in ("0", str((os.cpu_count() or 1) + 1)):
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"),
+                               *_argv(release[0], str(tmp_path / "out"), ["--num-workers", workers])],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "--num-workers must be in 1 .. " in done.stderr, done.stderr
+    assert not os.path.exists(tmp_path / "out")
+
+
 def _rewrite(path, edit):
     """Rewrite one safetensors file after edit(dict of its tensors) changes the dict in place."""
     tensors = {}
@@ -294,7 +333,8 @@ def cli_runs(release, tmp_path_factory):
         src, dst = _spoiled(release, root, case)
         runs[case] = (_cli(src, dst, BAD_INPUTS[case][1], BAD_INPUTS[case][2]), dst)
     good = str(root / "good")
-    runs["workers"] = (_cli(release[0], good, ["--model-parallel", "4", "--num-workers", "2"],
+    workers = str(min(2, os.cpu_count() or 1))
+    runs["workers"] = (_cli(release[0], good, ["--model-parallel", "4", "--num-workers", workers],
                             {"USE_OGROUPS_COMM": "yes"}), good)
     results = {}
     for name, (proc, dst) in runs.items():
