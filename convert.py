@@ -645,6 +645,8 @@ def convert(hf_ckpt_path: str, save_path: str, model_parallel: int, n_experts: O
     writing starts, and one at the end."""
     if not os.path.isdir(hf_ckpt_path):
         raise ConvertError(f"{hf_ckpt_path}: checkpoint folder not found")
+    if os.path.exists(save_path) and not os.path.isdir(save_path):
+        raise ConvertError(f"--save-path {save_path} is a file: give a folder (new, or of an earlier conversion)")
     if os.path.isdir(save_path) and os.path.samefile(hf_ckpt_path, save_path):
         raise ConvertError(f"--save-path {save_path} is the release folder {hf_ckpt_path}: the shards and "
                            f"config.json need a folder of their own")

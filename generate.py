@@ -500,11 +500,14 @@ def launch(opts: argparse.Namespace, argv: List[str]) -> int:
 def failure_line(failures: dict) -> Optional[str]:
     """What the launcher adds about a failed job (failures: {rank: torch's ProcessFailure}), or None
     where a rank has said it: exit status 1 follows rank 0's message (or a traceback). The agent stops
-    the other ranks with SIGTERM, so a rank killed by another signal is the cause."""
+    the other ranks with SIGTERM, so a rank killed by another signal is the cause; unless the agent
+    recorded it later than the first failure (seconds later: a rank that ignored the SIGTERM, hung
+    or stopped, which the agent then killed with SIGKILL)."""
     if any(f.exitcode == 1 for f in failures.values()):
         return None
+    first = min(f.timestamp for f in failures.values())
     for rank, f in sorted(failures.items()):
-        if f.exitcode < 0 and -f.exitcode != signal.SIGTERM:
+        if f.exitcode < 0 and -f.exitcode != signal.SIGTERM and f.timestamp <= first + 1:
             return f"rank {rank} was killed by {signal.Signals(-f.exitcode).name}"
     for rank, f in sorted(failures.items()):
         if f.exitcode == LOST:

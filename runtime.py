@@ -292,7 +292,8 @@ def load_args(ckpt_path: str, world: int, config: Optional[str] = None, ogroups_
     except FileNotFoundError:
         raise SetupError(f"config {config} not found") from None
     except (OSError, ValueError, TypeError) as e:
-        raise SetupError(f"config {config}: {e}") from None
+        text = str(e)              # from_file's own messages start with the file's path
+        raise SetupError(f"config {text}" if text.startswith(config) else f"config {config}: {text}") from None
     why = None if expert_kernels == "triton" or device is None else kernel_humming.unavailable(device, args.backend)
     if why:
         raise SetupError(f"expert kernels {expert_kernels!r} (USE_HUMMING): humming-kernels cannot run them: {why}")

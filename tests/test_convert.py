@@ -187,6 +187,13 @@ def test_sigterm_leaves_no_shards_and_one_line(release, tmp_path, monkeypatch, c
     assert os.listdir(tmp_path / "out") == []
 
 
+def test_a_file_as_save_path_is_refused(release, tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(convert.ConvertError, match=r"--save-path .*afile is a file: give a folder"):
+        convert.convert(release[0], str(tmp_path / "afile"), 1, num_workers=1)
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_switches_and_worker_counts(release, tmp_path, monkeypatch):
     """USE_OGROUPS_COMM reads as generate.py reads it (on/off too); --num-workers stays within the CPUs."""
     for value, on in (("on", True), ("1", True), ("yes", True), ("off", False), ("0", False), ("", False)):

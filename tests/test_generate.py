@@ -282,6 +282,13 @@ def test_bad_input_is_refused_with_a_clear_message(case, match, ckpt, broken, in
     assert re.search(match, err), err
 
 
+def test_a_config_error_names_the_file_once(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(runtime.SetupError) as error:
+        runtime.load_args(str(tmp_path), 1)
+    assert str(error.value).count(str(tmp_path / "config.json")) == 1, error.value
+
+
 def test_a_model_too_large_for_memory_is_one_line(ckpt, inputs, monkeypatch, capsys):
     """The caches of a huge --max-seq-len (here the CPU allocator's refusal, raised by hand: a real one
     would first take the machine's memory)."""
@@ -462,8 +469,10 @@ def test_ctrl_c_ends_the_job_with_one_line(ckpt, inputs, tmp_path):
 
 
 def test_failure_line_names_what_no_rank_said():
-    def failures(**codes):
-        return {int(rank[1:]): types.SimpleNamespace(exitcode=code) for rank, code in codes.items()}
+    def failures(later=(), **codes):
+        """{rank: a failure of that exit status}, recorded at 0 s, or at 31 s for the ranks in later."""
+        return {int(rank[1:]): types.SimpleNamespace(exitcode=code, timestamp=31 if int(rank[1:]) in later else 0)
+                for rank, code in codes.items()}
     assert generate.failure_line(failures(r0=1, r1=-signal.SIGTERM)) is None              # rank 0 said it
     assert generate.failure_line(failures(r0=-signal.SIGTERM, r1=1)) is None
     assert generate.failure_line(failures(r0=-signal.SIGTERM, r1=-signal.SIGKILL, r2=generate.LOST)) == \
@@ -471,6 +480,10 @@ def test_failure_line_names_what_no_rank_said():
     assert generate.failure_line(failures(r0=-signal.SIGTERM, r1=generate.LOST)).startswith(
         "rank 1 lost contact with the other ranks")
     assert generate.failure_line(failures(r3=-signal.SIGTERM)) == "rank 3 ended with exit status -15"
+    # rank 1 stopped answering: rank 0 lost contact at the timeout, the agent's SIGTERM went unheeded
+    # and its SIGKILL came 30 s later
+    assert generate.failure_line(failures(later=(1,), r0=generate.LOST, r1=-signal.SIGKILL)).startswith(
+        "rank 0 lost contact with the other ranks")
 
 
 @pytest.mark.parametrize("ending", ["killed", "interrupted"])
