@@ -381,6 +381,8 @@ def run(opts: argparse.Namespace, ranks: Ranks) -> None:
         path = shard_path(opts.ckpt_path, ranks.rank, ranks.world, args.vocab_size)
         tokenizer, prompts, ids = None, None, None
         if ranks.rank == 0:
+            if opts.interactive and (sys.stdin is None or sys.stdin.closed):
+                raise SetupError("--interactive reads the conversation on stdin, which is closed")
             tokenizer = Tokenizer(opts.ckpt_path, args.vocab_size)
             if not opts.interactive:
                 if opts.output_file:

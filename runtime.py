@@ -305,6 +305,8 @@ def shard_path(ckpt: str, rank: int, world: int, vocab_size: int) -> str:
     if not os.path.isdir(ckpt):
         raise SetupError(f"checkpoint folder {ckpt} not found")
     path = os.path.join(ckpt, f"model{rank}-mp{world}.safetensors")
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise SetupError(f"{path} is not a file (a folder, or a link to nothing)")
     if not os.path.isfile(path):
         sizes = sorted({int(m.group(1)) for name in os.listdir(ckpt)
                         if (m := re.fullmatch(r"model\d+-mp(\d+)\.safetensors", name))})

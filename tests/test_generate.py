@@ -282,6 +282,18 @@ def test_bad_input_is_refused_with_a_clear_message(case, match, ckpt, broken, in
     assert re.search(match, err), err
 
 
+def test_a_shard_that_is_no_file_and_a_closed_stdin_are_one_line(ckpt, inputs, tmp_path, monkeypatch, capsys):
+    for name in os.listdir(ckpt[1]):
+        target = "/nonexistent" if name.endswith(".safetensors") else os.path.join(ckpt[1], name)
+        os.symlink(target, tmp_path / name)
+    assert run_here("--ckpt-path", str(tmp_path), "--input-file", inputs["text"]) == 1
+    assert capsys.readouterr().err == (f"generate.py: error: {tmp_path}/model0-mp1.safetensors is not a file (a folder, "
+                                       f"or a link to nothing)\n")
+    monkeypatch.setattr(sys, "stdin", None)
+    assert run_here("--ckpt-path", ckpt[1], "--interactive") == 1
+    assert capsys.readouterr().err == "generate.py: error: --interactive reads the conversation on stdin, which is closed\n"
+
+
 def test_a_config_error_names_the_file_once(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(runtime.SetupError) as error:
