@@ -789,6 +789,5 @@ def main() -> None:
         sys.exit(128 + signal.SIGTERM)
 
 
-
 if __name__ == "__main__":
     main()

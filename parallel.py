@@ -48,17 +48,17 @@ class ConfigFile:
         bool; at least 1, or 0 for MAY_BE_ZERO), a finite number, a bool, a string, a list of integers
         at least 0. Config files are JSON: "64" or 64.0 for a width is a mistake to name, not to run."""
         for f in fields(self):
-            value, kind = getattr(self, f.name), str(f.type).replace("typing.", "")
-            if kind in ("int", "<class 'int'>"):
+            value = getattr(self, f.name)
+            if f.type is int:
                 least = 0 if f.name in self.MAY_BE_ZERO else 1
                 ok, want = type(value) is int and value >= least, f"an integer >= {least}"
-            elif kind in ("float", "<class 'float'>"):
+            elif f.type is float:
                 ok, want = type(value) in (int, float) and math.isfinite(value), "a finite number"
-            elif kind in ("bool", "<class 'bool'>"):
+            elif f.type is bool:
                 ok, want = type(value) is bool, "true or false"
-            elif kind in ("str", "<class 'str'>"):
+            elif f.type is str:
                 ok, want = type(value) is str, "a string"
-            elif kind == "List[int]":
+            elif f.type == List[int]:
                 ok, want = type(value) in (list, tuple) and all(type(v) is int and v >= 0 for v in value), \
                     "a list of integers >= 0"
             else:
