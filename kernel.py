@@ -591,16 +591,18 @@ if triton is not None:
         tl.store(part_ptr + a * sp + cols, tl.sum(acc, 0), mask=cmask)
 
     @triton.jit
-    def _moe_gemv_sum_kernel(part_ptr, out_ptr, A, K, D, sp, so, BLOCK: tl.constexpr, SHARED: tl.constexpr):
-        # Token t, BLOCK columns: out[t] = sum of its K assignments' rows of part (+ its shared expert's row).
+    def _moe_gemv_sum_kernel(part_ptr, out_ptr, A, K, D, S, R, sp, so, BLOCK: tl.constexpr, SHARED: tl.constexpr):
+        # Token t, BLOCK columns: out[t] = the sum of its K assignments' rows of part (+ its shared
+        # expert's row A + t) over the S slices of R rows each that part holds.
         t, nb = tl.program_id(0), tl.program_id(1)
         cols = nb * BLOCK + tl.arange(0, BLOCK)
         cmask = cols < D
         acc = tl.zeros([BLOCK], tl.float32)
-        for j in range(K):
-            acc += tl.load(part_ptr + (t * K + j) * sp + cols, mask=cmask, other=0.0)
-        if SHARED:
-            acc += tl.load(part_ptr + (A + t) * sp + cols, mask=cmask, other=0.0)
+        for s in range(S):
+            for j in range(K):
+                acc += tl.load(part_ptr + (s * R + t * K + j) * sp + cols, mask=cmask, other=0.0)
+            if SHARED:
+                acc += tl.load(part_ptr + (s * R + A + t) * sp + cols, mask=cmask, other=0.0)
         tl.store(out_ptr + t * so + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
 
     @triton.jit
@@ -990,8 +992,8 @@ def moe_gemv_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_limi
         BN=bn, BK=bk, PRECISION=precision, num_warps=warps, num_stages=stages)
     out = torch.empty(t, dim, dtype=out_dtype, device=x.device)
     block = 1024
-    _moe_gemv_sum_kernel[(t, triton.cdiv(dim, block))](part, out, t * k, k, dim, part.stride(0), out.stride(0),
-                                                       BLOCK=block, SHARED=shared, num_warps=4)
+    _moe_gemv_sum_kernel[(t, triton.cdiv(dim, block))](part, out, t * k, k, dim, 1, rows, part.stride(0),
+                                                       out.stride(0), BLOCK=block, SHARED=shared, num_warps=4)
     return out
 
 

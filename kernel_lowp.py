@@ -233,26 +233,54 @@ if triton is not None:
         return row
 
     @triton.jit
-    def _moe_lowp_gemv_up_kernel(x_ptr, w_ptr, s_ptr, gu_ptr, h_ptr, experts_ptr, weights_ptr, first, n_local,
-                                 A, K, D, I, UP, IS, limit, sx, sw_e, sw_n, ss_e, ss_n, sgu, sh,
-                                 BN: tl.constexpr, G: tl.constexpr, CLAMP: tl.constexpr, FP4: tl.constexpr,
-                                 UE8M0: tl.constexpr):
-        # kernel._moe_gemv_up_kernel with low-precision W13 [E, 2 UP, ..] (w1 in rows 0 .. I-1, w3 in rows
-        # UP .. UP+I-1; MXFP4 packed with scales [E, 2 UP, D/32], or FP8 with block scales [E, 2 UP/128,
-        # ceil(D/128)]) on CUDA cores: row a < A of h (token a // K, local expert e): weight * silu(x W1[e]^T)
-        # * (x W3[e]^T), BN columns; rows A + t: the shared expert's silu(g) * u.
+    def _k_slice(w_base, s_base, k0, FP4: tl.constexpr):
+        # A low-precision weight's rows from input k0 on (k0 a multiple of 128): their bytes and scales.
+        if FP4:
+            w_base += k0 // 2
+            s_base += k0 // FP4_G
+        else:
+            w_base += k0
+            s_base += k0 // B8
+        return w_base, s_base
+
+    @triton.jit
+    def _moe_lowp_gemv_up_kernel(x_ptr, w_ptr, s_ptr, p_ptr, experts_ptr, first, n_local, K, D, I, UP, KS,
+                                 sx, sw_e, sw_n, ss_e, ss_n, sp_s, sp_a, BN: tl.constexpr, G: tl.constexpr,
+                                 FP4: tl.constexpr, UE8M0: tl.constexpr):
+        # The few-token MoE's up projection with low-precision W13 [E, 2 UP, ..] (w1 in rows 0 .. I-1, w3 in
+        # rows UP .. UP+I-1; MXFP4 packed with scales [E, 2 UP, D/32], or FP8 with block scales [E, 2 UP/128,
+        # ceil(D/128)]) on CUDA cores, split three ways so that the programs fill the GPU: assignment a
+        # (token a // K, local expert e), BN columns of w1 (blocks nb < cdiv(I, BN)) or of w3 (the next
+        # ones), inputs s KS .. (s+1) KS. p[s, a] = [x W1[e]^T, x W3[e]^T] over those inputs, float32.
+        a, nb, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        e = tl.load(experts_ptr + a) - first
+        if (e >= 0) & (e < n_local):
+            half = nb // tl.cdiv(I, BN)
+            n0 = (nb - half * tl.cdiv(I, BN)) * BN
+            w_base, s_base = _k_slice(w_ptr + e.to(tl.int64) * sw_e + half * UP * sw_n,
+                                      s_ptr + e.to(tl.int64) * ss_e + half * _up_scale_row(UP, FP4) * ss_n,
+                                      s * KS, FP4)
+            out = _expert_row(x_ptr + (a // K) * sx + s * KS, w_base, s_base, sw_n, ss_n, KS, n0, BN, I, G, FP4, UE8M0)
+            cols = n0 + tl.arange(0, BN)
+            tl.store(p_ptr + s * sp_s + a * sp_a + half * I + cols, out, mask=cols < I)
+
+    @triton.jit
+    def _moe_lowp_swiglu_kernel(p_ptr, gu_ptr, h_ptr, experts_ptr, weights_ptr, first, n_local, A, I, IS, limit,
+                                sp_s, sp_a, sgu, sh, S: tl.constexpr, BLOCK: tl.constexpr, CLAMP: tl.constexpr):
+        # Row a of h, BLOCK columns: for an assignment a < A with a local expert, its S partial sums of
+        # the up kernel added, then weight * silu(g) * u (clamped); rows A + t: the shared expert's
+        # silu(g) * u of token t from gu[t] = [x W1s^T, x W3s^T]. Rounded to h's dtype as the reference does.
         a, nb = tl.program_id(0), tl.program_id(1)
-        cols = nb * BN + tl.arange(0, BN)
+        cols = nb * BLOCK + tl.arange(0, BLOCK)
         if a < A:
             e = tl.load(experts_ptr + a) - first
             if (e >= 0) & (e < n_local):
-                x_row = x_ptr + (a // K) * sx
                 cmask = cols < I
-                w_base, s_base = w_ptr + e.to(tl.int64) * sw_e, s_ptr + e.to(tl.int64) * ss_e
-                up_s = _up_scale_row(UP, FP4)
-                g = _expert_row(x_row, w_base, s_base, sw_n, ss_n, D, nb * BN, BN, I, G, FP4, UE8M0)
-                u = _expert_row(x_row, w_base + UP * sw_n, s_base + up_s * ss_n, sw_n, ss_n, D, nb * BN, BN, I, G,
-                                FP4, UE8M0)
+                g = tl.zeros([BLOCK], tl.float32)
+                u = tl.zeros([BLOCK], tl.float32)
+                for s in tl.static_range(S):
+                    g += tl.load(p_ptr + s * sp_s + a * sp_a + cols, mask=cmask, other=0.0)
+                    u += tl.load(p_ptr + s * sp_s + a * sp_a + I + cols, mask=cmask, other=0.0)
                 if CLAMP:
                     g = tl.minimum(g, limit)
                     u = tl.minimum(tl.maximum(u, -limit), limit)
@@ -267,26 +295,28 @@ if triton is not None:
 
     @triton.jit
     def _moe_lowp_gemv_down_kernel(h_ptr, w_ptr, s_ptr, ws_ptr, wss_ptr, part_ptr, experts_ptr, first, n_local,
-                                   A, D, I, IS, sh, sw_e, sw_n, ss_e, ss_n, sws_n, swss_n, sp,
+                                   A, D, KS, KSS, sh, sw_e, sw_n, ss_e, ss_n, sws_n, swss_n, sp_s, sp,
                                    BN: tl.constexpr, G: tl.constexpr, BK8: tl.constexpr, FP4: tl.constexpr,
                                    UE8M0: tl.constexpr):
         # kernel._moe_gemv_down_kernel with low-precision W2 [E, D, ..] (MXFP4 with scales [E, D, I/32], or
         # FP8 with block scales [E, ceil(D/128), ceil(I/128)]) and the shared expert's FP8 W2s [D, Is] (+
-        # block scale rows swss_n apart): part[a] = h[a] W2[e]^T for an assignment with a local expert
-        # (zero without), h[a] W2s^T for rows a >= A. Float32.
-        a, nb = tl.program_id(0), tl.program_id(1)
+        # block scale rows swss_n apart), its inputs split in slices s of KS (KSS for W2s): part[s, a] =
+        # h[a] W2[e]^T over slice s for an assignment with a local expert (zero without), h[a] W2s^T for
+        # rows a >= A. Float32.
+        a, nb, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         cols = nb * BN + tl.arange(0, BN)
         cmask = cols < D
         out = tl.zeros([BN], tl.float32)
         if a < A:
             e = tl.load(experts_ptr + a) - first
             if (e >= 0) & (e < n_local):
-                w_base, s_base = w_ptr + e.to(tl.int64) * sw_e, s_ptr + e.to(tl.int64) * ss_e
-                out = _expert_row(h_ptr + a * sh, w_base, s_base, sw_n, ss_n, I, nb * BN, BN, D, G, FP4, UE8M0)
+                w_base, s_base = _k_slice(w_ptr + e.to(tl.int64) * sw_e, s_ptr + e.to(tl.int64) * ss_e, s * KS, FP4)
+                out = _expert_row(h_ptr + a * sh + s * KS, w_base, s_base, sw_n, ss_n, KS, nb * BN, BN, D, G, FP4,
+                                  UE8M0)
         else:
-            out = _fp8_row(h_ptr + a * sh, ws_ptr, wss_ptr + (nb * BN // B8) * swss_n, sws_n, IS, cols, cmask,
-                           BN, BK8, UE8M0)
-        tl.store(part_ptr + a * sp + cols, out, mask=cmask)
+            out = _fp8_row(h_ptr + a * sh + s * KSS, ws_ptr + s * KSS,
+                           wss_ptr + (nb * BN // B8) * swss_n + s * KSS // B8, sws_n, KSS, cols, cmask, BN, BK8, UE8M0)
+        tl.store(part_ptr + s * sp_s + a * sp + cols, out, mask=cmask)
 
     @triton.jit
     def _fp4_tile(w_base, s_base, sw_n, ss_n, cols, cmask, k0, K, BN: tl.constexpr, BK: tl.constexpr,
@@ -401,12 +431,14 @@ FP8_GEMV_TILES = (32, 128, 4, 4)         # (BN, BK, warps, stages)
 FP8_GEMM_TILES = (128, 128, 64, 8, 8, 3)
 FP8_GEMM_TILES_F32 = (64, 64, 32, 8, 8, 2)   # float32 activations (the fp32 model on a GPU): no spills
 
-# Low-precision MoE: the few-token kernels' (BN, G scale groups of 32 inputs a step, warps, stages), the
-# FP8 shared down projection's step; the grouped GEMMs' (BM, BN, BK, warps, stages) for few and for many
-# assignments. Not yet timed on a GPU: chosen so that, compiled for sm_90 with Triton 3.9, no kernel
-# spills registers (tests/test_kernel_lowp.py checks) and the grouped GEMMs' and the FP8 GEMM's loads
+# Low-precision MoE: the few-token kernels' (BN, G scale groups of 32 inputs a step, warps, stages, split
+# of each dot product's inputs) for MXFP4 and for FP8 experts (an FP8 row takes 32 G inputs a step: 64
+# columns of them would spill), timed on an H100 at one token (2026-11-26: the split and 64 columns
+# took the MXFP4 experts' decode from 88 to 72 us); the FP8 shared down projection's step; the grouped
+# GEMMs' (BM, BN, BK, warps, stages) for few and for many assignments, chosen so that, compiled for
+# sm_90 with Triton 3.9, no kernel spills registers (tests/test_kernel_lowp.py checks) and the loads
 # are pipelined. Which of the two kinds runs is ops.Ops.moe_path's choice.
-MOE_LOWP_GEMV_TILES = (32, 8, 4, 3)
+MOE_LOWP_GEMV_TILES = {"fp4": (64, 8, 4, 3, 2), "fp8": (16, 8, 4, 3, 2)}
 MOE_LOWP_SHARED_BK = 256
 MOE_LOWP_TILES_SMALL = (16, 64, 64, 4, 3)
 MOE_LOWP_TILES_LARGE = (64, 128, 64, 8, 3)
@@ -522,14 +554,23 @@ def expert_weights(w13, w2):
                     f"/ {w13s.dtype} and w2 {w2p.dtype} / {w2s.dtype}")
 
 
+def _k_split(split: int, *widths: int) -> int:
+    """The input slices the few-token MoE kernels split each dot product into: `split` where every
+    width divides into slices of whole 128-blocks (FP8 block scales, MXFP4 groups), else 1."""
+    return split if all(w % (split * FP8_BLOCK) == 0 for w in widths) else 1
+
+
 def moe_gemv_lowp_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float, shared_gu=None,
                          shared_w2=None, out_dtype=torch.float32, tiles=None):
-    """kernel.moe_gemv_triton for low-precision experts, three launches, no host sync: x [T, D] bf16 or
+    """kernel.moe_gemv_triton for low-precision experts, four launches, no host sync: x [T, D] bf16 or
     float32; w13, w2 (weight, scale) pairs as expert_weights says; weights, experts [T, k] (global ids;
     those outside first_expert .. +E are skipped); with shared_gu [T, 2 Is] (x times the shared
     expert's [W1; W3]^T, in x's dtype) and shared_w2 = (float8_e4m3fn [D, Is], block scale [ceil(D/128),
     ceil(Is/128)], of the experts' scale dtype when they are FP8) the shared expert is added in; tiles
-    (BN, G, warps, stages), by default MOE_LOWP_GEMV_TILES. Returns out_dtype [T, D]."""
+    (BN, G, warps, stages, split), by default MOE_LOWP_GEMV_TILES' for the format. The up and down
+    projections each run over assignments x column blocks x `split` input slices (a token's 6 experts
+    alone would leave part of an H100 idle), the SwiGLU adds the up slices, the last kernel the down
+    ones and each token's assignments. Returns out_dtype [T, D]."""
     fp4, ue8m0, s13, s2, dim, inter, up = expert_weights(w13, w2)
     w13p, w2p = w13[0], w2[0]
     n_local = w13p.size(0)
@@ -545,23 +586,31 @@ def moe_gemv_lowp_triton(x, w13, w2, weights, experts, first_expert: int, swiglu
         elif shared_ue8m0 != ue8m0:
             raise TypeError("the shared expert's block scales and the experts' differ in dtype")
     inter_s = gu.size(1) // 2 if shared else 0
-    rows = t * k + (t if shared else 0)
-    bn, g, warps, stages = tiles or MOE_LOWP_GEMV_TILES
+    assigned = t * k
+    rows = assigned + (t if shared else 0)
+    bn, g, warps, stages, split = tiles or MOE_LOWP_GEMV_TILES["fp4" if fp4 else "fp8"]
+    split = _k_split(split, dim, inter, *((inter_s,) if shared else ()))
+    p = torch.empty(split, assigned, 2 * inter, dtype=torch.float32, device=x.device)
+    _moe_lowp_gemv_up_kernel[(assigned, 2 * triton.cdiv(inter, bn), split)](
+        x, w13p, s13, p, experts, first_expert, n_local, k, dim, inter, up, dim // split, x.stride(0),
+        w13p.stride(0), w13p.stride(1), s13.stride(0), s13.stride(1), p.stride(0), p.stride(1),
+        BN=bn, G=g, FP4=fp4, UE8M0=ue8m0, num_warps=warps, num_stages=stages)
     h = torch.empty(rows, max(inter, inter_s), dtype=x.dtype, device=x.device)
-    _moe_lowp_gemv_up_kernel[(rows, triton.cdiv(max(inter, inter_s), bn))](
-        x, w13p, s13, gu, h, experts, weights, first_expert, n_local, t * k, k, dim, inter, up, inter_s,
-        swiglu_limit, x.stride(0), w13p.stride(0), w13p.stride(1), s13.stride(0), s13.stride(1), gu.stride(0),
-        h.stride(0), BN=bn, G=g, CLAMP=swiglu_limit > 0, FP4=fp4, UE8M0=ue8m0, num_warps=warps, num_stages=stages)
-    part = torch.empty(rows, dim, dtype=torch.float32, device=x.device)
-    _moe_lowp_gemv_down_kernel[(rows, triton.cdiv(dim, bn))](
-        h, w2p, s2, ws, wss, part, experts, first_expert, n_local, t * k, dim, inter, inter_s,
-        h.stride(0), w2p.stride(0), w2p.stride(1), s2.stride(0), s2.stride(1), ws.stride(0), wss.stride(0),
-        part.stride(0), BN=bn, G=g, BK8=MOE_LOWP_SHARED_BK, FP4=fp4, UE8M0=ue8m0, num_warps=warps,
-        num_stages=stages)
+    block = 512
+    _moe_lowp_swiglu_kernel[(rows, triton.cdiv(max(inter, inter_s), block))](
+        p, gu, h, experts, weights, first_expert, n_local, assigned, inter, inter_s, swiglu_limit,
+        p.stride(0), p.stride(1), gu.stride(0), h.stride(0), S=split, BLOCK=block, CLAMP=swiglu_limit > 0,
+        num_warps=4)
+    part = torch.empty(split, rows, dim, dtype=torch.float32, device=x.device)
+    _moe_lowp_gemv_down_kernel[(rows, triton.cdiv(dim, bn), split)](
+        h, w2p, s2, ws, wss, part, experts, first_expert, n_local, assigned, dim, inter // split,
+        inter_s // split, h.stride(0), w2p.stride(0), w2p.stride(1), s2.stride(0), s2.stride(1), ws.stride(0),
+        wss.stride(0), part.stride(0), part.stride(1), BN=bn, G=g, BK8=MOE_LOWP_SHARED_BK, FP4=fp4, UE8M0=ue8m0,
+        num_warps=warps, num_stages=stages)
     out = torch.empty(t, dim, dtype=out_dtype, device=x.device)
     block = 1024
-    _moe_gemv_sum_kernel[(t, triton.cdiv(dim, block))](part, out, t * k, k, dim, part.stride(0), out.stride(0),
-                                                       BLOCK=block, SHARED=shared, num_warps=4)
+    _moe_gemv_sum_kernel[(t, triton.cdiv(dim, block))](part, out, assigned, k, dim, split, rows, part.stride(1),
+                                                       out.stride(0), BLOCK=block, SHARED=shared, num_warps=4)
     return out
 
 

@@ -157,6 +157,14 @@ CASES = {
     "moe gemv fp8 + shared": lambda d: moe_case(d, 2, 3, 160, 48, 4, 0, 8, 0.5, 96, F32, 20, experts_fp8=E8),
     "moe gemv fp8 f32 scale fp32 x": lambda d: moe_case(d, 2, 2, 192, 96, 3, 3, 6, 0.0, 64, F32, 21,
                                                         experts_fp8=F32, act=F32),
+    "moe gemv split 2 + shared + clamp": lambda d: moe_case(d, 2, 3, 256, 256, 4, 0, 8, 0.5, 256, BF, 26,
+                                                            tiles=(32, 4, 4, 2, 2)),
+    "moe gemv split 4 some local": lambda d: moe_case(d, 1, 6, 512, 512, 3, 2, 8, 0.0, 0, F32, 27,
+                                                      tiles=(64, 8, 4, 2, 4)),
+    "moe gemv fp8 split 2 f32 scale": lambda d: moe_case(d, 2, 2, 256, 256, 3, 1, 5, 0.5, 256, F32, 28,
+                                                         tiles=(32, 4, 4, 2, 2), experts_fp8=F32),
+    "moe gemv split refused 2 shared": lambda d: moe_case(d, 1, 3, 256, 256, 3, 0, 4, 0.0, 192, BF, 29,
+                                                          tiles=(32, 4, 4, 2, 2)),
     "moe grouped clamp": lambda d: moe_case(d, 40, 3, 96, 64, 5, 1, 6, 0.5, 0, F32, 13, True,
                                             (16, 32, 64, 4, 1), unused=2),
     "moe grouped fp8 fp32 x": lambda d: moe_case(d, 30, 2, 160, 48, 4, 0, 4, 0.5, 0, F32, 22, True,
@@ -214,14 +222,18 @@ def sm90_builds():
         moe = dict(w_ptr="*i8" if fp4 else "*fp8e4nv", s_ptr="*u8" if fp4 else "*fp32", h_ptr="*bf16", D=i32, I=i32,
                    sw_e=i32, sw_n=i32, ss_e=i32, ss_n=i32, sh=i32)
         flags = dict(FP4=fp4, UE8M0=fp4)
-        gemv = dict(moe, experts_ptr="*i64", first=i32, n_local=i32, A=i32, IS=i32)
-        bn, g, w, st = kl.MOE_LOWP_GEMV_TILES
-        builds += [(kl._moe_lowp_gemv_up_kernel, dict(gemv, x_ptr="*bf16", gu_ptr="*bf16", weights_ptr="*fp32",
-                                                      K=i32, UP=i32, limit="fp32", sx=i32, sgu=i32),
-                    dict(BN=bn, G=g, CLAMP=True, **flags), w, st),
+        gemv = dict(moe, experts_ptr="*i64", first=i32, n_local=i32, KS=i32, sp_s=i32)
+        bn, g, w, st, _ = kl.MOE_LOWP_GEMV_TILES["fp4" if fp4 else "fp8"]
+        builds += [(kl._moe_lowp_gemv_up_kernel, dict(gemv, x_ptr="*bf16", p_ptr="*fp32", K=i32, UP=i32, sx=i32,
+                                                      sp_a=i32), dict(BN=bn, G=g, **flags), w, st),
                    (kl._moe_lowp_gemv_down_kernel, dict(gemv, ws_ptr="*fp8e4nv", wss_ptr="*u8" if fp4 else "*fp32",
-                                                        part_ptr="*fp32", sws_n=i32, swss_n=i32, sp=i32),
+                                                        part_ptr="*fp32", A=i32, KSS=i32, sws_n=i32, swss_n=i32,
+                                                        sp=i32),
                     dict(BN=bn, G=g, BK8=kl.MOE_LOWP_SHARED_BK, **flags), w, st)]
+        if fp4:         # (the SwiGLU between them holds no weights)
+            builds.append((kl._moe_lowp_swiglu_kernel, dict(gemv, p_ptr="*fp32", gu_ptr="*bf16", h_ptr="*bf16",
+                                                            weights_ptr="*fp32", A=i32, IS=i32, limit="fp32",
+                                                            sp_a=i32, sgu=i32), dict(S=2, BLOCK=512, CLAMP=True), 4, 1))
         tiles = dict(moe, tile_expert_ptr="*i64", tile_start_ptr="*i64", tile_end_ptr="*i64")
         for bm, bn, bk, w, st in (kl.MOE_LOWP_TILES_SMALL, kl.MOE_LOWP_TILES_LARGE):
             builds += [(kl._moe_lowp_up_kernel, dict(tiles, x_ptr="*bf16", token_ptr="*i64", weight_ptr="*fp32",

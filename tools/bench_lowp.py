@@ -196,7 +196,8 @@ FP8_SWEEP_ROWS = (1, 8, 32, 128)
 FP8_SWEEP = [(bn, bk, 4, st) for bn, bk in ((4, 1024), (8, 512), (16, 256), (32, 128)) for st in (2, 3, 4)] + \
     [(bm, bn, bk, 1, w, st) for bm in (16, 32) for bn in (16, 32, 64, 128) for bk in (64, 128)
      for w in (4, 8) for st in (3, 4) if bn * bk <= 8192]
-MOE_GEMV_SWEEP = [(bn, g, w, st) for bn in (16, 32, 64) for g in (2, 4, 8) for w in (4,) for st in (2, 3, 4)]
+MOE_GEMV_SWEEP = [(bn, g, 4, st, split) for bn in (32, 64) for g in (4, 8, 16) for st in (2, 3)
+                  for split in (1, 2, 4)]
 MOE_GROUPED_SWEEP = [(16, bn, bk, w, st) for bn in (32, 64, 128) for bk in (64, 128, 256) for w in (4, 8)
                      for st in (3, 4) if bn * bk <= 16384]
 
@@ -247,18 +248,18 @@ def sweep(g: torch.Generator, say, parts) -> None:
 
 def moe_up_alone(x: torch.Tensor, w13) -> torch.Tensor:
     """kernel_lowp's few-token MoE up kernel alone (its default tiles) for one token x [1, D] routed to
-    experts 0 .. E-1 of w13 (MXFP4, E of them): h [E, I]."""
+    experts 0 .. E-1 of w13 (MXFP4, E of them): its float32 partial sums [split, E, 2 I]."""
     packed, scale = w13[0], kernel_lowp.fp4_scale_arg(w13[1])
     e, inter = packed.size(0), packed.size(1) // 2
     experts = torch.arange(e, device=x.device).view(1, e)
-    weights = torch.ones(1, e, device=x.device)
-    h = torch.empty(e, inter, dtype=x.dtype, device=x.device)
-    bn, groups, warps, stages = kernel_lowp.MOE_LOWP_GEMV_TILES
-    kernel_lowp._moe_lowp_gemv_up_kernel[(e, -(-inter // bn))](
-        x, packed, scale, x, h, experts, weights, 0, e, e, e, DIM, inter, inter, 0, LIMIT, x.stride(0),
-        packed.stride(0), packed.stride(1), scale.stride(0), scale.stride(1), 0, h.stride(0),
-        BN=bn, G=groups, CLAMP=True, FP4=True, UE8M0=True, num_warps=warps, num_stages=stages)
-    return h
+    bn, groups, warps, stages, split = kernel_lowp.MOE_LOWP_GEMV_TILES["fp4"]
+    split = kernel_lowp._k_split(split, DIM, inter)
+    p = torch.empty(split, e, 2 * inter, dtype=torch.float32, device=x.device)
+    kernel_lowp._moe_lowp_gemv_up_kernel[(e, 2 * -(-inter // bn), split)](
+        x, packed, scale, p, experts, 0, e, e, DIM, inter, inter, DIM // split, x.stride(0), packed.stride(0),
+        packed.stride(1), scale.stride(0), scale.stride(1), p.stride(0), p.stride(1),
+        BN=bn, G=groups, FP4=True, UE8M0=True, num_warps=warps, num_stages=stages)
+    return p
 
 
 def peer_humming(bw: float, g: torch.Generator, say) -> None:
