@@ -390,15 +390,17 @@ def hf_decode_ms(hf, batch: int, ctx: int, steps: int = 8) -> float:
 
 
 def collective_ms(model: Transformer, batch: int, ctx: int, steps: int = 5) -> tuple:
-    """(ms in NCCL kernels, ms in all kernels) per eager decode step, from the profiler. The ranks
-    start each step together (a barrier outside the profiled span: its NCCL kernel would count the
-    other rank's lateness), but an NCCL kernel also counts the time it waits for the slower rank
-    (eager launches drift), so the first figure bounds the collectives' cost from above."""
+    """(ms in NCCL kernels, ms in all kernels) of an eager decode step, from the profiler: the median
+    over `steps` steps of each. The ranks start each step together (a barrier outside the profiled
+    span: its NCCL kernel would count the other rank's lateness), but an NCCL kernel also counts the
+    time it waits for the slower rank (eager launches drift, and a rank's profiler may start late: the
+    mean of five 1-ms steps once read 23 ms of NCCL kernels on two H200s), so the first figure bounds
+    the collectives' cost from above."""
     from torch.profiler import ProfilerActivity, profile
     ids = torch.randint(0, model.args.vocab_size, (batch, 1), device="cuda")
     pos = torch.full((batch,), ctx, device="cuda")
     model.decode(ids, pos)
-    nccl = every = 0.0
+    nccl, every = [], []
     for _ in range(steps):
         dist.barrier()
         torch.cuda.synchronize()
@@ -406,9 +408,9 @@ def collective_ms(model: Transformer, batch: int, ctx: int, steps: int = 5) -> t
             model.decode(ids, pos)
             torch.cuda.synchronize()
         kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
-        nccl += sum(e.device_time_total for e in kernels if "nccl" in e.key.lower())
-        every += sum(e.device_time_total for e in kernels)
-    return nccl / steps / 1e3, every / steps / 1e3
+        nccl.append(sum(e.device_time_total for e in kernels if "nccl" in e.key.lower()) / 1e3)
+        every.append(sum(e.device_time_total for e in kernels) / 1e3)
+    return statistics.median(nccl), statistics.median(every)
 
 
 # ----------------------------------------------------------------------------- speed under torchrun: the
