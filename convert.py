@@ -526,9 +526,16 @@ def _run_job(job: Job) -> int:
 
 # ----------------------------------------------------------------------------- driver
 
-def env_flag(name: str) -> bool:
-    """A USE_* switch of the environment, read alike by every entry point: on for 1, true, yes, on."""
-    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+FLAG_ON, FLAG_OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def env_flag(name: str, error=ConvertError) -> bool:
+    """A USE_* switch of the environment, read alike by every entry point: on for 1, true, yes, on; off
+    unset or for 0, false, no, off; any other value (a typo, or 2) raises error."""
+    value = os.environ.get(name, "0").strip().lower()
+    if value not in FLAG_ON + FLAG_OFF:
+        raise error(f"{name} must be 1 or 0 (or true / false, yes / no, on / off), got {os.environ[name]!r}")
+    return value in FLAG_ON
 
 
 def _read_json(path: str, what: str) -> dict:

@@ -370,11 +370,11 @@ def run(opts: argparse.Namespace, ranks: Ranks) -> None:
         """Everything checked before the model is built; rank 0 also reads and tokenizes the input."""
         opts.backend = requested_backend(opts.backend)
         experts = env_expert_kernels()
-        args = load_args(opts.ckpt_path, ranks.world, opts.config, env_flag("USE_OGROUPS_COMM"),
+        args = load_args(opts.ckpt_path, ranks.world, opts.config, env_flag("USE_OGROUPS_COMM", SetupError),
                          experts, ranks.device, max_batch_size=1 if opts.interactive else opts.max_batch_size,
                          max_seq_len=opts.max_seq_len, dtype=opts.dtype, backend=opts.backend)
         if args.backend == "flaggems":
-            ready_flaggems("USE_FLAGGEMS=1" if env_flag("USE_FLAGGEMS") else "--backend flaggems")
+            ready_flaggems("USE_FLAGGEMS=1" if env_flag("USE_FLAGGEMS", SetupError) else "--backend flaggems")
         why = backend_unavailable(args.backend, ranks.device)
         if why:
             raise SetupError(f"{why}: leave --backend out, or give torch")

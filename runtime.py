@@ -28,7 +28,7 @@ from safetensors.torch import load_model
 import flaggems
 import kernel_humming
 import model_v3
-from convert import architecture, env_flag
+from convert import FLAG_OFF, FLAG_ON, architecture, env_flag
 from encoding import (ASSISTANT, BOS, EOS, THINK_END, THINK_START, USER, check_messages, encode_messages,
                       encode_messages_r1, parse_completion, parse_completion_r1)
 from model import ModelArgs, Transformer
@@ -46,9 +46,9 @@ def env_expert_kernels() -> str:
     value = os.environ.get("USE_HUMMING", "0").strip().lower()
     if value == "fp8":
         return "humming-fp8"
-    if env_flag("USE_HUMMING"):
+    if value in FLAG_ON:
         return "humming"
-    if value in ("", "0", "false", "no", "off"):
+    if value in FLAG_OFF:
         return "triton"
     raise SetupError(f"USE_HUMMING must be 0, 1 or fp8, got {os.environ['USE_HUMMING']!r}")
 
@@ -426,7 +426,7 @@ def end_process_groups() -> None:
 
 def requested_backend(backend: Optional[str]) -> Optional[str]:
     """--backend, with USE_FLAGGEMS=1 standing for --backend flaggems; None keeps the config's."""
-    if env_flag("USE_FLAGGEMS"):
+    if env_flag("USE_FLAGGEMS", SetupError):
         if backend not in (None, "flaggems"):
             raise SetupError(f"USE_FLAGGEMS=1 asks for backend flaggems but --backend is {backend}: "
                                 f"drop one of them")

@@ -73,6 +73,8 @@ BAD_INPUT_LINES = {
                          r"model's tokenizer",
     "flaggems_on_cpu": r"USE_FLAGGEMS=1 needs a CUDA GPU",
     "triton_on_cpu": r"backend 'triton' needs a CUDA device and the triton package: leave --backend out, or give torch",
+    "flaggems_switch_2": r"USE_FLAGGEMS must be 1 or 0 \(or true / false, yes / no, on / off\), got '2'",
+    "ogroups_switch_typo": r"USE_OGROUPS_COMM must be 1 or 0 \(or true / false, yes / no, on / off\), got 'ture'",
 }
 
 
@@ -130,6 +132,8 @@ def bad_input(case: str, argv: dict, tmp_path, broken: dict, messages: list, no_
         argv["--output-file"] = os.path.join(argv["--ckpt-path"], "config.json")
     elif case in ("damaged_tokenizer", "foreign_tokenizer"):
         argv["--ckpt-path"] = tokenizer_spoiled(argv["--ckpt-path"], str(tmp_path / "ckpt"), case == "damaged_tokenizer")
+    elif case in ("flaggems_switch_2", "ogroups_switch_typo"):
+        monkeypatch.setenv(*{"flaggems_switch_2": ("USE_FLAGGEMS", "2"), "ogroups_switch_typo": ("USE_OGROUPS_COMM", "ture")}[case])
     elif case in ("flaggems_on_cpu", "triton_on_cpu"):
         if torch.cuda.is_available():
             pytest.skip("this machine has a GPU")

@@ -195,10 +195,15 @@ def test_a_file_as_save_path_is_refused(release, tmp_path):
 
 
 def test_switches_and_worker_counts(release, tmp_path, monkeypatch):
-    """USE_OGROUPS_COMM reads as generate.py reads it (on/off too); --num-workers stays within the CPUs."""
+    """USE_OGROUPS_COMM reads as generate.py reads it (on/off too, other values refused); --num-workers
+    stays within the CPUs."""
     for value, on in (("on", True), ("1", True), ("yes", True), ("off", False), ("0", False), ("", False)):
         monkeypatch.setenv("USE_OGROUPS_COMM", value)
         assert convert.env_flag("USE_OGROUPS_COMM") is on
+    for value in ("2", "ture"):
+        monkeypatch.setenv("USE_OGROUPS_COMM", value)
+        with pytest.raises(convert.ConvertError, match=f"USE_OGROUPS_COMM must be 1 or 0 .*, got '{value}'"):
+            convert.env_flag("USE_OGROUPS_COMM")
     monkeypatch.delenv("USE_OGROUPS_COMM")
     for workers in ("0", str((os.cpu_count() or 1) + 1)):
         done = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"),
