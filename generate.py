@@ -33,6 +33,7 @@ their inputs to FP8 per 128 channels, as DeepSeek's code does (faster prefill, n
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -476,6 +477,7 @@ def launch(opts: argparse.Namespace, argv: List[str]) -> int:
         launcher += ["--master-addr", opts.master_addr]
     if opts.master_port is not None:
         launcher += ["--master-port", str(opts.master_port)]
+    launcher += ["--rdzv-conf", f"timeout={math.ceil(opts.timeout)}"]   # the nodes' meeting (torchrun: 900 s)
     # torchrun would set 1 thread a rank, with a warning; give each rank its share of the cores
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // opts.nproc_per_node)))
     logging.disable(logging.CRITICAL)
@@ -492,7 +494,9 @@ def launch(opts: argparse.Namespace, argv: List[str]) -> int:
         print(f"\ngenerate.py: {said}", file=sys.stderr, flush=True)
         return 128 + int(e.sigval)
     except Exception as e:           # the ranks never started: a rendezvous that timed out, a port in use
-        print(f"generate.py: error: starting the ranks failed: {type(e).__name__}: {brief(e)}", file=sys.stderr,
+        meet = (f" (the {opts.nnodes} nodes meet at {opts.master_addr}:{opts.master_port or 29500} within --timeout "
+                f"{opts.timeout:g} s: is every node started, with the same address and port?)") if opts.nnodes > 1 else ""
+        print(f"generate.py: error: starting the ranks failed: {type(e).__name__}: {brief(e)}{meet}", file=sys.stderr,
               flush=True)
         return 1
     finally:

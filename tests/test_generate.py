@@ -480,6 +480,21 @@ def test_ctrl_c_ends_the_job_with_one_line(ckpt, inputs, tmp_path):
             job.wait()
 
 
+@pytest.mark.slow
+def test_a_node_left_alone_gives_up_at_the_timeout_with_one_line(ckpt, inputs, tmp_path):
+    """Node 0 of two whose other node never comes: torchrun's own wait is 15 minutes; --timeout bounds it."""
+    started = time.monotonic()
+    done = subprocess.run(ranks(1, "--nnodes", "2", "--node-rank", "0", "--master-addr", "127.0.0.1", "--master-port",
+                                str(free_port()), "--timeout", "4", "--ckpt-path", ckpt[2], "--input-file",
+                                inputs["text"], "--output-file", str(tmp_path / "out.jsonl"), *GREEDY),
+                          env=env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and time.monotonic() - started < 60
+    assert said(done.stderr) == [said(done.stderr)[0]] and re.fullmatch(
+        r"generate\.py: error: starting the ranks failed: .*\(the 2 nodes meet at 127\.0\.0\.1:\d+ within --timeout "
+        r"4 s: is every node started, with the same address and port\?\)", said(done.stderr)[0]), done.stderr
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_failure_line_names_what_no_rank_said():
     def failures(later=(), **codes):
         """{rank: a failure of that exit status}, recorded at 0 s, or at 31 s for the ranks in later."""
