@@ -30,14 +30,29 @@ USE_HUMMING=1 runs V4's MXFP4 routed experts (shards of convert.py --dtype fp8) 
 (pip install humming-kernels; CUDA, compiled with nvcc at first use); USE_HUMMING=fp8 also quantises
 their inputs to FP8 per 128 channels, as DeepSeek's code does (faster prefill, not bf16's numbers).
 """
+import os
+import signal
+import sys
+
+
+def _interrupted_early(signum, frame):
+    """SIGINT before main(), while torch loads: a word from this process (a rank leaves it to the
+    launcher) instead of a traceback, status 130. Nothing is open yet, and an exception raised here
+    could land inside torch's C++ import code, which aborts on it: the process ends at once."""
+    if "RANK" not in os.environ:
+        print("generate.py: interrupted", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, _interrupted_early)
+
+# imported after the handler is set: loading torch takes seconds
 import argparse
 import json
 import logging
 import math
-import os
 import re
-import signal
-import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -428,6 +443,7 @@ def lost_contact(e: BaseException) -> bool:
 
 
 def main(argv=None) -> int:
+    signal.signal(signal.SIGINT, signal.default_int_handler)       # Ctrl-C from here on: KeyboardInterrupt
     argv = sys.argv[1:] if argv is None else argv
     opts = parse_args(argv)
     if opts.nproc_per_node is not None and "RANK" not in os.environ:

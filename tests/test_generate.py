@@ -495,6 +495,37 @@ def test_a_node_left_alone_gives_up_at_the_timeout_with_one_line(ckpt, inputs, t
     assert not (tmp_path / "out.jsonl").exists()
 
 
+def loading_torch(pids, n: int) -> bool:
+    """Whether the process pid, or each of the n ranks {rank: pid}, has begun to load torch's library."""
+    pids = pids.values() if isinstance(pids, dict) else [pids]
+    try:
+        return len(pids) == n and all("libtorch" in open(f"/proc/{pid}/maps").read() for pid in pids)
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [1, 2])
+def test_ctrl_c_while_torch_loads_ends_with_one_line(ckpt, inputs, tmp_path, n):
+    """Ctrl-C as soon as torch begins to load (seconds): in one process; with 2 ranks, in both, the
+    launcher passing it on to them. Before, each printed a traceback."""
+    argv = ["--ckpt-path", ckpt[n], "--input-file", inputs["text"], "--output-file", str(tmp_path / "out.jsonl")]
+    job = subprocess.Popen([sys.executable, GENERATE, *argv] if n == 1 else ranks(n, *argv), env=env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while not loading_torch(job.pid if n == 1 else children(job.pid), n) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.killpg(job.pid, signal.SIGINT)
+        _, err = job.communicate(timeout=60)
+        assert job.returncode == 130 and said(err) == ["generate.py: interrupted"], err
+        assert not (tmp_path / "out.jsonl").exists()
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+
+
 def test_failure_line_names_what_no_rank_said():
     def failures(later=(), **codes):
         """{rank: a failure of that exit status}, recorded at 0 s, or at 31 s for the ranks in later."""
