@@ -14,9 +14,10 @@ between them.
   > 1, output group g reads its own slice of the input row (V4's grouped output projection wo_a).
 - dequant_fp8_triton: an FP8 weight widened to bf16 in one pass (for a prefill's cuBLAS matmul).
 - moe_gemv_lowp_triton / moe_experts_lowp_triton: the routed experts, MXFP4 or FP8, with the FP8
-  shared expert's down projection, the twins of kernel.moe_gemv_triton (few tokens: one program per
-  assignment, no sorting, no host sync) and kernel.moe_experts_triton (many tokens: grouped GEMMs
-  over the assignments sorted by expert).
+  shared expert's down projection, the twins of kernel.moe_gemv_triton (few tokens: each assignment's
+  expert read by its own programs, no sorting, no host sync; here w1 and w3 apart and each dot product
+  split in input slices, which spreads the codes' conversion over more of the GPU) and
+  kernel.moe_experts_triton (many tokens: grouped GEMMs over the assignments sorted by expert).
 
 Shapes: M rows (tokens), K inputs, N outputs; T tokens, k experts a token, E local experts,
 D model dim, I expert width, Is the shared expert's width.
