@@ -59,7 +59,7 @@ from typing import Callable, List, Optional
 import torch
 
 import runtime
-from ops import BACKENDS, EXPERT_KERNELS
+from ops import BACKENDS, EXPERT_KERNELS, backend_unavailable
 from runtime import SetupError, greedy, write_atomically
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -144,9 +144,10 @@ def spec_text(spec: dict) -> str:
 def check_spec(spec: dict, name: str, max_seq_len: Optional[int]):
     """Everything about one side that can be checked without building the model; its ModelArgs.
     Fills in the spec's dtype from the config when it was not given."""
-    if spec["backend"] in ("triton", "flaggems") and spec["device"] != "cuda":
-        raise UsageError(f"{name}: backend={spec['backend']} needs a CUDA GPU (device=cuda), "
-                         f"and {'none is visible' if not torch.cuda.is_available() else 'device=cpu was asked'}")
+    why = backend_unavailable(spec["backend"], torch.device(spec["device"]))
+    if why:
+        raise UsageError(f"{name}: {why} (device={spec['device']}"
+                         f"{'' if torch.cuda.is_available() else '; no CUDA GPU is visible'})")
     if spec["device"] == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"{name}: device=cuda but no CUDA GPU is visible")

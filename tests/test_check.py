@@ -97,7 +97,8 @@ def test_bf16_differs_more_than_fp32_and_a_tight_threshold_fails(ckpt, fp32_mp1_
     ("mp=1", "mp=1,mp=2", r"--b: key 'mp' given twice"),
     ("mp=1", "mp=2", r"--b: .*model0-mp2\.safetensors not found: .*present in .*: mp1"),
     ("ckpt=/nonexistent/ckpt", "mp=1", r"--a: checkpoint folder /nonexistent/ckpt not found"),
-    ("mp=1", "backend=triton,device=cpu", r"--b: backend=triton needs a CUDA GPU"),
+    ("mp=1", "backend=triton,device=cpu", r"--b: backend 'triton' needs a CUDA device and the triton package "
+                                           r"\(device=cpu"),
     ("mp=1", "experts=cutlass", r"--b: experts='cutlass' is unknown \(one of triton, humming, humming-fp8\)"),
     ("mp=1", "experts=humming-fp8,device=cpu", r"--b: config .*: expert kernels 'humming-fp8' \(USE_HUMMING\) run "
                                                r"MXFP4 experts .* \(these: experts bf16, dtype bf16\)"),
@@ -116,7 +117,8 @@ def test_flaggems_on_cpu_is_refused(ckpt, tmp_path, capsys):
         pytest.skip("this machine has a GPU")
     rc, _ = run_check(ckpt, "mp=1", "backend=flaggems", tmp_path)
     assert rc == 2
-    assert re.search(r"--b: backend=flaggems needs a CUDA GPU .*none is visible", capsys.readouterr().err)
+    assert re.search(r"--b: backend 'flaggems' needs a CUDA device and the triton package \(device=cpu; no CUDA GPU "
+                     r"is visible\)", capsys.readouterr().err)
     with pytest.raises(runtime.SetupError, match=r"--backend flaggems needs a CUDA GPU and none is visible"):
         runtime.ready_flaggems("--backend flaggems")
     with pytest.raises(RuntimeError, match="backend 'flaggems' needs a CUDA device"):
