@@ -161,9 +161,10 @@ def check_spec(spec: dict, name: str, max_seq_len: Optional[int]):
                              f"pip install --no-deps flag-gems==5.0.2 && "
                              f"pip install PyYAML sqlalchemy packaging typing_extensions (see README)")
     try:
+        paths = [runtime.shard_path(spec["ckpt"], rank, spec["mp"]) for rank in range(spec["mp"])]
         args = side_args(spec, max_seq_len, spec["mp"])
-        for rank in range(spec["mp"]):
-            runtime.shard_path(spec["ckpt"], rank, spec["mp"], args.vocab_size)
+        for path in paths:
+            runtime.check_shard(path, spec["mp"], args.vocab_size)
     except SetupError as e:
         raise UsageError(f"{name}: " + str(e).replace("set USE_OGROUPS_COMM=1", "give ogroups=1")) from None
     spec["dtype"] = args.dtype
@@ -198,8 +199,10 @@ def run_side(job: dict, rank: int, world: int, device: torch.device,
     spec = job["spec"]
 
     def locate():
+        path = runtime.shard_path(spec["ckpt"], rank, world)
         args = side_args(spec, job["max_seq_len"], world)
-        return args, runtime.shard_path(spec["ckpt"], rank, world, args.vocab_size)
+        runtime.check_shard(path, world, args.vocab_size)
+        return args, path
 
     args, path = checked(locate)
     scope = contextlib.nullcontext()

@@ -64,8 +64,8 @@ from tqdm import tqdm
 
 from ops import BACKENDS, backend_unavailable
 from runtime import (V4, Family, GraphedDecoder, Prompt, Ranks, SetupError, Tokenizer, brief, build_model,
-                     check_text, end_process_groups, env_expert_kernels, env_flag, family_of, load_args, read_prompts,
-                     ready_flaggems, requested_backend, shard_path, tokenize, write_atomically)
+                     check_shard, check_text, end_process_groups, env_expert_kernels, env_flag, family_of, load_args,
+                     read_prompts, ready_flaggems, requested_backend, shard_path, tokenize, write_atomically)
 
 
 
@@ -386,6 +386,7 @@ def run(opts: argparse.Namespace, ranks: Ranks) -> None:
         """Everything checked before the model is built; rank 0 also reads and tokenizes the input."""
         opts.backend = requested_backend(opts.backend)
         experts = env_expert_kernels()
+        path = shard_path(opts.ckpt_path, ranks.rank, ranks.world)
         args = load_args(opts.ckpt_path, ranks.world, opts.config, env_flag("USE_OGROUPS_COMM", SetupError),
                          experts, ranks.device, max_batch_size=1 if opts.interactive else opts.max_batch_size,
                          max_seq_len=opts.max_seq_len, dtype=opts.dtype, backend=opts.backend)
@@ -394,7 +395,7 @@ def run(opts: argparse.Namespace, ranks: Ranks) -> None:
         why = backend_unavailable(args.backend, ranks.device)
         if why:
             raise SetupError(f"{why}: leave --backend out, or give torch")
-        path = shard_path(opts.ckpt_path, ranks.rank, ranks.world, args.vocab_size)
+        check_shard(path, ranks.world, args.vocab_size)
         tokenizer, prompts, ids = None, None, None
         if ranks.rank == 0:
             if opts.interactive and (sys.stdin is None or sys.stdin.closed):

@@ -5,8 +5,8 @@ bench.py share.
   Family, checkpoint_family    the architecture a config describes: model classes and chat format
   Tokenizer                    the checkpoint's tokenizer
   read_prompts, tokenize       a prompt file (text or JSON lines) to token ids in the family's chat format
-  load_args, shard_path, build_model
-                               the checked config, this rank's shard, the loaded model
+  shard_path, load_args, check_shard, build_model
+                               this rank's shard, the checked config, the shard checked, the loaded model
   use_backend                  the backend asked for (USE_FLAGGEMS), FlagGems made ready
   Ranks, end_process_groups    this process's place in the job, errors agreed by all ranks
   GraphedDecoder, greedy       decode steps from CUDA graphs; the greedy loop of check.py, bench.py, tools
@@ -300,8 +300,9 @@ def load_args(ckpt_path: str, world: int, config: Optional[str] = None, ogroups_
     return args
 
 
-def shard_path(ckpt: str, rank: int, world: int, vocab_size: int) -> str:
-    """This rank's weights file, checked to exist and to be split for `world` ranks."""
+def shard_path(ckpt: str, rank: int, world: int) -> str:
+    """This rank's weights file for `world` ranks, checked to exist: checked before the config is held
+    against the world size, a checkpoint made for another N is named as such."""
     if not os.path.isdir(ckpt):
         raise SetupError(f"checkpoint folder {ckpt} not found")
     path = os.path.join(ckpt, f"model{rank}-mp{world}.safetensors")
@@ -313,6 +314,11 @@ def shard_path(ckpt: str, rank: int, world: int, vocab_size: int) -> str:
         present = ", ".join(f"mp{n}" for n in sizes) or "none"
         raise SetupError(f"{path} not found: {world} ranks need model0-mp{world} .. model{world - 1}-mp{world}; "
                             f"present in {ckpt}: {present} (convert.py --model-parallel {world} makes them)")
+    return path
+
+
+def check_shard(path: str, world: int, vocab_size: int) -> None:
+    """A shard (shard_path) readable and split for `world` ranks of this vocabulary."""
     try:
         with safe_open(path, "pt") as f:
             rows = f.get_slice("embed.weight").get_shape()[0] if "embed.weight" in f.keys() else None
@@ -324,7 +330,6 @@ def shard_path(ckpt: str, rank: int, world: int, vocab_size: int) -> str:
         made_for = f"mp{vocab_size // rows}" if rows and vocab_size % rows == 0 else "another model"
         raise SetupError(f"{path} holds {rows} of the {vocab_size} vocabulary rows: it was made for {made_for}, "
                             f"not for mp{world}")
-    return path
 
 
 def build_model(args: Union[ModelArgs, model_v3.ModelArgs], path: str, device: torch.device,

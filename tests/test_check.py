@@ -96,6 +96,8 @@ def test_bf16_differs_more_than_fp32_and_a_tight_threshold_fails(ckpt, fp32_mp1_
     ("mp=1", "device", r"--b: 'device' in spec 'device' is not key=value"),
     ("mp=1", "mp=1,mp=2", r"--b: key 'mp' given twice"),
     ("mp=1", "mp=2", r"--b: .*model0-mp2\.safetensors not found: .*present in .*: mp1"),
+    ("mp=1", "mp=4", r"--b: .*model0-mp4\.safetensors not found: .*present in .*: mp1 \(convert\.py "
+                     r"--model-parallel 4 makes them\)"),     # before o_groups=2's own rule for 4 ranks
     ("ckpt=/nonexistent/ckpt", "mp=1", r"--a: checkpoint folder /nonexistent/ckpt not found"),
     ("mp=1", "backend=triton,device=cpu", r"--b: backend 'triton' needs a CUDA device and the triton package "
                                            r"\(device=cpu"),

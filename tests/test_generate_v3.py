@@ -284,6 +284,7 @@ def test_bad_checkpoints_are_refused(case, match, release, inputs, tmp_path, cap
         os.symlink(os.path.join(release[2][2], "model0-mp2.safetensors"), folder / "model0-mp1.safetensors")
     elif case == "ogroups":
         monkeypatch.setenv("USE_OGROUPS_COMM", "1")
+        os.symlink(os.path.join(release[2][1], "model0-mp1.safetensors"), folder / "model0-mp1.safetensors")
     else:                                   # a V4 shard beside R1's config.json
         v4 = tmp_path / "v4"
         write_release(str(v4), n_files=1)
