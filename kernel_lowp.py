@@ -435,11 +435,11 @@ FP8_GEMM_TILES_F32 = (64, 64, 32, 8, 8, 2)   # float32 activations (the fp32 mod
 # Low-precision MoE: the few-token kernels' (BN, G scale groups of 32 inputs a step, warps, stages, split
 # of each dot product's inputs) for MXFP4 and for FP8 experts (an FP8 row takes 32 G inputs a step: 64
 # columns of them would spill), timed on an H100 at one token (BENCHMARKS.md, 2026-11-26, fifth
-# session: V4-Flash's 6 experts 88 -> 72-79 us, one or two local ones at a rank's share 61 -> 42-46
-# us, R1's FP8 experts 212 -> 201 us); the FP8 shared down projection's step; the grouped
-# GEMMs' (BM, BN, BK, warps, stages) for few and for many assignments, chosen so that, compiled for
-# sm_90 with Triton 3.9, no kernel spills registers (tests/test_kernel_lowp.py checks) and the loads
-# are pipelined. Which of the two kinds runs is ops.Ops.moe_path's choice.
+# session: V4-Flash's 6 experts 88 -> 72-79 us; one or two local ones at a rank's share 42-46 us, 61
+# without the split; R1's FP8 experts 201 us, 212 at 32 columns); the FP8 shared down projection's
+# step; the grouped GEMMs' (BM, BN, BK, warps, stages) for few and for many assignments, chosen so
+# that, compiled for sm_90 with Triton 3.9, no kernel spills registers (tests/test_kernel_lowp.py
+# checks) and the loads are pipelined. Which of the two kinds runs is ops.Ops.moe_path's choice.
 MOE_LOWP_GEMV_TILES = {"fp4": (64, 8, 4, 3, 2), "fp8": (16, 8, 4, 3, 2)}
 MOE_LOWP_SHARED_BK = 256
 MOE_LOWP_TILES_SMALL = (16, 64, 64, 4, 3)
