@@ -511,8 +511,10 @@ def launch(opts: argparse.Namespace, argv: List[str]) -> int:
         print(f"\ngenerate.py: {said}", file=sys.stderr, flush=True)
         return 128 + int(e.sigval)
     except Exception as e:           # the ranks never started: a rendezvous that timed out, a port in use
-        meet = (f" (the {opts.nnodes} nodes meet at {opts.master_addr}:{opts.master_port or 29500} within --timeout "
-                f"{opts.timeout:g} s: is every node started, with the same address and port?)") if opts.nnodes > 1 else ""
+        meet = ""
+        if opts.nnodes > 1:
+            meet = (f" (the {opts.nnodes} nodes meet at {opts.master_addr}:{opts.master_port or 29500} within "
+                    f"--timeout {opts.timeout:g} s: is every node started, with the same address and port?)")
         print(f"generate.py: error: starting the ranks failed: {type(e).__name__}: {brief(e)}{meet}", file=sys.stderr,
               flush=True)
         return 1

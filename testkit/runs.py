@@ -133,7 +133,8 @@ def bad_input(case: str, argv: dict, tmp_path, broken: dict, messages: list, no_
     elif case in ("damaged_tokenizer", "foreign_tokenizer"):
         argv["--ckpt-path"] = tokenizer_spoiled(argv["--ckpt-path"], str(tmp_path / "ckpt"), case == "damaged_tokenizer")
     elif case in ("flaggems_switch_2", "ogroups_switch_typo"):
-        monkeypatch.setenv(*{"flaggems_switch_2": ("USE_FLAGGEMS", "2"), "ogroups_switch_typo": ("USE_OGROUPS_COMM", "ture")}[case])
+        monkeypatch.setenv(*{"flaggems_switch_2": ("USE_FLAGGEMS", "2"),
+                             "ogroups_switch_typo": ("USE_OGROUPS_COMM", "ture")}[case])
     elif case in ("flaggems_on_cpu", "triton_on_cpu"):
         if torch.cuda.is_available():
             pytest.skip("this machine has a GPU")
