@@ -77,8 +77,8 @@ import torch.distributed as dist
 import convert
 import model_v3
 from model import DecodeStep, ModelArgs, Transformer
-from ops import BACKENDS, EXPERT_KERNELS, dequantised
-from parallel import LOWP_DTYPES, Parallel, linear_fp32
+from ops import BACKENDS, EXPERT_KERNELS, dequantised, linear_fp32
+from parallel import LOWP_DTYPES, Parallel
 from peers import hf_twin, hf_twin_v3
 from quant import FP8_BLOCK, fp4_scale_shape, fp8_scale_shape
 from runtime import GraphedDecoder, SetupError, end_process_groups, greedy, ready_flaggems, write_atomically

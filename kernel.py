@@ -572,6 +572,23 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _linear_rows_kernel(x_ptr, w_ptr, o_ptr, N, K, sx, sw, so, BN: tl.constexpr, BK: tl.constexpr):
+        # Row m of x, BN output columns: o[m, cols] = x[m] W[cols]^T, x and W of one dtype, the products
+        # exact in float32 and summed in float32. CUDA cores: a row or two cannot fill a tensor-core tile.
+        # The rows are the fastest grid axis, so the programs reading one weight tile share it in L2.
+        m, nb = tl.program_id(0), tl.program_id(1)
+        cols = nb * BN + tl.arange(0, BN)
+        cmask = cols < N
+        acc = tl.zeros([BN, BK], tl.float32)
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < K
+            x = tl.load(x_ptr + m * sx + ks, mask=kmask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + cols[:, None] * sw + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+            acc += w.to(tl.float32) * x[None, :]
+        tl.store(o_ptr + m * so + cols, tl.sum(acc, 1), mask=cmask)
+
+    @triton.jit
     def _moe_gemv_down_kernel(h_ptr, w_ptr, ws_ptr, part_ptr, experts_ptr, first, n_local, A, D, I, IS,
                               sh, sw_e, sw_n, sws_n, sp, BN: tl.constexpr, BK: tl.constexpr,
                               PRECISION: tl.constexpr):
@@ -935,6 +952,32 @@ def rms_norm_triton(x, weight, eps: float):
     _rms_norm_kernel[(flat.size(0),)](flat, flat if weight is None else weight.contiguous(), out, d, flat.stride(0),
                                       eps, BLOCK_D=block, WEIGHT=weight is not None, num_warps=8 if block >= 2048 else 4)
     return out.view(x.shape)
+
+
+# The few-row float32-sum linear's (BN, BK, warps, stages): one column a program while two would leave
+# fewer than four programs an SM, else two. On an H100 with weights read cold (2026-11-26), one row of
+# V4-Flash's gate (4096 -> 256) took 2.9 us against cuBLAS's 6.1, its compressor and indexer projections
+# of a CSA layer (-> 2624) 9.2 against 12.6, and two rows 6.5 against 9.4 at 1536 outputs; with four
+# rows cuBLAS led from 1024 outputs on (ops.Ops.LINEAR_ROWS_MAX_M).
+LINEAR_ROWS_TILES = ((1, 2048, 8, 3), (2, 1024, 4, 3))
+
+
+def linear_rows_triton(x: torch.Tensor, weight: torch.Tensor, tiles=None) -> torch.Tensor:
+    """ops.linear_fp32 for a few rows (decode): x [..., K] (rows may lie apart; rounded to the weight's
+    dtype, as the reference does) times a weight [N, K]^T -> float32 [..., N], one program per row and BN
+    columns; tiles (BN, BK, warps, stages), by default one of LINEAR_ROWS_TILES."""
+    n, k = weight.shape
+    rows = rows_view(x.to(weight.dtype))
+    m = rows.size(0)
+    out = torch.empty(m, n, dtype=torch.float32, device=x.device)
+    if tiles is None:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        tiles = LINEAR_ROWS_TILES[m * triton.cdiv(n, 2) >= 4 * sms]
+    bn, bk, warps, stages = tiles
+    if m:
+        _linear_rows_kernel[(m, triton.cdiv(n, bn))](rows, weight.contiguous(), out, n, k, rows.stride(0), k, n,
+                                                     BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+    return out.view(*x.shape[:-1], n)
 
 
 ROUTE_FUNCS = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}

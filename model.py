@@ -31,10 +31,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ops import EXPERT_KERNELS, Ops, compressed_entries, swiglu
+from ops import EXPERT_KERNELS, Ops, compressed_entries, linear_fp32, swiglu
 from parallel import (ColumnParallelLinear, ConfigFile, Linear, Parallel, ParallelEmbedding, ParallelHead,
-                      RMSNorm, RowParallelLinear, dtype_of, linear_fp32, precompute_freqs_cis, quantised_formats,
-                      row_block, row_starts, stack_rows, stored)
+                      RMSNorm, RowParallelLinear, dtype_of, precompute_freqs_cis, quantised_formats, row_block,
+                      row_starts, stack_rows, stored)
 from quant import FP8_BLOCK, shard_weights
 
 
@@ -512,7 +512,7 @@ class Attention(nn.Module):
             rounded = rows[:max(0, n_rounded - len(parts))]                         # its projections rounded
             whole = len(rounded) == len(rows)
             if scale is None:
-                out = linear_fp32(x[:, 0], weight)                                  # [b, rows] float32 sums
+                out = self.ops.linear_fp32(x[:, 0], weight)                         # [b, rows] float32 sums
             else:
                 out = self.ops.linear_lowp(x[:, 0], weight, scale, x.dtype if whole else torch.float32)
             if rounded:                                                             # column slices, no copies
@@ -581,7 +581,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor):
         """x [T, D], ids [T] -> weights [T, k] float32, experts [T, k] int64 (kernel.route_torch)."""
-        return self.ops.route(linear_fp32(x, self.weight), None if self.hash else self.bias,
+        return self.ops.route(self.ops.linear_fp32(x, self.weight), None if self.hash else self.bias,
                               self.tid2eid if self.hash else None, ids, self.topk, self.score_func, self.route_scale)
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from model import Expert, MoE as V4MoE         # the expert machinery shared with DeepSeek-V4
 from ops import Ops, apply_rotary
 from parallel import (ColumnParallelLinear, ConfigFile, Linear, Parallel, ParallelEmbedding, ParallelHead,
-                      RMSNorm, RowParallelLinear, dtype_of, linear_fp32, precompute_freqs_cis, quantised_formats)
+                      RMSNorm, RowParallelLinear, dtype_of, precompute_freqs_cis, quantised_formats)
 from quant import shard_weights
 
 # ---------------------------------------------------------------- checkpoint names and layout
@@ -429,8 +429,9 @@ class Gate(nn.Module):
       weights = the chosen experts' scores, divided by their sum when norm_topk_prob, times route_scale
     (DeepSeek's code normalises whenever the scores are sigmoids, transformers when norm_topk_prob;
     the releases have both.) The bias only selects; it never enters the weights."""
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, ops: Ops):
         super().__init__()
+        self.ops = ops
         self.topk, self.groups, self.top_groups = args.n_activated_experts, args.n_expert_groups, args.n_limited_groups
         self.score_func, self.norm, self.route_scale = args.score_func, args.norm_topk_prob, args.route_scale
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim, dtype=dtype_of(args.dtype)),
@@ -443,7 +444,7 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor, ids: Optional[torch.Tensor] = None):
         """x [T, D] (ids: unused, model.MoE passes the token ids) -> weights [T, k] float32,
         experts [T, k] int64."""
-        logits = linear_fp32(x, self.weight)                                     # [T, E]
+        logits = self.ops.linear_fp32(x, self.weight)                            # [T, E]
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.bias is None else scores + self.bias
         if self.groups > 1:
@@ -467,7 +468,7 @@ class MoE(V4MoE):
     GEMMs / GEMVs over stacked weights on CUDA) behind the V3 Gate, with n_shared_experts *
     moe_inter_dim wide shared experts split by width; one all-reduce of both partial sums."""
     def __init__(self, args: ModelArgs, tp: Parallel, ops: Ops):
-        super().__init__(args, tp, ops, Gate(args), args.n_shared_experts * args.moe_inter_dim)
+        super().__init__(args, tp, ops, Gate(args, ops), args.n_shared_experts * args.moe_inter_dim)
 
 
 # ---------------------------------------------------------------- layers and the model

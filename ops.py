@@ -295,6 +295,14 @@ def mla_decode_torch(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Te
     return torch.einsum("bht,btc->bhc", probs, kv)
 
 
+def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [T, in] W^T as float32 sums of products of the values in the weight's dtype (as the reference,
+    which upcasts both); on CUDA without a float32 copy of the weight."""
+    if x.is_cuda:
+        return torch.mm(x.to(weight.dtype), weight.t(), out_dtype=torch.float32)
+    return F.linear(x.float(), weight.float())
+
+
 def dequantised(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A weight as the release stores it -> [out, in] dtype: MXFP4 (int8 [out, in/2] with ue8m0 scales
     [out, in/32]) exactly; FP8 (float8_e4m3fn with block scales) as the product in float32 rounded to
@@ -386,6 +394,9 @@ class Ops:
     MOE_GEMV_MAX_ASSIGNMENTS = 96
     # Low-precision linears of at least this many bf16 rows dequantise the weight, then cuBLAS.
     LOWP_DEQUANT_MIN_ROWS = 1024
+    # Float32-sum linears (the router, a decode step's input projections kept in the model dtype) of up
+    # to this many rows go through kernel.linear_rows_triton, more through cuBLAS (linear_fp32).
+    LINEAR_ROWS_MAX_M = 2
 
     def __init__(self, backend: str = "auto", device=None, expert_kernels: str = "triton"):
         if expert_kernels not in EXPERT_KERNELS:
@@ -445,6 +456,12 @@ class Ops:
         on an H100 at 4096 rows)."""
         return self.triton and not kernel.INTERPRETED and x.dtype == torch.bfloat16 \
             and x.numel() >= self.LOWP_DEQUANT_MIN_ROWS * x.size(-1)
+
+    def linear_fp32(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """linear_fp32: x [..., K] W^T in float32 sums of exact products -> float32 [..., N]."""
+        if self.triton and x.numel() <= self.LINEAR_ROWS_MAX_M * x.size(-1):
+            return kernel.linear_rows_triton(x, weight)
+        return linear_fp32(x, weight)
 
     def linear_lowp(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype=None) -> torch.Tensor:
         """x [..., K] W^T for a weight kept as the release stores it (FP8 or MXFP4, with its scale) ->

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ops import BACKENDS, Ops, dequantised
+from ops import BACKENDS, Ops, dequantised, linear_fp32
 from quant import FP8_BLOCK, fp4_scale_shape, fp8_scale_shape
 
 
@@ -221,14 +221,6 @@ class Linear(nn.Module):
     def stored(self):
         """The weight as the kernels take it: the tensor in the model dtype, or (weight, scale) as stored."""
         return stored(self.weight, self.scale)
-
-
-def linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [T, in] W^T as float32 sums of products of the values in the weight's dtype (as the reference,
-    which upcasts both); on CUDA without a float32 copy of the weight."""
-    if x.is_cuda:
-        return torch.mm(x.to(weight.dtype), weight.t(), out_dtype=torch.float32)
-    return F.linear(x.float(), weight.float())
 
 
 class ColumnParallelLinear(Linear):

@@ -308,6 +308,18 @@ def model_case(device, dtype, seed):
     return worst
 
 
+def linear_rows_case(device, dtype, m, n, k, seed, tiles=None, strided=False, bf16_weight=False):
+    """kernel.linear_rows_triton against ops.linear_fp32's float32 sums of x rounded to the weight's
+    dtype: with bf16_weight a float32 x is rounded inside the kernel."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * k ** -0.5).to(torch.bfloat16 if bf16_weight else dtype)
+    x = torch.randn(m, 2 * k if strided else k, generator=g)
+    x = x[:, k // 2:k // 2 + k] if strided else x                 # rows apart, as a column slice
+    out = kernel.linear_rows_triton(x.to(device, dtype), w.to(device), tiles)
+    ref = x.to(dtype).to(w.dtype).double() @ w.double().T
+    return rel_err(out.cpu(), ref.float())
+
+
 def run(device, dtypes, real_shapes):
     tol = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
     cases = [("attn decode", lambda dt: sparse_attn_case(device, dt, 3, 1, 20, 64, 50, 37, 1)),
@@ -345,6 +357,10 @@ def run(device, dtypes, real_shapes):
              ("topk few finite", lambda dt: topk_case(device, dt, 2, 9000, 64, 40, 63), [torch.float32]),
              ("topk one chunk", lambda dt: topk_case(device, dt, 4, 1000, 300, 700, 64), [torch.float32]),
              ("compressor strided in", lambda dt: compressor_case(device, dt, 4, 32, True, 60, strided=True)),
+             ("linear rows one column a program, apart", lambda dt: linear_rows_case(device, dt, 1, 37, 300, 73,
+                                                                               strided=True)),
+             ("linear rows two columns, bf16 weight", lambda dt: linear_rows_case(device, dt, 2, 70, 1000, 74,
+                                                                             (2, 256, 4, 2), True, True)),
              ("route sqrtsoftplus", lambda dt: route_case(device, dt, 9, 48, 6, "sqrtsoftplus", False, 37)),
              ("route hash", lambda dt: route_case(device, dt, 9, 48, 6, "sqrtsoftplus", True, 38)),
              ("route sigmoid", lambda dt: route_case(device, dt, 4, 20, 3, "sigmoid", False, 39)),
@@ -368,6 +384,8 @@ def run(device, dtypes, real_shapes):
                                                               2048, 46)),
                   ("moe gemv V4 b4 mp8", lambda dt: moe_gemv_case(device, dt, 4, 6, 4096, 2048, 32, 64, 256, 10.0,
                                                                   256, 47)),
+                  ("linear rows V4 gate b1", lambda dt: linear_rows_case(device, dt, 1, 256, 4096, 75)),
+                  ("linear rows V4 csa inputs b2", lambda dt: linear_rows_case(device, dt, 2, 4160, 4096, 76)),
                   ("route V4 b32", lambda dt: route_case(device, dt, 32, 256, 6, "sqrtsoftplus", False, 48)),
                   ("rms norm V4", lambda dt: rms_norm_case(device, dt, (8, 1, 4096), True, 49)),
                   ("decode indices V4", lambda dt: decode_indices_case(device, dt, 128, 4, 16640, True, 50)),

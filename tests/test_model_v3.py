@@ -14,6 +14,7 @@ import torch
 
 import model_v3
 from model_v3 import Gate, ModelArgs, Transformer, expert_rank, release_name, split_dim
+from ops import Ops
 from testkit.oracle_v3 import hf_random_model, our_state_dict, shard, tiny_config, write_config
 
 SEQ = 80
@@ -235,7 +236,7 @@ def route_by_formula(x, weight, bias, n_groups, top_groups, k, norm, scale):
 def test_gate_matches_formula(method, norm):
     args = ModelArgs(dim=32, n_routed_experts=16, n_expert_groups=4, n_limited_groups=2, n_activated_experts=4,
                      route_scale=2.5, topk_method=method, norm_topk_prob=norm, dtype="fp32")
-    gate = Gate(args)
+    gate = Gate(args, Ops("torch", "cpu"))
     g = torch.Generator().manual_seed(5)
     gate.weight.copy_(torch.randn(16, 32, generator=g) * 32 ** -0.5)
     if gate.bias is not None:
