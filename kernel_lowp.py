@@ -565,6 +565,23 @@ def _k_split(split: int, *widths: int) -> int:
     return split if all(w % (split * FP8_BLOCK) == 0 for w in widths) else 1
 
 
+def moe_gemv_up_lowp(x, w13p, s13, experts, first_expert: int, inter: int, fp4: bool, ue8m0: bool, tiles,
+                     split: int) -> torch.Tensor:
+    """moe_gemv_lowp_triton's up projection alone, one launch: x [T, D] (unit column stride) through the
+    W13 (w13p [E, 2 UP, ..] and its scale argument s13, as expert_weights gives them) of each assignment's
+    local expert (experts [T, k]; others skipped), over `split` input slices of D -> float32 partial sums
+    [split, T k, 2 inter]: w1's columns, then w3's. tiles as MOE_LOWP_GEMV_TILES' (their split unused)."""
+    t, k = experts.shape
+    dim = x.size(1)
+    bn, g, warps, stages, _ = tiles
+    p = torch.empty(split, t * k, 2 * inter, dtype=torch.float32, device=x.device)
+    _moe_lowp_gemv_up_kernel[(t * k, 2 * triton.cdiv(inter, bn), split)](
+        x, w13p, s13, p, experts, first_expert, w13p.size(0), k, dim, inter, w13p.size(1) // 2, dim // split,
+        x.stride(0), w13p.stride(0), w13p.stride(1), s13.stride(0), s13.stride(1), p.stride(0), p.stride(1),
+        BN=bn, G=g, FP4=fp4, UE8M0=ue8m0, num_warps=warps, num_stages=stages)
+    return p
+
+
 def moe_gemv_lowp_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float, shared_gu=None,
                          shared_w2=None, out_dtype=torch.float32, tiles=None):
     """kernel.moe_gemv_triton for low-precision experts, four launches, no host sync: x [T, D] bf16 or
@@ -576,7 +593,7 @@ def moe_gemv_lowp_triton(x, w13, w2, weights, experts, first_expert: int, swiglu
     projections each run over assignments x column blocks x `split` input slices (a token's 6 experts
     alone would leave part of an H100 idle), the SwiGLU adds the up slices, the last kernel the down
     ones and each token's assignments. Returns out_dtype [T, D]."""
-    fp4, ue8m0, s13, s2, dim, inter, up = expert_weights(w13, w2)
+    fp4, ue8m0, s13, s2, dim, inter, _ = expert_weights(w13, w2)
     w13p, w2p = w13[0], w2[0]
     n_local = w13p.size(0)
     t, k = experts.shape
@@ -593,13 +610,10 @@ def moe_gemv_lowp_triton(x, w13, w2, weights, experts, first_expert: int, swiglu
     inter_s = gu.size(1) // 2 if shared else 0
     assigned = t * k
     rows = assigned + (t if shared else 0)
-    bn, g, warps, stages, split = tiles or MOE_LOWP_GEMV_TILES["fp4" if fp4 else "fp8"]
+    tiles = tiles or MOE_LOWP_GEMV_TILES["fp4" if fp4 else "fp8"]
+    bn, g, warps, stages, split = tiles
     split = _k_split(split, dim, inter, *((inter_s,) if shared else ()))
-    p = torch.empty(split, assigned, 2 * inter, dtype=torch.float32, device=x.device)
-    _moe_lowp_gemv_up_kernel[(assigned, 2 * triton.cdiv(inter, bn), split)](
-        x, w13p, s13, p, experts, first_expert, n_local, k, dim, inter, up, dim // split, x.stride(0),
-        w13p.stride(0), w13p.stride(1), s13.stride(0), s13.stride(1), p.stride(0), p.stride(1),
-        BN=bn, G=g, FP4=fp4, UE8M0=ue8m0, num_warps=warps, num_stages=stages)
+    p = moe_gemv_up_lowp(x, w13p, s13, experts, first_expert, inter, fp4, ue8m0, tiles, split)
     h = torch.empty(rows, max(inter, inter_s), dtype=x.dtype, device=x.device)
     block = 512
     _moe_lowp_swiglu_kernel[(rows, triton.cdiv(max(inter, inter_s), block))](

@@ -251,15 +251,9 @@ def moe_up_alone(x: torch.Tensor, w13) -> torch.Tensor:
     experts 0 .. E-1 of w13 (MXFP4, E of them): its float32 partial sums [split, E, 2 I]."""
     packed, scale = w13[0], kernel_lowp.fp4_scale_arg(w13[1])
     e, inter = packed.size(0), packed.size(1) // 2
-    experts = torch.arange(e, device=x.device).view(1, e)
-    bn, groups, warps, stages, split = kernel_lowp.MOE_LOWP_GEMV_TILES["fp4"]
-    split = kernel_lowp._k_split(split, DIM, inter)
-    p = torch.empty(split, e, 2 * inter, dtype=torch.float32, device=x.device)
-    kernel_lowp._moe_lowp_gemv_up_kernel[(e, 2 * -(-inter // bn), split)](
-        x, packed, scale, p, experts, 0, e, e, DIM, inter, inter, DIM // split, x.stride(0), packed.stride(0),
-        packed.stride(1), scale.stride(0), scale.stride(1), p.stride(0), p.stride(1),
-        BN=bn, G=groups, FP4=True, UE8M0=True, num_warps=warps, num_stages=stages)
-    return p
+    tiles = kernel_lowp.MOE_LOWP_GEMV_TILES["fp4"]
+    return kernel_lowp.moe_gemv_up_lowp(x, packed, scale, torch.arange(e, device=x.device).view(1, e), 0, inter,
+                                        True, True, tiles, kernel_lowp._k_split(tiles[4], DIM, inter))
 
 
 def peer_humming(bw: float, g: torch.Generator, say) -> None:
