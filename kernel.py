@@ -608,19 +608,21 @@ if triton is not None:
         tl.store(part_ptr + a * sp + cols, tl.sum(acc, 0), mask=cmask)
 
     @triton.jit
-    def _moe_gemv_sum_kernel(part_ptr, out_ptr, A, K, D, S, R, sp, so, BLOCK: tl.constexpr, SHARED: tl.constexpr):
+    def _moe_gemv_sum_kernel(part_ptr, out_ptr, A, K, D, S, R, sp, so, RP: tl.constexpr, BLOCK: tl.constexpr,
+                             SHARED: tl.constexpr):
         # Token t, BLOCK columns: out[t] = the sum of its K assignments' rows of part (+ its shared
-        # expert's row A + t) over the S slices of R rows each that part holds.
+        # expert's row A + t) over the S slices of R rows each that part holds; the S (K + SHARED) rows
+        # loaded at once (RP >= S (K + SHARED)), so that their reads overlap.
         t, nb = tl.program_id(0), tl.program_id(1)
         cols = nb * BLOCK + tl.arange(0, BLOCK)
         cmask = cols < D
-        acc = tl.zeros([BLOCK], tl.float32)
-        for s in range(S):
-            for j in range(K):
-                acc += tl.load(part_ptr + (s * R + t * K + j) * sp + cols, mask=cmask, other=0.0)
-            if SHARED:
-                acc += tl.load(part_ptr + (s * R + A + t) * sp + cols, mask=cmask, other=0.0)
-        tl.store(out_ptr + t * so + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
+        per = K + SHARED
+        r = tl.arange(0, RP)
+        j = r % per
+        row = (r // per) * R + tl.where(j < K, t * K + j, A + t)
+        rows = tl.load(part_ptr + row.to(tl.int64)[:, None] * sp + cols[None, :],
+                       mask=(r < S * per)[:, None] & cmask[None, :], other=0.0)
+        tl.store(out_ptr + t * so + cols, tl.sum(rows, 0).to(out_ptr.dtype.element_ty), mask=cmask)
 
     @triton.jit
     def _decode_indices_kernel(pos_ptr, pick_ptr, o_ptr, window, n_entries, ratio, sp, so,
@@ -1033,10 +1035,22 @@ def moe_gemv_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_limi
         h, w2, ws, part, experts, first_expert, n_local, t * k, dim, inter, inter_s,
         h.stride(0), w2.stride(0), w2.stride(1), ws.stride(0), part.stride(0),
         BN=bn, BK=bk, PRECISION=precision, num_warps=warps, num_stages=stages)
-    out = torch.empty(t, dim, dtype=out_dtype, device=x.device)
-    block = 1024
-    _moe_gemv_sum_kernel[(t, triton.cdiv(dim, block))](part, out, t * k, k, dim, 1, rows, part.stride(0),
-                                                       out.stride(0), BLOCK=block, SHARED=shared, num_warps=4)
+    return moe_gemv_sum(part, k, 1, shared, out_dtype)
+
+
+MOE_GEMV_SUM_BLOCK = 256
+
+
+def moe_gemv_sum(part: torch.Tensor, k: int, split: int, shared: bool, out_dtype) -> torch.Tensor:
+    """The few-token MoE's last launch: part [split, R, D] float32 (or [R, D] when split is 1), rows
+    0 .. T k - 1 the assignments of T tokens (k each), then with shared one row a token of the shared
+    expert -> out_dtype [T, D], each token's rows summed over the slices."""
+    rows, dim = part.shape[-2:]
+    t = rows // (k + shared)
+    out = torch.empty(t, dim, dtype=out_dtype, device=part.device)
+    _moe_gemv_sum_kernel[(t, triton.cdiv(dim, MOE_GEMV_SUM_BLOCK))](
+        part, out, t * k, k, dim, split, rows, part.stride(-2), out.stride(0),
+        RP=triton.next_power_of_2(split * (k + shared)), BLOCK=MOE_GEMV_SUM_BLOCK, SHARED=shared, num_warps=4)
     return out
 
 

@@ -26,12 +26,12 @@ import functools
 
 import torch
 
-from kernel import INTERPRETED, local_experts, moe_schedule, rows_view, triton
+from kernel import INTERPRETED, local_experts, moe_gemv_sum, moe_schedule, rows_view, triton
 from quant import FP4_BLOCK, FP8_BLOCK
 
 if triton is not None:
     import triton.language as tl
-    from kernel import _expert_tile, _moe_gemv_sum_kernel
+    from kernel import _expert_tile
 
 
 # ---------------------------------------------------------------- Triton kernels
@@ -626,11 +626,7 @@ def moe_gemv_lowp_triton(x, w13, w2, weights, experts, first_expert: int, swiglu
         inter_s // split, h.stride(0), w2p.stride(0), w2p.stride(1), s2.stride(0), s2.stride(1), ws.stride(0),
         wss.stride(0), part.stride(0), part.stride(1), BN=bn, G=g, BK8=MOE_LOWP_SHARED_BK, FP4=fp4, UE8M0=ue8m0,
         num_warps=warps, num_stages=stages)
-    out = torch.empty(t, dim, dtype=out_dtype, device=x.device)
-    block = 1024
-    _moe_gemv_sum_kernel[(t, triton.cdiv(dim, block))](part, out, assigned, k, dim, split, rows, part.stride(1),
-                                                       out.stride(0), BLOCK=block, SHARED=shared, num_warps=4)
-    return out
+    return moe_gemv_sum(part, k, split, shared, out_dtype)
 
 
 def moe_lowp_tiles(assignments: int, fp32: bool = False) -> tuple:
