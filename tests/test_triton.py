@@ -21,7 +21,8 @@ def test_triton_kernels_match_torch_references_in_the_interpreter():
 def sm90_builds():
     """(kernel, argument types, constexprs, warps, stages) of kernel.py's attention and grouped-MoE
     kernels at the tiles their launchers choose on an H100, for V4's shapes (64 heads of 512, experts
-    4096 -> 2048) and R1's absorbed MLA (latent 512, rope 64), bf16 inputs."""
+    4096 -> 2048) and R1's absorbed MLA (latent 512, rope 64), bf16 inputs; and of the few-row linear
+    (both its tiles) and the few-token MoE's sum (two slices of 6 assignments and the shared row)."""
     import kernel
 
     def types(fn, floats=(), **pointers):
@@ -45,6 +46,11 @@ def sm90_builds():
                     dict(BM=bm, BN=bn, BK=bk, CLAMP=True, PRECISION="tf32"), warps, stages),
                    (kernel._moe_down_kernel, types(kernel._moe_down_kernel, out_ptr="*fp32", assign_ptr="*i64",
                                                    **tile_ptrs), dict(BM=bm, BN=bn, BK=bk, PRECISION="tf32"), warps, stages)]
+    for bn, bk, warps, stages in kernel.LINEAR_ROWS_TILES:
+        builds.append((kernel._linear_rows_kernel, types(kernel._linear_rows_kernel, o_ptr="*fp32"),
+                       dict(BN=bn, BK=bk), warps, stages))
+    builds.append((kernel._moe_gemv_sum_kernel, types(kernel._moe_gemv_sum_kernel, part_ptr="*fp32"),
+                   dict(RP=16, BLOCK=kernel.MOE_GEMV_SUM_BLOCK, SHARED=True), 4, 3))
     block_n, warps, stages = kernel.MLA_TILES
     builds.append((kernel._mla_decode_kernel, types(kernel._mla_decode_kernel, ["scale"], pos_ptr="*i64",
                                                     part_ptr="*fp32", stat_ptr="*fp32"),
@@ -55,7 +61,8 @@ def sm90_builds():
 
 def test_attention_and_moe_kernels_compile_for_hopper():
     """The compiler's path, which the interpreter skips, for the kernels built on the shared online
-    softmax and expert-tile helpers: each builds for sm_90 (no GPU needed), without register spills
+    softmax and expert-tile helpers and the decode step's few-row linear and MoE sum: each builds for
+    sm_90 (no GPU needed), without register spills
     except in the prefill attention tile, whose 64 heads of 512 spill by design (measured faster than
     smaller tiles: kernel.sparse_attn_triton)."""
     from testkit.sm90 import build_sm90, spills
