@@ -11,6 +11,7 @@ tokens (decode) one program per assignment with the shared expert added in.
 
 Shapes use: b batch, s query tokens, h heads, d head dim, n key slots, k selected keys per query.
 """
+import functools
 import os
 
 import torch
@@ -644,6 +645,12 @@ if triton is not None:
         tl.store(o_ptr + b * so + c, out, mask=c < window + n_entries)
 
 
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """SMs the GEMV tiles spread over; 1 in the interpreter, which runs the programs one by one."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def rows_view(x: torch.Tensor) -> torch.Tensor:
     """x [.., d] as rows [R, d] with unit column stride, a view where x allows (its rows may lie apart,
     as in a column slice of a wider matrix), else a contiguous copy."""
@@ -973,8 +980,7 @@ def linear_rows_triton(x: torch.Tensor, weight: torch.Tensor, tiles=None) -> tor
     m = rows.size(0)
     out = torch.empty(m, n, dtype=torch.float32, device=x.device)
     if tiles is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        tiles = LINEAR_ROWS_TILES[m * triton.cdiv(n, 2) >= 4 * sms]
+        tiles = LINEAR_ROWS_TILES[m * triton.cdiv(n, 2) >= 4 * sm_count(x.device)]
     bn, bk, warps, stages = tiles
     if m:
         _linear_rows_kernel[(m, triton.cdiv(n, bn))](rows, weight.contiguous(), out, n, k, rows.stride(0), k, n,

@@ -22,11 +22,9 @@ between them.
 Shapes: M rows (tokens), K inputs, N outputs; T tokens, k experts a token, E local experts,
 D model dim, I expert width, Is the shared expert's width.
 """
-import functools
-
 import torch
 
-from kernel import INTERPRETED, local_experts, moe_gemv_sum, moe_schedule, rows_view, triton
+from kernel import INTERPRETED, local_experts, moe_gemv_sum, moe_schedule, rows_view, sm_count, triton
 from quant import FP4_BLOCK, FP8_BLOCK
 
 if triton is not None:
@@ -450,12 +448,6 @@ MOE_LOWP_TILES_LARGE = (64, 128, 64, 8, 3)
 MOE_LOWP_TILES_F32 = (16, 64, 32, 4, 2)      # float32 activations (the fp32 model on a GPU): no spills
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    """SMs the GEMV tiles spread over; 1 in the interpreter, which runs the programs one by one."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def fp8_scale_arg(scale: torch.Tensor):
     """An FP8 block scale as the kernels read it: (a uint8 view of ue8m0 bytes, True) or (float32, False)."""
     if scale.dtype == torch.float8_e8m0fnu:
@@ -477,7 +469,7 @@ def fp8_tiles(m: int, n: int, device: torch.device, group_rows: int = 0, fp32: b
     (BM, BN, BK, GROUP, warps, stages) of the tl.dot kernel (one row tile of 16-64 rows: a GEMV). With
     group_rows, BN also divides the rows of a group (a power of two of at least 16 for tl.dot). Float32
     activations (fp32) take FP8_GEMM_TILES_F32 beyond the row kernel."""
-    sms = _sm_count(device)
+    sms = sm_count(device)
     fit = group_rows & -group_rows if group_rows else 1 << 30           # the largest power of two dividing it
     if m <= FP8_ROW_MAX_M:
         bn, bk, warps, stages = FP8_ROW_TILES
