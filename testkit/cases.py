@@ -310,7 +310,7 @@ def model_case(device, dtype, seed):
 
 def linear_rows_case(device, dtype, m, n, k, seed, tiles=None, strided=False, bf16_weight=False):
     """kernel.linear_rows_triton against ops.linear_fp32's float32 sums of x rounded to the weight's
-    dtype: with bf16_weight a float32 x is rounded inside the kernel."""
+    dtype: with bf16_weight a float32 x, which the launcher rounds to bf16."""
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(n, k, generator=g) * k ** -0.5).to(torch.bfloat16 if bf16_weight else dtype)
     x = torch.randn(m, 2 * k if strided else k, generator=g)
