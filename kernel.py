@@ -159,6 +159,52 @@ if triton is not None:
             dest = tl.load(assign_ptr + rows, mask=rmask, other=0).to(tl.int64)
             tl.store(out_ptr + dest[:, None] * so + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
 
+    @triton.jit
+    def _expert_keys(e_ptr, j, A, first, n_local):
+        # Sort keys of assignments j: the local expert, n_local for one held elsewhere, n_local + 1 past A.
+        g = tl.load(e_ptr + j, mask=j < A, other=0) - first
+        keys = tl.where((g >= 0) & (g < n_local), g, n_local)
+        return tl.where(j < A, keys, n_local + 1)
+
+    @triton.jit
+    def _moe_schedule_kernel(e_ptr, w_ptr, order_ptr, token_ptr, ws_ptr, texp_ptr, tstart_ptr, tend_ptr,
+                             A, first, n_local, n_tiles, K: tl.constexpr, BM: tl.constexpr, BLOCK_A: tl.constexpr,
+                             BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, CHUNK: tl.constexpr):
+        # moe_schedule_torch in one launch. Program a < A places assignment a (token a // K) in the order by
+        # key, ties in assignment order, by counting the keys before it: order, token and its weight
+        # (float32) go to that place. Programs A + i give BLOCK_T tiles each, from every expert's count:
+        # tile_end_cum = cumsum(ceil(count / BM)), a tile's expert the first whose cumulative count of
+        # tiles exceeds it (-1 past the last: unused), its rows BM at a time along that expert's run.
+        pid = tl.program_id(0)
+        if pid < A:
+            i = tl.arange(0, BLOCK_A)
+            keys = _expert_keys(e_ptr, i, A, first, n_local)
+            mine = tl.sum(tl.where(i == pid, keys, 0), 0)
+            place = tl.sum(((keys < mine) | ((keys == mine) & (i < pid))).to(tl.int32), 0)
+            tl.store(order_ptr + place, pid.to(tl.int64))
+            tl.store(token_ptr + place, (pid // K).to(tl.int64))
+            tl.store(ws_ptr + place, tl.load(w_ptr + pid).to(tl.float32))
+        else:
+            e = tl.arange(0, BLOCK_E)
+            counts = tl.zeros([BLOCK_E], tl.int32)
+            for a0 in range(0, A, CHUNK):
+                keys = _expert_keys(e_ptr, a0 + tl.arange(0, CHUNK), A, first, n_local)
+                counts += tl.sum((keys[None, :] == e[:, None]).to(tl.int32), 1)
+            counts = tl.where(e < n_local, counts, 0)
+            ends = tl.cumsum(counts, 0)
+            tiles = (counts + BM - 1) // BM
+            tile_end_cum = tl.cumsum(tiles, 0)
+            tile = (pid - A) * BLOCK_T + tl.arange(0, BLOCK_T)
+            expert = tl.sum(((tile_end_cum[None, :] <= tile[:, None]) & (e < n_local)[None, :]).to(tl.int32), 1)
+            hit = e[None, :] == tl.minimum(expert, n_local - 1)[:, None]                 # [BLOCK_T, BLOCK_E]
+            end = tl.sum(tl.where(hit, ends[None, :], 0), 1)
+            count = tl.sum(tl.where(hit, counts[None, :], 0), 1)
+            first_tile = tl.sum(tl.where(hit, (tile_end_cum - tiles)[None, :], 0), 1)
+            tmask = tile < n_tiles
+            tl.store(texp_ptr + tile, tl.where(expert < n_local, expert, -1).to(tl.int64), mask=tmask)
+            tl.store(tstart_ptr + tile, (end - count + (tile - first_tile) * BM).to(tl.int64), mask=tmask)
+            tl.store(tend_ptr + tile, end.to(tl.int64), mask=tmask)
+
 
     @triton.jit
     def _sinkhorn(logits, iters, eps):
@@ -834,23 +880,47 @@ def sort_by_expert(experts: torch.Tensor, n_experts: int):
     return order, counts, torch.cumsum(counts, 0)
 
 
-def moe_schedule(experts: torch.Tensor, n_experts: int, block_m: int):
-    """Sort routing assignments by expert on the device, with no host sync.
-
-    experts [A] local expert of each assignment (n_experts for one this rank does not hold).
-    Returns order [A] (assignments sorted by expert) and, for a fixed number of tiles
-    (ceil(A / block_m) + n_experts), each tile's expert (-1 when unused) and its row range in order.
-    """
-    order, counts, seg_end = sort_by_expert(experts, n_experts)
+def moe_schedule_torch(experts: torch.Tensor, weights: torch.Tensor, first_expert: int, n_local: int, block_m: int):
+    """The grouped MoE GEMMs' schedule, on the device with no host sync: experts, weights [T, k] (global
+    ids; experts outside first_expert .. first_expert + n_local - 1 are held elsewhere) -> order [A]
+    (the assignments sorted by local expert, stable, those held elsewhere last), token [A] and weight
+    [A] (float32) of each assignment in that order, and for a fixed number of tiles (ceil(A / block_m)
+    + n_local) each tile's expert (-1 when unused) and its row range start .. end in the order."""
+    local = local_experts(experts, first_expert, n_local)
+    order, counts, seg_end = sort_by_expert(local, n_local)
     tiles = (counts + block_m - 1) // block_m
     tile_end_cum = torch.cumsum(tiles, 0)
-    n_tiles = -(-experts.numel() // block_m) + n_experts
-    tile = torch.arange(n_tiles, device=experts.device)
+    tile = torch.arange(-(-local.numel() // block_m) + n_local, device=experts.device)
     expert = torch.searchsorted(tile_end_cum, tile, right=True)
-    used = expert < n_experts
-    e = expert.clamp(max=n_experts - 1)
+    e = expert.clamp(max=n_local - 1)
     start = seg_end[e] - counts[e] + (tile - (tile_end_cum[e] - tiles[e])) * block_m
-    return order, torch.where(used, e, -1), start, seg_end[e]
+    return (order, order // experts.size(1), weights.flatten()[order].float(), torch.where(expert < n_local, e, -1),
+            start, seg_end[e])
+
+
+# Up to this many routing assignments are scheduled in one launch (_moe_schedule_kernel, each program
+# holding every key); more (prefill) take torch's sort.
+MOE_SCHEDULE_MAX = 1024
+
+
+def moe_schedule(experts: torch.Tensor, weights: torch.Tensor, first_expert: int, n_local: int, block_m: int):
+    """moe_schedule_torch in one launch for up to MOE_SCHEDULE_MAX assignments (decode batches), where
+    torch's stable sort and the gathers and scans around it take some twenty launches."""
+    t, k = experts.shape
+    a = t * k
+    if a > MOE_SCHEDULE_MAX:
+        return moe_schedule_torch(experts, weights, first_expert, n_local, block_m)
+    n_tiles = -(-a // block_m) + n_local
+    order, token = (torch.empty(a, dtype=torch.long, device=experts.device) for _ in range(2))
+    w_sorted = torch.empty(a, dtype=torch.float32, device=experts.device)
+    tile_expert, tile_start, tile_end = (torch.empty(n_tiles, dtype=torch.long, device=experts.device)
+                                         for _ in range(3))
+    block_t = 8
+    _moe_schedule_kernel[(a + triton.cdiv(n_tiles, block_t),)](
+        experts.contiguous(), weights.contiguous(), order, token, w_sorted, tile_expert, tile_start, tile_end,
+        a, first_expert, n_local, n_tiles, K=k, BM=block_m, BLOCK_A=max(16, triton.next_power_of_2(a)),
+        BLOCK_E=max(16, triton.next_power_of_2(n_local)), BLOCK_T=block_t, CHUNK=32, num_warps=4)
+    return order, token, w_sorted, tile_expert, tile_start, tile_end
 
 
 # Tiles of the grouped MoE GEMMs (BM rows, BN columns, BK depth, warps, pipeline stages): small
@@ -883,12 +953,10 @@ def moe_experts_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_l
     n_local, two_i, dim = w13.shape
     inter = two_i // 2
     t, k = experts.shape
-    local = local_experts(experts, first_expert, n_local)
     block_m, block_n, block_k, warps, stages = tiles or moe_tiles(x, t * k)
     precision = _precision(x)
-    order, tile_expert, tile_start, tile_end = moe_schedule(local, n_local, block_m)
-    token = order // k
-    w_sorted = weights.flatten()[order].float()
+    order, token, w_sorted, tile_expert, tile_start, tile_end = moe_schedule(experts, weights, first_expert, n_local,
+                                                                             block_m)
     h = torch.empty(t * k, inter, dtype=x.dtype, device=x.device)
     n_tiles = tile_expert.numel()
     x = x.contiguous()

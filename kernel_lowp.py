@@ -24,7 +24,7 @@ D model dim, I expert width, Is the shared expert's width.
 """
 import torch
 
-from kernel import INTERPRETED, local_experts, moe_gemv_sum, moe_schedule, rows_view, sm_count, triton
+from kernel import INTERPRETED, moe_gemv_sum, moe_schedule, rows_view, sm_count, triton
 from quant import FP4_BLOCK, FP8_BLOCK
 
 if triton is not None:
@@ -638,11 +638,9 @@ def moe_experts_lowp_triton(x, w13, w2, weights, experts, first_expert: int, swi
     w13p, w2p = w13[0], w2[0]
     n_local = w13p.size(0)
     t, k = experts.shape
-    local = local_experts(experts, first_expert, n_local)
     block_m, block_n, block_k, warps, stages = tiles or moe_lowp_tiles(t * k, x.dtype == torch.float32)
-    order, tile_expert, tile_start, tile_end = moe_schedule(local, n_local, block_m)
-    token = order // k
-    w_sorted = weights.flatten()[order].float()
+    order, token, w_sorted, tile_expert, tile_start, tile_end = moe_schedule(experts, weights, first_expert, n_local,
+                                                                             block_m)
     h = torch.empty(t * k, inter, dtype=x.dtype, device=x.device)
     n_tiles = tile_expert.numel()
     x = x.contiguous()

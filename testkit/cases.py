@@ -41,6 +41,24 @@ def moe_case(device, dtype, t, k, dim, inter, n_local, first, n_total, limit, se
     return rel_err(out, moe_reference(x, w13, w2, weights, experts, first, limit))
 
 
+def moe_schedule_case(device, dtype, t, k, n_local, first, n_total, block_m, seed):
+    """kernel.moe_schedule's one launch against moe_schedule_torch: the count of entries that differ
+    (unused tiles included), after checking that every output has the reference's dtype and shape."""
+    g = torch.Generator().manual_seed(seed)
+    experts = torch.stack([torch.randperm(n_total, generator=g)[:k] for _ in range(t)]).to(device)
+    weights = torch.rand(t, k, generator=g).to(device, dtype)
+    got = kernel.moe_schedule(experts, weights, first, n_local, block_m)
+    ref = kernel.moe_schedule_torch(experts, weights, first, n_local, block_m)
+    assert [(a.dtype, a.shape) for a in got] == [(b.dtype, b.shape) for b in ref]
+    return float(sum((a != b).sum().item() for a, b in zip(got, ref)))
+
+
+def moe_torch_schedule_case(device, dtype):
+    """"moe prefill" with its assignments scheduled by moe_schedule_torch (the many-token branch)."""
+    with kernel_constant("MOE_SCHEDULE_MAX", 0):
+        return moe_case(device, dtype, 150, 4, 96, 64, 6, 0, 6, 10.0, 82)
+
+
 def moe_reference(x, w13, w2, weights, experts, first, limit):
     """The local experts' weighted sum [T, D] in float64, one expert at a time."""
     n_local, inter = w13.size(0), w13.size(1) // 2
@@ -330,6 +348,11 @@ def run(device, dtypes, real_shapes):
              ("moe decode", lambda dt: moe_case(device, dt, 1, 6, 64, 32, 8, 4, 16, 0.5, 3)),
              ("moe prefill", lambda dt: moe_case(device, dt, 150, 4, 96, 64, 6, 0, 6, 10.0, 4)),
              ("moe no local", lambda dt: moe_case(device, dt, 3, 2, 64, 32, 4, 8, 8, 0.0, 5)),
+             ("moe prefill, torch's schedule", lambda dt: moe_torch_schedule_case(device, dt)),
+             ("moe schedule some local", lambda dt: moe_schedule_case(device, dt, 5, 6, 8, 4, 16, 16, 76)),
+             ("moe schedule many, wide tiles", lambda dt: moe_schedule_case(device, dt, 170, 6, 32, 64, 256, 64, 77)),
+             ("moe schedule none local", lambda dt: moe_schedule_case(device, dt, 3, 2, 4, 8, 8, 16, 78)),
+             ("moe schedule one", lambda dt: moe_schedule_case(device, dt, 1, 1, 3, 0, 3, 16, 79)),
              ("hc split sinkhorn", lambda dt: hc_split_case(device, dt, 37, 4, 20, 10)),
              ("hc pre", lambda dt: hc_pre_case(device, dt, 3, 4, 96, 11)),
              ("hc pre many tokens", lambda dt: hc_pre_case(device, dt, 70, 4, 160, 33)),
@@ -380,6 +403,8 @@ def run(device, dtypes, real_shapes):
                   ("attn V4 prefill 1K", lambda dt: sparse_attn_case(device, dt, 1, 1024, 64, 512, 1280, 640, 7)),
                   ("moe V4 decode b1", lambda dt: moe_case(device, dt, 1, 6, 4096, 2048, 256, 0, 256, 10.0, 8)),
                   ("moe V4 prefill 2K", lambda dt: moe_case(device, dt, 2048, 6, 4096, 2048, 256, 0, 256, 10.0, 9)),
+                  ("moe schedule V4 b32", lambda dt: moe_schedule_case(device, dt, 32, 6, 256, 0, 256, 16, 80)),
+                  ("moe schedule V4 b32 mp2", lambda dt: moe_schedule_case(device, dt, 32, 6, 128, 128, 256, 16, 81)),
                   ("moe gemv V4 b1", lambda dt: moe_gemv_case(device, dt, 1, 6, 4096, 2048, 256, 0, 256, 10.0,
                                                               2048, 46)),
                   ("moe gemv V4 b4 mp8", lambda dt: moe_gemv_case(device, dt, 4, 6, 4096, 2048, 32, 64, 256, 10.0,
