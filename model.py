@@ -356,7 +356,7 @@ class Indexer(nn.Module):
         compressor's projections kv, score [b, width] of x -> indices [b, k], as forward()."""
         self.compressor.decode(kv, score, step.pos, freqs_cis, self.kv_cache)
         keys = self.kv_cache[:qr.size(0)]                                                # [b, n_max, d]
-        q = self.queries(qr, freqs_cis[step.pos].unsqueeze(1))
+        q = self.queries(qr, step.rotary(freqs_cis))
         return self.pick(q, keys, weights.unsqueeze(1), step.visible(4))[:, 0]
 
     def queries(self, qr: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -389,6 +389,12 @@ class DecodeStep:
     def at(cls, pos: torch.Tensor, window: int, ops: Ops) -> "DecodeStep":
         return cls(pos, pos % window, window, ops)
 
+    def rotary(self, table: torch.Tensor) -> torch.Tensor:
+        """The rows [b, 1, rd/2, 2] of a rotary table (RotaryTables) at the rows' positions."""
+        if ("rotary", id(table)) not in self.kept:
+            self.kept["rotary", id(table)] = table[self.pos].unsqueeze(1)
+        return self.kept["rotary", id(table)]
+
     def visible(self, ratio: int) -> torch.Tensor:
         """visible_entries(pos, ratio) [b]."""
         if ("visible", ratio) not in self.kept:
@@ -406,6 +412,24 @@ class DecodeStep:
         return self.kept["attended", ratio, n_entries]
 
 
+class RotaryTables(nn.Module):
+    """The rotary tables [max_seq_len, rope_head_dim / 2, 2] (cos, sin) that the layers share, one copy of
+    each kind: window-only layers turn by rope_theta, compressed layers by compress_rope_theta with
+    YaRN. (One table a layer would take 256 bytes a position each: 12 GB over V4-Flash's 44 layers at
+    a 1M-token context.)"""
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        window = precompute_freqs_cis(args.rope_head_dim, args.max_seq_len, 0, args.rope_theta, 1.0, 0, 0)
+        compressed = precompute_freqs_cis(args.rope_head_dim, args.max_seq_len, args.original_seq_len,
+                                          args.compress_rope_theta, args.rope_factor, args.beta_fast, args.beta_slow)
+        self.register_buffer("window", torch.view_as_real(window), persistent=False)
+        self.register_buffer("compressed", torch.view_as_real(compressed), persistent=False)
+
+    def table(self, ratio: int) -> torch.Tensor:
+        """The table of a layer with compression ratio `ratio` (0: window only)."""
+        return self.compressed if ratio else self.window
+
+
 class Attention(nn.Module):
     """Q-LoRA attention with one shared KV head over a sliding window plus compressed entries.
 
@@ -415,9 +439,9 @@ class Attention(nn.Module):
     position, then projected by groups (wo_a per group, wo_b over all groups).
     kv_cache holds the window as a ring (slot = position % window) followed by the compressed entries.
     """
-    def __init__(self, layer_id: int, args: ModelArgs, tp: Parallel, ops: Ops):
+    def __init__(self, layer_id: int, args: ModelArgs, tp: Parallel, ops: Ops, rope: RotaryTables):
         super().__init__()
-        self.tp, self.ops = tp, ops
+        self.tp, self.ops, self.rope = tp, ops, rope
         dtype = dtype_of(args.dtype)
         self.n_heads, self.head_dim, self.rope_head_dim = args.n_heads, args.head_dim, args.rope_head_dim
         self.n_local_heads = args.n_heads // tp.world_size
@@ -439,18 +463,17 @@ class Attention(nn.Module):
         self.wo_b = RowParallelLinear(args.o_groups * args.o_lora_rank, args.dim, dtype, tp.out_group_split, fp8)
         self.attn_sink = nn.Parameter(torch.empty(self.n_local_heads, dtype=torch.float32), requires_grad=False)
 
-        if self.ratio:   # compressed layers use YaRN with their own base
-            freqs = precompute_freqs_cis(self.rope_head_dim, args.max_seq_len, args.original_seq_len,
-                                         args.compress_rope_theta, args.rope_factor, args.beta_fast, args.beta_slow)
-        else:
-            freqs = precompute_freqs_cis(self.rope_head_dim, args.max_seq_len, 0, args.rope_theta, 1.0, 0, 0)
-        self.register_buffer("freqs_cis", torch.view_as_real(freqs), persistent=False)   # [seq, rd/2, 2] cos, sin
         self.compressor = Compressor(args, self.ratio, self.head_dim, rotate=False, ops=ops) if self.ratio else None
         self.indexer = Indexer(args, tp, ops) if self.ratio == 4 else None
         n_max = cache_entries(args.max_seq_len, self.ratio) if self.ratio else 0
         self.register_buffer("kv_cache", torch.zeros(args.max_batch_size, self.window + n_max, self.head_dim,
                                                      dtype=dtype), persistent=False)
         self.stacked = None
+
+    @property
+    def freqs_cis(self) -> torch.Tensor:
+        """This layer's rotary table [max_seq_len, rd/2, 2] (cos, sin), shared with the layers of its kind."""
+        return self.rope.table(self.ratio)
 
     def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
         """x [b, s, D] at positions start_pos .. start_pos+s-1 (decode() takes one token per row)."""
@@ -506,7 +529,7 @@ class Attention(nn.Module):
         """x [b, 1, D] at step.pos: one matmul for every projection of x of a weight format, then
         attention over the whole cache with masks, so shapes never change."""
         bsz, win, pos = x.size(0), self.window, step.pos
-        freqs = self.freqs_cis[pos].unsqueeze(1)                                    # [b, 1, rd/2, 2]
+        freqs = step.rotary(self.freqs_cis)                                         # [b, 1, rd/2, 2]
         n_rounded, parts = 3 if self.indexer is not None else 2, []
         for weight, scale, rows in self.input_weights():
             rounded = rows[:max(0, n_rounded - len(parts))]                         # its projections rounded
@@ -709,12 +732,12 @@ class Block(nn.Module):
     sublayer's input; hc_post writes the output back with `post` and mixes the streams with the
     doubly stochastic `comb`.
     """
-    def __init__(self, layer_id: int, args: ModelArgs, tp: Parallel, ops: Ops):
+    def __init__(self, layer_id: int, args: ModelArgs, tp: Parallel, ops: Ops, rope: RotaryTables):
         super().__init__()
         self.norm_eps, self.hc_mult = args.norm_eps, args.hc_mult
         self.hc_sinkhorn_iters, self.hc_eps = args.hc_sinkhorn_iters, args.hc_eps
         self.ops = ops
-        self.attn = Attention(layer_id, args, tp, ops)
+        self.attn = Attention(layer_id, args, tp, ops, rope)
         self.ffn = MoE(args, tp, ops, Gate(layer_id, args, ops), args.moe_inter_dim)
         self.attn_norm = RMSNorm(args.dim, args.norm_eps, ops)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, ops)
@@ -762,8 +785,8 @@ def hc_head(module: nn.Module, x: torch.Tensor, norm: RMSNorm, args: ModelArgs, 
 class MTPBlock(Block):
     """Multi-token prediction block: mixes the embedding of the next token with the main model's
     last streams, runs one more layer and predicts with the shared head. Loaded, not used to generate."""
-    def __init__(self, layer_id: int, args: ModelArgs, tp: Parallel, ops: Ops):
-        super().__init__(layer_id, args, tp, ops)
+    def __init__(self, layer_id: int, args: ModelArgs, tp: Parallel, ops: Ops, rope: RotaryTables):
+        super().__init__(layer_id, args, tp, ops, rope)
         self.args = args
         dtype = dtype_of(args.dtype)
         fp8 = quantised_formats(args, ops)[0]
@@ -792,10 +815,12 @@ class Transformer(nn.Module):
         self.ops = ops = Ops(args.backend, expert_kernels=args.expert_kernels)   # tensors on the default device
         dtype = dtype_of(args.dtype)
         self.embed = ParallelEmbedding(args.vocab_size, args.dim, dtype, tp)
-        self.layers = nn.ModuleList([Block(i, args, tp, ops) for i in range(args.n_layers)])
+        self.rope = RotaryTables(args)
+        self.layers = nn.ModuleList([Block(i, args, tp, ops, self.rope) for i in range(args.n_layers)])
         self.norm = RMSNorm(args.dim, args.norm_eps, ops)
         self.head = ParallelHead(args.vocab_size, args.dim, dtype, tp)
-        self.mtp = nn.ModuleList([MTPBlock(args.n_layers + k, args, tp, ops) for k in range(args.n_mtp_layers)])
+        self.mtp = nn.ModuleList([MTPBlock(args.n_layers + k, args, tp, ops, self.rope)
+                                  for k in range(args.n_mtp_layers)])
         hc_head_params(self, args)
 
     @torch.inference_mode()

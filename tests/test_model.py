@@ -13,6 +13,7 @@ import torch
 
 from random_release import hf_config, write_release
 from model import ModelArgs, Transformer
+from parallel import precompute_freqs_cis
 from peers import hf_model
 
 SEQ = 72
@@ -179,6 +180,24 @@ def test_reference_wins_shared_expert_is_not_clamped(release):
         shared_free = moe.shared_experts(x)
     assert (theirs - got).abs().max() > 1e-3                        # the two disagree ...
     torch.testing.assert_close(theirs - shared_clamped, got - shared_free, rtol=1e-4, atol=1e-5)  # ... only there
+
+
+def test_rotary_tables_are_one_of_each_kind(ours):
+    """Every layer (MTP included) turns with the model's two tables, window-only layers by rope_theta and
+    compressed ones by compress_rope_theta with YaRN, the values precompute_freqs_cis gives."""
+    a = ours.args
+    window = torch.view_as_real(precompute_freqs_cis(a.rope_head_dim, a.max_seq_len, 0, a.rope_theta, 1.0, 0, 0))
+    compressed = torch.view_as_real(precompute_freqs_cis(a.rope_head_dim, a.max_seq_len, a.original_seq_len,
+                                                         a.compress_rope_theta, a.rope_factor, a.beta_fast,
+                                                         a.beta_slow))
+    layers = list(ours.layers) + list(ours.mtp)
+    assert {layer.attn.ratio > 0 for layer in layers} == {False, True}
+    for layer in layers:
+        table = layer.attn.freqs_cis
+        assert table is (ours.rope.compressed if layer.attn.ratio else ours.rope.window)
+        torch.testing.assert_close(table, compressed if layer.attn.ratio else window, rtol=0, atol=0)
+    tables = [b for name, b in ours.named_buffers() if name.startswith("rope.")]
+    assert len(tables) == 2 and not any("freqs" in name for name, _ in ours.named_buffers())
 
 
 def test_mtp_block_loads_and_predicts(release, ours, prompts):
