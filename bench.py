@@ -191,12 +191,14 @@ def decode_bytes(model: Transformer, batch: int, ctx: int) -> float:
     e, k = args.n_routed_experts, args.n_activated_experts
     for layer in model.layers:
         local = [x for x in layer.ffn.experts if x is not None]
+        attn, row = layer.attn, args.head_dim * 2
         total += param_bytes(layer) - sum(param_bytes(x) for x in local)
         total += len(local) * (1 - (1 - k / e) ** batch) * param_bytes(local[0])
-        attn, row = layer.attn, args.head_dim * 2
+        if attn.indexer is not None and not attn.indexed:          # a step leaves it out (Attention.indexed)
+            total -= param_bytes(attn.indexer)
         kv = args.window_size * row
         if attn.ratio == 4:
-            kv += min(args.index_topk, ctx // 4) * row + ctx // 4 * args.index_head_dim * 2
+            kv += min(args.index_topk, ctx // 4) * row + attn.indexed * ctx // 4 * args.index_head_dim * 2
         elif attn.ratio:
             kv += ctx // attn.ratio * row
         total += batch * kv

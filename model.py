@@ -347,7 +347,10 @@ class Indexer(nn.Module):
         bsz, seqlen, _ = x.shape
         pos = torch.arange(start_pos, start_pos + seqlen, device=x.device)
         self.compressor(x, start_pos, freqs_cis, self.kv_cache)
-        keys = self.kv_cache[:bsz, :(start_pos + seqlen) // self.ratio]                # [b, n, d]
+        n = (start_pos + seqlen) // self.ratio
+        if n <= self.topk:                        # no more entries than it keeps: all of them, no scores
+            return torch.arange(n, device=x.device).expand(bsz, seqlen, n)
+        keys = self.kv_cache[:bsz, :n]                                                  # [b, n, d]
         return self.pick(self.queries(qr, freqs_cis[pos]), keys, self.weights_proj(x), visible_entries(pos, 4))
 
     def decode(self, qr: torch.Tensor, weights: torch.Tensor, kv: torch.Tensor, score: torch.Tensor,
@@ -466,6 +469,10 @@ class Attention(nn.Module):
         self.compressor = Compressor(args, self.ratio, self.head_dim, rotate=False, ops=ops) if self.ratio else None
         self.indexer = Indexer(args, tp, ops) if self.ratio == 4 else None
         n_max = cache_entries(args.max_seq_len, self.ratio) if self.ratio else 0
+        # Where the cache cannot hold more compressed entries than the indexer keeps (max_seq_len up to
+        # 4 index_topk), the layer attends every visible one, as an HCA layer does, and the indexer
+        # (its projections, cache, scores and top-k) is left out of the step.
+        self.indexed = self.indexer is not None and n_max > args.index_topk
         self.register_buffer("kv_cache", torch.zeros(args.max_batch_size, self.window + n_max, self.head_dim,
                                                      dtype=dtype), persistent=False)
         self.stacked = None
@@ -495,7 +502,7 @@ class Attention(nn.Module):
             self.compressor(x, start_pos, self.freqs_cis, compressed)
             n = end // self.ratio
             visible = visible_entries(pos, self.ratio).unsqueeze(1)                   # [s, 1]
-            if self.indexer is not None:
+            if self.indexed:
                 cidx = self.indexer(x, qr, start_pos, self.freqs_cis)               # [b, s, k]
             else:
                 cidx = torch.arange(n, device=x.device).expand(bsz, seqlen, -1)
@@ -513,9 +520,9 @@ class Attention(nn.Module):
         a BF16 one of the rest), so that a decode step reads each in one matmul. The parameters become
         views into them (made once, after loading; again whenever they moved), as MoE.stacked_weights
         does. -> [(matrix, its block scale or None, (first row, rows) of each of its projections)]."""
-        parts = [self.wq_a, self.wkv] + ([self.indexer.weights_proj] if self.indexer is not None else [])
+        parts = [self.wq_a, self.wkv] + ([self.indexer.weights_proj] if self.indexed else [])
         parts += [self.compressor.wkv, self.compressor.wgate] if self.compressor is not None else []
-        if self.indexer is not None:
+        if self.indexed:
             parts += [self.indexer.compressor.wkv, self.indexer.compressor.wgate]
         if self.stacked is None or self.stacked[0][0].data_ptr() != parts[0].weight.data_ptr():
             self.stacked = []
@@ -530,7 +537,7 @@ class Attention(nn.Module):
         attention over the whole cache with masks, so shapes never change."""
         bsz, win, pos = x.size(0), self.window, step.pos
         freqs = step.rotary(self.freqs_cis)                                         # [b, 1, rd/2, 2]
-        n_rounded, parts = 3 if self.indexer is not None else 2, []
+        n_rounded, parts = 3 if self.indexed else 2, []
         for weight, scale, rows in self.input_weights():
             rounded = rows[:max(0, n_rounded - len(parts))]                         # its projections rounded
             whole = len(rounded) == len(rows)
@@ -544,7 +551,7 @@ class Attention(nn.Module):
             parts += [out[:, a:a + n] for a, n in rows[len(rounded):]]
         qr, q, _ = self.project(parts[0].unsqueeze(1), parts[1].unsqueeze(1), freqs, step.ring_slot)
         n_entries, picks = self.kv_cache.size(1) - win, None
-        if self.indexer is not None:
+        if self.indexed:
             self.compressor.decode(parts[3], parts[4], pos, self.freqs_cis, self.kv_cache[:, win:])
             picks = self.indexer.decode(qr, parts[2], parts[5], parts[6], step, self.freqs_cis)   # [b, k]
         elif self.ratio:

@@ -18,6 +18,7 @@ from peers import hf_model
 
 SEQ = 72
 TOL = 1e-3
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "config_tiny.json")
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,36 @@ def test_decode_to_the_last_position_of_an_uneven_max_seq_len(release, prompts, 
         got = model.decode(prompts[:, pos:pos + 1], torch.full((prompts.size(0),), pos))
         worst = max(worst, (got - oracle_logits[:, pos]).abs().max().item())
     assert worst < TOL
+
+
+def test_cache_no_longer_than_index_topk_leaves_the_indexer_out(release, prompts, oracle_logits):
+    """max_seq_len 16 with index_topk 4: a ratio-4 cache holds at most 4 entries, all of which the top-k
+    keeps, so those layers attend every visible entry without the indexer; prefill, decode steps and
+    a second chunk still follow the oracle. (The fixture's other tests, max_seq_len 128, run it.)"""
+    model = build(release, max_seq_len=16)
+    csa = [layer.attn for layer in model.layers if layer.attn.indexer is not None]
+    assert csa and not any(attn.indexed for attn in csa) and all(attn.indexed for attn in
+                                                                 (layer.attn for layer in build(release).layers)
+                                                                 if attn.indexer is not None)
+    worst = (model(prompts[:, :6]) - oracle_logits[:, 5]).abs().max().item()
+    for pos in range(6, 11):
+        got = model.decode(prompts[:, pos:pos + 1], torch.full((prompts.size(0),), pos))
+        worst = max(worst, (got - oracle_logits[:, pos]).abs().max().item())
+    worst = max(worst, (model(prompts[:, 11:16], 11) - oracle_logits[:, 15]).abs().max().item())
+    assert worst < TOL
+
+
+def test_decode_floor_counts_the_indexer_only_where_a_step_runs_it():
+    """bench.decode_bytes (the bandwidth floor's bytes) leaves out the indexer's weights and cache reads
+    where Attention.indexed leaves the indexer out of the step (the tiny config, on the meta device)."""
+    import bench
+    with torch.device("meta"):
+        short, long = (Transformer(ModelArgs.from_file(TINY, max_seq_len=n)) for n in (16, 512))
+    csa = [layer.attn for layer in long.layers if layer.attn.indexed]
+    assert len(csa) == 2 and not any(layer.attn.indexed for layer in short.layers)
+    a, ctx = long.args, 12
+    left_out = sum(bench.param_bytes(attn.indexer) for attn in csa) + len(csa) * ctx // 4 * a.index_head_dim * 2
+    assert bench.decode_bytes(long, 1, ctx) - bench.decode_bytes(short, 1, ctx) == pytest.approx(left_out)
 
 
 @pytest.mark.parametrize("assign", [False, True], ids=["copied-in", "parameters-replaced"])
