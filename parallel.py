@@ -2,6 +2,7 @@
 their config files (ConfigFile).
 
   Parallel                                  this process's place in the world (and the o-groups layout)
+  OneShotAllReduce, one_shot_unusable       small all-reduces through torch's symmetric memory
   Quantised, quantised_formats              a weight kept as the release stores it (FP8 or MXFP4, with
                                             its scale), as the shards' config.json says
   Linear, ColumnParallelLinear, RowParallelLinear, ParallelEmbedding, ParallelHead
@@ -14,6 +15,7 @@ model_v3.py); convert.py cuts the release by it and these layers hold the pieces
 """
 import json
 import math
+import os
 from dataclasses import dataclass, fields
 from typing import List, Optional, Tuple
 
@@ -93,18 +95,69 @@ class ConfigFile:
                              f"{self.max_batch_size} / max_seq_len={self.max_seq_len}")
 
 
+# All-reduces over the world of up to this many bytes (a decode step's: a few KB to 1 MB) take the
+# one-shot kernel of torch's symmetric memory where one_shot_unusable allows it, larger ones NCCL.
+ONE_SHOT_BYTES = 1 << 20
+
+
+def one_shot_unusable(world_size: int) -> Optional[str]:
+    """Why the world's all-reduces cannot take OneShotAllReduce, or None when they can: it needs CUDA
+    with NCCL, every rank on this node (torchrun's LOCAL_WORLD_SIZE) with peer access to the others'
+    GPUs, and torch's one_shot_all_reduce_copy_out."""
+    if not torch.cuda.is_available() or dist.get_backend() != "nccl":
+        return "not CUDA with NCCL"
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "0")) != world_size:
+        return "the ranks span nodes"
+    if not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out"):
+        return f"torch {torch.__version__} lacks symm_mem.one_shot_all_reduce_copy_out"
+    here = torch.cuda.current_device()
+    if torch.cuda.device_count() < world_size or not all(
+            torch.cuda.can_device_access_peer(here, d) for d in range(world_size) if d != here):
+        return "no peer access between the GPUs"
+    return None
+
+
+class OneShotAllReduce:
+    """The sum over the world's ranks of small tensors, for latency: each rank copies its tensor into a
+    buffer the others map (torch's symmetric memory, over NVLink), then reads all ranks' copies and adds
+    them in rank order, in one kernel (torch.ops.symm_mem.one_shot_all_reduce_copy_out); every rank gets
+    the same sum. NCCL's ring takes about 10 us for the few KB a decode step reduces. One buffer of
+    ONE_SHOT_BYTES per dtype the models reduce (bf16, float32), exchanged with the ranks once."""
+    def __init__(self):
+        import torch.distributed._symmetric_memory as symm_mem
+        group = dist.group.WORLD
+        self.group_name = group.group_name
+        device = torch.device("cuda", torch.cuda.current_device())
+        self.buffers = {}
+        for dtype in (torch.bfloat16, torch.float32):
+            self.buffers[dtype] = symm_mem.empty(ONE_SHOT_BYTES // dtype.itemsize, dtype=dtype, device=device)
+            symm_mem.rendezvous(self.buffers[dtype], group)
+
+    def takes(self, x: torch.Tensor) -> bool:
+        """Whether x goes this way: contiguous, of a buffer's dtype, at most ONE_SHOT_BYTES in whole 16-byte
+        words (a probe of 255 bf16 values failed in torch's kernel)."""
+        size = x.numel() * x.element_size()
+        return x.dtype in self.buffers and x.is_contiguous() and size <= ONE_SHOT_BYTES and size % 16 == 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        buffer = self.buffers[x.dtype][:x.numel()].view(x.shape)
+        return torch.ops.symm_mem.one_shot_all_reduce_copy_out(buffer, x, "sum", self.group_name, torch.empty_like(x))
+
+
 @dataclass
 class Parallel:
     """Where this process sits in the tensor-parallel world.
 
     In the o-groups layout (world size N > o_groups G), the N // G consecutive ranks of a pair group
     share one output group: they gather their heads before wo_a, and wo_b is reduced over the
-    projection group, one rank of each pair group.
+    projection group, one rank of each pair group. one_shot: the world's small all-reduces, where
+    one_shot_unusable allows them (else NCCL's).
     """
     world_size: int = 1
     rank: int = 0
     pair_group: Optional[dist.ProcessGroup] = None
     proj_group: Optional[dist.ProcessGroup] = None
+    one_shot: Optional[OneShotAllReduce] = None
 
     @classmethod
     def current(cls, o_groups: Optional[int] = None) -> "Parallel":
@@ -114,6 +167,11 @@ class Parallel:
             return cls()
         ws, rank = dist.get_world_size(), dist.get_rank()
         p = cls(ws, rank)
+        if ws > 1 and dist.get_backend() == "nccl":
+            # every rank must take the same way (setting it up is a collective): one rank's reason is all's
+            usable = torch.tensor([one_shot_unusable(ws) is None], dtype=torch.int32, device="cuda")
+            dist.all_reduce(usable, op=dist.ReduceOp.MIN)
+            p.one_shot = OneShotAllReduce() if usable.item() else None
         if o_groups and ws > 1:
             per_group = ws // o_groups
             for g in range(o_groups):               # every rank takes part in every new_group call
@@ -132,7 +190,10 @@ class Parallel:
         return dist.get_world_size(self.proj_group) if self.proj_group is not None else self.world_size
 
     def all_reduce(self, x: torch.Tensor, group=None) -> torch.Tensor:
+        """The sum of x over the ranks of group (default: the world); x itself, summed in place, or a new tensor."""
         if self.world_size > 1:
+            if group is None and self.one_shot is not None and self.one_shot.takes(x):
+                return self.one_shot(x)
             dist.all_reduce(x, group=group)
         return x
 

@@ -11,7 +11,9 @@
 #    these completions may part after some tokens: checked is the first token of each (it parts only
 #    if the prefill's two best logits nearly tie; an expert on the wrong rank changes it), and where
 #    the rest parts is printed.
-# 2. bench.py speed at N = 1 and N = 2 (real V4-Flash layer shapes), collectives per decode step.
+# 2. tools/all_reduce_check.py: the small all-reduces' one-shot kernel (torch's symmetric memory) gives
+#    NCCL's sums bit for bit, eager and graphed, the same on both ranks; both timed.
+# 3. bench.py speed at N = 1 and N = 2 (real V4-Flash layer shapes), collectives per decode step.
 # Exits non-zero when a run fails or outputs differ.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -85,6 +87,7 @@ else
     echo "USE_HUMMING at N = 2: not run, humming-kernels is not installed"
 fi
 
+torchrun --standalone --nproc-per-node 2 -m tools.all_reduce_check 2>&1 | tee "$OUT/all_reduce.log" || status=1
 python bench.py speed --batch 1 32 --context 1024 16384 --prefill 4096 2>&1 | tee "$OUT/bench_mp1.log"
 torchrun --standalone --nproc-per-node 2 bench.py speed --batch 1 32 --context 1024 16384 --prefill 4096 2>&1 \
     | tee "$OUT/bench_mp2.log"
