@@ -6,8 +6,9 @@ small kernels: the hyper-connection pre (mixes, Sinkhorn, weighted sum, the subl
 the HC head) and post, RMSNorm, RMSNorm with RoPE (writing a decode step's new key/value into its
 cache slot), the Hadamard rotation, the indexer's scores and top-k, the compressor's whole decode
 update, the key slots a decode query attends, sparse attention with its sink, MoE routing (scores,
-top-k, weights), and the routed experts: grouped GEMMs over tokens sorted by expert, or for few
-tokens (decode) one program per assignment with the shared expert added in.
+top-k, weights), and the routed experts: grouped GEMMs over tokens sorted by expert (a decode batch's
+sort and tiles in one launch, moe_schedule), or for few tokens one program per assignment with the
+shared expert added in.
 
 Shapes use: b batch, s query tokens, h heads, d head dim, n key slots, k selected keys per query.
 """
