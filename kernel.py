@@ -168,6 +168,15 @@ if triton is not None:
         return tl.where(j < A, keys, n_local + 1)
 
     @triton.jit
+    def _expert_place(e_ptr, a, A, first, n_local, BLOCK_A: tl.constexpr):
+        # The sort keys of all A (<= BLOCK_A) assignments, and assignment a's place in the stable order by
+        # key: how many keys are below its own, plus the equal ones before it.
+        i = tl.arange(0, BLOCK_A)
+        keys = _expert_keys(e_ptr, i, A, first, n_local)
+        mine = tl.sum(tl.where(i == a, keys, 0), 0)
+        return keys, tl.sum(((keys < mine) | ((keys == mine) & (i < a))).to(tl.int32), 0)
+
+    @triton.jit
     def _moe_schedule_kernel(e_ptr, w_ptr, order_ptr, token_ptr, ws_ptr, texp_ptr, tstart_ptr, tend_ptr,
                              A, first, n_local, n_tiles, K: tl.constexpr, BM: tl.constexpr, BLOCK_A: tl.constexpr,
                              BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, CHUNK: tl.constexpr):
@@ -178,10 +187,7 @@ if triton is not None:
         # tiles exceeds it (-1 past the last: unused), its rows BM at a time along that expert's run.
         pid = tl.program_id(0)
         if pid < A:
-            i = tl.arange(0, BLOCK_A)
-            keys = _expert_keys(e_ptr, i, A, first, n_local)
-            mine = tl.sum(tl.where(i == pid, keys, 0), 0)
-            place = tl.sum(((keys < mine) | ((keys == mine) & (i < pid))).to(tl.int32), 0)
+            _, place = _expert_place(e_ptr, pid, A, first, n_local, BLOCK_A)
             tl.store(order_ptr + place, pid.to(tl.int64))
             tl.store(token_ptr + place, (pid // K).to(tl.int64))
             tl.store(ws_ptr + place, tl.load(w_ptr + pid).to(tl.float32))

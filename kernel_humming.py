@@ -43,6 +43,7 @@ INPUTS = {"bf16": None,
 
 if triton is not None:
     import triton.language as tl
+    from kernel import _expert_place
     from kernel_lowp import _rounded
 
     @triton.jit
@@ -123,12 +124,8 @@ if triton is not None:
         # from comparing all keys; pos[a] = p, its token's row of x to rows[p], its weight to ws[p].
         # Program 0 also writes layout[e] = how many keys are below e, for e = 0 .. n_local.
         a = tl.program_id(0)
-        i = tl.arange(0, BLOCK_A)
-        g = tl.load(e_ptr + i, mask=i < A, other=0) - first
-        keys = tl.where((g >= 0) & (g < n_local), g, n_local)
-        keys = tl.where(i < A, keys, n_local + 1)
-        mine = tl.sum(tl.where(i == a, keys, 0), 0)
-        p = tl.sum((keys < mine).to(tl.int64), 0) + tl.sum(((keys == mine) & (i < a)).to(tl.int64), 0)
+        keys, p = _expert_place(e_ptr, a, A, first, n_local, BLOCK_A)
+        p = p.to(tl.int64)
         tl.store(pos_ptr + a, p)
         tl.store(ws_ptr + p, tl.load(w_ptr + a).to(tl.float32))
         for d0 in range(0, D, BLOCK_D):
