@@ -41,6 +41,8 @@ if triton is not None:
     # float32 -> bf16 casts: interpreted, the kernels take float32 operands (the same exact products)
     # and round to bf16 on the bits.
     INTERP = tl.constexpr(INTERPRETED)
+    # NVIDIA's PTX in inline assembly (compiled kernels on CUDA builds of torch; ROCm's take the portable ops).
+    PTX = tl.constexpr(not INTERPRETED and torch.version.hip is None)
 
     @triton.jit
     def _pow2(e, bias):
@@ -172,14 +174,15 @@ if triton is not None:
         tl.store(o_ptr + rows.to(tl.int64)[:, None] * so + cols[None, :], _rounded(w * s, tl.bfloat16), mask=mask)
 
     @triton.jit
-    def _fp4_part(w_base, s_base, sw_n, ss_n, cols, cmask, grp, gmask, xe, xo):
-        # [BN, G] float32: for rows `cols` of an MXFP4 matrix (bytes sw_n apart, scale bytes ss_n apart),
+    def _fp4_part(w_base, s_base, sw_n, ss_n, ss_g, cols, cmask, grp, gmask, xe, xo):
+        # [BN, G] float32: for rows `cols` of an MXFP4 matrix (bytes sw_n apart; scale bytes ss_n apart from row
+        # to row, ss_g from group to group),
         # each scale group's dot product with the inputs, xe [G, 16] at its even columns, xo at its odd.
         # The sum over a group's 16 bytes times its scale equals the dequantised weights' (a power of two).
         byte = grp[:, None] * (FP4_G // 2) + tl.arange(0, FP4_G // 2)[None, :]
         b = tl.load(w_base + cols[:, None, None] * sw_n + byte[None, :, :],
                     mask=cmask[:, None, None] & gmask[None, :, None], other=0).to(tl.int32)
-        e = tl.load(s_base + cols[:, None] * ss_n + grp[None, :], mask=cmask[:, None] & gmask[None, :],
+        e = tl.load(s_base + cols[:, None] * ss_n + grp[None, :] * ss_g, mask=cmask[:, None] & gmask[None, :],
                     other=0).to(tl.int32)
         return tl.sum(_e2m1(b) * xe[None, :, :] + _e2m1(b >> 4) * xo[None, :, :], 2) * _pow2(e, 14)
 
@@ -195,7 +198,7 @@ if triton is not None:
         return grp, gmask, xe, xo
 
     @triton.jit
-    def _expert_row(x_row, w_base, s_base, sw_n, ss_n, K, n0, BN: tl.constexpr, N, G: tl.constexpr,
+    def _expert_row(x_row, w_base, s_base, sw_n, ss_n, ss_g, K, n0, BN: tl.constexpr, N, G: tl.constexpr,
                     FP4: tl.constexpr, UE8M0: tl.constexpr):
         # [BN] float32: x_row[:K] . W[n0:n0+BN, :K] on CUDA cores for one expert's weight of N rows, MXFP4
         # (G scale groups a step) or FP8 (32 G inputs a step; BN divides 128, so the columns share one row
@@ -209,13 +212,13 @@ if triton is not None:
             for k0 in range(0, K, G * FP4_G):
                 ks = k0 + tl.arange(0, G * FP4_G)
                 a = tl.load(x_row + r[:, None] * 0 + ks[None, :], mask=(r == 0)[:, None] & (ks < K)[None, :], other=0.0)
-                acc = _fp4_dot(a, acc, w_base, s_base, sw_n, ss_n, n0, k0, N, K, BN, G * FP4_G)
+                acc = _fp4_dot(a, acc, w_base, s_base, sw_n, ss_n, ss_g, n0, k0, N, K, BN, G * FP4_G)
             out = tl.sum(acc, 0)
         elif FP4:
             acc = tl.zeros([BN, G], tl.float32)
             for k0 in range(0, K, G * FP4_G):
                 grp, gmask, xe, xo = _fp4_inputs(x_row, k0, K, G)
-                acc += _fp4_part(w_base, s_base, sw_n, ss_n, cols, cmask, grp, gmask, xe, xo)
+                acc += _fp4_part(w_base, s_base, sw_n, ss_n, ss_g, cols, cmask, grp, gmask, xe, xo)
             out = tl.sum(acc, 1)
         else:
             out = _fp8_row(x_row, w_base, s_base + (n0 // B8) * ss_n, sw_n, K, cols, cmask, BN, G * FP4_G, UE8M0)
@@ -232,11 +235,12 @@ if triton is not None:
         return row
 
     @triton.jit
-    def _k_slice(w_base, s_base, k0, FP4: tl.constexpr):
-        # A low-precision weight's rows from input k0 on (k0 a multiple of 128): their bytes and scales.
+    def _k_slice(w_base, s_base, ss_g, k0, FP4: tl.constexpr):
+        # A low-precision weight's rows from input k0 on (k0 a multiple of 128): their bytes and scales (MXFP4
+        # group scales ss_g apart; FP8 block scales next to each other).
         if FP4:
             w_base += k0 // 2
-            s_base += k0 // FP4_G
+            s_base += (k0 // FP4_G) * ss_g
         else:
             w_base += k0
             s_base += k0 // B8
@@ -244,7 +248,7 @@ if triton is not None:
 
     @triton.jit
     def _moe_lowp_gemv_up_kernel(x_ptr, w_ptr, s_ptr, p_ptr, experts_ptr, first, n_local, K, D, I, UP, KS,
-                                 sx, sw_e, sw_n, ss_e, ss_n, sp_s, sp_a, BN: tl.constexpr, G: tl.constexpr,
+                                 sx, sw_e, sw_n, ss_e, ss_n, ss_g, sp_s, sp_a, BN: tl.constexpr, G: tl.constexpr,
                                  FP4: tl.constexpr, UE8M0: tl.constexpr):
         # The few-token MoE's up projection with low-precision W13 [E, 2 UP, ..] (w1 in rows 0 .. I-1, w3 in
         # rows UP .. UP+I-1; MXFP4 packed with scales [E, 2 UP, D/32], or FP8 with block scales [E, 2 UP/128,
@@ -258,8 +262,9 @@ if triton is not None:
             n0 = (nb - half * tl.cdiv(I, BN)) * BN
             w_base, s_base = _k_slice(w_ptr + e.to(tl.int64) * sw_e + half * UP * sw_n,
                                       s_ptr + e.to(tl.int64) * ss_e + half * _up_scale_row(UP, FP4) * ss_n,
-                                      s * KS, FP4)
-            out = _expert_row(x_ptr + (a // K) * sx + s * KS, w_base, s_base, sw_n, ss_n, KS, n0, BN, I, G, FP4, UE8M0)
+                                      ss_g, s * KS, FP4)
+            out = _expert_row(x_ptr + (a // K) * sx + s * KS, w_base, s_base, sw_n, ss_n, ss_g, KS, n0, BN, I, G, FP4,
+                              UE8M0)
             cols = n0 + tl.arange(0, BN)
             tl.store(p_ptr + s * sp_s + a * sp_a + half * I + cols, out, mask=cols < I)
 
@@ -294,7 +299,7 @@ if triton is not None:
 
     @triton.jit
     def _moe_lowp_gemv_down_kernel(h_ptr, w_ptr, s_ptr, ws_ptr, wss_ptr, part_ptr, experts_ptr, first, n_local,
-                                   A, D, KS, KSS, sh, sw_e, sw_n, ss_e, ss_n, sws_n, swss_n, sp_s, sp,
+                                   A, D, KS, KSS, sh, sw_e, sw_n, ss_e, ss_n, ss_g, sws_n, swss_n, sp_s, sp,
                                    BN: tl.constexpr, G: tl.constexpr, BK8: tl.constexpr, FP4: tl.constexpr,
                                    UE8M0: tl.constexpr):
         # kernel._moe_gemv_down_kernel with low-precision W2 [E, D, ..] (MXFP4 with scales [E, D, I/32], or
@@ -309,16 +314,17 @@ if triton is not None:
         if a < A:
             e = tl.load(experts_ptr + a) - first
             if (e >= 0) & (e < n_local):
-                w_base, s_base = _k_slice(w_ptr + e.to(tl.int64) * sw_e, s_ptr + e.to(tl.int64) * ss_e, s * KS, FP4)
-                out = _expert_row(h_ptr + a * sh + s * KS, w_base, s_base, sw_n, ss_n, KS, nb * BN, BN, D, G, FP4,
-                                  UE8M0)
+                w_base, s_base = _k_slice(w_ptr + e.to(tl.int64) * sw_e, s_ptr + e.to(tl.int64) * ss_e, ss_g, s * KS,
+                                          FP4)
+                out = _expert_row(h_ptr + a * sh + s * KS, w_base, s_base, sw_n, ss_n, ss_g, KS, nb * BN, BN, D, G,
+                                  FP4, UE8M0)
         else:
             out = _fp8_row(h_ptr + a * sh + s * KSS, ws_ptr + s * KSS,
                            wss_ptr + (nb * BN // B8) * swss_n + s * KSS // B8, sws_n, KSS, cols, cmask, BN, BK8, UE8M0)
         tl.store(part_ptr + s * sp_s + a * sp + cols, out, mask=cmask)
 
     @triton.jit
-    def _fp4_tile(w_base, s_base, sw_n, ss_n, cols, cmask, k0, K, BN: tl.constexpr, BK: tl.constexpr,
+    def _fp4_tile(w_base, s_base, sw_n, ss_n, ss_g, cols, cmask, k0, K, BN: tl.constexpr, BK: tl.constexpr,
                   DT: tl.constexpr):
         # W[cols, k0:k0+BK]^T dequantised to DT (bf16 or float32) [BK, BN] for tl.dot, from MXFP4 rows (bytes
         # sw_n apart, scale bytes ss_n apart): each byte's low nibble is the even column, its high nibble
@@ -329,7 +335,7 @@ if triton is not None:
         byte = grp[:, None] * (FP4_G // 2) + tl.arange(0, FP4_G // 2)[None, :]
         b = tl.load(w_base + cols[:, None, None] * sw_n + byte[None, :, :],
                     mask=cmask[:, None, None] & gmask[None, :, None], other=0).to(tl.int32)
-        e = tl.load(s_base + cols[:, None] * ss_n + grp[None, :], mask=cmask[:, None] & gmask[None, :],
+        e = tl.load(s_base + cols[:, None] * ss_n + grp[None, :] * ss_g, mask=cmask[:, None] & gmask[None, :],
                     other=0).to(tl.int32)
         s = _pow2(e, 14)[:, :, None]
         lo = (_e2m1(b) * s).to(DT)
@@ -337,38 +343,87 @@ if triton is not None:
         return tl.trans(tl.join(lo, hi).reshape(BN, BK))
 
     @triton.jit
-    def _fp4_dot(a, acc, w_base, s_base, sw_n, ss_n, n0, k0, N, K, BN: tl.constexpr, BK: tl.constexpr):
-        # acc + a [BM, BK] W[n0:n0+BN, k0:k0+BK]^T for MXFP4 rows of W (bytes sw_n apart, scale bytes ss_n apart).
-        # bf16 a: Triton's scaled dot, which widens the codes times their scales to bf16 (exact) in registers;
-        # float32 a: the tile dequantised by _fp4_tile.
+    def _e2m1_pairs(b, s):
+        # (lo, hi) bf16, b's shape: the low and the high e2m1 code of each byte of b times s (bf16 2^(E-1) for
+        # a ue8m0 exponent E <= 128), exactly, four bytes an instance. In each 16-bit half of a register the
+        # code's sign lands on bit 15 and its magnitude bits on 8..6, which is the code's value times 2^-126
+        # as a bf16 (0.5 a subnormal), and one bf16x2 multiply (an fma with -0, for sm_80) scales two values.
+        return tl.inline_asm_elementwise(
+            asm="""
+            {
+            .reg .b32 u, t, v, z;
+            mov.b32 z, 0x80008000;
+            shl.b32 u, $4, 4;
+            prmt.b32 t, $4, u, 0x5040;
+            shr.b32 v, t, 6;
+            and.b32 v, v, 0x01C001C0;
+            and.b32 t, t, 0x80008000;
+            or.b32 t, t, v;
+            fma.rn.bf16x2 $0, t, $5, z;
+            prmt.b32 t, $4, u, 0x7060;
+            shr.b32 v, t, 6;
+            and.b32 v, v, 0x01C001C0;
+            and.b32 t, t, 0x80008000;
+            or.b32 t, t, v;
+            fma.rn.bf16x2 $1, t, $6, z;
+            prmt.b32 t, $4, u, 0x1000;
+            shr.b32 v, t, 6;
+            and.b32 v, v, 0x01C001C0;
+            and.b32 t, t, 0x80008000;
+            or.b32 t, t, v;
+            fma.rn.bf16x2 $2, t, $5, z;
+            prmt.b32 t, $4, u, 0x3020;
+            shr.b32 v, t, 6;
+            and.b32 v, v, 0x01C001C0;
+            and.b32 t, t, 0x80008000;
+            or.b32 t, t, v;
+            fma.rn.bf16x2 $3, t, $6, z;
+            }
+            """,
+            constraints="=r,=r,=r,=r,r,r,r", args=[b, s], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+    @triton.jit
+    def _fp4_dot(a, acc, w_base, s_base, sw_n, ss_n, ss_g, n0, k0, N, K, BN: tl.constexpr, BK: tl.constexpr):
+        # acc + a [BM, BK] W[n0:n0+BN, k0:k0+BK]^T for MXFP4 rows of W (bytes sw_n apart; scales as _fp4_part's).
+        # bf16 a: the codes times their scales widened to bf16 by _e2m1_pairs (exact), the low nibbles (even
+        # inputs) and the high ones (odd inputs) in two tl.dot (about 30% fewer instructions a weight than
+        # Triton's scaled dot on sm_90, which compilers without NVIDIA's PTX take). float32 a: the tile
+        # dequantised by _fp4_tile.
         cols = n0 + tl.arange(0, BN)
         cmask = cols < N
         if a.dtype == tl.bfloat16:
+            G: tl.constexpr = BK // FP4_G
             byte = k0 // 2 + tl.arange(0, BK // 2)
             b = tl.load(w_base + cols[:, None] * sw_n + byte[None, :], mask=cmask[:, None] & (byte < K // 2)[None, :],
                         other=0)
-            grp = k0 // FP4_G + tl.arange(0, BK // FP4_G)
-            e = tl.load(s_base + cols[:, None] * ss_n + grp[None, :], mask=cmask[:, None] & (grp < K // FP4_G)[None, :],
-                        other=0)
-            acc = tl.dot_scaled(a, None, "bf16", tl.trans(b.to(tl.uint8, bitcast=True)), e, "e2m1", acc,
-                                fast_math=True)
+            grp = k0 // FP4_G + tl.arange(0, G)
+            e = tl.load(s_base + cols[:, None] * ss_n + grp[None, :] * ss_g,
+                        mask=cmask[:, None] & (grp < K // FP4_G)[None, :], other=0)
+            if PTX:
+                s = ((e.to(tl.int32) + 126) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
+                lo, hi = _e2m1_pairs(b, tl.reshape(tl.broadcast_to(s[:, :, None], (BN, G, FP4_G // 2)), (BN, BK // 2)))
+                even, odd = tl.split(tl.reshape(a, (a.shape[0], BK // 2, 2)))
+                acc = tl.dot(odd, tl.trans(hi), tl.dot(even, tl.trans(lo), acc))
+            else:
+                acc = tl.dot_scaled(a, None, "bf16", tl.trans(b.to(tl.uint8, bitcast=True)), e, "e2m1", acc,
+                                    fast_math=True)
         else:
-            acc = _dot(a, _fp4_tile(w_base, s_base, sw_n, ss_n, cols, cmask, k0, K, BN, BK, a.dtype), acc)
+            acc = _dot(a, _fp4_tile(w_base, s_base, sw_n, ss_n, ss_g, cols, cmask, k0, K, BN, BK, a.dtype), acc)
         return acc
 
     @triton.jit
-    def _expert_dot(a, acc, w_base, s_base, sw_n, ss_n, n0, k0, N, K, BN: tl.constexpr, BK: tl.constexpr,
+    def _expert_dot(a, acc, w_base, s_base, sw_n, ss_n, ss_g, n0, k0, N, K, BN: tl.constexpr, BK: tl.constexpr,
                     FP4: tl.constexpr, UE8M0: tl.constexpr):
         # acc + a [BM, BK] W[n0:n0+BN, k0:k0+BK]^T of one expert's weight (N rows of K inputs), MXFP4 or FP8.
         if FP4:
-            acc = _fp4_dot(a, acc, w_base, s_base, sw_n, ss_n, n0, k0, N, K, BN, BK)
+            acc = _fp4_dot(a, acc, w_base, s_base, sw_n, ss_n, ss_g, n0, k0, N, K, BN, BK)
         else:
             acc = _fp8_dot(a, acc, w_base, s_base, n0, k0, N, K, sw_n, ss_n, BN, BK, UE8M0)
         return acc
 
     @triton.jit
     def _moe_lowp_up_kernel(x_ptr, w_ptr, s_ptr, h_ptr, token_ptr, weight_ptr, tile_expert_ptr, tile_start_ptr,
-                            tile_end_ptr, D, I, UP, limit, sx, sw_e, sw_n, ss_e, ss_n, sh,
+                            tile_end_ptr, D, I, UP, limit, sx, sw_e, sw_n, ss_e, ss_n, ss_g, sh,
                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CLAMP: tl.constexpr,
                             FP4: tl.constexpr, UE8M0: tl.constexpr):
         # kernel._moe_up_kernel with low-precision W13 (as _moe_lowp_gemv_up_kernel): for the rows r of one
@@ -385,8 +440,8 @@ if triton is not None:
                 ks = k0 + tl.arange(0, BK)
                 a = tl.load(x_ptr + tok[:, None] * sx + ks[None, :], mask=rmask[:, None] & (ks < D)[None, :],
                             other=0.0)
-                gate = _expert_dot(a, gate, w_base, s_base, sw_n, ss_n, n0, k0, I, D, BN, BK, FP4, UE8M0)
-                up = _expert_dot(a, up, w_base + UP * sw_n, s_base + up_s * ss_n, sw_n, ss_n, n0, k0, I, D,
+                gate = _expert_dot(a, gate, w_base, s_base, sw_n, ss_n, ss_g, n0, k0, I, D, BN, BK, FP4, UE8M0)
+                up = _expert_dot(a, up, w_base + UP * sw_n, s_base + up_s * ss_n, sw_n, ss_n, ss_g, n0, k0, I, D,
                                  BN, BK, FP4, UE8M0)
             if CLAMP:
                 gate = tl.minimum(gate, limit)
@@ -398,7 +453,7 @@ if triton is not None:
 
     @triton.jit
     def _moe_lowp_down_kernel(h_ptr, w_ptr, s_ptr, out_ptr, assign_ptr, tile_expert_ptr, tile_start_ptr,
-                              tile_end_ptr, D, I, sh, sw_e, sw_n, ss_e, ss_n, so,
+                              tile_end_ptr, D, I, sh, sw_e, sw_n, ss_e, ss_n, ss_g, so,
                               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FP4: tl.constexpr,
                               UE8M0: tl.constexpr):
         # kernel._moe_down_kernel with low-precision W2 (as _moe_lowp_gemv_down_kernel):
@@ -412,7 +467,7 @@ if triton is not None:
                 ks = k0 + tl.arange(0, BK)
                 a = tl.load(h_ptr + rows[:, None] * sh + ks[None, :], mask=rmask[:, None] & (ks < I)[None, :],
                             other=0.0)
-                acc = _expert_dot(a, acc, w_base, s_base, sw_n, ss_n, n0, k0, D, I, BN, BK, FP4, UE8M0)
+                acc = _expert_dot(a, acc, w_base, s_base, sw_n, ss_n, ss_g, n0, k0, D, I, BN, BK, FP4, UE8M0)
             dest = tl.load(assign_ptr + rows, mask=rmask, other=0).to(tl.int64)
             tl.store(out_ptr + dest[:, None] * so + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
 
@@ -438,13 +493,18 @@ FP8_GEMM_TILES_F32 = (64, 64, 32, 8, 8, 2)   # float32 activations (the fp32 mod
 # columns of them would spill), timed on an H100 at one token (BENCHMARKS.md, 2026-11-26, fifth
 # session: V4-Flash's 6 experts 88 -> 72-79 us; one or two local ones at a rank's share 42-46 us, 61
 # without the split; R1's FP8 experts 201 us, 212 at 32 columns); the FP8 shared down projection's
-# step; the grouped GEMMs' (BM, BN, BK, warps, stages) for few and for many assignments, chosen so
-# that, compiled for sm_90 with Triton 3.9, no kernel spills registers (tests/test_kernel_lowp.py
-# checks) and the loads are pipelined. Which of the two kinds runs is ops.Ops.moe_path's choice.
+# step; the grouped GEMMs' (BM, BN, BK, warps, stages) by the assignments they take at most, for each
+# expert format: the fastest of sweeps on an H100 with _e2m1_pairs and group-major scales, among tiles
+# that, compiled for sm_90, spill no registers (tests/test_kernel_lowp.py checks), except MXFP4's two
+# larger ones, whose up kernel spills a little and still beats the best that do not by 12-13%
+# (BENCHMARKS.md, eighth session: V4-Flash's routed experts at batch 32 1.25 -> 1.04 ms, 256 tokens
+# 3.70 -> 2.49 ms, 4096 tokens 7.69 -> 7.02 ms; FP8 experts 1.70 -> 1.26, 4.47 -> 2.88, 8.90 -> 7.04 ms).
+# Which of the two kinds runs is ops.Ops.moe_path's choice.
 MOE_LOWP_GEMV_TILES = {"fp4": (64, 8, 4, 3, 2), "fp8": (16, 8, 4, 3, 2)}
 MOE_LOWP_SHARED_BK = 256
-MOE_LOWP_TILES_SMALL = (16, 64, 64, 4, 3)
-MOE_LOWP_TILES_LARGE = (64, 128, 64, 8, 3)
+MOE_LOWP_TILES = {"fp4": ((512, (16, 128, 128, 4, 3)), (8192, (32, 128, 128, 4, 3)), (None, (64, 128, 128, 4, 3))),
+                  "fp8": ((512, (16, 128, 128, 4, 3)), (8192, (32, 64, 128, 4, 3)), (None, (64, 128, 64, 4, 3)))}
+MOE_LOWP_TILES_SPILLING = {(32, 128, 128, 4, 3), (64, 128, 128, 4, 3)}    # MXFP4's up kernel, measured faster
 MOE_LOWP_TILES_F32 = (16, 64, 32, 4, 2)      # float32 activations (the fp32 model on a GPU): no spills
 
 
@@ -569,7 +629,7 @@ def moe_gemv_up_lowp(x, w13p, s13, experts, first_expert: int, inter: int, fp4: 
     p = torch.empty(split, t * k, 2 * inter, dtype=torch.float32, device=x.device)
     _moe_lowp_gemv_up_kernel[(t * k, 2 * triton.cdiv(inter, bn), split)](
         x, w13p, s13, p, experts, first_expert, w13p.size(0), k, dim, inter, w13p.size(1) // 2, dim // split,
-        x.stride(0), w13p.stride(0), w13p.stride(1), s13.stride(0), s13.stride(1), p.stride(0), p.stride(1),
+        x.stride(0), w13p.stride(0), w13p.stride(1), *s13.stride(), p.stride(0), p.stride(1),
         BN=bn, G=g, FP4=fp4, UE8M0=ue8m0, num_warps=warps, num_stages=stages)
     return p
 
@@ -615,17 +675,18 @@ def moe_gemv_lowp_triton(x, w13, w2, weights, experts, first_expert: int, swiglu
     part = torch.empty(split, rows, dim, dtype=torch.float32, device=x.device)
     _moe_lowp_gemv_down_kernel[(rows, triton.cdiv(dim, bn), split)](
         h, w2p, s2, ws, wss, part, experts, first_expert, n_local, assigned, dim, inter // split,
-        inter_s // split, h.stride(0), w2p.stride(0), w2p.stride(1), s2.stride(0), s2.stride(1), ws.stride(0),
+        inter_s // split, h.stride(0), w2p.stride(0), w2p.stride(1), *s2.stride(), ws.stride(0),
         wss.stride(0), part.stride(0), part.stride(1), BN=bn, G=g, BK8=MOE_LOWP_SHARED_BK, FP4=fp4, UE8M0=ue8m0,
         num_warps=warps, num_stages=stages)
     return moe_gemv_sum(part, k, split, shared, out_dtype)
 
 
-def moe_lowp_tiles(assignments: int, fp32: bool = False) -> tuple:
-    """Tiles of the grouped low-precision GEMMs for this many routing assignments (fp32: float32 activations)."""
+def moe_lowp_tiles(assignments: int, fp4: bool, fp32: bool = False) -> tuple:
+    """Tiles of the grouped low-precision GEMMs for this many routing assignments, MXFP4 (fp4) or FP8
+    experts (fp32: float32 activations)."""
     if fp32:
         return MOE_LOWP_TILES_F32
-    return MOE_LOWP_TILES_SMALL if assignments <= 512 else MOE_LOWP_TILES_LARGE
+    return next(tiles for most, tiles in MOE_LOWP_TILES["fp4" if fp4 else "fp8"] if most is None or assignments <= most)
 
 
 def moe_experts_lowp_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float, tiles=None):
@@ -638,7 +699,7 @@ def moe_experts_lowp_triton(x, w13, w2, weights, experts, first_expert: int, swi
     w13p, w2p = w13[0], w2[0]
     n_local = w13p.size(0)
     t, k = experts.shape
-    block_m, block_n, block_k, warps, stages = tiles or moe_lowp_tiles(t * k, x.dtype == torch.float32)
+    block_m, block_n, block_k, warps, stages = tiles or moe_lowp_tiles(t * k, fp4, x.dtype == torch.float32)
     order, token, w_sorted, tile_expert, tile_start, tile_end = moe_schedule(experts, weights, first_expert, n_local,
                                                                              block_m)
     h = torch.empty(t * k, inter, dtype=x.dtype, device=x.device)
@@ -646,12 +707,12 @@ def moe_experts_lowp_triton(x, w13, w2, weights, experts, first_expert: int, swi
     x = x.contiguous()
     _moe_lowp_up_kernel[(n_tiles, triton.cdiv(inter, block_n))](
         x, w13p, s13, h, token, w_sorted, tile_expert, tile_start, tile_end, dim, inter, up, swiglu_limit,
-        x.stride(0), w13p.stride(0), w13p.stride(1), s13.stride(0), s13.stride(1), h.stride(0),
+        x.stride(0), w13p.stride(0), w13p.stride(1), *s13.stride(), h.stride(0),
         BM=block_m, BN=block_n, BK=block_k, CLAMP=swiglu_limit > 0, FP4=fp4, UE8M0=ue8m0, num_warps=warps,
         num_stages=stages)
     out = torch.zeros(t * k, dim, dtype=torch.float32, device=x.device)
     _moe_lowp_down_kernel[(n_tiles, triton.cdiv(dim, block_n))](
         h, w2p, s2, out, order, tile_expert, tile_start, tile_end, dim, inter,
-        h.stride(0), w2p.stride(0), w2p.stride(1), s2.stride(0), s2.stride(1), out.stride(0),
+        h.stride(0), w2p.stride(0), w2p.stride(1), *s2.stride(), out.stride(0),
         BM=block_m, BN=block_n, BK=block_k, FP4=fp4, UE8M0=ue8m0, num_warps=warps, num_stages=stages)
     return out.view(t, k, dim).sum(1)

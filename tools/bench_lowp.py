@@ -334,7 +334,7 @@ def main(argv=None) -> None:
               "settings": {"fp8_row_max_m": kernel_lowp.FP8_ROW_MAX_M, "fp8_row_tiles": kernel_lowp.FP8_ROW_TILES,
                            "fp8_gemv_tiles": kernel_lowp.FP8_GEMV_TILES, "fp8_gemm_tiles": kernel_lowp.FP8_GEMM_TILES,
                            "moe_lowp_gemv_tiles": kernel_lowp.MOE_LOWP_GEMV_TILES,
-                           "moe_lowp_tiles_large": kernel_lowp.MOE_LOWP_TILES_LARGE},
+                           "moe_lowp_tiles": kernel_lowp.MOE_LOWP_TILES},
               "rows": rows, "elapsed_s": time.time() - began}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
