@@ -246,14 +246,14 @@ def humming_layer(weight_config: dict, n: int, k: int, tensors: dict, num_expert
 
 def humming_grouped(packed: torch.Tensor, scale: torch.Tensor, activations: str = "bf16") -> Callable:
     """A humming-kernels grouped GEMM over MXFP4 experts packed [E, N, K/2] (int8, two e2m1 codes a
-    byte, the low nibble first) with ue8m0 scales [E, N, K/32], repacked into its layout:
+    byte, the low nibble first) with ue8m0 scales [E, N, K/32] (any strides), repacked into its layout:
     fn(rows, layout [E + 1]) -> [R, N] bf16, rows layout[e] .. layout[e+1]-1 through expert e (rows from
     layout[E] on are left unwritten). rows: [R, K] bf16, or with activations 'fp8' the pair (FP8 [R, K],
     float32 scales [R, K/128]) of quant_rows_triton."""
     from humming.tune import get_heuristics_config
     e, n, half_k = packed.shape
     layer = humming_layer({"quant_method": "mxfp4"}, n, 2 * half_k,
-                          {"weight": packed.view(torch.uint8), "weight_scale": scale.view(torch.uint8)}, e,
+                          {"weight": packed.view(torch.uint8), "weight_scale": scale.contiguous().view(torch.uint8)}, e,
                           INPUTS[activations])
     config = json.dumps({"gemm_type": "grouped_contiguous"})        # as strings: no JSON work a call
     # humming's own tiles for each row count, without stream-K: its stream-K adds partial sums rounded

@@ -33,8 +33,8 @@ from torch import nn
 
 from ops import EXPERT_KERNELS, Ops, compressed_entries, linear_fp32, swiglu
 from parallel import (ColumnParallelLinear, ConfigFile, Linear, Parallel, ParallelEmbedding, ParallelHead,
-                      RMSNorm, RowParallelLinear, dtype_of, precompute_freqs_cis, quantised_formats, row_block,
-                      row_starts, stack_rows, stored)
+                      RMSNorm, RowParallelLinear, dtype_of, group_major, precompute_freqs_cis, quantised_formats,
+                      row_block, row_starts, stack_rows, stored)
 from quant import FP8_BLOCK, shard_weights
 
 
@@ -674,12 +674,12 @@ class MoE(nn.Module):
             first = experts[0]
             _, rows = row_starts([first.w1, first.w3])
             w13 = first.w1.weight.new_zeros(len(experts), rows, *first.w1.weight.shape[1:])
-            s13 = None if first.w1.scale is None else \
-                first.w1.scale.new_zeros(len(experts), rows // row_block(first.w1), *first.w1.scale.shape[1:])
+            s13 = None if first.w1.scale is None else group_major(w13, first.w1.scale.new_zeros(
+                len(experts), rows // row_block(first.w1), *first.w1.scale.shape[1:]))
             for i, e in enumerate(experts):
                 stack_rows([e.w1, e.w3], (w13[i], None if s13 is None else s13[i]))
             w2 = torch.stack([e.w2.weight for e in experts])
-            s2 = None if first.w2.scale is None else torch.stack([e.w2.scale for e in experts])
+            s2 = None if first.w2.scale is None else group_major(w2, torch.stack([e.w2.scale for e in experts]))
             for i, e in enumerate(experts):
                 e.w2.weight.data = w2[i]
                 if s2 is not None:

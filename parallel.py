@@ -320,6 +320,16 @@ def row_starts(layers: List[Linear]) -> Tuple[List[int], int]:
     return starts, rows
 
 
+def group_major(weight: torch.Tensor, scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Stacked experts' scale [E, rows, groups] as the MoE kernels read it fastest: for MXFP4 weights
+    (int8) stored group after group, a group's scales of all rows side by side, so that a kernel's tile of
+    rows loads its scales of a group as one vector rather than a byte a row (an H100's few-token MoE
+    10% faster, BENCHMARKS.md, eighth session); the same values, other strides. Other scales as they are."""
+    if scale is None or weight.dtype != torch.int8:
+        return scale
+    return scale.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def stack_rows(layers: List[Linear], out=None):
     """The weights of layers that read the same input stacked by rows into one matrix, so that one
     matmul computes all of them; each layer's parameters become views into it (its memory is shared,

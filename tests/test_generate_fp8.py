@@ -105,6 +105,30 @@ def test_fp8_layers_hold_low_precision_weights(v4):
     assert nbytes(model, "layers.") / nbytes(plain, "layers.") < 0.5
 
 
+def test_mxfp4_expert_scales_stack_group_major(v4):
+    """MoE.stacked_weights lays the MXFP4 experts' scales out group after group (parallel.group_major: a
+    group's scales of all rows side by side, as the kernels load them): the same values, each expert's
+    scale parameters views into the stacks, the logits unchanged; FP8 experts' block scales as they were."""
+    model = shard_model(v4["fp8 mp1"], "fp32", "torch", "cpu")
+    ids = torch.randint(0, 129280, (2, 9), generator=torch.Generator().manual_seed(6))
+    want = model(ids)
+    moe = model.layers[1].ffn
+    experts = [moe.experts[i] for i in moe.local]
+    scales = {name: p.clone() for name, p in moe.named_parameters() if name.endswith("scale")}
+    (w13, s13), (w2, s2) = moe.stacked_weights()[:2]
+    inter = experts[0].w1.weight.size(0)
+    for s in (s13, s2):
+        assert s.dtype == torch.float8_e8m0fnu and s.stride(1) == 1 and s.stride(2) == s.size(1)
+    for j, (i, e) in enumerate(zip(moe.local, experts)):
+        parts = {"w1": s13[j, :inter], "w3": s13[j, inter:], "w2": s2[j]}
+        for name, part in parts.items():
+            assert torch.equal(part.view(torch.uint8), scales[f"experts.{i}.{name}.scale"].view(torch.uint8))
+            assert getattr(e, name).scale.data_ptr() == part.data_ptr()
+    assert torch.equal(model(ids), want)
+    fp8 = shard_model(v4["fp8 fp8-experts"], "fp32", "torch", "cpu").layers[1].ffn
+    assert fp8.stacked_weights()[0][1].is_contiguous()
+
+
 @pytest.mark.parametrize("family, load", [("v4", "fp8 mp1"), ("v4", "fp8 fp8-experts"), ("r1", "fp8 mp1")])
 def test_one_rank_greedy_equals_bf16_shards(family, load, v4, r1, prompts, reference, tmp_path):
     ckpts = {"v4": v4, "r1": r1}[family]
