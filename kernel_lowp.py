@@ -474,6 +474,10 @@ if triton is not None:
 
 # ---------------------------------------------------------------- launchers
 
+# _e2m1_pairs multiplies by a bf16 2^(E-1): MXFP4 scales of ue8m0 exponent E up to this one (scales up to 2;
+# DeepSeek's are far below) widen exactly. runtime.build_model refuses shards with larger ones.
+FP4_SCALE_EXPONENT_MAX = 128
+
 # FP8 linear: up to FP8_ROW_MAX_M rows one row a program on CUDA cores, up to FP8_GEMV_MAX_M rows all
 # in one tl.dot tile of 16-64 rows, more in GEMM tiles (BM, BN, BK, GROUP, warps, stages). The GEMV
 # kernels' columns a program shrink (to 4, or 16 for tl.dot) while that leaves fewer than two

@@ -27,6 +27,7 @@ from safetensors.torch import load_model
 
 import flaggems
 import kernel_humming
+import kernel_lowp
 import model_v3
 from convert import FLAG_OFF, FLAG_ON, architecture, env_flag
 from encoding import (ASSISTANT, BOS, EOS, THINK_END, THINK_START, USER, check_messages, encode_messages,
@@ -352,7 +353,22 @@ def build_model(args: Union[ModelArgs, model_v3.ModelArgs], path: str, device: t
         detail = "; ".join(line.strip() for line in lines[1:4]) + (" ..." if len(lines) > 4 else "")
         layout = ", o-groups layout" if getattr(args, "ogroups_comm", False) else ""
         raise SetupError(f"{path} does not fit this model ({world} ranks{layout}): {detail}") from None
+    check_fp4_scales(built, path)
     return built.eval()
+
+
+def check_fp4_scales(built: torch.nn.Module, path: str) -> None:
+    """The MXFP4 weights' scales within what kernel_lowp widens exactly (kernel_lowp.FP4_SCALE_EXPONENT_MAX)."""
+    params = dict(built.named_parameters())
+    scales = {name: p for name, p in params.items() if name.endswith(".scale") and p.numel()
+              and params[name[:-len("scale")] + "weight"].dtype == torch.int8}
+    if not scales:
+        return
+    peaks = torch.stack([s.view(torch.uint8).max() for s in scales.values()]).tolist()
+    for name, peak in zip(scales, peaks):
+        if peak > kernel_lowp.FP4_SCALE_EXPONENT_MAX:
+            raise SetupError(f"{path}: {name} holds MXFP4 scales above 2 (ue8m0 exponent {peak} > "
+                             f"{kernel_lowp.FP4_SCALE_EXPONENT_MAX}), beyond what the MXFP4 kernels widen exactly")
 
 
 # ---------------------------------------------------------------- ranks

@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import generate
 from testkit.fp8 import convert_to, shard_model, write_r1, write_v4
@@ -173,6 +174,28 @@ def test_shards_that_do_not_fit_the_config_are_refused(v4, prompts, tmp_path, ca
     assert err.startswith("generate.py: error: ") and err.count("\n") == 1, err
     assert re.search(r"does not fit this model \(1 ranks\): layers\.0\.attn\.wq_a\.weight is torch\.float8_e4m3fn "
                      r"in the checkpoint and torch\.float32 in the model: config\.json's weights", err), err
+
+
+def test_mxfp4_scales_above_two_are_refused(v4, prompts, tmp_path, capsys):
+    """A shard whose MXFP4 expert holds a scale of 4 (ue8m0 exponent 129, beyond what the kernels widen
+    exactly): one line naming the tensor, exit status 1; a scale of exactly 2 (128) loads."""
+    for exponent, refused in ((128, False), (129, True)):
+        folder = tmp_path / f"scale{exponent}"
+        shutil.copytree(v4["fp8 mp1"], folder)
+        shard = folder / "model0-mp1.safetensors"
+        tensors = load_file(shard)
+        name = "layers.1.ffn.experts.2.w3.scale"
+        raw = tensors[name].view(torch.uint8).clone()
+        raw[3, 1] = exponent
+        tensors[name] = raw.view(torch.float8_e8m0fnu)
+        save_file(tensors, shard)
+        code = generate.main(["--ckpt-path", str(folder), "--input-file", prompts, *GREEDY])
+        err = capsys.readouterr().err
+        if refused:
+            assert code == 1 and err.startswith("generate.py: error: ") and err.count("\n") == 1, err
+            assert f"{name} holds MXFP4 scales above 2 (ue8m0 exponent 129 > 128)" in err, err
+        else:
+            assert code == 0, err
 
 
 def test_triton_path_on_fp8_shards_in_the_interpreter():
