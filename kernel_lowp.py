@@ -17,7 +17,10 @@ between them.
   shared expert's down projection, the twins of kernel.moe_gemv_triton (few tokens: each assignment's
   expert read by its own programs, no sorting, no host sync; here w1 and w3 apart and each dot product
   split in input slices, which spreads the codes' conversion over more of the GPU) and
-  kernel.moe_experts_triton (many tokens: grouped GEMMs over the assignments sorted by expert).
+  kernel.moe_experts_triton (many tokens: grouped GEMMs over the assignments sorted by expert). With bf16
+  activations their MXFP4 tiles go to the tensor cores widened by _e2m1_pairs (inline PTX: the codes'
+  bits placed in bf16 halves, one bf16x2 multiply by the scale; exact), and the stacked experts' scales
+  may be laid out group after group (parallel.group_major; every kernel takes the group stride).
 
 Shapes: M rows (tokens), K inputs, N outputs; T tokens, k experts a token, E local experts,
 D model dim, I expert width, Is the shared expert's width.
