@@ -345,45 +345,31 @@ if triton is not None:
         hi = (_e2m1(b >> 4) * s).to(DT)
         return tl.trans(tl.join(lo, hi).reshape(BN, BK))
 
+    # PTX of _e2m1_pairs. $4 holds four code bytes, $5 / $6 the scale of bytes 0-1 / 2-3 (twice, bf16x2);
+    # u is $4 a nibble up. A byte permute of ($4, u) brings one nibble of two bytes to bits 12..15 of the
+    # two 16-bit halves of t (selectors: the low nibbles of bytes 0-1 from u, of 2-3 from u; the high
+    # nibbles from $4), the masks keep its sign on bit 15 and move its magnitude bits to 8..6, and the
+    # fma with -0 scales both halves: outputs $0 / $1 the low nibbles, $2 / $3 the high ones.
+    _PAIR_PTX = """
+            prmt.b32 t, $4, u, {select};
+            shr.b32 v, t, 6;
+            and.b32 v, v, 0x01C001C0;
+            and.b32 t, t, 0x80008000;
+            or.b32 t, t, v;
+            fma.rn.bf16x2 ${out}, t, ${scale}, z;"""
+    E2M1_PAIRS_PTX = tl.constexpr("{ .reg .b32 u, t, v, z; mov.b32 z, 0x80008000; shl.b32 u, $4, 4;" + "".join(
+        _PAIR_PTX.format(out=out, select=select, scale=scale)
+        for out, select, scale in ((0, "0x5040", 5), (1, "0x7060", 6), (2, "0x1000", 5), (3, "0x3020", 6))) + "}")
+
     @triton.jit
     def _e2m1_pairs(b, s):
         # (lo, hi) bf16, b's shape: the low and the high e2m1 code of each byte of b times s (bf16 2^(E-1) for
-        # a ue8m0 exponent E <= 128), exactly, four bytes an instance. In each 16-bit half of a register the
-        # code's sign lands on bit 15 and its magnitude bits on 8..6, which is the code's value times 2^-126
-        # as a bf16 (0.5 a subnormal), and one bf16x2 multiply (an fma with -0, for sm_80) scales two values.
-        return tl.inline_asm_elementwise(
-            asm="""
-            {
-            .reg .b32 u, t, v, z;
-            mov.b32 z, 0x80008000;
-            shl.b32 u, $4, 4;
-            prmt.b32 t, $4, u, 0x5040;
-            shr.b32 v, t, 6;
-            and.b32 v, v, 0x01C001C0;
-            and.b32 t, t, 0x80008000;
-            or.b32 t, t, v;
-            fma.rn.bf16x2 $0, t, $5, z;
-            prmt.b32 t, $4, u, 0x7060;
-            shr.b32 v, t, 6;
-            and.b32 v, v, 0x01C001C0;
-            and.b32 t, t, 0x80008000;
-            or.b32 t, t, v;
-            fma.rn.bf16x2 $1, t, $6, z;
-            prmt.b32 t, $4, u, 0x1000;
-            shr.b32 v, t, 6;
-            and.b32 v, v, 0x01C001C0;
-            and.b32 t, t, 0x80008000;
-            or.b32 t, t, v;
-            fma.rn.bf16x2 $2, t, $5, z;
-            prmt.b32 t, $4, u, 0x3020;
-            shr.b32 v, t, 6;
-            and.b32 v, v, 0x01C001C0;
-            and.b32 t, t, 0x80008000;
-            or.b32 t, t, v;
-            fma.rn.bf16x2 $3, t, $6, z;
-            }
-            """,
-            constraints="=r,=r,=r,=r,r,r,r", args=[b, s], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        # a ue8m0 exponent E <= FP4_SCALE_EXPONENT_MAX), exactly, four bytes an instance. In each 16-bit half
+        # of a register the code's sign lands on bit 15 and its magnitude bits on 8..6, which is the code's
+        # value times 2^-126 as a bf16 (0.5 a subnormal), and one bf16x2 multiply (an fma with -0, for sm_80)
+        # scales two values (E2M1_PAIRS_PTX).
+        return tl.inline_asm_elementwise(asm=E2M1_PAIRS_PTX, constraints="=r,=r,=r,=r,r,r,r", args=[b, s],
+                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
 
     @triton.jit
     def _fp4_dot(a, acc, w_base, s_base, sw_n, ss_n, ss_g, n0, k0, N, K, BN: tl.constexpr, BK: tl.constexpr):
