@@ -1080,12 +1080,9 @@ def route_triton(scores, bias, tid2eid, ids, k: int, score_func: str, route_scal
     return weights, experts
 
 
-# The few-token MoE (decode): (BN, BK, warps, stages) of its up and down kernels, and the most routing
-# assignments it takes; above that the grouped GEMMs, which read each expert once however many
-# tokens chose it, are cheaper than the assignments' repeated reads (`python bench.py moe-tiles`:
-# on an H100 the few-token kernels were ahead up to 16 tokens of 6 experts).
+# The few-token MoE (decode): (BN, BK, warps, stages) of its up and down kernels (`python bench.py
+# moe-tiles`); how many assignments it takes is ops.Ops.MOE_GEMV_MAX_ASSIGNMENTS' choice.
 MOE_GEMV_TILES = (32, 128, 4, 3)
-MOE_GEMV_MAX_ASSIGNMENTS = 96
 
 
 def moe_gemv_triton(x, w13, w2, weights, experts, first_expert: int, swiglu_limit: float, shared_gu=None,

@@ -389,9 +389,12 @@ class Ops:
     'torch'. expert_kernels 'humming' or 'humming-fp8' puts MXFP4 routed experts on humming-kernels
     instead (kernel_humming.PackedExperts, CUDA only)."""
 
-    # Few-token MoE (decode): up to this many (token, expert) assignments go through one program per
-    # assignment (kernel.moe_gemv_triton); more through grouped GEMMs over tokens sorted by expert.
-    MOE_GEMV_MAX_ASSIGNMENTS = 96
+    # Few-token MoE (decode): up to this many (token, expert) assignments, by the routed experts' format,
+    # go through one program per assignment (kernel.moe_gemv_triton, kernel_lowp.moe_gemv_lowp_triton);
+    # more through grouped GEMMs over tokens sorted by expert, which read each expert once however many
+    # tokens chose it. H100 (BENCHMARKS.md): BF16 and FP8 experts' few-token kernels ahead up to 16 tokens
+    # of 6 experts; MXFP4's, since the eighth session's grouped kernels, up to about 8.
+    MOE_GEMV_MAX_ASSIGNMENTS = {"bf16": 96, "fp8": 96, "fp4": 48}
     # Low-precision linears of at least this many bf16 rows dequantise the weight, then cuBLAS.
     LOWP_DEQUANT_MIN_ROWS = 1024
     # Float32-sum linears (the router, a decode step's input projections kept in the model dtype) of up
@@ -432,13 +435,15 @@ class Ops:
     def moe_path(self, assignments: int, routed=None) -> str:
         """How the routed experts run for this many (token, expert) assignments: 'gemv' (few tokens,
         with the shared expert, moe_gemv), 'grouped' (moe_grouped) or 'loop' (the torch reference:
-        each expert on its tokens). The same for experts in BF16 and kept as the release stores them;
-        experts that pack_experts packed (routed) always take 'grouped'."""
+        each expert on its tokens), by the format of the stacked routed w13 (a tensor, or (weight, scale)
+        as the release stores it); experts that pack_experts packed always take 'grouped'."""
         if not self.triton:
             return "loop"
         if isinstance(routed, kernel_humming.PackedExperts):
             return "grouped"
-        return "gemv" if assignments <= self.MOE_GEMV_MAX_ASSIGNMENTS else "grouped"
+        weight = routed[0] if isinstance(routed, tuple) else routed
+        fmt = {torch.int8: "fp4", torch.float8_e4m3fn: "fp8"}.get(getattr(weight, "dtype", None), "bf16")
+        return "gemv" if assignments <= self.MOE_GEMV_MAX_ASSIGNMENTS[fmt] else "grouped"
 
     def pack_experts(self, w13, w2):
         """The stacked routed experts (tensors, or (weight, scale) pairs) in a form of their own where

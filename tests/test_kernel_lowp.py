@@ -155,7 +155,7 @@ def moe_case(device, t, k, dim, inter, n_local, first, n_total, limit, shared_in
     ref = ops.moe_lowp_torch(x, w13, w2, weights, experts, first, limit, gu, ws, out_dtype)
     if grouped is None:
         model_ops = ops.Ops("triton", device)
-        if model_ops.moe_path(experts.numel()) == "gemv":
+        if model_ops.moe_path(experts.numel(), w13) == "gemv":
             out = model_ops.moe_gemv(x, w13, w2, weights, experts, first, limit, gu, ws, out_dtype)
         else:
             out = model_ops.moe_grouped(x, w13, w2, weights, experts, first, limit)
@@ -222,9 +222,23 @@ CASES = {
                                                       tiles=(32, 4, 4, 2, 2), group_major=True),
     "moe grouped group-major scales": lambda d: moe_case(d, 40, 3, 96, 64, 5, 1, 6, 0.5, 0, F32, 31, True,
                                                          (16, 32, 64, 4, 1), unused=2, group_major=True),
+    "moe dispatch fp8 gemv + shared": lambda d: moe_case(d, 12, 6, 128, 64, 4, 0, 8, 0.5, 96, BF, 34, None,
+                                                         experts_fp8=E8),
+    "moe dispatch fp4 grouped 72": lambda d: moe_case(d, 12, 6, 128, 64, 4, 0, 8, 0.5, 96, BF, 35, None),
     "fp4 dequant exact": lambda d: fp4_dequant_case(d, 64, 256, False, 32),
     "fp4 exact group-major partial": lambda d: fp4_dequant_case(d, 40, 128, True, 33),
 }
+
+
+def test_moe_path_by_expert_format():
+    """Ops.moe_path's switch from the few-token kernels to the grouped GEMMs by the routed experts' format:
+    MXFP4 after 48 assignments, BF16 and FP8 after 96."""
+    model_ops = ops.Ops("torch")
+    model_ops.triton = True                      # the decision alone: moe_path reads only this of the backend
+    fp4 = (torch.zeros(2, 4, 2, dtype=torch.int8), torch.zeros(2, 4, 1, dtype=torch.float8_e8m0fnu))
+    fp8 = (torch.zeros(2, 4, 4, dtype=torch.float8_e4m3fn), torch.zeros(2, 1, 1))
+    for routed, most in ((fp4, 48), (fp8, 96), (torch.zeros(2, 4, 4, dtype=torch.bfloat16), 96)):
+        assert model_ops.moe_path(most, routed) == "gemv" and model_ops.moe_path(most + 1, routed) == "grouped"
 
 
 def run_all(device: str) -> int:
