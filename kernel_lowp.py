@@ -178,9 +178,9 @@ if triton is not None:
 
     @triton.jit
     def _fp4_part(w_base, s_base, sw_n, ss_n, ss_g, cols, cmask, grp, gmask, xe, xo):
-        # [BN, G] float32: for rows `cols` of an MXFP4 matrix (bytes sw_n apart; scale bytes ss_n apart from row
-        # to row, ss_g from group to group),
-        # each scale group's dot product with the inputs, xe [G, 16] at its even columns, xo at its odd.
+        # [BN, G] float32: for rows `cols` of an MXFP4 matrix (bytes sw_n apart; scale bytes ss_n apart from
+        # row to row, ss_g from group to group), each scale group's dot product with the inputs, xe [G, 16]
+        # at its even columns, xo at its odd.
         # The sum over a group's 16 bytes times its scale equals the dequantised weights' (a power of two).
         byte = grp[:, None] * (FP4_G // 2) + tl.arange(0, FP4_G // 2)[None, :]
         b = tl.load(w_base + cols[:, None, None] * sw_n + byte[None, :, :],
@@ -330,7 +330,7 @@ if triton is not None:
     def _fp4_tile(w_base, s_base, sw_n, ss_n, ss_g, cols, cmask, k0, K, BN: tl.constexpr, BK: tl.constexpr,
                   DT: tl.constexpr):
         # W[cols, k0:k0+BK]^T dequantised to DT (bf16 or float32) [BK, BN] for tl.dot, from MXFP4 rows (bytes
-        # sw_n apart, scale bytes ss_n apart): each byte's low nibble is the even column, its high nibble
+        # sw_n apart; scales as _fp4_part's): each byte's low nibble is the even column, its high nibble
         # the odd one.
         G: tl.constexpr = BK // FP4_G
         grp = k0 // FP4_G + tl.arange(0, G)

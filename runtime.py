@@ -33,6 +33,7 @@ from convert import FLAG_OFF, FLAG_ON, architecture, env_flag
 from encoding import (ASSISTANT, BOS, EOS, THINK_END, THINK_START, USER, check_messages, encode_messages,
                       encode_messages_r1, parse_completion, parse_completion_r1)
 from model import ModelArgs, Transformer
+from parallel import Linear
 
 Prompt = Union[str, List[dict]]   # a user prompt, or a conversation ending with a user message
 
@@ -358,16 +359,15 @@ def build_model(args: Union[ModelArgs, model_v3.ModelArgs], path: str, device: t
 
 
 def check_fp4_scales(built: torch.nn.Module, path: str) -> None:
-    """The MXFP4 weights' scales within what kernel_lowp widens exactly (kernel_lowp.FP4_SCALE_EXPONENT_MAX)."""
-    params = dict(built.named_parameters())
-    scales = {name: p for name, p in params.items() if name.endswith(".scale") and p.numel()
-              and params[name[:-len("scale")] + "weight"].dtype == torch.int8}
-    if not scales:
+    """The MXFP4 layers' scales within what kernel_lowp widens exactly (kernel_lowp.FP4_SCALE_EXPONENT_MAX)."""
+    layers = {name: m for name, m in built.named_modules()
+              if isinstance(m, Linear) and m.quant is not None and m.quant.fmt == "fp4" and m.scale.numel()}
+    if not layers:
         return
-    peaks = torch.stack([s.view(torch.uint8).max() for s in scales.values()]).tolist()
-    for name, peak in zip(scales, peaks):
+    peaks = torch.stack([m.scale.view(torch.uint8).max() for m in layers.values()]).tolist()
+    for name, peak in zip(layers, peaks):
         if peak > kernel_lowp.FP4_SCALE_EXPONENT_MAX:
-            raise SetupError(f"{path}: {name} holds MXFP4 scales above 2 (ue8m0 exponent {peak} > "
+            raise SetupError(f"{path}: {name}.scale holds MXFP4 scales above 2 (ue8m0 exponent {peak} > "
                              f"{kernel_lowp.FP4_SCALE_EXPONENT_MAX}), beyond what the MXFP4 kernels widen exactly")
 
 
