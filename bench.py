@@ -1366,7 +1366,7 @@ class LayerSteps:
             x = h
             for layer in model.layers if layers is None else layers:
                 x = layer.decode(x, step, ids)
-            return x
+            return x.streams(model.ops)
         self.replay = Graphed(run)
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor) -> None:
@@ -1395,6 +1395,7 @@ def layers_prefill_ms(model, tokens: int) -> float:
         x = h
         for layer in model.layers:
             x = layer(x, 0, ids)
+        x.streams(model.ops)
     return median_ms(run, reps=3, warmup=1)
 
 

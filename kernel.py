@@ -28,6 +28,18 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:
+    INTERP = tl.constexpr(INTERPRETED)
+
+    @triton.jit
+    def _rounded(v, dtype: tl.constexpr):
+        # float32 v in dtype (float32 or bf16), rounded to nearest even (Triton 3.9's interpreter truncates
+        # float32 -> bf16 casts: there the rounding is done on the bits).
+        if dtype == tl.bfloat16:
+            if INTERP:
+                bits = v.to(tl.int32, bitcast=True)
+                v = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+        return v.to(dtype)
+
     @triton.jit
     def _softmax_block(scores, values, m, denom, acc, PRECISION: tl.constexpr):
         # One block of an online softmax: scores [BH, BN] of the block's values [BN, C] folded into the
@@ -226,12 +238,12 @@ if triton is not None:
 
     @triton.jit
     def _hc_mix_kernel(x_ptr, fn_ptr, part_ptr, T, K, M, SPAN, BT: tl.constexpr, MP: tl.constexpr,
-                       BLOCK_K: tl.constexpr, DOT: tl.constexpr):
-        # Split-K partial sums of the mixes: for BT tokens and one SPAN-wide slice of the flattened
-        # streams (BLOCK_K at a time), part[t, slice, :M] = fn[:, slice] . x[t, slice] and
-        # part[t, slice, M] = |x[t, slice]|^2. DOT (many tokens): tensor-core products as accurate as
-        # float32 FMAs: 16-bit streams are exact in TF32, so fn split into a TF32 head and its remainder
-        # takes two TF32 products (float32 streams: three, tf32x3); else FMAs and a reduction.
+                       BLOCK_K: tl.constexpr):
+        # Split-K partial sums of the mixes of many tokens: for BT tokens and one SPAN-wide slice of the
+        # flattened streams (BLOCK_K at a time), part[t, slice, :M] = fn[:, slice] . x[t, slice] and
+        # part[t, slice, M] = |x[t, slice]|^2, with tensor-core products as accurate as float32 FMAs:
+        # 16-bit streams are exact in TF32, so fn split into a TF32 head and its remainder takes two TF32
+        # products (float32 streams: three, tf32x3).
         tb, kb = tl.program_id(0), tl.program_id(1)
         m = tl.arange(0, MP)
         t = tb * BT + tl.arange(0, BT)
@@ -244,23 +256,46 @@ if triton is not None:
             x = tl.load(x_ptr + t.to(tl.int64)[:, None] * K + ks[None, :], mask=tmask[:, None] & kmask[None, :],
                         other=0.0)                                                              # [BT, BLOCK_K]
             xf = x.to(tl.float32)
-            if DOT:
-                fn = tl.load(fn_ptr + m[None, :] * K + ks[:, None], mask=(m < M)[None, :] & kmask[:, None],
-                             other=0.0)                                                         # [BLOCK_K, MP]
-                if x_ptr.dtype.element_ty == tl.float32:
-                    mix = tl.dot(xf, fn, mix, input_precision="tf32x3")
-                else:
-                    head = (fn.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)  # top 10 bits
-                    mix = tl.dot(xf, head, mix, input_precision="tf32")
-                    mix = tl.dot(xf, fn - head, mix, input_precision="tf32")
+            fn = tl.load(fn_ptr + m[None, :] * K + ks[:, None], mask=(m < M)[None, :] & kmask[:, None],
+                         other=0.0)                                                             # [BLOCK_K, MP]
+            if x_ptr.dtype.element_ty == tl.float32:
+                mix = tl.dot(xf, fn, mix, input_precision="tf32x3")
             else:
-                fn = tl.load(fn_ptr + m[:, None] * K + ks[None, :], mask=(m < M)[:, None] & kmask[None, :], other=0.0)
-                mix += tl.sum(xf[:, None, :] * fn[None, :, :], 2)
+                head = (fn.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)      # top 10 bits
+                mix = tl.dot(xf, head, mix, input_precision="tf32")
+                mix = tl.dot(xf, fn - head, mix, input_precision="tf32")
             square += tl.sum(xf * xf, 1)
         acc = tl.where(m[None, :] == M, square[:, None], mix)
         nsplit = tl.num_programs(1)
         tl.store(part_ptr + (t.to(tl.int64)[:, None] * nsplit + kb) * MP + m[None, :], acc,
                  mask=tmask[:, None] & (m <= M)[None, :])
+
+    @triton.jit
+    def _hc_mix_few_kernel(x_ptr, f_ptr, post_ptr, comb_ptr, o_ptr, fn_ptr, part_ptr, D, M, HC: tl.constexpr,
+                           MP: tl.constexpr, BLOCK_D: tl.constexpr, POST: tl.constexpr):
+        # _hc_mix_kernel's partial sums for few tokens, on CUDA cores: for token t and columns d of each of
+        # its HC streams (BLOCK_D of them), part[t, slice, :M] = fn[:, streams at d] . x and part[t, slice,
+        # M] = the streams' squared norm there. POST: the streams are first made as _hc_post_kernel makes
+        # them (x the residual, f the sublayer's output), stored to o in o's dtype, and the mixes taken of
+        # those rounded values: leaving one sublayer and starting to enter the next in one launch.
+        t, db = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        d = db * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = d < D
+        j = tl.arange(0, HC)
+        streams = t * HC * D + j[:, None] * D + d[None, :]
+        xs = tl.load(x_ptr + streams, mask=dmask[None, :], other=0.0).to(tl.float32)           # [HC, BLOCK_D]
+        if POST:
+            f = tl.load(f_ptr + t * D + d, mask=dmask, other=0.0).to(tl.float32)
+            comb = tl.load(comb_ptr + t * HC * HC + j[:, None] * HC + j[None, :])                  # [j, k]
+            xs = tl.load(post_ptr + t * HC + j)[:, None] * f[None, :] + tl.sum(comb[:, :, None] * xs[:, None, :], 0)
+            xs = _rounded(xs, o_ptr.dtype.element_ty)
+            tl.store(o_ptr + streams, xs, mask=dmask[None, :])
+            xs = xs.to(tl.float32)
+        m = tl.arange(0, MP)
+        fn = tl.load(fn_ptr + m[:, None, None] * (HC * D) + j[None, :, None] * D + d[None, None, :],
+                     mask=(m < M)[:, None, None] & dmask[None, None, :], other=0.0)              # [MP, HC, BLOCK_D]
+        mix = tl.where(m == M, tl.sum(tl.sum(xs * xs, 1), 0), tl.sum(tl.sum(fn * xs[None, :, :], 2), 1))
+        tl.store(part_ptr + (t * tl.num_programs(1) + db) * MP + m, mix, mask=m <= M)
 
     @triton.jit
     def _hc_pre_kernel(part_ptr, x_ptr, scale_ptr, base_ptr, w_ptr, y_ptr, pre_ptr, post_ptr, comb_ptr,
@@ -732,6 +767,58 @@ def hc_split_sinkhorn_triton(mixes, hc_scale, hc_base, hc_mult: int, iters: int,
 
 
 HC_MIX_PROGRAMS = 512   # the mixes of many tokens: about this many programs (token blocks x K slices)
+HC_FEW_TOKENS = 16      # up to this many, the mixes on CUDA cores (_hc_mix_few_kernel)
+HC_FEW_BLOCK_D = 64     # columns of each stream a program of the few tokens' mixes
+
+
+def _hc_mixes(x, fn, post_from=None):
+    """hc_pre_triton's first launch, the partial mixes of streams x [t, hc, D] -> (part [t, slices, MP],
+    the streams). post_from = (f, post, comb), few tokens only: the streams are hc_post(f, x, post, comb),
+    made by the same launch."""
+    t, hc, dim = x.shape
+    k, m = hc * dim, fn.size(0)
+    mp = triton.next_power_of_2(m + 1)
+    fn = fn.float().contiguous()
+    if t > HC_FEW_TOKENS:
+        # Many tokens: tensor-core products over slices of several K blocks, about HC_MIX_PROGRAMS programs
+        # in all (fewer partial sums to write and add).
+        bt, block_k = 64, 128
+        span = block_k * triton.cdiv(triton.cdiv(k, block_k), max(1, HC_MIX_PROGRAMS // triton.cdiv(t, bt)))
+        part = torch.empty(t, triton.cdiv(k, span), mp, dtype=torch.float32, device=x.device)
+        _hc_mix_kernel[(triton.cdiv(t, bt), part.size(1))](x, fn, part, t, k, m, span, BT=bt, MP=mp, BLOCK_K=block_k,
+                                                           num_warps=4)
+        return part, x
+    part = torch.empty(t, triton.cdiv(dim, HC_FEW_BLOCK_D), mp, dtype=torch.float32, device=x.device)
+    if post_from is None:
+        f, post, comb, streams = x, x, x, x             # (unread)
+    else:
+        f, post, comb = post_from[0].contiguous(), post_from[1].float().contiguous(), post_from[2].float().contiguous()
+        streams = torch.empty(x.shape, dtype=f.dtype, device=x.device)
+    _hc_mix_few_kernel[(t, part.size(1))](x, f, post, comb, streams, fn, part, dim, m, HC=hc, MP=mp,
+                                          BLOCK_D=HC_FEW_BLOCK_D, POST=post_from is not None, num_warps=4)
+    return part, streams
+
+
+def _hc_enter(part, x, fn, hc_scale, hc_base, hc_mult: int, iters: int, norm_eps: float, hc_eps: float, norm_weight):
+    """hc_pre_triton's second launch, from _hc_mixes' partial mixes part of x [t, hc, D]: norm, Sinkhorn,
+    weighted sum and the input norm -> (y [t, D], post, comb; None, None for the HC head)."""
+    t, dim = x.size(0), x.size(-1)
+    m = fn.size(0)
+    head = m == hc_mult
+    y = torch.empty(t, dim, dtype=x.dtype, device=x.device)
+    post = torch.empty(t, hc_mult, dtype=torch.float32, device=x.device)
+    comb = torch.empty(t, hc_mult, hc_mult, dtype=torch.float32, device=x.device)
+    whole = norm_weight is not None or t > HC_FEW_TOKENS         # few tokens, no norm: spread D over programs
+    block_d = triton.next_power_of_2(dim) if whole else 512
+    n_slices = triton.cdiv(dim, block_d)
+    alone = not head and t <= HC_FEW_TOKENS                     # few tokens: the Sinkhorn in a program of its own
+    _hc_pre_kernel[(t, n_slices + alone)](
+        part, x, hc_scale.float().contiguous(), hc_base.float().contiguous(),
+        x if norm_weight is None else norm_weight.float().contiguous(), y, post, post, comb,
+        part.size(1), part.stride(0), part.stride(1), hc_mult * dim, dim, n_slices, norm_eps, iters, hc_eps,
+        HC=hc_mult, M=m, BLOCK_S=triton.next_power_of_2(part.size(1)), BLOCK_D=block_d, NORM=True, MIX=True,
+        HEAD=head, OUT_NORM=norm_weight is not None, ALONE=alone, num_warps=8 if block_d >= 4096 else 4)
+    return y, (None if head else post), (None if head else comb)
 
 
 def hc_pre_triton(x, fn, hc_scale, hc_base, hc_mult: int, iters: int, norm_eps: float, hc_eps: float,
@@ -740,32 +827,9 @@ def hc_pre_triton(x, fn, hc_scale, hc_base, hc_mult: int, iters: int, norm_eps: 
     and the input norm). fn with hc_mult rows is the HC head: its pre gate alone, post and comb None."""
     lead, dim = x.shape[:-2], x.size(-1)
     x = x.reshape(-1, hc_mult, dim).contiguous()
-    t, k, m = x.size(0), hc_mult * dim, fn.size(0)
-    head = m == hc_mult
-    mp, dot = triton.next_power_of_2(m + 1), t > 16
-    bt, block_k = (64, 128) if dot else (1, 256)
-    # Few tokens: one BLOCK_K slice a program. Many: slices of several blocks, about HC_MIX_PROGRAMS
-    # programs in all (fewer partial sums to write and add).
-    blocks = triton.cdiv(k, block_k)
-    span = block_k * (triton.cdiv(blocks, max(1, HC_MIX_PROGRAMS // triton.cdiv(t, bt))) if dot else 1)
-    nsplit = triton.cdiv(k, span)
-    part = torch.empty(t, nsplit, mp, dtype=torch.float32, device=x.device)
-    _hc_mix_kernel[(triton.cdiv(t, bt), nsplit)](x, fn.float().contiguous(), part, t, k, m, span, BT=bt, MP=mp,
-                                                 BLOCK_K=block_k, DOT=dot, num_warps=4)
-    y = torch.empty(t, dim, dtype=x.dtype, device=x.device)
-    post = torch.empty(t, hc_mult, dtype=torch.float32, device=x.device)
-    comb = torch.empty(t, hc_mult, hc_mult, dtype=torch.float32, device=x.device)
-    whole = norm_weight is not None or t > 16                   # few tokens, no norm: spread D over programs
-    block_d = triton.next_power_of_2(dim) if whole else 512
-    n_slices = triton.cdiv(dim, block_d)
-    alone = not head and t <= 16                                # few tokens: the Sinkhorn in a program of its own
-    _hc_pre_kernel[(t, n_slices + alone)](
-        part, x, hc_scale.float().contiguous(), hc_base.float().contiguous(),
-        x if norm_weight is None else norm_weight.float().contiguous(), y, post, post, comb,
-        nsplit, part.stride(0), part.stride(1), k, dim, n_slices, norm_eps, iters, hc_eps,
-        HC=hc_mult, M=m, BLOCK_S=triton.next_power_of_2(nsplit), BLOCK_D=block_d, NORM=True, MIX=True, HEAD=head,
-        OUT_NORM=norm_weight is not None, ALONE=alone, num_warps=8 if block_d >= 4096 else 4)
-    if head:
+    y, post, comb = _hc_enter(_hc_mixes(x, fn)[0], x, fn, hc_scale, hc_base, hc_mult, iters, norm_eps, hc_eps,
+                              norm_weight)
+    if post is None:
         return y.view(*lead, dim), None, None
     return y.view(*lead, dim), post.view(*lead, hc_mult), comb.view(*lead, hc_mult, hc_mult)
 
@@ -780,6 +844,23 @@ def hc_post_triton(f, residual, post, comb):
         f.contiguous(), residual.contiguous(), post.float().contiguous(), comb.float().contiguous(), out, dim,
         HC=hc, BLOCK_D=block_d, num_warps=4)
     return out
+
+
+def hc_post_pre_triton(f, residual, post, comb, fn, hc_scale, hc_base, hc_mult: int, iters: int, norm_eps: float,
+                       hc_eps: float, norm_weight=None):
+    """hc_post_torch, then hc_pre_torch of the streams it makes -> (streams, input, post, comb), on
+    Triton: few tokens make the streams in the next mixes' launch (one launch fewer than hc_post_triton
+    then hc_pre_triton, which more tokens take)."""
+    lead, dim = residual.shape[:-2], residual.size(-1)
+    t = residual.numel() // (hc_mult * dim)
+    if t > HC_FEW_TOKENS:
+        x = hc_post_triton(f, residual, post, comb)
+        return (x, *hc_pre_triton(x, fn, hc_scale, hc_base, hc_mult, iters, norm_eps, hc_eps, norm_weight))
+    part, x = _hc_mixes(residual.reshape(t, hc_mult, dim).contiguous(), fn,
+                        (f.reshape(t, dim), post.reshape(t, hc_mult), comb.reshape(t, hc_mult, hc_mult)))
+    y, post, comb = _hc_enter(part, x, fn, hc_scale, hc_base, hc_mult, iters, norm_eps, hc_eps, norm_weight)
+    return (x.view(*lead, hc_mult, dim), y.view(*lead, dim), post.view(*lead, hc_mult),
+            comb.view(*lead, hc_mult, hc_mult))
 
 
 NORM_ROPE_MANY_ROWS = 16384   # above this many rows (a prefill's query heads), 2 rows a program: 1.4x faster on an H100

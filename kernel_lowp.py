@@ -32,7 +32,7 @@ from quant import FP4_BLOCK, FP8_BLOCK
 
 if triton is not None:
     import triton.language as tl
-    from kernel import _expert_tile
+    from kernel import INTERP, _expert_tile, _rounded
 
 
 # ---------------------------------------------------------------- Triton kernels
@@ -41,9 +41,8 @@ if triton is not None:
     B8 = tl.constexpr(FP8_BLOCK)      # FP8 weights: one scale per B8 x B8 block
     FP4_G = tl.constexpr(FP4_BLOCK)   # MXFP4 weights: one scale per FP4_G inputs (FP4_G / 2 bytes) of a row
     # Triton 3.9's interpreter multiplies bf16 tl.dot operands as their bit patterns and truncates
-    # float32 -> bf16 casts: interpreted, the kernels take float32 operands (the same exact products)
-    # and round to bf16 on the bits.
-    INTERP = tl.constexpr(INTERPRETED)
+    # float32 -> bf16 casts: interpreted (INTERP), the kernels take float32 operands (the same exact
+    # products) and round to bf16 on the bits (kernel._rounded).
     # NVIDIA's PTX in inline assembly (compiled kernels on CUDA builds of torch; ROCm's take the portable ops).
     PTX = tl.constexpr(not INTERPRETED and torch.version.hip is None)
 
@@ -60,15 +59,6 @@ if triton is not None:
         else:
             s = raw
         return s
-
-    @triton.jit
-    def _rounded(v, dtype: tl.constexpr):
-        # float32 v in dtype (float32 or bf16), rounded to nearest even.
-        if dtype == tl.bfloat16:
-            if INTERP:
-                bits = v.to(tl.int32, bitcast=True)
-                v = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-        return v.to(dtype)
 
     @triton.jit
     def _e2m1(code):

@@ -24,7 +24,7 @@ Shapes: b batch, s new tokens, hc hyper-connection streams, D model dim.
 import itertools
 import re
 from dataclasses import dataclass, field, fields
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -732,12 +732,26 @@ class MoE(nn.Module):
 
 # ---------------------------------------------------------------- blocks with hyper-connections
 
+class Exit(NamedTuple):
+    """A sublayer's output f [b, s, D] not yet written back into the streams residual [b, s, hc, D]: the
+    new streams are ops.hc_post(f, residual, post, comb). Blocks hand their MoE's exit on, so that the
+    next sublayer's entry makes the streams in the launch that starts it (ops.hc_post_pre)."""
+    f: torch.Tensor
+    residual: torch.Tensor
+    post: torch.Tensor
+    comb: torch.Tensor
+
+    def streams(self, ops: Ops) -> torch.Tensor:
+        return ops.hc_post(self.f, self.residual, self.post, self.comb)
+
+
 class Block(nn.Module):
     """One layer: attention and MoE, each entered through hc_pre and left through hc_post.
 
     The residual is hc streams [b, s, hc, D]. hc_pre collapses them with the `pre` weights into the
     sublayer's input; hc_post writes the output back with `post` and mixes the streams with the
-    doubly stochastic `comb`.
+    doubly stochastic `comb`. A block takes the streams or the previous block's Exit, and returns its
+    own Exit.
     """
     def __init__(self, layer_id: int, args: ModelArgs, tp: Parallel, ops: Ops, rope: RotaryTables):
         super().__init__()
@@ -754,25 +768,28 @@ class Block(nn.Module):
             self.register_parameter(f"hc_{site}_base", nn.Parameter(torch.empty(mix), requires_grad=False))
             self.register_parameter(f"hc_{site}_scale", nn.Parameter(torch.empty(3), requires_grad=False))
 
-    def hc_pre(self, x: torch.Tensor, fn, scale, base, norm: RMSNorm):
-        """streams x [b, s, hc, D] -> the sublayer's input [b, s, D] through its norm, post [b, s, hc],
-        comb [b, s, hc, hc]"""
-        return self.ops.hc_pre(x, fn, scale, base, self.hc_mult, self.hc_sinkhorn_iters, self.norm_eps, self.hc_eps,
-                               norm.weight)
+    def enter(self, x, fn, scale, base, norm: RMSNorm):
+        """x: the streams [b, s, hc, D], or a sublayer's Exit -> (the streams, the sublayer's input
+        [b, s, D] through its norm, post [b, s, hc], comb [b, s, hc, hc]): hc_pre, after hc_post for an Exit."""
+        hc = (fn, scale, base, self.hc_mult, self.hc_sinkhorn_iters, self.norm_eps, self.hc_eps, norm.weight)
+        if isinstance(x, Exit):
+            return self.ops.hc_post_pre(*x, *hc)
+        return (x, *self.ops.hc_pre(x, *hc))
 
-    def forward(self, x: torch.Tensor, start_pos: int, ids: torch.Tensor) -> torch.Tensor:
-        """x [b, s, hc, D] streams at positions start_pos .. start_pos+s-1, ids [b, s] their tokens."""
+    def forward(self, x, start_pos: int, ids: torch.Tensor) -> Exit:
+        """x [b, s, hc, D] streams (or the previous block's Exit) at positions start_pos .. start_pos+s-1,
+        ids [b, s] their tokens."""
         return self.sublayers(x, lambda h: self.attn(h, start_pos), ids)
 
-    def decode(self, x: torch.Tensor, step: "DecodeStep", ids: torch.Tensor) -> torch.Tensor:
-        """x [b, 1, hc, D]: one token per row at step.pos, with static shapes."""
+    def decode(self, x, step: "DecodeStep", ids: torch.Tensor) -> Exit:
+        """x [b, 1, hc, D] (or an Exit): one token per row at step.pos, with static shapes."""
         return self.sublayers(x, lambda h: self.attn.decode(h, step), ids)
 
-    def sublayers(self, x: torch.Tensor, attend, ids: torch.Tensor) -> torch.Tensor:
-        h, post, comb = self.hc_pre(x, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, self.attn_norm)
-        x = self.ops.hc_post(attend(h), x, post, comb)
-        h, post, comb = self.hc_pre(x, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, self.ffn_norm)
-        return self.ops.hc_post(self.ffn(h, ids), x, post, comb)
+    def sublayers(self, x, attend, ids: torch.Tensor) -> Exit:
+        x, h, post, comb = self.enter(x, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, self.attn_norm)
+        x, h, post, comb = self.enter(Exit(attend(h), x, post, comb), self.hc_ffn_fn, self.hc_ffn_scale,
+                                      self.hc_ffn_base, self.ffn_norm)
+        return Exit(self.ffn(h, ids), x, post, comb)
 
 
 def hc_head_params(module: nn.Module, args: ModelArgs) -> None:
@@ -807,7 +824,7 @@ class MTPBlock(Block):
     def predict(self, h: torch.Tensor, start_pos: int, ids: torch.Tensor, embed: nn.Module, head: ParallelHead):
         """h [b, s, hc, D] streams of the main model, ids [b, s] the next tokens -> logits [b, vocab]."""
         e = self.e_proj(self.enorm(embed(ids))).unsqueeze(2)
-        x = self.forward(e + self.h_proj(self.hnorm(h)), start_pos, ids)
+        x = self.forward(e + self.h_proj(self.hnorm(h)), start_pos, ids).streams(self.ops)
         return head(hc_head(self, x[:, -1:], self.norm, self.args, self.ops)[:, -1])
 
 
@@ -838,6 +855,7 @@ class Transformer(nn.Module):
         h = self.embed(input_ids).unsqueeze(2).repeat(1, 1, self.args.hc_mult, 1)   # [b, s, hc, D]
         for layer in self.layers:
             h = layer(h, start_pos, input_ids)
+        h = h.streams(self.ops)
         return self.head(hc_head(self, h[:, -1:], self.norm, self.args, self.ops)[:, -1])
 
     @torch.inference_mode()
@@ -850,4 +868,5 @@ class Transformer(nn.Module):
         h = self.embed(input_ids).unsqueeze(2).repeat(1, 1, self.args.hc_mult, 1)   # [b, 1, hc, D]
         for layer in self.layers:
             h = layer.decode(h, step, input_ids)
+        h = h.streams(self.ops)
         return self.head(hc_head(self, h, self.norm, self.args, self.ops)[:, -1])

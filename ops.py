@@ -551,6 +551,17 @@ class Ops:
             return kernel.hc_post_triton(f, residual, post, comb)
         return hc_post_torch(f, residual, post, comb)
 
+    def hc_post_pre(self, f, residual, post, comb, fn, hc_scale, hc_base, hc_mult: int, iters: int, norm_eps: float,
+                    hc_eps: float, norm_weight=None):
+        """Leave one sublayer and enter the next: hc_post(f, residual, post, comb), then hc_pre of those
+        streams with the next one's fn, ... -> (the streams, its input, post, comb). On our Triton
+        kernels a decode step's streams and the next mixes come from one launch."""
+        if self.triton and not self.flaggems:
+            return kernel.hc_post_pre_triton(f, residual, post, comb, fn, hc_scale, hc_base, hc_mult, iters, norm_eps,
+                                             hc_eps, norm_weight)
+        x = self.hc_post(f, residual, post, comb)
+        return (x, *self.hc_pre(x, fn, hc_scale, hc_base, hc_mult, iters, norm_eps, hc_eps, norm_weight))
+
     def norm_rope(self, x, freqs, rope_dim: int, eps=None, weight=None, inverse: bool = False):
         if self.triton:
             return kernel.norm_rope_triton(x, freqs, rope_dim, eps, weight, inverse)

@@ -134,6 +134,25 @@ def hc_post_case(device, dtype, t, hc, dim, seed):
     return rel_err(out, ops.hc_post_torch(f.double(), res.double(), post.double(), comb.double()))
 
 
+def hc_post_pre_case(device, dtype, t, hc, dim, seed):
+    """Leaving a sublayer and entering the next with its input norm (kernel.hc_post_pre_triton: for few
+    tokens the streams made in the mixes' launch) against hc_post, then hc_pre of its streams in dtype,
+    in float64."""
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(t, 1, dim, generator=g).to(device, dtype)
+    res = torch.randn(t, 1, hc, dim, generator=g).to(device, dtype)
+    post, comb = torch.rand(t, 1, hc, generator=g).to(device), torch.rand(t, 1, hc, hc, generator=g).to(device)
+    fn = (torch.randn((2 + hc) * hc, hc * dim, generator=g) * 0.05).to(device)
+    scale, base = (torch.rand(3, generator=g) + 0.5).to(device), torch.randn((2 + hc) * hc, generator=g).to(device)
+    w = (torch.rand(dim, generator=g) + 0.5).to(device)
+    out = kernel.hc_post_pre_triton(f, res, post, comb, fn, scale, base, hc, 20, 1e-6, 1e-6, w)
+    streams = ops.hc_post_torch(f, res, post, comb)      # in dtype, as the kernel rounds them, for hc_pre
+    ref = ops.hc_pre_torch(streams.double(), fn, scale.double(), base.double(), hc, 20, 1e-6, 1e-6, w.double())
+    assert out[0].dtype == out[1].dtype == dtype and out[0].shape == (t, 1, hc, dim) and out[1].shape == (t, 1, dim)
+    first = rel_err(out[0], ops.hc_post_torch(f.double(), res.double(), post.double(), comb.double()))
+    return max(first, *(rel_err(a, b) for a, b in zip(out[1:], ref)))
+
+
 def norm_rope_case(device, dtype, shape, rd, norm, weighted, inverse, per_row, seed, strided=False,
                    many_rows=None):
     """many_rows: kernel.NORM_ROPE_MANY_ROWS for this call (0: the launch for many rows)."""
@@ -362,6 +381,8 @@ def run(device, dtypes, real_shapes):
              ("hc mixes bf16 streams", lambda dt: hc_mix_case(device, dt, 150, 4, 160, 69, programs=2),
               [torch.float32]),
              ("hc post", lambda dt: hc_post_case(device, dt, 3, 4, 300, 12)),
+             ("hc post + pre, few", lambda dt: hc_post_pre_case(device, dt, 3, 4, 96, 13)),
+             ("hc post + pre, many", lambda dt: hc_post_pre_case(device, dt, 20, 4, 96, 14)),
              ("norm+rope q", lambda dt: norm_rope_case(device, dt, (2, 3, 5, 64), 16, True, False, False, True, 13)),
              ("norm+rope kv weighted", lambda dt: norm_rope_case(device, dt, (2, 3, 64), 16, True, True, False,
                                                                    False, 14)),
@@ -420,6 +441,8 @@ def run(device, dtypes, real_shapes):
                   ("hc pre V4 prefill 1K", lambda dt: hc_pre_case(device, dt, 1024, 4, 4096, 19)),
                   ("hc mixes V4 prefill 4K", lambda dt: hc_mix_case(device, dt, 4096, 4, 4096, 70), [torch.float32]),
                   ("hc post V4 b8", lambda dt: hc_post_case(device, dt, 8, 4, 4096, 20)),
+                  ("hc post + pre V4 b1", lambda dt: hc_post_pre_case(device, dt, 1, 4, 4096, 21)),
+                  ("hc post + pre V4 b16", lambda dt: hc_post_pre_case(device, dt, 16, 4, 4096, 22)),
                   ("norm+rope V4 q b32", lambda dt: norm_rope_case(device, dt, (32, 1, 64, 512), 64, True, False,
                                                                    False, True, 21)),
                   ("norm+rope V4 q prefill 1K", lambda dt: norm_rope_case(device, dt, (1, 1024, 64, 512), 64, True,

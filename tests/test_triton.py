@@ -22,7 +22,8 @@ def sm90_builds():
     """(kernel, argument types, constexprs, warps, stages) of kernel.py's attention and grouped-MoE
     kernels at the tiles their launchers choose on an H100, for V4's shapes (64 heads of 512, experts
     4096 -> 2048) and R1's absorbed MLA (latent 512, rope 64), bf16 inputs; and of the few-row linear
-    (both its tiles) and the few-token MoE's sum (two slices of 6 assignments and the shared row)."""
+    (both its tiles), the few-token MoE's sum (two slices of 6 assignments and the shared row), and the HC
+    mixes and sublayer entry at V4's hc = 4."""
     import kernel
 
     def types(fn, floats=(), **pointers):
@@ -51,6 +52,15 @@ def sm90_builds():
                        dict(BN=bn, BK=bk), warps, stages))
     builds.append((kernel._moe_gemv_sum_kernel, types(kernel._moe_gemv_sum_kernel, part_ptr="*fp32"),
                    dict(RP=16, BLOCK=kernel.MOE_GEMV_SUM_BLOCK, SHARED=True), 4, 3))
+    for post in (False, True):          # the HC mixes of few tokens, with and without the streams made first
+        builds.append((kernel._hc_mix_few_kernel, types(kernel._hc_mix_few_kernel, post_ptr="*fp32", comb_ptr="*fp32",
+                                                        fn_ptr="*fp32", part_ptr="*fp32"),
+                       dict(HC=4, MP=32, BLOCK_D=kernel.HC_FEW_BLOCK_D, POST=post), 4, 3))
+    builds.append((kernel._hc_pre_kernel, types(kernel._hc_pre_kernel, ["norm_eps", "eps"], part_ptr="*fp32",
+                                                scale_ptr="*fp32", base_ptr="*fp32", w_ptr="*fp32", pre_ptr="*fp32",
+                                                post_ptr="*fp32", comb_ptr="*fp32"),       # a decode sublayer's entry
+                   dict(HC=4, M=24, BLOCK_S=64, BLOCK_D=4096, NORM=True, MIX=True, HEAD=False, OUT_NORM=True,
+                        ALONE=True), 8, 3))
     block_n, warps, stages = kernel.MLA_TILES
     builds.append((kernel._mla_decode_kernel, types(kernel._mla_decode_kernel, ["scale"], pos_ptr="*i64",
                                                     part_ptr="*fp32", stat_ptr="*fp32"),
@@ -61,7 +71,7 @@ def sm90_builds():
 
 def test_attention_and_moe_kernels_compile_for_hopper():
     """The compiler's path, which the interpreter skips, for the kernels built on the shared online
-    softmax and expert-tile helpers and the decode step's few-row linear and MoE sum: each builds for
+    softmax and expert-tile helpers, the decode step's few-row linear and MoE sum, and the HC kernels: each builds for
     sm_90 (no GPU needed), without register spills
     except in the prefill attention tile, whose 64 heads of 512 spill by design (measured faster than
     smaller tiles: kernel.sparse_attn_triton)."""
