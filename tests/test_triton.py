@@ -60,7 +60,7 @@ def sm90_builds():
                                                 scale_ptr="*fp32", base_ptr="*fp32", w_ptr="*fp32", pre_ptr="*fp32",
                                                 post_ptr="*fp32", comb_ptr="*fp32"),       # a decode sublayer's entry
                    dict(HC=4, M=24, BLOCK_S=64, BLOCK_D=4096, NORM=True, MIX=True, HEAD=False, OUT_NORM=True,
-                        ALONE=True), 8, 3))
+                        ALONE=True), 2, 3))
     block_n, warps, stages = kernel.MLA_TILES
     builds.append((kernel._mla_decode_kernel, types(kernel._mla_decode_kernel, ["scale"], pos_ptr="*i64",
                                                     part_ptr="*fp32", stat_ptr="*fp32"),
