@@ -271,6 +271,15 @@ if triton is not None:
                  mask=tmask[:, None] & (m <= M)[None, :])
 
     @triton.jit
+    def _hc_streams(f_ptr, res, post_ptr, comb_ptr, t, d, dmask, D, HC: tl.constexpr):
+        # Token t's streams at columns d after a sublayer, float32 [HC, len(d)]: stream k = post[t, k] * f[t, d]
+        # + sum_j comb[t, j, k] * res[j] (res: the residual streams there, float32).
+        j = tl.arange(0, HC)
+        f = tl.load(f_ptr + t * D + d, mask=dmask, other=0.0).to(tl.float32)
+        comb = tl.load(comb_ptr + t * HC * HC + j[:, None] * HC + j[None, :])                      # [j, k]
+        return tl.load(post_ptr + t * HC + j)[:, None] * f[None, :] + tl.sum(comb[:, :, None] * res[:, None, :], 0)
+
+    @triton.jit
     def _hc_mix_few_kernel(x_ptr, f_ptr, post_ptr, comb_ptr, o_ptr, fn_ptr, part_ptr, D, M, HC: tl.constexpr,
                            MP: tl.constexpr, BLOCK_D: tl.constexpr, POST: tl.constexpr):
         # _hc_mix_kernel's partial sums for few tokens, on CUDA cores: for token t and columns d of each of
@@ -285,10 +294,7 @@ if triton is not None:
         streams = t * HC * D + j[:, None] * D + d[None, :]
         xs = tl.load(x_ptr + streams, mask=dmask[None, :], other=0.0).to(tl.float32)           # [HC, BLOCK_D]
         if POST:
-            f = tl.load(f_ptr + t * D + d, mask=dmask, other=0.0).to(tl.float32)
-            comb = tl.load(comb_ptr + t * HC * HC + j[:, None] * HC + j[None, :])                  # [j, k]
-            xs = tl.load(post_ptr + t * HC + j)[:, None] * f[None, :] + tl.sum(comb[:, :, None] * xs[:, None, :], 0)
-            xs = _rounded(xs, o_ptr.dtype.element_ty)
+            xs = _rounded(_hc_streams(f_ptr, xs, post_ptr, comb_ptr, t, d, dmask, D, HC), o_ptr.dtype.element_ty)
             tl.store(o_ptr + streams, xs, mask=dmask[None, :])
             xs = xs.to(tl.float32)
         m = tl.arange(0, MP)
@@ -352,11 +358,9 @@ if triton is not None:
         d = db * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = d < D
         j = tl.arange(0, HC)
-        f = tl.load(f_ptr + t * D + d, mask=dmask, other=0.0).to(tl.float32)
         streams = t * HC * D + j[:, None] * D + d[None, :]
         res = tl.load(r_ptr + streams, mask=dmask[None, :], other=0.0).to(tl.float32)         # [HC, BLOCK_D]
-        comb = tl.load(comb_ptr + t * HC * HC + j[:, None] * HC + j[None, :])                  # [j, k]
-        out = tl.load(post_ptr + t * HC + j)[:, None] * f[None, :] + tl.sum(comb[:, :, None] * res[:, None, :], 0)
+        out = _hc_streams(f_ptr, res, post_ptr, comb_ptr, t, d, dmask, D, HC)
         tl.store(o_ptr + streams, out.to(o_ptr.dtype.element_ty), mask=dmask[None, :])
 
     @triton.jit
@@ -773,13 +777,15 @@ HC_FEW_BLOCK_D = 64     # columns of each stream a program of the few tokens' mi
 
 def _hc_mixes(x, fn, post_from=None):
     """hc_pre_triton's first launch, the partial mixes of streams x [t, hc, D] -> (part [t, slices, MP],
-    the streams). post_from = (f, post, comb), few tokens only: the streams are hc_post(f, x, post, comb),
-    made by the same launch."""
+    the streams). post_from = (f [t, D], post, comb): the streams are hc_post(f, x, post, comb), made by
+    the same launch for few tokens, by hc_post_triton's before it for more."""
     t, hc, dim = x.shape
     k, m = hc * dim, fn.size(0)
     mp = triton.next_power_of_2(m + 1)
     fn = fn.float().contiguous()
     if t > HC_FEW_TOKENS:
+        if post_from is not None:
+            x = hc_post_triton(post_from[0], x, *post_from[1:])
         # Many tokens: tensor-core products over slices of several K blocks, about HC_MIX_PROGRAMS programs
         # in all (fewer partial sums to write and add).
         bt, block_k = 64, 128
@@ -853,12 +859,9 @@ def hc_post_pre_triton(f, residual, post, comb, fn, hc_scale, hc_base, hc_mult: 
                        hc_eps: float, norm_weight=None):
     """hc_post_torch, then hc_pre_torch of the streams it makes -> (streams, input, post, comb), on
     Triton: few tokens make the streams in the next mixes' launch (one launch fewer than hc_post_triton
-    then hc_pre_triton, which more tokens take)."""
+    then hc_pre_triton, which more tokens take: _hc_mixes)."""
     lead, dim = residual.shape[:-2], residual.size(-1)
     t = residual.numel() // (hc_mult * dim)
-    if t > HC_FEW_TOKENS:
-        x = hc_post_triton(f, residual, post, comb)
-        return (x, *hc_pre_triton(x, fn, hc_scale, hc_base, hc_mult, iters, norm_eps, hc_eps, norm_weight))
     part, x = _hc_mixes(residual.reshape(t, hc_mult, dim).contiguous(), fn,
                         (f.reshape(t, dim), post.reshape(t, hc_mult), comb.reshape(t, hc_mult, hc_mult)))
     y, post, comb = _hc_enter(part, x, fn, hc_scale, hc_base, hc_mult, iters, norm_eps, hc_eps, norm_weight)
